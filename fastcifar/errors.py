@@ -1,0 +1,39 @@
+"""User-facing errors: one line, exit code 2, a traceback only with --debug.
+
+Library code raises `UserError` for anything the user can fix (a wrong path, a bad flag value, a corrupt
+file). Command-line entry points wrap their `main` in `run_cli`, which turns it into
+`fastcifar: error: <message>` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix. The message is one line: what, where (file or flag), what to do."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
+            prog: str = "fastcifar") -> int:
+    """Run `main(argv)` and map user errors to one line on stderr and exit code 2.
+
+    `--debug` anywhere in argv re-raises instead, so the full traceback is shown.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        return int(main(args) or 0)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

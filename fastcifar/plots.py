@@ -1,0 +1,140 @@
+"""Pictures people want to look at: augmented samples, training curves, confusion matrix, mistakes.
+
+matplotlib with the Agg backend (no display needed); every file is written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from fastcifar.atomic import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def denormalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Normalized NHWC floats -> displayable [0, 1] floats."""
+    return np.clip(x * np.asarray(std) + np.asarray(mean), 0, 1)
+
+
+def save_curves(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Loss, accuracy and learning rate per epoch."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", label="train")
+        test = [(r["epoch"], r[f"test_{key}"]) for r in rows if not np.isnan(r[f"test_{key}"])]
+        if test:
+            ax.plot(*zip(*test), "s-", label="test")
+        ax.set(title=title, xlabel="epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[2].plot(epochs, [r["lr"] for r in rows], "o-")
+    axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")
+    axes[2].grid(alpha=0.3)
+    _save(fig, path)
+
+
+def save_confusion(path: str | Path, labels: np.ndarray, preds: np.ndarray, classes: Sequence[str]) -> None:
+    """Row-normalized confusion matrix with counts in each cell."""
+    plt = _pyplot()
+    k = len(classes)
+    cm = np.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
+    frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
+                    color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set(xlabel="predicted", ylabel="true",
+           title=f"confusion matrix (accuracy {np.trace(cm) / max(cm.sum(), 1):.4f})")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    _save(fig, path)
+
+
+def save_image_grid(path: str | Path, images: np.ndarray, titles: Sequence[str], cols: int = 8,
+                    title: str | None = None) -> None:
+    """uint8 or [0, 1] float NHWC images in a labeled grid."""
+    plt = _pyplot()
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, t in zip(axes.flat, images, titles):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(t, fontsize=7)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def save_misclassified(path: str | Path, images: np.ndarray, labels: np.ndarray, preds: np.ndarray,
+                       classes: Sequence[str], count: int = 32) -> None:
+    wrong = np.flatnonzero(labels != preds)[:count]
+    titles = [f"{classes[labels[i]]}\n-> {classes[preds[i]]}" for i in wrong]
+    save_image_grid(path, images[wrong], titles,
+                    title=f"misclassified: first {len(wrong)} of {int((labels != preds).sum())} (true -> predicted)")
+
+
+def save_run_plots(out: Path, rows: list[dict[str, Any]], final: dict[str, Any], data) -> None:
+    """curves.png, confusion.png and misclassified.png for one finished run."""
+    save_curves(out / "curves.png", rows)
+    save_confusion(out / "confusion.png", final["labels"], final["preds"], data.classes)
+    save_misclassified(out / "misclassified.png", data.test_images, final["labels"], final["preds"], data.classes)
+
+
+def save_augment_grid(data, path: str | Path, seed: int = 0, count: int = 8) -> None:
+    """The same `count` training images: original, through the fast path, through the reference pipeline.
+
+    The reference row needs albumentations; without it the grid has two rows and says so.
+    """
+    import torch
+
+    from fastcifar.augment import GpuLoader
+
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(data.train_images), size=min(count, len(data.train_images)), replace=False))
+    images, labels = data.train_images[pick], data.train_labels[pick]
+    names = [data.classes[i] for i in labels]
+    loader = GpuLoader(images, labels, mean=data.mean, std=data.std, batch_size=len(pick), seed=seed)
+    plan = loader.plan_epoch()
+    fast, _ = next(loader.batches(plan))
+    inverse = torch.argsort(plan.order)  # back to the picked order, so the columns line up
+    fast = denormalize(fast.permute(0, 2, 3, 1)[inverse].float().numpy(), data.mean, data.std)
+    rows = [("original", images), ("fast path (device)", fast)]
+    try:
+        from fastcifar.reference import reference_transform
+
+        tf = reference_transform(data.mean, data.std, train=True)
+        ref = np.stack([tf(image=im)["image"] for im in images])
+        rows.append(("reference (albumentations)", denormalize(ref, data.mean, data.std)))
+    except Exception as e:  # albumentations missing: show what we can
+        rows.append((f"reference unavailable: {type(e).__name__}", None))
+    grid = [im for _, imgs in rows if imgs is not None for im in imgs]
+    titles = [f"{name}\n{row}" if i == 0 else name
+              for row, imgs in rows if imgs is not None for i, name in enumerate(names)]
+    save_image_grid(path, np.stack([np.asarray(g, dtype=np.float32) / (255 if g.dtype == np.uint8 else 1)
+                                    for g in grid]), titles, cols=len(pick),
+                    title=" | ".join(row for row, _ in rows))

@@ -1,0 +1,74 @@
+"""The reference pipeline: the original notebook's per-image albumentations augmentation on the CPU.
+
+Normalize (training-split stats) -> PadIfNeeded to 32 + 2*translate -> RandomCrop 32 -> HorizontalFlip ->
+CoarseDropout (one cutout x cutout hole filled with 0, which after Normalize is the channel mean), served
+by a standard multi-worker DataLoader. It is slow by design; it is here to compare against (accuracy and
+speed) and to reproduce the notebook (`--preset seed`). albumentations is imported only when used:
+`pip install fastcifar[albumentations]`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fastcifar.errors import UserError
+
+
+def _albumentations():
+    try:
+        import albumentations as A
+        import cv2
+    except ImportError:
+        raise UserError("the albumentations pipeline needs albumentations: pip install 'fastcifar[albumentations]'"
+                        " (or use --pipeline gpu)") from None
+    return A, cv2
+
+
+def reference_transform(mean: Sequence[float], std: Sequence[float], *, train: bool, translate: int = 4,
+                        cutout: int = 8, flip: bool = True, pad_mode: str = "reflect", size: int = 32):
+    """The albumentations Compose for training (augmenting) or evaluation (normalize only)."""
+    A, cv2 = _albumentations()
+    steps = [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)]
+    if train:
+        if translate:
+            border = cv2.BORDER_REFLECT_101 if pad_mode == "reflect" else cv2.BORDER_CONSTANT
+            steps += [A.PadIfNeeded(min_height=size + 2 * translate, min_width=size + 2 * translate,
+                                    border_mode=border, fill=0),
+                      A.RandomCrop(height=size, width=size)]
+        if flip:
+            steps.append(A.HorizontalFlip(p=0.5))
+        if cutout:
+            steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(cutout, cutout),
+                                         hole_width_range=(cutout, cutout), fill=0, p=1.0))
+    return A.Compose(steps)
+
+
+class AlbumentationsCifar(Dataset):
+    """uint8 HWC images + labels -> (float32 CHW tensor, label), through an albumentations transform."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.transform(image=self.images[i])["image"]
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.labels[i])
+
+
+def reference_loader(images: np.ndarray, labels: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
+                     batch_size: int, train: bool, translate: int = 4, cutout: int = 8, flip: bool = True,
+                     pad_mode: str = "reflect", num_workers: int = 2, drop_last: bool = False,
+                     seed: int = 0) -> DataLoader:
+    """A standard DataLoader over `AlbumentationsCifar`, shuffled when training."""
+    transform = reference_transform(mean, std, train=train, translate=translate, cutout=cutout, flip=flip,
+                                    pad_mode=pad_mode)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(AlbumentationsCifar(images, labels, transform), batch_size=batch_size, shuffle=train,
+                      num_workers=num_workers, drop_last=drop_last and train, generator=generator,
+                      persistent_workers=num_workers > 0)

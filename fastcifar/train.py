@@ -1,0 +1,603 @@
+"""Train the custom ResNet-9 on CIFAR-10: One Cycle, AMP, channels_last, torch.compile, multi-seed runs.
+
+    python -m fastcifar.train --data-dir ../shared/data/cifar10-png.tar.gz --out-dir runs/default
+    python -m fastcifar.train --data-dir ../shared/data/cifar10-png.tar.gz --width 16 --epochs 10 --device cpu
+    python -m fastcifar.train --preset seed --data-dir ... --out-dir runs/seed     # the original notebook
+    python -m fastcifar.train --resume runs/default                                # continue after a stop
+
+A run directory gets config.json, metrics.csv, summary.json, model.safetensors (+ everything needed to
+rebuild the model), checkpoint.pt (resumable state) and, with --plots, curves/confusion/misclassified PNGs.
+The hot loop never synchronizes with the device: loss and accuracy are summed on the device and read once
+per epoch; timing uses CUDA events on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import itertools
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcifar import __version__
+from fastcifar.atomic import write_json, write_text
+from fastcifar.checkpoint import (CHECKPOINT_FILE, MODEL_FILE, ModelInfo, load_checkpoint, save_checkpoint,
+                                  save_model, unwrap)
+from fastcifar.config import TrainConfig, parse_config, to_dict
+from fastcifar.errors import UserError, run_cli
+from fastcifar.model import ModelConfig, ResNet9, count_parameters, summary
+
+RESULT_FILES = ("summary.json", "metrics.csv", MODEL_FILE, CHECKPOINT_FILE)
+METRIC_COLUMNS = ("seed", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Devices and precision
+# ------------------------------------------------------------------------------------------------------
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    if not available[name]:
+        raise UserError(f"invalid --device ({name}): not available on this machine; use --device cpu or auto")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 where the device supports it (no loss scaling needed), fp16 otherwise, None without AMP."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Timer:
+    """Wall time of a region, synchronized with the device (CUDA events on a GPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> "Timer":
+        self.start_wall = time.perf_counter()
+        if self.device.type == "cuda":
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1000
+        else:
+            if self.device.type == "mps":
+                torch.mps.synchronize()
+            self.seconds = time.perf_counter() - self._t0
+
+
+# ------------------------------------------------------------------------------------------------------
+# Data, model, optimizer
+# ------------------------------------------------------------------------------------------------------
+def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.dtype | None, seed: int):
+    """(train, test) loaders for the chosen pipeline. The gpu pipeline lives on `device` in the AMP dtype."""
+    aug = dict(translate=config.translate, cutout=config.cutout, flip=config.flip, pad_mode=config.pad_mode)
+    if config.pipeline == "albumentations":
+        from fastcifar.reference import reference_loader
+
+        common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size, num_workers=config.workers)
+        train = reference_loader(data.train_images, data.train_labels, train=True, drop_last=True, seed=seed,
+                                 **common, **aug)
+        test = reference_loader(data.test_images, data.test_labels, train=False, **common)
+        return train, test
+    from fastcifar.augment import GpuLoader
+
+    common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size, device=device,
+                  dtype=dtype or torch.float32, channels_last=config.channels_last)
+    train = GpuLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip,
+                      drop_last=True, seed=seed, **common, **aug)
+    test = GpuLoader(data.test_images, data.test_labels, train=False, **common)
+    return train, test
+
+
+def build_model(config: TrainConfig, num_classes: int, device: torch.device) -> ResNet9:
+    model = ResNet9(ModelConfig(width=config.width, num_classes=num_classes, logit_scale=config.logit_scale))
+    model = model.to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, betas=(config.momentum, 0.999),
+                                weight_decay=config.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
+                           weight_decay=config.weight_decay, **fused)
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One Cycle over all steps: lr from lr/div up to lr at pct_start, then down to lr/(div*final_div);
+    momentum (or Adam's beta1) cycles the opposite way between momentum and min_momentum."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=config.pct_start,
+        anneal_strategy=config.anneal, div_factor=config.div_factor, final_div_factor=config.final_div_factor,
+        cycle_momentum=config.min_momentum < config.momentum, base_momentum=config.min_momentum,
+        max_momentum=config.momentum)
+
+
+def reset_weights(model: nn.Module, seed: int) -> None:
+    """Fresh initialization for `seed`, in place, so a compiled wrapper around `model` stays valid."""
+    torch.manual_seed(seed)
+    plain = unwrap(model)
+    fresh = ResNet9(plain.config)
+    plain.load_state_dict(fresh.state_dict())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------------
+# One epoch
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class StepState:
+    """What the hot loop accumulates on the device; read once per epoch."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+    steps: int = 0
+    first_bad_step: torch.Tensor | None = None  # step (in this epoch) of the first non-finite loss, or -1
+    seconds: float = 0.0                         # training time of this epoch before an interruption
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "StepState":
+        z = torch.zeros((), device=device, dtype=torch.float64)
+        return cls(z.clone(), z.clone(), 0, 0, torch.full((), -1, device=device, dtype=torch.int64))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen,
+                "steps": self.steps, "first_bad_step": self.first_bad_step.cpu(), "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], device: torch.device) -> "StepState":
+        return cls(d["loss_sum"].to(device), d["correct"].to(device), d["seen"], d["steps"],
+                   d["first_bad_step"].to(device), d["seconds"])
+
+
+class StopRequested(Exception):
+    """Raised inside an epoch after SIGINT/SIGTERM, once the current step has finished."""
+
+
+class SignalGuard:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "SignalGuard":
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test helper thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
+                    scheduler, criterion: nn.Module, scaler: torch.amp.GradScaler | None,
+                    device: torch.device, dtype: torch.dtype | None, state: StepState, lrs: list[float],
+                    guard: SignalGuard | None = None, progress=None) -> StepState:
+    """One pass over `batches`, stepping the scheduler per batch. Appends the lr of each step to `lrs`.
+
+    Raises StopRequested after the step during which SIGINT/SIGTERM arrived; `state` then holds the
+    partial epoch, so the caller can checkpoint mid-epoch.
+    """
+    model.train()
+    for inputs, labels in batches:
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(inputs)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+        detached = loss.detach()
+        bad = (~torch.isfinite(detached)) & (state.first_bad_step < 0)
+        state.first_bad_step = torch.where(bad, state.steps, state.first_bad_step)
+        state.loss_sum += detached.double() * len(labels)
+        state.correct += (logits.detach().argmax(1) == labels).sum()
+        state.seen += len(labels)
+        state.steps += 1
+        if progress is not None:
+            progress.update(1)
+        if guard is not None and guard.signum is not None:
+            raise StopRequested
+    return state
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
+             tta: bool = False) -> dict[str, Any]:
+    """Loss, accuracy and predictions on `loader`; with `tta`, logits averaged with the mirrored images."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    preds, labels_all = [], []
+    for inputs, labels in loader:
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(inputs).float()
+            if tta:
+                logits = 0.5 * (logits + model(inputs.flip(3)).float())
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        preds.append(logits.argmax(1))
+        labels_all.append(labels)
+    preds_t, labels_t = torch.cat(preds), torch.cat(labels_all)
+    n = len(labels_t)
+    return {"loss": loss_sum.item() / n, "acc": (preds_t == labels_t).double().mean().item(),
+            "preds": preds_t.cpu().numpy(), "labels": labels_t.cpu().numpy()}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Run directory
+# ------------------------------------------------------------------------------------------------------
+def prepare_out_dir(config: TrainConfig, resume: bool) -> Path:
+    out = Path(config.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out-dir is a file ({out}): choose a directory path")
+    if out.is_dir() and not resume and not config.overwrite:
+        existing = [f for f in RESULT_FILES if (out / f).exists()]
+        if existing:
+            raise UserError(f"run directory already has results ({out / existing[0]}): "
+                            "use --overwrite to replace them, --resume to continue, or another --out-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x" * 65536)  # also fails early on a full disk
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir ({out}): {e.strerror}; choose a writable directory")
+    return out
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()
+                         if k in METRIC_COLUMNS})
+    write_text(path, buf.getvalue())
+
+
+def epoch_row(row: dict[str, Any], header: bool = False) -> str:
+    """One fixed-width line per epoch (airbench style)."""
+    cols = [("seed", 5, "d"), ("epoch", 6, "d"), ("lr", 9, ".4f"), ("train_loss", 11, ".4f"),
+            ("train_acc", 10, ".4f"), ("test_loss", 10, ".4f"), ("test_acc", 9, ".4f"),
+            ("epoch_seconds", 14, ".2f"), ("total_seconds", 14, ".2f")]
+    if header:
+        return " ".join(f"{name:>{w}}" for name, w, _ in cols)
+    out = []
+    for name, w, fmt in cols:
+        v = row.get(name)
+        out.append(f"{v:>{w}{fmt}}" if isinstance(v, (int, float)) and not (isinstance(v, float) and
+                                                                          math.isnan(v)) else f"{'':>{w}}")
+    return " ".join(out)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Training state: everything a resumed run needs
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    run_index: int = 0            # which of the --runs seeds is in progress
+    epoch: int = 0                # completed epochs of that run
+    train_seconds: float = 0.0
+    images: int = 0               # training samples processed
+    step_in_epoch: int = 0        # > 0 when stopped mid-epoch: steps of epoch `epoch` already done
+    partial: dict[str, Any] = field(default_factory=dict)         # StepState of that partial epoch
+    rows: list[dict[str, Any]] = field(default_factory=list)      # metrics of every epoch so far
+    finished: list[dict[str, Any]] = field(default_factory=list)  # results of completed runs
+
+
+def checkpoint_state(config: TrainConfig, run: RunState, model, optimizer, scheduler, scaler,
+                     loader_state: dict, device: torch.device) -> dict[str, Any]:
+    """Plain containers only (tensors, numbers, strings), so `torch.load(weights_only=True)` reads it."""
+    return {
+        "format": 1, "config": to_dict(config), "run": asdict(run),
+        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+        "loader": loader_state,
+        "rng": {"torch": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})},
+    }
+
+
+def restore(ckpt: dict[str, Any], model, optimizer, scheduler, scaler, loader, device: torch.device) -> RunState:
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["loader"] and hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(ckpt["loader"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if "cuda" in ckpt["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    return RunState(**ckpt["run"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------------
+def load_resume(args) -> tuple[TrainConfig, dict[str, Any]]:
+    run_dir = Path(args.resume)
+    if not run_dir.is_dir():
+        raise UserError(f"--resume directory not found ({run_dir}): pass the --out-dir of the run to continue")
+    ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    try:
+        config = TrainConfig(**ckpt["config"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"checkpoint has no valid config ({run_dir / CHECKPOINT_FILE}): {e}")
+    config.out_dir = str(run_dir)
+    return config, ckpt
+
+
+def warm_up(model: nn.Module, loader, criterion, device, dtype) -> float:
+    """Trigger compilation (train and eval graphs) outside the timed region; weights are restored after."""
+    plain = unwrap(model)
+    saved = {k: v.clone() for k, v in plain.state_dict().items()}
+    loader_state = loader.state_dict() if hasattr(loader, "state_dict") else None
+    with Timer(device) as t:
+        inputs, labels = next(iter(loader))
+        inputs, labels = inputs.to(device), labels.to(device)
+        model.train()
+        for _ in range(2):
+            with autocast(device, dtype):
+                criterion(model(inputs), labels).backward()
+        model.eval()
+        with torch.no_grad(), autocast(device, dtype):
+            model(inputs)
+            model(inputs.flip(3))
+    plain.load_state_dict(saved)
+    plain.zero_grad(set_to_none=True)
+    if loader_state is not None:  # the warm-up must not shift the run's random choices
+        loader.load_state_dict(loader_state)
+    return t.seconds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, args = parse_config(argv)
+    ckpt = None
+    if args.resume:
+        config, ckpt = load_resume(args)
+    device = select_device(config.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    compile_model = config.compile if config.compile is not None else device.type == "cuda"
+    out = prepare_out_dir(config, resume=ckpt is not None)
+    write_json(out / "config.json", to_dict(config))
+
+    from fastcifar.data import load_cifar10
+
+    t0 = time.perf_counter()
+    data = load_cifar10(config.data_dir, download=config.download or None)
+    load_seconds = time.perf_counter() - t0
+    dtype = amp_dtype(device, config.amp)
+    model = build_model(config, len(data.classes), device)
+    print(summary(unwrap(model)) if device.type == "cpu" else f"{count_parameters(model):,} parameters")
+    print(f"device {device}  amp {dtype}  compile {compile_model}  pipeline {config.pipeline}  "
+          f"data {data.source} ({len(data.train_labels)} train, {len(data.test_labels)} test) "
+          f"loaded in {load_seconds:.1f}s")
+    runner = model
+    if compile_model:
+        runner = torch.compile(model)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    run = RunState() if ckpt is None else RunState(**ckpt["run"])
+    compile_seconds = None
+    results = list(run.finished)
+    with SignalGuard() as guard:
+        for run_index in range(run.run_index, config.runs):
+            seed = config.seed + run_index
+            seed_everything(seed)
+            train_loader, test_loader = build_loaders(config, data, device, dtype, seed)
+            if compile_seconds is None and (compile_model or device.type == "cuda"):
+                compile_seconds = warm_up(runner, train_loader, criterion, device, dtype)
+                print(f"warm-up and compile: {compile_seconds:.1f}s (not counted as training time)")
+            reset_weights(model, seed)
+            optimizer = build_optimizer(config, model, device)
+            scheduler = build_scheduler(config, optimizer, len(train_loader))
+            scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+            if ckpt is not None and RunState(**ckpt["run"]).run_index == run_index:
+                run = restore(ckpt, model, optimizer, scheduler, scaler, train_loader, device)
+                print(f"resumed seed {seed} after epoch {run.epoch}")
+            else:
+                run = RunState(run_index=run_index, rows=run.rows, finished=results)
+            result = train_run(config, seed, runner, model, train_loader, test_loader, optimizer, scheduler,
+                               scaler, criterion, device, dtype, run, out, guard, data)
+            results.append(result)
+            run = RunState(run_index=run_index + 1, rows=run.rows, finished=results)
+    summary_data = summarize(config, results, model, device, compile_seconds, load_seconds)
+    write_json(out / "summary.json", summary_data)
+    print(format_summary(summary_data))
+    return 0
+
+
+def train_run(config: TrainConfig, seed: int, runner, model, train_loader, test_loader, optimizer, scheduler,
+              scaler, criterion, device, dtype, run: RunState, out: Path, guard: SignalGuard, data) -> dict:
+    """Train one seed from where `run` stands to the end; write checkpoints, metrics and artifacts."""
+    if run.epoch == 0 and run.step_in_epoch == 0:
+        print(epoch_row({}, header=True))
+    resumable = hasattr(train_loader, "plan_epoch")
+    for epoch in range(run.epoch, config.epochs):
+        state = StepState.from_dict(run.partial, device) if run.step_in_epoch else StepState.zeros(device)
+        loader_start = train_loader.state_dict() if resumable else {}
+        if resumable:
+            batches = train_loader.batches(train_loader.plan_epoch(), start=state.steps)
+        else:
+            batches = itertools.islice(iter(train_loader), state.steps, None)
+        lrs: list[float] = []
+        progress = _progress(len(train_loader) - state.steps, f"epoch {epoch + 1}")
+        try:
+            with Timer(device) as timer:
+                train_one_epoch(runner, batches, optimizer, scheduler, criterion, scaler, device, dtype,
+                                state, lrs, guard, progress)
+        except StopRequested:
+            state.seconds += time.perf_counter() - timer.start_wall
+            run.step_in_epoch, run.partial = state.steps, state.to_dict()
+            save_checkpoint(out / CHECKPOINT_FILE, checkpoint_state(config, run, model, optimizer, scheduler,
+                                                                    scaler, loader_start, device))
+            code = 130 if guard.signum == signal.SIGINT else 143
+            print(f"\nstopped by signal {guard.signum} at step {state.steps} of epoch {epoch + 1}; checkpoint "
+                  f"saved. Resume with: python -m fastcifar.train --resume {out}", file=sys.stderr)
+            raise SystemExit(code)
+        finally:
+            if progress is not None:
+                progress.close()
+        check_finite(state, lrs, epoch, out)
+        seconds = state.seconds + timer.seconds
+        run.train_seconds += seconds
+        run.images += state.seen
+        row = {"seed": seed, "epoch": epoch + 1, "lr": lrs[-1] if lrs else scheduler.get_last_lr()[0],
+               "train_loss": state.loss_sum.item() / state.seen, "train_acc": state.correct.item() / state.seen,
+               "test_loss": float("nan"), "test_acc": float("nan"), "epoch_seconds": seconds,
+               "total_seconds": run.train_seconds}
+        last = epoch + 1 == config.epochs
+        if last or (epoch + 1) % config.eval_every == 0:
+            ev = evaluate(runner, test_loader, device, dtype)
+            row.update(test_loss=ev["loss"], test_acc=ev["acc"])
+        print(epoch_row(row), flush=True)
+        run.rows.append(row)
+        run.epoch, run.step_in_epoch, run.partial = epoch + 1, 0, {}
+        write_metrics(out / "metrics.csv", run.rows)
+        if config.checkpoint_every and (run.epoch % config.checkpoint_every == 0 or last):
+            loader_state = train_loader.state_dict() if resumable else {}
+            save_checkpoint(out / CHECKPOINT_FILE, checkpoint_state(config, run, model, optimizer, scheduler,
+                                                                    scaler, loader_state, device))
+    final = evaluate(runner, test_loader, device, dtype)
+    tta = evaluate(runner, test_loader, device, dtype, tta=True) if config.tta else None
+    result = {"seed": seed, "test_acc": final["acc"], "test_loss": final["loss"],
+              "test_acc_tta": tta["acc"] if tta else None, "train_seconds": run.train_seconds,
+              "images": run.images, "epochs": config.epochs}
+    info = ModelInfo(config=unwrap(model).config, classes=list(data.classes), mean=list(data.mean),
+                     std=list(data.std), test_acc=final["acc"],
+                     extra={"test_acc_tta": result["test_acc_tta"], "seed": seed})
+    save_model(out / MODEL_FILE, model, info)
+    if config.plots:
+        from fastcifar.plots import save_run_plots
+
+        save_run_plots(out, [r for r in run.rows if r["seed"] == seed], final, data)
+    print(f"seed {seed}: test acc {final['acc']:.4f}" + (f"  (flip TTA {tta['acc']:.4f})" if tta else "") +
+          f"  train {run.train_seconds:.1f}s")
+    return result
+
+
+def _progress(total: int, desc: str):
+    if not sys.stdout.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def check_finite(state: StepState, lrs: list[float], epoch: int, out: Path) -> None:
+    """Stop after an epoch in which the loss went NaN/inf; its checkpoint is not written."""
+    bad = int(state.first_bad_step.item())
+    if bad >= 0:
+        lr = lrs[bad - (state.steps - len(lrs))]
+        raise UserError(f"loss became non-finite at step {bad + 1} of epoch {epoch + 1} (lr {lr:.4g}); "
+                        f"the last good checkpoint is kept in {out}: lower --lr and --resume, or start again")
+
+
+def summarize(config: TrainConfig, results: list[dict], model, device, compile_seconds, load_seconds) -> dict:
+    accs = np.array([r["test_acc"] for r in results])
+    ttas = np.array([r["test_acc_tta"] for r in results if r["test_acc_tta"] is not None])
+    secs = np.array([r["train_seconds"] for r in results])
+    last = results[-1]
+    return {
+        "test_acc": float(last["test_acc"]), "test_acc_tta": last["test_acc_tta"],
+        "train_seconds": float(last["train_seconds"]), "compile_seconds": compile_seconds,
+        "data_seconds": load_seconds,
+        "images_per_second": float(last["images"] / last["train_seconds"]), "epochs": config.epochs, "params": count_parameters(model),
+        "device": _device_name(device), "torch": torch.__version__, "fastcifar": __version__,
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+        "runs": {"seeds": [r["seed"] for r in results], "test_acc": accs.tolist(),
+                 "test_acc_tta": ttas.tolist(), "train_seconds": secs.tolist(),
+                 "mean": float(accs.mean()), "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                 "mean_tta": float(ttas.mean()) if len(ttas) else None,
+                 "std_tta": float(ttas.std(ddof=1)) if len(ttas) > 1 else (0.0 if len(ttas) else None),
+                 "median_train_seconds": float(np.median(secs))},
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def format_summary(s: dict) -> str:
+    r = s["runs"]
+    line = f"{len(r['seeds'])} run(s): test acc {r['mean']:.4f} +- {r['std']:.4f}"
+    if r["mean_tta"] is not None:
+        line += f", flip TTA {r['mean_tta']:.4f} +- {r['std_tta']:.4f}"
+    return line + f"; median train {r['median_train_seconds']:.1f}s on {s['device']}"
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="fastcifar.train"))

@@ -1,0 +1,227 @@
+"""The fast path's batched augmentation, pinned against exact expectations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastcifar.augment import GpuLoader, batch_cutout, gather_crops, normalize_images, pad_images
+
+IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)  # normalized value == pixel value, exactly
+
+
+def random_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def loader(images, labels, **kw) -> GpuLoader:
+    opts = dict(IDENTITY, batch_size=16, translate=4, cutout=0, flip=True, seed=0)
+    opts.update(kw)
+    return GpuLoader(images, labels, **opts)
+
+
+def expected_views(images: np.ndarray, plan, pad_mode: str = "reflect", translate: int = 4) -> np.ndarray:
+    """Per image, the exact window of the (mirrored if flipped) padded image at the drawn offset."""
+    mode = "reflect" if pad_mode == "reflect" else "constant"
+    out = []
+    for i, src in enumerate(plan.order.tolist()):
+        img = np.pad(images[src].astype(np.float32), ((translate,) * 2, (translate,) * 2, (0, 0)), mode=mode)
+        if plan.flip[i]:
+            img = img[:, ::-1]
+        dy, dx = int(plan.dy[i]), int(plan.dx[i])
+        out.append(img[dy:dy + 32, dx:dx + 32])
+    return np.stack(out)
+
+
+def served(ld: GpuLoader, plan) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = zip(*ld.batches(plan))
+    return torch.cat(xs).permute(0, 2, 3, 1).float().numpy(), torch.cat(ys).numpy()
+
+
+@pytest.mark.parametrize("pad_mode", ["reflect", "zeros"])
+def test_crop_and_flip_equal_the_exact_window(pad_mode):
+    images, labels = random_images(40)
+    ld = loader(images, labels, pad_mode=pad_mode)
+    plan = ld.plan_epoch()
+    x, _ = served(ld, plan)
+    np.testing.assert_array_equal(x, expected_views(images, plan, pad_mode))
+    assert plan.flip.sum() > 0 and (1 - plan.flip).sum() > 0
+
+
+def test_without_augmentation_images_pass_through_unchanged():
+    images, labels = random_images(20)
+    ld = loader(images, labels, translate=0, flip=False)
+    plan = ld.plan_epoch()
+    x, _ = served(ld, plan)
+    np.testing.assert_array_equal(x, images[plan.order.numpy()].astype(np.float32))
+
+
+def test_flip_is_an_exact_mirror():
+    images, labels = random_images(64)
+    ld = loader(images, labels, translate=0)
+    plan = ld.plan_epoch()
+    x, _ = served(ld, plan)
+    src = images[plan.order.numpy()].astype(np.float32)
+    flipped = plan.flip.numpy().astype(bool)
+    np.testing.assert_array_equal(x[flipped], src[flipped][:, :, ::-1])
+    np.testing.assert_array_equal(x[~flipped], src[~flipped])
+
+
+@pytest.mark.parametrize("size", [1, 8, 13])
+def test_cutout_zeroes_exactly_one_clipped_square(size):
+    images = np.full((200, 32, 32, 3), 7, dtype=np.uint8)
+    ld = loader(images, np.zeros(200), translate=0, flip=False, cutout=size, batch_size=64)
+    plan = ld.plan_epoch()
+    x, _ = served(ld, plan)
+    for i in range(len(x)):
+        y0, x0 = int(plan.cy[i]), int(plan.cx[i])
+        want = np.full((32, 32), 7.0, dtype=np.float32)
+        want[max(y0, 0):max(y0 + size, 0), max(x0, 0):max(x0 + size, 0)] = 0
+        for c in range(3):
+            np.testing.assert_array_equal(x[i, :, :, c], want)
+    clipped = ((plan.cy < 0) | (plan.cy + size > 32) | (plan.cx < 0) | (plan.cx + size > 32)).sum()
+    assert size == 1 or clipped > 0  # the border case was exercised
+
+
+def test_batch_cutout_directly_on_a_known_square():
+    x = torch.ones(2, 32, 32, 3)
+    batch_cutout(x, torch.tensor([-3, 30]), torch.tensor([5, 29]), 8)
+    assert (x[0, :5, 5:13] == 0).all() and x[0].sum() == 32 * 32 * 3 - 5 * 8 * 3
+    assert (x[1, 30:, 29:] == 0).all() and x[1].sum() == 32 * 32 * 3 - 2 * 3 * 3
+
+
+def test_offsets_cover_the_whole_range():
+    images, labels = random_images(500)
+    ld = loader(images, labels, translate=4, cutout=8)
+    plan = ld.plan_epoch()
+    assert set(plan.dy.tolist()) == set(range(9)) == set(plan.dx.tolist())
+    assert set(plan.cy.tolist()) == set(range(-4, 28)) == set(plan.cx.tolist())
+
+
+def test_every_image_appears_exactly_once_per_epoch_and_labels_follow():
+    n = 203  # not a multiple of the batch size
+    labels = np.arange(n) % 10
+    images = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None, None], 32 * 32 * 3).reshape(n, 32, 32, 3)
+    ld = loader(images, labels, cutout=0, batch_size=16)
+    for _ in range(3):
+        xs, ys = served(ld, ld.plan_epoch())
+        ids = xs[:, 16, 16, 0].astype(int)  # the image encodes its index; crops of a flat image keep it
+        assert sorted(ids.tolist()) == list(range(n))
+        np.testing.assert_array_equal(ys, labels[ids])
+    assert len(ld) == 13
+
+
+def test_drop_last_serves_only_full_batches():
+    images, labels = random_images(50)
+    ld = loader(images, labels, batch_size=16, drop_last=True)
+    shapes = [x.shape[0] for x, _ in ld]
+    assert shapes == [16, 16, 16] and len(ld) == 3
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    images, labels = random_images(64)
+    a, b, c = (list(loader(images, labels, seed=s, cutout=8)) for s in (3, 3, 4))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, c))
+
+
+def test_fresh_order_each_epoch():
+    images, labels = random_images(64)
+    ld = loader(images, labels)
+    assert not torch.equal(ld.plan_epoch().order, ld.plan_epoch().order)
+
+
+def test_alternating_flip_flips_each_image_every_other_epoch():
+    images, labels = random_images(100)
+    ld = loader(images, labels, alt_flip=True)
+    flips = []
+    for _ in range(4):
+        plan = ld.plan_epoch()
+        per_image = torch.empty(100, dtype=torch.int64)
+        per_image[plan.order] = plan.flip
+        flips.append(per_image)
+    assert torch.equal(flips[0], flips[2]) and torch.equal(flips[1], flips[3])
+    assert torch.equal(flips[0], 1 - flips[1])
+    assert 20 < int(flips[0].sum()) < 80  # randomly phased
+
+
+def test_state_dict_replays_the_next_epoch():
+    images, labels = random_images(64)
+    ld = loader(images, labels, cutout=8)
+    ld.plan_epoch()
+    state = ld.state_dict()
+    first = [x.clone() for x, _ in ld]
+    ld.load_state_dict(state)
+    again = [x for x, _ in ld]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_batches_start_skips_done_batches():
+    images, labels = random_images(64)
+    ld = loader(images, labels)
+    plan = ld.plan_epoch()
+    full = list(ld.batches(plan))
+    tail = list(ld.batches(plan, start=2))
+    assert len(tail) == len(full) - 2 and torch.equal(tail[0][0], full[2][0])
+
+
+def test_ranks_get_disjoint_shards_of_one_permutation():
+    images, labels = random_images(101)
+    orders = [loader(images, labels, rank=r, world_size=2).plan_epoch().order for r in (0, 1)]
+    assert len(orders[0]) == len(orders[1]) == 50
+    assert not set(orders[0].tolist()) & set(orders[1].tolist())
+    single = loader(images, labels).plan_epoch().order
+    assert torch.equal(torch.stack(orders, 1).reshape(-1), single[:100])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_is_channels_last_in_the_compute_dtype(dtype):
+    images, labels = random_images(32)
+    x, y = next(iter(loader(images, labels, dtype=dtype, mean=(0.5,) * 3, std=(0.25,) * 3)))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == dtype and y.dtype == torch.int64
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    x, _ = next(iter(loader(images, labels, channels_last=False)))
+    assert x.is_contiguous()
+
+
+def test_normalization_uses_the_given_statistics():
+    images, labels = random_images(8)
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    got = normalize_images(images, mean, std).numpy()
+    want = (images / 255.0 - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    ld = GpuLoader(images, labels, mean=mean, std=std, batch_size=8, train=False)
+    x, _ = next(iter(ld))
+    np.testing.assert_allclose(x.permute(0, 2, 3, 1).numpy(), want, atol=1e-5)
+
+
+def test_gather_crops_matches_slicing():
+    src = torch.arange(3 * 10 * 12 * 3, dtype=torch.float32).reshape(3, 10, 12, 3)
+    out = gather_crops(src, torch.tensor([2, 0]), torch.tensor([1, 3]), torch.tensor([4, 0]), 6)
+    assert torch.equal(out[0], src[2, 1:7, 4:10]) and torch.equal(out[1], src[0, 3:9, 0:6])
+
+
+def test_pad_images_reflect_matches_numpy():
+    x = torch.rand(2, 5, 6, 3)
+    got = pad_images(x, 2, "reflect").numpy()
+    np.testing.assert_allclose(got, np.pad(x.numpy(), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect"))
+
+
+def test_reference_pipeline_shapes_and_normalization():
+    pytest.importorskip("albumentations")
+    from fastcifar.reference import reference_loader
+
+    images, labels = random_images(12)
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    test = reference_loader(images, labels, mean=mean, std=std, batch_size=12, train=False, num_workers=0)
+    x, y = next(iter(test))
+    want = (images / 255.0 - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(x.permute(0, 2, 3, 1).numpy(), want, atol=1e-5)
+    np.testing.assert_array_equal(y.numpy(), labels)
+    flat = np.full((4, 32, 32, 3), 200, dtype=np.uint8)
+    train = reference_loader(flat, np.zeros(4), mean=mean, std=std, batch_size=4, train=True, num_workers=0)
+    x, _ = next(iter(train))
+    zeros = (x == 0).all(1).sum((1, 2))  # cutout fills the mean = 0 after Normalize
+    assert x.shape == (4, 3, 32, 32) and (zeros == 64).all()
