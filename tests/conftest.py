@@ -1,0 +1,32 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def real_cifar_path() -> Path:
+    """The real CIFAR-10 archive: $FASTCIFAR_DATA, else ../shared/data/cifar10-png.tar.gz next to the repo."""
+    return Path(os.environ.get("FASTCIFAR_DATA") or REPO_ROOT.parent / "shared/data/cifar10-png.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def real_cifar(tmp_path_factory):
+    """The real CIFAR-10 as `CifarData`, decoded once per session into a private cache; skips if absent."""
+    from fastcifar.data import load_cifar10
+
+    path = real_cifar_path()
+    if not path.exists():
+        pytest.skip(f"real CIFAR-10 not found at {path} (set FASTCIFAR_DATA)")
+    return load_cifar10(path, download=False, cache_dir=tmp_path_factory.mktemp("real_cifar_cache"))
+
+
+# tests import their helpers (tests/synthetic.py) as top-level modules
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))

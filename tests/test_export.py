@@ -1,0 +1,282 @@
+"""ONNX export and the torch-free predictor, on tiny models and a tiny image-folder data set.
+
+    python -m pytest tests/test_export.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from export import onnx as export_onnx_cli
+from export.onnx import fold_batchnorm, int8_path, main, torch_logits
+from export.predict import make_session, run_batches
+from fastcifar.checkpoint import ModelInfo, load_model, save_model
+from fastcifar.data import CLASSES
+from fastcifar.errors import run_cli
+from fastcifar.model import resnet9
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+
+
+def randomize_batchnorm(model: nn.Module, seed: int, negative: bool = False) -> nn.Module:
+    """Trained-looking BN statistics, so folding and normalization are really exercised; `negative` gives
+    some channels a negative scale, which must not be folded through a max-pool."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            n = bn.num_features
+            bn.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+            bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            bn.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(n, generator=g) * 0.2)
+            if negative:
+                bn.weight[::3] *= -1
+    return model.eval()
+
+
+def tiny_model(width: int = 8, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_batchnorm(resnet9(width=width, logit_scale=1.0), seed)
+
+
+def save_tiny(path: Path, model: nn.Module, test_acc: float = 0.5) -> Path:
+    save_model(path, model, ModelInfo(model.config, list(CLASSES), MEAN, STD, test_acc=test_acc))
+    return path
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run `python -m export.onnx argv` in-process: (exit code, stdout, stderr)."""
+    code = run_cli(main, argv, prog="export.onnx")
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_predict(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "export.predict", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def write_png(path: Path, size: int, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(workdir):
+    """Decoded-data caches go to the test's directory, never the real home."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTCIFAR_HOME", str(workdir / "home"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(workdir) -> Path:
+    return save_tiny(workdir / "model.safetensors", tiny_model())
+
+
+@pytest.fixture(scope="module")
+def tiny_data(workdir) -> Path:
+    """An image-folder tree: 10 classes x 4 train and 2 test PNGs, 32x32."""
+    root = workdir / "data"
+    for c, name in enumerate(CLASSES):
+        for i in range(4):
+            write_png(root / "train" / name / f"{i}.png", 32, seed=100 * c + i)
+        for i in range(2):
+            write_png(root / "test" / name / f"{i}.png", 32, seed=100 * c + 50 + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(workdir, checkpoint, tiny_data) -> Path:
+    """fp32 and int8 exports of the tiny model, calibrated on the tiny data set."""
+    out = workdir / "out" / "model.onnx"
+    out.parent.mkdir()
+    assert run_cli(main, ["--checkpoint", str(checkpoint), "--out", str(out), "--int8",
+                          "--data-dir", str(tiny_data), "--calib-images", "16"], prog="export.onnx") == 0
+    return out
+
+
+# --- the export itself -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("negative", [False, True])
+def test_fold_batchnorm_is_exact(negative):
+    model = randomize_batchnorm(resnet9(width=8, logit_scale=1.0), seed=1, negative=negative)
+    folded = fold_batchnorm(model)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert n_bn == (3 if negative else 0)  # with negative scales, the three pooled blocks keep their BN
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_parity_at_batch_1_7_256(exported, checkpoint):
+    model, info = load_model(checkpoint)
+    session = make_session(exported)  # one session: the batch axis must really be dynamic
+    images = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+    for n in (1, 7, 256):
+        got = run_batches(session, images[:n], batch_size=n)
+        expected = torch_logits(model, info, images[:n])
+        assert got.shape == (n, 10)
+        assert np.abs(got - expected).max() <= 1e-3
+        assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.999
+
+
+def test_graph_interface_and_metadata(exported, checkpoint):
+    _, info = load_model(checkpoint)
+    proto = onnx.load(str(exported))
+    (inp,), (out,) = proto.graph.input, proto.graph.output
+    assert (inp.name, out.name) == ("input", "logits")
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim][1:] == [3, 32, 32]
+    assert inp.type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["classes"]) == list(CLASSES)
+    assert json.loads(meta["mean"]) == pytest.approx(MEAN) and json.loads(meta["std"]) == pytest.approx(STD)
+    assert meta["input_format"].startswith("NCHW float32 RGB [0,1]")
+    assert json.loads(meta["test_acc"]) == info.test_acc
+    assert meta["fastcifar_version"] and meta["exporter"].startswith("torch.onnx")
+    assert not list(exported.parent.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_int8_export(exported, tiny_data):
+    path = int8_path(exported)
+    assert path.name == "model.int8.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    proto = onnx.load(str(path))
+    assert {n.op_type for n in proto.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["classes"]) == list(CLASSES) and "16 training images" in meta["quantization"]
+    logits = run_batches(make_session(path), np.zeros((3, 32, 32, 3), dtype=np.uint8))
+    assert logits.shape == (3, 10) and np.isfinite(logits).all()
+
+
+def test_export_reports_accuracy(workdir, checkpoint, tiny_data, capsys):
+    out = workdir / "report.onnx"
+    code, stdout, _ = cli(["--checkpoint", str(checkpoint), "--out", str(out), "--data-dir", str(tiny_data)],
+                          capsys)
+    assert code == 0
+    assert "on 20 images" in stdout  # parity on the (whole, tiny) test split
+    assert "accuracy on the 20 test images: onnx fp32" in stdout and "checkpoint 50.00%" in stdout
+
+
+def test_unreachable_opset_falls_back_to_torchscript(workdir, checkpoint, capsys):
+    out = workdir / "opset13.onnx"
+    code, stdout, stderr = cli(["--checkpoint", str(checkpoint), "--out", str(out), "--opset", "13"], capsys)
+    assert code == 0, stderr
+    assert "falling back to the TorchScript exporter" in stderr
+    assert "exported with torch.onnx TorchScript (legacy), opset 13" in stdout
+    assert next(o.version for o in onnx.load(str(out)).opset_import if o.domain == "") == 13
+
+
+# --- bad input: one line, exit 2, nothing written -------------------------------------------------------
+
+def _bad_checkpoints(root: Path) -> dict[str, Path]:
+    corrupt = root / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    mismatched = root / "mismatched.safetensors"
+    small = tiny_model(width=8)
+    save_model(mismatched, small, ModelInfo(resnet9(width=16).config, list(CLASSES), MEAN, STD))
+    return {"missing": root / "nope", "corrupt": corrupt, "mismatched": mismatched}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "checkpoint not found"),
+    ("corrupt", "corrupt checkpoint"),
+    ("mismatched", "weights do not match the stated model (width 16)"),
+    ("missing-dir", "output directory does not exist"),
+    ("int8-without-data", "--int8 needs calibration data: pass --data-dir"),
+    ("opset", "--opset must be between 7 and"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, checkpoint, capsys, case, message):
+    (tmp_path / "in").mkdir()
+    bad = _bad_checkpoints(tmp_path / "in")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = ["--checkpoint", str(bad.get(case, checkpoint)), "--out", str(out_dir / "model.onnx")]
+    if case == "missing-dir":
+        argv[-1] = str(out_dir / "missing" / "model.onnx")
+    argv += {"int8-without-data": ["--int8"], "opset": ["--opset", "99"]}.get(case, [])
+    code, stdout, stderr = cli(argv, capsys)
+    assert code == 2
+    assert stderr.count("\n") == 1 and stderr.startswith("export.onnx: error: ") and message in stderr
+    assert "Traceback" not in stderr + stdout
+    assert list(out_dir.rglob("*")) == []
+
+
+def test_failed_check_keeps_the_previous_file(workdir, checkpoint, exported, capsys, monkeypatch):
+    out = workdir / "keep" / "model.onnx"
+    out.parent.mkdir()
+    out.write_bytes(exported.read_bytes())
+    before = out.read_bytes()
+    real = export_onnx_cli.torch_logits
+    monkeypatch.setattr(export_onnx_cli, "torch_logits", lambda *a, **k: real(*a, **k) + 0.01)
+    code, _, stderr = cli(["--checkpoint", str(checkpoint), "--out", str(out)], capsys)
+    assert code == 2 and "does not match PyTorch" in stderr and stderr.count("\n") == 1
+    assert "max |logit difference| 1.00e-02" in stderr
+    assert out.read_bytes() == before
+    assert [p.name for p in out.parent.iterdir()] == ["model.onnx"]
+
+
+# --- export.predict --------------------------------------------------------------------------------------
+
+def test_predict_is_torch_free():
+    code = "import export.predict, sys; assert 'torch' not in sys.modules, 'export.predict imports torch'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_predict_classifies_resizes_and_reports_failures(exported, tmp_path):
+    small = write_png(tmp_path / "small.png", 32, seed=1)
+    big = write_png(tmp_path / "big.png", 64, seed=2)
+    junk = tmp_path / "junk.png"
+    junk.write_text("not an image")
+    result = run_predict(str(exported), str(small), str(junk), str(big))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(small), str(big)]
+    for line in lines:
+        _, cls, prob = line.split("\t")
+        assert cls in CLASSES and 0 < float(prob) <= 1
+    assert f"note: {big}: resized 64x64 to 32x32" in result.stderr
+    assert f"error: {junk}: not an image" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_predict_top_k_matches_the_session(exported, tmp_path):
+    image = write_png(tmp_path / "a.png", 32, seed=3)
+    result = run_predict(str(int8_path(exported)), str(image), "--top", "3")
+    assert result.returncode == 0, result.stderr
+    fields = result.stdout.strip().split("\t")
+    assert fields[0] == str(image) and len(fields) == 4
+    probs = [float(f.split()[1]) for f in fields[1:]]
+    assert probs == sorted(probs, reverse=True)
+
+
+@pytest.mark.parametrize("model", ["missing.onnx", "junk.onnx"])
+def test_predict_bad_model_is_a_usage_error(tmp_path, model):
+    (tmp_path / "junk.onnx").write_bytes(b"garbage")
+    image = write_png(tmp_path / "a.png", 32, seed=4)
+    result = run_predict(str(tmp_path / model), str(image))
+    assert result.returncode == 2
+    assert result.stderr.startswith("export.predict: error: ") and result.stderr.count("\n") == 1

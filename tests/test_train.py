@@ -1,0 +1,147 @@
+"""The training engine, end to end on tiny learnable data (CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastcifar.checkpoint import load_model
+from fastcifar.config import TrainConfig, get_args_parser, parse_config
+from fastcifar.errors import UserError, run_cli
+from fastcifar.train import build_optimizer, build_scheduler, main
+from synthetic import write_learnable_dataset
+
+FAST = ["--width", "8", "--batch-size", "32", "--device", "cpu", "--lr", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory) -> Path:
+    return write_learnable_dataset(tmp_path_factory.mktemp("learnable"), train_per_class=40, test_per_class=10)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path / "home"))
+
+
+def train(data: Path, out: Path, *extra: str) -> dict:
+    assert main(["--data-dir", str(data), "--out-dir", str(out), *FAST, *extra]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_two_epochs_learn_far_above_chance_and_write_every_artifact(learnable, tmp_path):
+    out = tmp_path / "run"
+    s = train(learnable, out, "--epochs", "2")
+    assert s["test_acc"] >= 0.5  # chance is 0.1
+    for key in ("test_acc", "test_acc_tta", "train_seconds", "compile_seconds", "images_per_second", "epochs",
+                "params", "device", "torch", "runs"):
+        assert key in s
+    assert s["epochs"] == 2 and s["params"] > 0 and s["images_per_second"] > 0
+    for name in ("config.json", "metrics.csv", "summary.json", "model.safetensors", "checkpoint.pt",
+                 "curves.png", "confusion.png", "misclassified.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(rows[0]) >= {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds"}
+    assert json.loads((out / "config.json").read_text())["width"] == 8
+    assert not list(out.glob(".*tmp"))
+
+
+def test_shuffled_training_labels_stay_near_chance(tmp_path):
+    data = write_learnable_dataset(tmp_path / "shuffled", 40, 10, shuffle_train_labels=True)
+    s = train(data, tmp_path / "run", "--epochs", "3", "--no-plots")
+    assert s["test_acc"] < 0.3  # a leak of test data into training would show up here
+
+
+def test_checkpoint_round_trip_gives_identical_logits(learnable, tmp_path):
+    out = tmp_path / "run"
+    train(learnable, out, "--epochs", "1", "--no-plots", "--no-tta")
+    model, info = load_model(out)
+    again, _ = load_model(out / "model.safetensors")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert info.config.width == 8 and len(info.classes) == 10 and len(info.mean) == 3
+    assert info.test_acc == json.loads((out / "summary.json").read_text())["test_acc"]
+
+
+def test_multiple_runs_report_mean_and_std(learnable, tmp_path):
+    s = train(learnable, tmp_path / "run", "--epochs", "1", "--runs", "2", "--no-plots")
+    runs = s["runs"]
+    assert runs["seeds"] == [0, 1] and len(runs["test_acc"]) == 2
+    assert runs["mean"] == pytest.approx(np.mean(runs["test_acc"]))
+    assert runs["std"] == pytest.approx(np.std(runs["test_acc"], ddof=1))
+
+
+def test_existing_results_are_not_overwritten_without_flag(learnable, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(learnable, out, "--epochs", "1", "--no-plots")
+    before = (out / "summary.json").read_bytes()
+    code = run_cli(main, ["--data-dir", str(learnable), "--out-dir", str(out), *FAST, "--epochs", "1"])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == before
+    train(learnable, out, "--epochs", "1", "--no-plots", "--overwrite")
+
+
+@pytest.mark.parametrize("anneal", ["linear", "cos"])
+def test_one_cycle_peaks_at_pct_start_and_ends_at_lr_over_both_divs(anneal):
+    config = TrainConfig(epochs=10, lr=0.4, pct_start=0.25, div_factor=20, final_div_factor=200, anneal=anneal)
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(config, model, torch.device("cpu"))
+    sched = build_scheduler(config, opt, steps_per_epoch=10)
+    lrs, moms = [], []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    peak = int(np.argmax(lrs))
+    assert abs(peak - 0.25 * 100) <= 1 and lrs[peak] == pytest.approx(0.4)
+    assert lrs[0] == pytest.approx(0.4 / 20)
+    assert lrs[-1] == pytest.approx(0.4 / (20 * 200))
+    assert moms[0] == pytest.approx(0.9) and moms[peak] == pytest.approx(0.85)  # momentum cycles inversely
+
+
+def test_adam_cycles_beta1():
+    config = TrainConfig(optimizer="adam", epochs=1, lr=0.01, momentum=0.95, min_momentum=0.85)
+    opt = build_optimizer(config, torch.nn.Linear(2, 2), torch.device("cpu"))
+    build_scheduler(config, opt, steps_per_epoch=10)
+    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["betas"][0] == pytest.approx(0.95)
+
+
+def test_help_lists_every_field_with_its_default():
+    text = get_args_parser().format_help()
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+    assert "--no-amp" in text and "--preset" in text and "--config" in text
+
+
+def test_precedence_defaults_preset_config_flags(tmp_path):
+    assert parse_config([])[0].optimizer == "sgd"
+    assert parse_config(["--preset", "seed"])[0].optimizer == "adam"
+    toml = tmp_path / "c.toml"
+    toml.write_text('epochs = 7\nlr = 0.01\n')
+    c, _ = parse_config(["--preset", "seed", "--config", str(toml), "--lr", "0.02"])
+    assert (c.optimizer, c.epochs, c.lr) == ("adam", 7, 0.02)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--epochs", "0"], "--epochs"), (["--pct-start", "1.5"], "--pct-start"),
+    (["--batch-size", "0"], "--batch-size"), (["--width", "0"], "--width"),
+    (["--cutout", "40"], "--cutout"), (["--translate", "-1"], "--translate"),
+])
+def test_bad_flag_values_are_rejected_up_front(argv, flag):
+    with pytest.raises(UserError, match=flag):
+        parse_config(argv)
+
+
+def test_config_file_with_unknown_key(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("epochz = 3\n")
+    with pytest.raises(UserError, match="epochz"):
+        parse_config(["--config", str(toml)])
