@@ -166,7 +166,11 @@ class GpuLoader:
     # -- sizes --------------------------------------------------------------------------------------
     @property
     def samples_per_epoch(self) -> int:
-        return self.num_images // self.world_size if self.world_size > 1 else self.num_images
+        if self.world_size == 1:
+            return self.num_images
+        if self.train:
+            return self.num_images // self.world_size
+        return len(range(self.rank, self.num_images, self.world_size))
 
     def __len__(self) -> int:
         n, b = self.samples_per_epoch, self.batch_size
@@ -177,27 +181,38 @@ class GpuLoader:
         return torch.randint(low, high, (n,), device=self.device, generator=self.generator)
 
     def plan_epoch(self) -> EpochPlan:
-        """Draw the next epoch's random choices and advance the epoch counter."""
+        """Draw the next epoch's random choices and advance the epoch counter.
+
+        Everything is drawn for the whole data set and then sharded, so N ranks with batch B see exactly
+        the samples (and augmentations) that one process with batch N*B would.
+        """
         n, t, k = self.num_images, self.translate, self.cutout
         if self.train:
             order = torch.randperm(n, device=self.device, generator=self.generator)
         else:
             order = torch.arange(n, device=self.device)
-        if self.world_size > 1:  # the same permutation on every rank (same seed); disjoint shards
-            order = order[: self.samples_per_epoch * self.world_size][self.rank::self.world_size]
-        m = len(order)
         if self.alt_flip:
             flip = (self.flip_phase[order] + self.epoch) % 2
         elif self.flip:
-            flip = self._randint(2, m)
+            flip = self._randint(2, n)
         else:
-            flip = torch.zeros(m, dtype=torch.int64, device=self.device)
-        dy, dx = (self._randint(2 * t + 1, m), self._randint(2 * t + 1, m)) if t else (flip * 0, flip * 0)
+            flip = torch.zeros(n, dtype=torch.int64, device=self.device)
+        dy, dx = (self._randint(2 * t + 1, n), self._randint(2 * t + 1, n)) if t else (flip * 0, flip * 0)
         # cutout centre uniform over the image, so squares near the border are clipped (DeVries & Taylor)
-        cy, cx = ((self._randint(self.size, m) - k // 2, self._randint(self.size, m) - k // 2) if k
+        cy, cx = ((self._randint(self.size, n) - k // 2, self._randint(self.size, n) - k // 2) if k
                   else (flip * 0, flip * 0))
         self.epoch += 1
-        return EpochPlan(order, flip, dy, dx, cy, cx)
+        plan = EpochPlan(order, flip, dy, dx, cy, cx)
+        if self.world_size > 1:
+            plan = EpochPlan(*(self._shard(v) for v in (order, flip, dy, dx, cy, cx)))
+        return plan
+
+    def _shard(self, v: torch.Tensor) -> torch.Tensor:
+        """This rank's interleaved share. Training drops the remainder so every rank runs the same number
+        of steps; evaluation keeps it (uneven shards are fine when sums are reduced)."""
+        if self.train:
+            v = v[: self.samples_per_epoch * self.world_size]
+        return v[self.rank::self.world_size]
 
     # -- batches ------------------------------------------------------------------------------------
     def batches(self, plan: EpochPlan, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

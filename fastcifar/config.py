@@ -58,6 +58,7 @@ class TrainConfig:
     amp: bool = True                   # bf16 autocast where supported, else fp16 + GradScaler
     channels_last: bool = True
     compile: bool | None = None        # torch.compile; None = on for CUDA only (compiling costs minutes on a CPU)
+    sync_bn: bool = False              # torchrun on CUDA: BatchNorm statistics over the global batch
     # runs and evaluation
     seed: int = 0
     runs: int = 1                      # seeds seed .. seed+runs-1; reports mean +- std

@@ -35,9 +35,10 @@ from torch import nn
 
 from fastcifar import __version__
 from fastcifar.atomic import write_json, write_text
-from fastcifar.checkpoint import (CHECKPOINT_FILE, MODEL_FILE, ModelInfo, load_checkpoint, save_checkpoint,
-                                  save_model, unwrap)
+from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE, ModelInfo, load_checkpoint, save_checkpoint, save_model
 from fastcifar.config import TrainConfig, parse_config, to_dict
+from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, broadcast_flag, from_env, \
+    gather_interleaved, process_group
 from fastcifar.errors import UserError, run_cli
 from fastcifar.model import ModelConfig, ResNet9, count_parameters, summary
 
@@ -106,10 +107,14 @@ class Timer:
 # ------------------------------------------------------------------------------------------------------
 # Data, model, optimizer
 # ------------------------------------------------------------------------------------------------------
-def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.dtype | None, seed: int):
-    """(train, test) loaders for the chosen pipeline. The gpu pipeline lives on `device` in the AMP dtype."""
+def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.dtype | None, seed: int,
+                  d: Dist = Dist()):
+    """(train, test) loaders for the chosen pipeline. The gpu pipeline lives on `device` in the AMP dtype;
+    under torchrun each rank gets its shard of one shared permutation (same seed on every rank)."""
     aug = dict(translate=config.translate, cutout=config.cutout, flip=config.flip, pad_mode=config.pad_mode)
     if config.pipeline == "albumentations":
+        if d.enabled:
+            raise UserError("--pipeline albumentations runs in one process only: use --pipeline gpu with torchrun")
         from fastcifar.reference import reference_loader
 
         common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size, num_workers=config.workers)
@@ -120,7 +125,8 @@ def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.
     from fastcifar.augment import GpuLoader
 
     common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size, device=device,
-                  dtype=dtype or torch.float32, channels_last=config.channels_last)
+                  dtype=dtype or torch.float32, channels_last=config.channels_last, rank=d.rank,
+                  world_size=d.world_size)
     train = GpuLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip,
                       drop_last=True, seed=seed, **common, **aug)
     test = GpuLoader(data.test_images, data.test_labels, train=False, **common)
@@ -156,12 +162,10 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
         max_momentum=config.momentum)
 
 
-def reset_weights(model: nn.Module, seed: int) -> None:
-    """Fresh initialization for `seed`, in place, so a compiled wrapper around `model` stays valid."""
+def reset_weights(model: ResNet9, seed: int) -> None:
+    """Fresh initialization for `seed`, in place, so the compiled (and DDP-wrapped) model stays valid."""
     torch.manual_seed(seed)
-    plain = unwrap(model)
-    fresh = ResNet9(plain.config)
-    plain.load_state_dict(fresh.state_dict())
+    model.load_state_dict(ResNet9(model.config).state_dict())
 
 
 def seed_everything(seed: int) -> None:
@@ -204,11 +208,26 @@ class StopRequested(Exception):
 
 
 class SignalGuard:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half.
 
-    def __init__(self):
+    Under torchrun the ranks must stop after the same step (or the next all-reduce would hang), so there
+    the flag is agreed on every `every` steps with one tiny all-reduce; alone it costs nothing.
+    """
+
+    def __init__(self, d: Dist = Dist(), device: torch.device = torch.device("cpu"), every: int = 8):
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self.d, self.device, self.every = d, device, every
+
+    def stop_requested(self, step: int) -> bool:
+        if not self.d.enabled:
+            return self.signum is not None
+        if step % self.every:
+            return False
+        if broadcast_flag(self.signum is not None, self.d, self.device):
+            self.signum = self.signum or signal.SIGTERM
+            return True
+        return False
 
     def __enter__(self) -> "SignalGuard":
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -263,15 +282,16 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         state.steps += 1
         if progress is not None:
             progress.update(1)
-        if guard is not None and guard.signum is not None:
+        if guard is not None and guard.stop_requested(state.steps):
             raise StopRequested
     return state
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
-             tta: bool = False) -> dict[str, Any]:
-    """Loss, accuracy and predictions on `loader`; with `tta`, logits averaged with the mirrored images."""
+             tta: bool = False, d: Dist = Dist()) -> dict[str, Any]:
+    """Loss, accuracy and predictions on `loader`; with `tta`, logits averaged with the mirrored images.
+    Under torchrun each rank evaluates its shard and the sums (and predictions) are gathered."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     preds, labels_all = [], []
@@ -285,9 +305,12 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
         preds.append(logits.argmax(1))
         labels_all.append(labels)
     preds_t, labels_t = torch.cat(preds), torch.cat(labels_all)
-    n = len(labels_t)
-    return {"loss": loss_sum.item() / n, "acc": (preds_t == labels_t).double().mean().item(),
-            "preds": preds_t.cpu().numpy(), "labels": labels_t.cpu().numpy()}
+    counts = torch.stack([loss_sum, (preds_t == labels_t).sum().double(),
+                          torch.tensor(len(labels_t), device=device, dtype=torch.float64)])
+    loss, correct, n = all_reduce_sum(counts, d).tolist()
+    n_int = int(n)
+    return {"loss": loss / n, "acc": correct / n, "preds": gather_interleaved(preds_t, d, n_int).cpu().numpy(),
+            "labels": gather_interleaved(labels_t, d, n_int).cpu().numpy()}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -342,206 +365,281 @@ def epoch_row(row: dict[str, Any], header: bool = False) -> str:
 # ------------------------------------------------------------------------------------------------------
 @dataclass
 class RunState:
+    """Where training stands; saved in every checkpoint, so a resumed run continues exactly."""
+
     run_index: int = 0            # which of the --runs seeds is in progress
     epoch: int = 0                # completed epochs of that run
     train_seconds: float = 0.0
-    images: int = 0               # training samples processed
+    images: int = 0               # training samples processed (all ranks)
     step_in_epoch: int = 0        # > 0 when stopped mid-epoch: steps of epoch `epoch` already done
     partial: dict[str, Any] = field(default_factory=dict)         # StepState of that partial epoch
     rows: list[dict[str, Any]] = field(default_factory=list)      # metrics of every epoch so far
     finished: list[dict[str, Any]] = field(default_factory=list)  # results of completed runs
 
 
-def checkpoint_state(config: TrainConfig, run: RunState, model, optimizer, scheduler, scaler,
-                     loader_state: dict, device: torch.device) -> dict[str, Any]:
-    """Plain containers only (tensors, numbers, strings), so `torch.load(weights_only=True)` reads it."""
-    return {
-        "format": 1, "config": to_dict(config), "run": asdict(run),
-        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-        "loader": loader_state,
-        "rng": {"torch": torch.get_rng_state(),
-                **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})},
-    }
+@dataclass
+class Session:
+    """What stays fixed across the seeds of one invocation: config, device, data, model, output."""
+
+    config: TrainConfig
+    device: torch.device
+    dtype: torch.dtype | None
+    dist: Dist
+    out: Path
+    data: Any
+    model: ResNet9                # the plain module (compiled in place when --compile)
+    runner: nn.Module             # what the loop calls: the model, or DDP around it
+    criterion: nn.Module
+    guard: SignalGuard
+    compile_model: bool
+    data_seconds: float
+    compile_seconds: float | None = None
 
 
-def restore(ckpt: dict[str, Any], model, optimizer, scheduler, scaler, loader, device: torch.device) -> RunState:
-    unwrap(model).load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt["scaler"]:
-        scaler.load_state_dict(ckpt["scaler"])
-    if ckpt["loader"] and hasattr(loader, "load_state_dict"):
-        loader.load_state_dict(ckpt["loader"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if "cuda" in ckpt["rng"] and device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    return RunState(**ckpt["run"])
+@dataclass
+class Fit:
+    """The per-seed objects that a checkpoint captures."""
+
+    train_loader: Any
+    test_loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+
+    def state(self, s: Session, run: RunState, loader_state: dict) -> dict[str, Any]:
+        """Plain containers only (tensors, numbers, strings), so `torch.load(weights_only=True)` reads it."""
+        return {
+            "format": 1, "config": to_dict(s.config), "run": asdict(run), "model": s.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {}, "loader": loader_state,
+            "rng": {"torch": torch.get_rng_state(),
+                    **({"cuda": torch.cuda.get_rng_state()} if s.device.type == "cuda" else {})},
+        }
+
+    def restore(self, s: Session, ckpt: dict[str, Any]) -> RunState:
+        s.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["loader"] and hasattr(self.train_loader, "load_state_dict"):
+            self.train_loader.load_state_dict(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"] and s.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        return RunState(**ckpt["run"])
+
+    def save(self, s: Session, run: RunState, loader_state: dict) -> None:
+        if s.dist.is_main:
+            save_checkpoint(s.out / CHECKPOINT_FILE, self.state(s, run, loader_state))
 
 
 # ------------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------------
-def load_resume(args) -> tuple[TrainConfig, dict[str, Any]]:
-    run_dir = Path(args.resume)
-    if not run_dir.is_dir():
-        raise UserError(f"--resume directory not found ({run_dir}): pass the --out-dir of the run to continue")
-    ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
+def load_resume(run_dir: str) -> tuple[TrainConfig, dict[str, Any]]:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(f"--resume directory not found ({path}): pass the --out-dir of the run to continue")
+    ckpt = load_checkpoint(path / CHECKPOINT_FILE)
     try:
         config = TrainConfig(**ckpt["config"])
+        RunState(**ckpt["run"])
     except (KeyError, TypeError) as e:
-        raise UserError(f"checkpoint has no valid config ({run_dir / CHECKPOINT_FILE}): {e}")
-    config.out_dir = str(run_dir)
+        raise UserError(f"checkpoint has no valid config ({path / CHECKPOINT_FILE}): {e}; start a new run")
+    config.out_dir = str(path)
     return config, ckpt
 
 
-def warm_up(model: nn.Module, loader, criterion, device, dtype) -> float:
+def warm_up(s: Session, loader) -> float:
     """Trigger compilation (train and eval graphs) outside the timed region; weights are restored after."""
-    plain = unwrap(model)
-    saved = {k: v.clone() for k, v in plain.state_dict().items()}
+    saved = {k: v.clone() for k, v in s.model.state_dict().items()}
     loader_state = loader.state_dict() if hasattr(loader, "state_dict") else None
-    with Timer(device) as t:
+    with Timer(s.device) as t:
         inputs, labels = next(iter(loader))
-        inputs, labels = inputs.to(device), labels.to(device)
-        model.train()
+        inputs, labels = inputs.to(s.device), labels.to(s.device)
+        s.runner.train()
         for _ in range(2):
-            with autocast(device, dtype):
-                criterion(model(inputs), labels).backward()
-        model.eval()
-        with torch.no_grad(), autocast(device, dtype):
-            model(inputs)
-            model(inputs.flip(3))
-    plain.load_state_dict(saved)
-    plain.zero_grad(set_to_none=True)
+            with autocast(s.device, s.dtype):
+                s.criterion(s.runner(inputs), labels).backward()
+        s.runner.eval()
+        with torch.no_grad(), autocast(s.device, s.dtype):
+            s.runner(inputs)
+            s.runner(inputs.flip(3))
+    s.model.load_state_dict(saved)
+    s.model.zero_grad(set_to_none=True)
     if loader_state is not None:  # the warm-up must not shift the run's random choices
         loader.load_state_dict(loader_state)
     return t.seconds
+
+
+def setup(config: TrainConfig, resume: bool, d: Dist, device: torch.device) -> Session:
+    """Output directory, data, model (compiled, wrapped), loss and signal guard."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    compile_model = config.compile if config.compile is not None else device.type == "cuda"
+    out = prepare_out_dir(config, resume=resume)
+    if d.is_main:
+        write_json(out / "config.json", to_dict(config))
+    from fastcifar.data import load_cifar10
+
+    t0 = time.perf_counter()
+    data = load_cifar10(config.data_dir, download=config.download or None)
+    data_seconds = time.perf_counter() - t0
+    dtype = amp_dtype(device, config.amp)
+    model = build_model(config, len(data.classes), device)
+    print(summary(model) if device.type == "cpu" else f"{count_parameters(model):,} parameters")
+    runner: nn.Module = model
+    if config.sync_bn and d.enabled:
+        if device.type != "cuda":
+            raise UserError("invalid --sync-bn: SyncBatchNorm needs CUDA devices; drop the flag on the CPU")
+        model = runner = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if compile_model:
+        model.compile()  # in place, before DDP wrapping, as PyTorch recommends
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    print(f"device {device}  world {d.world_size}  amp {dtype}  compile {compile_model}  "
+          f"pipeline {config.pipeline}  data {data.source} ({len(data.train_labels)} train, "
+          f"{len(data.test_labels)} test) loaded in {data_seconds:.1f}s")
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    return Session(config, device, dtype, d, out, data, model, runner, criterion, SignalGuard(d, device),
+                   compile_model, data_seconds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, args = parse_config(argv)
     ckpt = None
     if args.resume:
-        config, ckpt = load_resume(args)
+        config, ckpt = load_resume(args.resume)
+    d = from_env()
     device = select_device(config.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    compile_model = config.compile if config.compile is not None else device.type == "cuda"
-    out = prepare_out_dir(config, resume=ckpt is not None)
-    write_json(out / "config.json", to_dict(config))
-
-    from fastcifar.data import load_cifar10
-
-    t0 = time.perf_counter()
-    data = load_cifar10(config.data_dir, download=config.download or None)
-    load_seconds = time.perf_counter() - t0
-    dtype = amp_dtype(device, config.amp)
-    model = build_model(config, len(data.classes), device)
-    print(summary(unwrap(model)) if device.type == "cpu" else f"{count_parameters(model):,} parameters")
-    print(f"device {device}  amp {dtype}  compile {compile_model}  pipeline {config.pipeline}  "
-          f"data {data.source} ({len(data.train_labels)} train, {len(data.test_labels)} test) "
-          f"loaded in {load_seconds:.1f}s")
-    runner = model
-    if compile_model:
-        runner = torch.compile(model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-
-    run = RunState() if ckpt is None else RunState(**ckpt["run"])
-    compile_seconds = None
-    results = list(run.finished)
-    with SignalGuard() as guard:
-        for run_index in range(run.run_index, config.runs):
-            seed = config.seed + run_index
-            seed_everything(seed)
-            train_loader, test_loader = build_loaders(config, data, device, dtype, seed)
-            if compile_seconds is None and (compile_model or device.type == "cuda"):
-                compile_seconds = warm_up(runner, train_loader, criterion, device, dtype)
-                print(f"warm-up and compile: {compile_seconds:.1f}s (not counted as training time)")
-            reset_weights(model, seed)
-            optimizer = build_optimizer(config, model, device)
-            scheduler = build_scheduler(config, optimizer, len(train_loader))
-            scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-            if ckpt is not None and RunState(**ckpt["run"]).run_index == run_index:
-                run = restore(ckpt, model, optimizer, scheduler, scaler, train_loader, device)
-                print(f"resumed seed {seed} after epoch {run.epoch}")
-            else:
-                run = RunState(run_index=run_index, rows=run.rows, finished=results)
-            result = train_run(config, seed, runner, model, train_loader, test_loader, optimizer, scheduler,
-                               scaler, criterion, device, dtype, run, out, guard, data)
-            results.append(result)
-            run = RunState(run_index=run_index + 1, rows=run.rows, finished=results)
-    summary_data = summarize(config, results, model, device, compile_seconds, load_seconds)
-    write_json(out / "summary.json", summary_data)
-    print(format_summary(summary_data))
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    if not d.is_main:  # one voice: only rank 0 prints (errors still go to stderr everywhere)
+        sys.stdout = open(os.devnull, "w")
+    with process_group(d, device):
+        s = setup(config, ckpt is not None, d, device)
+        results = train_all(s, ckpt)
+        summary_data = summarize(s, results)
+        if d.is_main:
+            write_json(s.out / "summary.json", summary_data)
+        print(format_summary(summary_data))
     return 0
 
 
-def train_run(config: TrainConfig, seed: int, runner, model, train_loader, test_loader, optimizer, scheduler,
-              scaler, criterion, device, dtype, run: RunState, out: Path, guard: SignalGuard, data) -> dict:
+def train_all(s: Session, ckpt: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Train seeds seed .. seed+runs-1 (from where a checkpoint left off); compile/warm up only once."""
+    config = s.config
+    run = RunState() if ckpt is None else RunState(**ckpt["run"])
+    results = list(run.finished)
+    with s.guard:
+        for run_index in range(run.run_index, config.runs):
+            seed = config.seed + run_index
+            seed_everything(seed)
+            train_loader, test_loader = build_loaders(config, s.data, s.device, s.dtype, seed, s.dist)
+            if s.compile_seconds is None and (s.compile_model or s.device.type == "cuda"):
+                s.compile_seconds = warm_up(s, train_loader)
+                print(f"warm-up and compile: {s.compile_seconds:.1f}s (not counted as training time)")
+            reset_weights(s.model, seed)
+            optimizer = build_optimizer(config, s.model, s.device)
+            scheduler = build_scheduler(config, optimizer, len(train_loader))
+            scaler = torch.amp.GradScaler(s.device.type) if s.dtype == torch.float16 else None
+            fit = Fit(train_loader, test_loader, optimizer, scheduler, scaler)
+            if ckpt is not None and run.run_index == run_index and (run.epoch or run.step_in_epoch):
+                run = fit.restore(s, ckpt)
+                print(f"resumed seed {seed} at epoch {run.epoch + 1}, step {run.step_in_epoch + 1}")
+            else:
+                run = RunState(run_index=run_index, rows=run.rows, finished=results)
+            results.append(train_run(s, fit, seed, run))
+            run = RunState(run_index=run_index + 1, rows=run.rows, finished=results)
+    return results
+
+
+def reduce_epoch(state: StepState, s: Session) -> tuple[float, float, int, int]:
+    """(mean loss, accuracy, samples, first bad step) over all ranks; the epoch's one host sync."""
+    sums = torch.stack([state.loss_sum, state.correct, torch.tensor(float(state.seen), device=s.device,
+                                                                    dtype=torch.float64)])
+    loss_sum, correct, seen = all_reduce_sum(sums, s.dist).tolist()
+    bad = int(all_reduce_max(state.first_bad_step.clone(), s.dist).item())
+    return loss_sum / seen, correct / seen, int(seen), bad
+
+
+def train_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
     """Train one seed from where `run` stands to the end; write checkpoints, metrics and artifacts."""
+    config, loader = s.config, fit.train_loader
     if run.epoch == 0 and run.step_in_epoch == 0:
         print(epoch_row({}, header=True))
-    resumable = hasattr(train_loader, "plan_epoch")
+    resumable = hasattr(loader, "plan_epoch")
     for epoch in range(run.epoch, config.epochs):
-        state = StepState.from_dict(run.partial, device) if run.step_in_epoch else StepState.zeros(device)
-        loader_start = train_loader.state_dict() if resumable else {}
+        state = StepState.from_dict(run.partial, s.device) if run.step_in_epoch else StepState.zeros(s.device)
+        loader_start = loader.state_dict() if resumable else {}
         if resumable:
-            batches = train_loader.batches(train_loader.plan_epoch(), start=state.steps)
+            batches = loader.batches(loader.plan_epoch(), start=state.steps)
         else:
-            batches = itertools.islice(iter(train_loader), state.steps, None)
+            batches = itertools.islice(iter(loader), state.steps, None)
         lrs: list[float] = []
-        progress = _progress(len(train_loader) - state.steps, f"epoch {epoch + 1}")
+        progress = _progress(len(loader) - state.steps, f"epoch {epoch + 1}")
         try:
-            with Timer(device) as timer:
-                train_one_epoch(runner, batches, optimizer, scheduler, criterion, scaler, device, dtype,
-                                state, lrs, guard, progress)
+            with Timer(s.device) as timer:
+                train_one_epoch(s.runner, batches, fit.optimizer, fit.scheduler, s.criterion, fit.scaler,
+                                s.device, s.dtype, state, lrs, s.guard, progress)
         except StopRequested:
             state.seconds += time.perf_counter() - timer.start_wall
             run.step_in_epoch, run.partial = state.steps, state.to_dict()
-            save_checkpoint(out / CHECKPOINT_FILE, checkpoint_state(config, run, model, optimizer, scheduler,
-                                                                    scaler, loader_start, device))
-            code = 130 if guard.signum == signal.SIGINT else 143
-            print(f"\nstopped by signal {guard.signum} at step {state.steps} of epoch {epoch + 1}; checkpoint "
-                  f"saved. Resume with: python -m fastcifar.train --resume {out}", file=sys.stderr)
+            fit.save(s, run, loader_start)
+            code = 130 if s.guard.signum == signal.SIGINT else 143
+            print(f"\nstopped by signal {s.guard.signum} at step {state.steps} of epoch {epoch + 1}; checkpoint "
+                  f"saved. Resume with: python -m fastcifar.train --resume {s.out}", file=sys.stderr)
             raise SystemExit(code)
         finally:
             if progress is not None:
                 progress.close()
-        check_finite(state, lrs, epoch, out)
+        loss, acc, seen, bad = reduce_epoch(state, s)
+        if bad >= 0:
+            lr = lrs[bad - (state.steps - len(lrs))]
+            raise UserError(f"loss became non-finite at step {bad + 1} of epoch {epoch + 1} (lr {lr:.4g}); the last "
+                            f"good checkpoint is kept in {s.out}: lower --lr and --resume, or start again")
         seconds = state.seconds + timer.seconds
         run.train_seconds += seconds
-        run.images += state.seen
-        row = {"seed": seed, "epoch": epoch + 1, "lr": lrs[-1] if lrs else scheduler.get_last_lr()[0],
-               "train_loss": state.loss_sum.item() / state.seen, "train_acc": state.correct.item() / state.seen,
-               "test_loss": float("nan"), "test_acc": float("nan"), "epoch_seconds": seconds,
-               "total_seconds": run.train_seconds}
+        run.images += seen
+        row = {"seed": seed, "epoch": epoch + 1, "lr": lrs[-1] if lrs else fit.scheduler.get_last_lr()[0],
+               "train_loss": loss, "train_acc": acc, "test_loss": float("nan"), "test_acc": float("nan"),
+               "epoch_seconds": seconds, "total_seconds": run.train_seconds}
         last = epoch + 1 == config.epochs
         if last or (epoch + 1) % config.eval_every == 0:
-            ev = evaluate(runner, test_loader, device, dtype)
+            ev = evaluate(s.runner, fit.test_loader, s.device, s.dtype, d=s.dist)
             row.update(test_loss=ev["loss"], test_acc=ev["acc"])
         print(epoch_row(row), flush=True)
         run.rows.append(row)
         run.epoch, run.step_in_epoch, run.partial = epoch + 1, 0, {}
-        write_metrics(out / "metrics.csv", run.rows)
+        if s.dist.is_main:
+            write_metrics(s.out / "metrics.csv", run.rows)
         if config.checkpoint_every and (run.epoch % config.checkpoint_every == 0 or last):
-            loader_state = train_loader.state_dict() if resumable else {}
-            save_checkpoint(out / CHECKPOINT_FILE, checkpoint_state(config, run, model, optimizer, scheduler,
-                                                                    scaler, loader_state, device))
-    final = evaluate(runner, test_loader, device, dtype)
-    tta = evaluate(runner, test_loader, device, dtype, tta=True) if config.tta else None
+            fit.save(s, run, loader.state_dict() if resumable else {})
+    return finish_run(s, fit, seed, run)
+
+
+def finish_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
+    """Final evaluation (plain and flip-TTA), model.safetensors and the plots."""
+    final = evaluate(s.runner, fit.test_loader, s.device, s.dtype, d=s.dist)
+    tta = evaluate(s.runner, fit.test_loader, s.device, s.dtype, tta=True, d=s.dist) if s.config.tta else None
     result = {"seed": seed, "test_acc": final["acc"], "test_loss": final["loss"],
               "test_acc_tta": tta["acc"] if tta else None, "train_seconds": run.train_seconds,
-              "images": run.images, "epochs": config.epochs}
-    info = ModelInfo(config=unwrap(model).config, classes=list(data.classes), mean=list(data.mean),
-                     std=list(data.std), test_acc=final["acc"],
-                     extra={"test_acc_tta": result["test_acc_tta"], "seed": seed})
-    save_model(out / MODEL_FILE, model, info)
-    if config.plots:
-        from fastcifar.plots import save_run_plots
+              "images": run.images, "epochs": s.config.epochs}
+    if s.dist.is_main:
+        info = ModelInfo(config=s.model.config, classes=list(s.data.classes), mean=list(s.data.mean),
+                         std=list(s.data.std), test_acc=final["acc"],
+                         extra={"test_acc_tta": result["test_acc_tta"], "seed": seed})
+        save_model(s.out / MODEL_FILE, s.model, info)
+        if s.config.plots:
+            from fastcifar.plots import save_run_plots
 
-        save_run_plots(out, [r for r in run.rows if r["seed"] == seed], final, data)
+            save_run_plots(s.out, [r for r in run.rows if r["seed"] == seed], final, s.data)
     print(f"seed {seed}: test acc {final['acc']:.4f}" + (f"  (flip TTA {tta['acc']:.4f})" if tta else "") +
           f"  train {run.train_seconds:.1f}s")
     return result
@@ -555,26 +653,17 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def check_finite(state: StepState, lrs: list[float], epoch: int, out: Path) -> None:
-    """Stop after an epoch in which the loss went NaN/inf; its checkpoint is not written."""
-    bad = int(state.first_bad_step.item())
-    if bad >= 0:
-        lr = lrs[bad - (state.steps - len(lrs))]
-        raise UserError(f"loss became non-finite at step {bad + 1} of epoch {epoch + 1} (lr {lr:.4g}); "
-                        f"the last good checkpoint is kept in {out}: lower --lr and --resume, or start again")
-
-
-def summarize(config: TrainConfig, results: list[dict], model, device, compile_seconds, load_seconds) -> dict:
+def summarize(s: Session, results: list[dict]) -> dict:
     accs = np.array([r["test_acc"] for r in results])
     ttas = np.array([r["test_acc_tta"] for r in results if r["test_acc_tta"] is not None])
     secs = np.array([r["train_seconds"] for r in results])
     last = results[-1]
     return {
         "test_acc": float(last["test_acc"]), "test_acc_tta": last["test_acc_tta"],
-        "train_seconds": float(last["train_seconds"]), "compile_seconds": compile_seconds,
-        "data_seconds": load_seconds,
-        "images_per_second": float(last["images"] / last["train_seconds"]), "epochs": config.epochs, "params": count_parameters(model),
-        "device": _device_name(device), "torch": torch.__version__, "fastcifar": __version__,
+        "train_seconds": float(last["train_seconds"]), "compile_seconds": s.compile_seconds,
+        "data_seconds": s.data_seconds, "images_per_second": float(last["images"] / last["train_seconds"]),
+        "epochs": s.config.epochs, "params": count_parameters(s.model), "device": _device_name(s.device),
+        "world_size": s.dist.world_size, "torch": torch.__version__, "fastcifar": __version__,
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
         "runs": {"seeds": [r["seed"] for r in results], "test_acc": accs.tolist(),
                  "test_acc_tta": ttas.tolist(), "train_seconds": secs.tolist(),

@@ -1,0 +1,318 @@
+"""Learning-rate range test (Smith 2015; the original notebook used torch-lr-finder): pick a peak --lr.
+
+    python -m fastcifar.lr_find --data-dir ../shared/data/cifar10-png.tar.gz --width 16 --device cpu --steps 150 --out /tmp/lr_find_w16.png
+
+From a fresh model (seeded like a training run), the lr grows exponentially from --start-lr to --end-lr over
+--steps optimizer steps on the fast (device-resident) loader, cycling epochs if needed. The loss is
+smoothed with a bias-corrected exponential moving average (beta 0.98), and the test stops early once the
+smoothed loss exceeds --diverge x its best value, or the loss is not finite. Writes the curve as a plot
+(--out, loss vs lr on a log axis) and as `<stem>.csv` next to it (step, lr, loss, smoothed), and prints two
+suggestions for the peak lr of the one cycle:
+
+* steepest: the lr where the smoothed loss falls fastest (min d loss / d log lr);
+* min/10:   the lr of the lowest smoothed loss, divided by 10 (the fastai rule of thumb).
+
+Every training flag applies (`--width`, `--batch-size`, `--optimizer`, `--momentum`, `--weight-decay`,
+`--label-smoothing`, `--device`, `--amp`, `--preset`, `--config` ...); the schedule flags (`--lr`,
+`--epochs`, `--pct-start` ...) are ignored, `--pipeline` too (always the fast loader), and the model is
+not compiled. torch-lr-finder is not used: the loop below is shorter than the adapter it would need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import itertools
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastcifar import config as train_config
+from fastcifar.atomic import write_text
+from fastcifar.checkpoint import unwrap
+from fastcifar.config import PRESETS, TrainConfig, load_toml, validate
+from fastcifar.errors import UserError, run_cli
+
+BETA = 0.98  # EMA factor of the smoothed loss
+
+
+@dataclass
+class LRFindResult:
+    lrs: list[float]          # lr of each recorded step (the lr its update used)
+    losses: list[float]       # training loss of that step's batch (before its update)
+    smoothed: list[float]     # bias-corrected EMA of `losses`
+    suggestion_steepest: float  # lr at the steepest descent of the smoothed loss (nan: too few points)
+    suggestion_min_over_10: float  # lr at the minimum smoothed loss, / 10 (nan: no points)
+    stop_reason: str = "completed"  # completed, diverged, non-finite or data exhausted
+
+    def best_index(self) -> int:
+        return int(np.argmin(self.smoothed))
+
+
+def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, criterion: nn.Module,
+                  *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int = 200, diverge: float = 4.0,
+                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LRFindResult:
+    """Train `model` for up to `steps` steps of `batches` ((inputs, labels) pairs) with the lr of every param
+    group set to start_lr * (end_lr / start_lr) ** (i / (steps - 1)) at step i; record the losses.
+
+    Stops early when the smoothed loss exceeds `diverge` x the best smoothed loss (that step is still
+    recorded), when the loss is not finite (not recorded), or when `batches` runs out. `dtype` is the
+    autocast dtype (None: no autocast; float16 adds a GradScaler). The model's weights, buffers, grads and
+    train/eval mode and the optimizer's state and hyperparameters are restored afterwards, even on error.
+    """
+    from fastcifar.train import autocast
+
+    if not 0 < start_lr < end_lr or steps < 2 or diverge <= 1:
+        raise ValueError(f"need 0 < start_lr < end_lr, steps >= 2 and diverge > 1; got {start_lr}, {end_lr}, "
+                         f"{steps}, {diverge}")
+    device = torch.device(device)
+    plain = unwrap(model)
+    saved_model = {k: v.detach().clone() for k, v in plain.state_dict().items()}
+    saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in plain.parameters()]
+    saved_opt = copy.deepcopy(optimizer.state_dict())
+    was_training = plain.training
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    lrs: list[float] = []
+    losses: list[float] = []
+    smoothed: list[float] = []
+    reason, avg, best = "data exhausted", 0.0, math.inf
+    try:
+        model.train()
+        for i, (inputs, labels) in enumerate(itertools.islice(batches, steps)):
+            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast(device, dtype):
+                loss = criterion(model(inputs), labels)
+            value = loss.item()  # one sync per step: the divergence check needs the value anyway
+            if not math.isfinite(value):
+                reason = "non-finite"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            avg = BETA * avg + (1 - BETA) * value
+            smooth = avg / (1 - BETA ** (i + 1))
+            lrs.append(lr)
+            losses.append(value)
+            smoothed.append(smooth)
+            best = min(best, smooth)
+            if smooth > diverge * best:
+                reason = "diverged"
+                break
+        else:
+            if len(lrs) == steps:
+                reason = "completed"
+    finally:
+        plain.load_state_dict(saved_model)
+        for p, g in zip(plain.parameters(), saved_grads):
+            p.grad = g
+        optimizer.load_state_dict(saved_opt)
+        plain.train(was_training)
+    steepest, min_over_10 = suggest(lrs, smoothed)
+    return LRFindResult(lrs, losses, smoothed, steepest, min_over_10, reason)
+
+
+def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[float, float]:
+    """(steepest, min/10). Steepest is the argmin of d smoothed / d log lr, searched up to the minimum of the
+    smoothed loss and skipping the first 10% of points (at most 10), whose average is still warming up."""
+    n = len(lrs)
+    if n == 0:
+        return math.nan, math.nan
+    s = np.asarray(smoothed, dtype=np.float64)
+    log_lr = np.log(np.asarray(lrs, dtype=np.float64))
+    best = int(np.argmin(s))
+    min_over_10 = float(lrs[best]) / 10
+    if n < 3:
+        return math.nan, min_over_10
+    lo, hi = min(10, n // 10), best + 1
+    if hi - lo < 3:  # the minimum comes too early to have a descent before it: search the whole curve
+        lo, hi = 0, n
+    grad = np.gradient(s[lo:hi], log_lr[lo:hi])
+    return float(lrs[lo + int(np.argmin(grad))]), min_over_10
+
+
+def cycle_epochs(loader) -> Iterator:
+    """Batches of fresh epochs of `loader`, endlessly."""
+    if len(loader) == 0:
+        raise UserError(f"the training set has fewer images than one batch: lower --batch-size "
+                        f"({loader.batch_size})")
+    while True:
+        yield from loader
+
+
+# ------------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------------
+def csv_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".csv")
+
+
+def write_csv(path: str | Path, result: LRFindResult) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["step", "lr", "loss", "smoothed"])
+    for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
+        writer.writerow([i, f"{lr:.8g}", f"{loss:.6g}", f"{sm:.6g}"])
+    write_text(path, buf.getvalue())
+
+
+def save_plot(path: str | Path, result: LRFindResult, title: str = "") -> None:
+    from fastcifar.plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(result.lrs, result.losses, color="0.75", lw=0.8, label="loss")
+    ax.plot(result.lrs, result.smoothed, color="C0", lw=1.8, label=f"smoothed (EMA {BETA})")
+    if math.isfinite(result.suggestion_steepest):
+        i = result.lrs.index(result.suggestion_steepest)
+        ax.axvline(result.suggestion_steepest, color="C3", ls="--", lw=1)
+        ax.plot([result.suggestion_steepest], [result.smoothed[i]], "o", color="C3",
+                label=f"steepest descent: {result.suggestion_steepest:.3g}")
+    if math.isfinite(result.suggestion_min_over_10):
+        ax.axvline(result.suggestion_min_over_10, color="C2", ls=":", lw=1.2,
+                   label=f"lr of min loss / 10: {result.suggestion_min_over_10:.3g}")
+    if result.smoothed:  # keep the diverging tail from squashing the interesting part
+        best = result.best_index()
+        lo, hi = min(min(result.losses), min(result.smoothed)), max(result.smoothed[:best + 1])
+        span = max(hi - lo, 1e-3)
+        ax.set_ylim(lo - 0.05 * span, hi + 0.35 * span)
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (log scale)", ylabel="training loss",
+           title=title or f"LR range test ({len(result.lrs)} steps, {result.stop_reason})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Flag errors become UserError: one line and exit code 2 through run_cli, not a page of usage."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see python -m fastcifar.lr_find --help)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The training parser (every TrainConfig flag, --preset, --config) plus the range-test flags."""
+    base = train_config.get_args_parser()
+    parser = _Parser(prog="python -m fastcifar.lr_find", parents=[base], add_help=False,  # base brings -h
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     description="LR range test: exponential lr ramp, smoothed loss, suggested peak --lr. "
+                                 "Training flags apply; schedule flags are ignored.")
+    group = parser.add_argument_group("lr range test")
+    group.add_argument("--start-lr", type=float, default=1e-4, help="first learning rate")
+    group.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (if it gets there)")
+    group.add_argument("--steps", type=int, default=200, help="optimizer steps of the ramp")
+    group.add_argument("--diverge", type=float, default=4.0,
+                       help="stop once the smoothed loss exceeds this x its best value")
+    group.add_argument("--out", default="lr_find.png", help="plot; the curve goes to <stem>.csv next to it")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Same precedence as training: defaults < --preset < --config < flags. Validated."""
+    parser = get_args_parser()
+    first, _ = parser.parse_known_args(argv)
+    defaults = dict(PRESETS[first.preset])
+    if first.config:
+        defaults.update(load_toml(first.config))
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    # min_momentum only shapes the one-cycle schedule, which the range test ignores: --momentum 0.8 alone is fine
+    config.min_momentum = min(config.min_momentum, config.momentum)
+    validate(config)
+    checks = [
+        (args.resume is None, "--resume", args.resume, "does not apply to the range test"),
+        (args.start_lr > 0, "--start-lr", args.start_lr, "must be > 0"),
+        (args.end_lr > args.start_lr, "--end-lr", args.end_lr, f"must be > --start-lr ({args.start_lr})"),
+        (args.steps >= 10, "--steps", args.steps, "must be >= 10"),
+        (args.diverge > 1, "--diverge", args.diverge, "must be > 1"),
+        (Path(args.out).suffix.lower() == ".png", "--out", args.out, "must be a .png path"),
+    ]
+    for ok, flag, value, what in checks:
+        if not ok:
+            raise UserError(f"invalid {flag} ({value!r}): {what}")
+    return config, args
+
+
+def _prepare_out(out: Path) -> None:
+    if out.is_dir():
+        raise UserError(f"--out is a directory ({out}): pass a .png file path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the directory of --out ({out.parent}): {e.strerror}")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write to the directory of --out ({out.parent}): choose a writable path")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastcifar.data import load_cifar10
+    from fastcifar.train import (amp_dtype, build_loaders, build_model, build_optimizer, seed_everything,
+                                 select_device)
+
+    config, args = parse_args(argv)
+    out = Path(args.out)
+    _prepare_out(out)  # fail before the minutes of work, not after
+    device = select_device(config.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    data = load_cifar10(config.data_dir, download=config.download or None)
+    dtype = amp_dtype(device, config.amp)
+    seed_everything(config.seed)
+    train_loader, _ = build_loaders(replace(config, pipeline="gpu"), data, device, dtype, config.seed)
+    batches = cycle_epochs(train_loader)
+    model = build_model(config, len(data.classes), device)
+    optimizer = build_optimizer(config, model, device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    print(f"lr range test: {args.start_lr:g} -> {args.end_lr:g} over {args.steps} steps "
+          f"({args.steps / len(train_loader):.2f} epochs of {len(train_loader)} batches of {config.batch_size}); "
+          f"width {config.width}, {config.optimizer}, device {device}, amp {dtype}", flush=True)
+    t0 = time.perf_counter()
+    result = lr_range_test(model, optimizer, batches, criterion, start_lr=args.start_lr, end_lr=args.end_lr,
+                           steps=args.steps, diverge=args.diverge, device=device, dtype=dtype)
+    seconds = time.perf_counter() - t0
+    if len(result.lrs) < 3:
+        raise UserError(f"the loss diverged after {len(result.lrs)} step(s) (lr {args.start_lr:g}): "
+                        f"lower --start-lr")
+    write_csv(csv_path(out), result)
+    save_plot(out, result, title=f"LR range test: width {config.width}, batch {config.batch_size}, "
+                                 f"{config.optimizer}, wd {config.weight_decay:g} ({result.stop_reason})")
+    stop = {"completed": "ran all steps", "diverged": f"stopped: smoothed loss > {args.diverge:g} x best",
+            "non-finite": "stopped: the loss became non-finite",
+            "data exhausted": "stopped: out of data"}[result.stop_reason]
+    best = result.best_index()
+    print(f"{len(result.lrs)} steps in {seconds:.1f}s, lr {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g} ({stop}); "
+          f"min smoothed loss {result.smoothed[best]:.4f} at lr {result.lrs[best]:.3g}")
+    if math.isfinite(result.suggestion_steepest):
+        print(f"suggested peak lr (steepest descent of the smoothed loss): {result.suggestion_steepest:.3g}")
+    print(f"suggested peak lr (lr at the minimum smoothed loss / 10):  {result.suggestion_min_over_10:.3g}")
+    print(f"wrote {out} and {csv_path(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="fastcifar.lr_find"))
