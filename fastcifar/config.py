@@ -86,8 +86,15 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Flag errors become UserError: one line and exit code 2 through run_cli, not a page of usage."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fastcifar.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train the custom ResNet-9 on CIFAR-10 with One Cycle. Defaults are the 'default' preset.")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="recipe whose values become the defaults")
@@ -136,16 +143,24 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Parse the command line into a validated TrainConfig (plus the namespace for --resume/--debug)."""
-    parser = get_args_parser()
+def layered_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse with the preset's and the config file's values as defaults, so explicit flags win."""
     first, _ = parser.parse_known_args(argv)
     defaults = dict(PRESETS[first.preset])
     if first.config:
         defaults.update(load_toml(first.config))
     parser.set_defaults(**defaults)
-    args = parser.parse_args(argv)
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Parse the command line into a validated TrainConfig (plus the namespace for --resume/--debug)."""
+    args = layered_args(get_args_parser(), argv)
+    config = config_from_args(args)
     validate(config)
     return config, args
 
@@ -159,7 +174,9 @@ def validate(c: TrainConfig) -> None:
         (c.lr > 0, "lr", "must be > 0"),
         (0 < c.pct_start < 1, "pct_start", "must be between 0 and 1 (exclusive)"),
         (c.div_factor > 0 and c.final_div_factor > 0, "div_factor", "div factors must be > 0"),
-        (0 <= c.min_momentum <= c.momentum < 1, "momentum", "need 0 <= min_momentum <= momentum < 1"),
+        (0 <= c.momentum < 1, "momentum", "must be in [0, 1)"),
+        (0 <= c.min_momentum <= c.momentum, "min_momentum", f"must be in [0, --momentum={c.momentum}]; "
+                                                             "lower it together with --momentum"),
         (c.weight_decay >= 0, "weight_decay", "must be >= 0"),
         (0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
         (0 <= c.translate <= 16, "translate", "must be between 0 and 16 pixels"),

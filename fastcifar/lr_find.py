@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -40,7 +40,7 @@ from torch import nn
 from fastcifar import config as train_config
 from fastcifar.atomic import write_text
 from fastcifar.checkpoint import unwrap
-from fastcifar.config import PRESETS, TrainConfig, load_toml, validate
+from fastcifar.config import TrainConfig, validate
 from fastcifar.errors import UserError, run_cli
 
 BETA = 0.98  # EMA factor of the smoothed loss
@@ -205,17 +205,10 @@ def save_plot(path: str | Path, result: LRFindResult, title: str = "") -> None:
 # ------------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    """Flag errors become UserError: one line and exit code 2 through run_cli, not a page of usage."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see python -m fastcifar.lr_find --help)")
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """The training parser (every TrainConfig flag, --preset, --config) plus the range-test flags."""
     base = train_config.get_args_parser()
-    parser = _Parser(prog="python -m fastcifar.lr_find", parents=[base], add_help=False,  # base brings -h
+    parser = train_config.ArgumentParser(prog="python -m fastcifar.lr_find", parents=[base], add_help=False,  # base brings -h
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                      description="LR range test: exponential lr ramp, smoothed loss, suggested peak --lr. "
                                  "Training flags apply; schedule flags are ignored.")
@@ -231,14 +224,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     """Same precedence as training: defaults < --preset < --config < flags. Validated."""
-    parser = get_args_parser()
-    first, _ = parser.parse_known_args(argv)
-    defaults = dict(PRESETS[first.preset])
-    if first.config:
-        defaults.update(load_toml(first.config))
-    parser.set_defaults(**defaults)
-    args = parser.parse_args(argv)
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    args = train_config.layered_args(get_args_parser(), argv)
+    config = train_config.config_from_args(args)
     # min_momentum only shapes the one-cycle schedule, which the range test ignores: --momentum 0.8 alone is fine
     config.min_momentum = min(config.min_momentum, config.momentum)
     validate(config)

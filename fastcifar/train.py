@@ -133,6 +133,13 @@ def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.
     return train, test
 
 
+def check_batch_size(config: TrainConfig, num_train: int, d: Dist) -> None:
+    per_process = num_train // d.world_size
+    if config.batch_size > per_process:
+        raise UserError(f"invalid --batch-size ({config.batch_size}): larger than the {per_process} training "
+                        "images per process, so no full batch exists; lower --batch-size")
+
+
 def build_model(config: TrainConfig, num_classes: int, device: torch.device) -> ResNet9:
     model = ResNet9(ModelConfig(width=config.width, num_classes=num_classes, logit_scale=config.logit_scale))
     model = model.to(device)
@@ -316,7 +323,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
 # ------------------------------------------------------------------------------------------------------
 # Run directory
 # ------------------------------------------------------------------------------------------------------
-def prepare_out_dir(config: TrainConfig, resume: bool) -> Path:
+def check_out_dir(config: TrainConfig, resume: bool) -> Path:
+    """Refuse a file, or a directory with results, before anything is loaded or written."""
     out = Path(config.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out-dir is a file ({out}): choose a directory path")
@@ -325,6 +333,11 @@ def prepare_out_dir(config: TrainConfig, resume: bool) -> Path:
         if existing:
             raise UserError(f"run directory already has results ({out / existing[0]}): "
                             "use --overwrite to replace them, --resume to continue, or another --out-dir")
+    return out
+
+
+def create_out_dir(out: Path) -> None:
+    """Create the run directory and prove it is writable (a full disk fails here, before training)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -332,7 +345,6 @@ def prepare_out_dir(config: TrainConfig, resume: bool) -> Path:
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to --out-dir ({out}): {e.strerror}; choose a writable directory")
-    return out
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -480,14 +492,16 @@ def setup(config: TrainConfig, resume: bool, d: Dist, device: torch.device) -> S
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     compile_model = config.compile if config.compile is not None else device.type == "cuda"
-    out = prepare_out_dir(config, resume=resume)
-    if d.is_main:
-        write_json(out / "config.json", to_dict(config))
+    out = check_out_dir(config, resume=resume)
     from fastcifar.data import load_cifar10
 
     t0 = time.perf_counter()
     data = load_cifar10(config.data_dir, download=config.download or None)
     data_seconds = time.perf_counter() - t0
+    check_batch_size(config, len(data.train_labels), d)
+    if d.is_main:
+        create_out_dir(out)
+        write_json(out / "config.json", to_dict(config))
     dtype = amp_dtype(device, config.amp)
     model = build_model(config, len(data.classes), device)
     print(summary(model) if device.type == "cpu" else f"{count_parameters(model):,} parameters")
