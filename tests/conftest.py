@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The tests train tiny models: one thread is as fast as two and immune to the ~6x slowdown that OpenMP
+# spin-waiting suffers when other processes share the two cores. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
