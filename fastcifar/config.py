@@ -58,6 +58,7 @@ class TrainConfig:
     amp: bool = True                   # bf16 autocast where supported, else fp16 + GradScaler
     channels_last: bool = True
     compile: bool | None = None        # torch.compile; None = on for CUDA only (compiling costs minutes on a CPU)
+    compile_mode: str = "default"      # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune
     sync_bn: bool = False              # torchrun on CUDA: BatchNorm statistics over the global batch
     # runs and evaluation
     seed: int = 0
@@ -79,7 +80,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CHOICES = {"pipeline": ("gpu", "albumentations"), "optimizer": ("sgd", "adam"), "anneal": ("linear", "cos"),
-           "pad_mode": ("reflect", "zeros"), "device": ("auto", "cuda", "mps", "cpu")}
+           "pad_mode": ("reflect", "zeros"), "device": ("auto", "cuda", "mps", "cpu"),
+           "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
 
 
 def _flag(name: str) -> str:

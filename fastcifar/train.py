@@ -511,7 +511,8 @@ def setup(config: TrainConfig, resume: bool, d: Dist, device: torch.device) -> S
             raise UserError("invalid --sync-bn: SyncBatchNorm needs CUDA devices; drop the flag on the CPU")
         model = runner = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if compile_model:
-        model.compile()  # in place, before DDP wrapping, as PyTorch recommends
+        # in place, before DDP wrapping, as PyTorch recommends; reduce-overhead adds CUDA graphs
+        model.compile(mode=None if config.compile_mode == "default" else config.compile_mode)
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -538,7 +539,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
     with process_group(d, device):
         s = setup(config, ckpt is not None, d, device)
-        results = train_all(s, ckpt)
+        try:
+            results = train_all(s, ckpt)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"out of memory on {device} at --batch-size {config.batch_size}, --width "
+                            f"{config.width}: lower --batch-size or --width (then --resume {s.out} if a "
+                            "checkpoint exists)") from None
         summary_data = summarize(s, results)
         if d.is_main:
             write_json(s.out / "summary.json", summary_data)
