@@ -70,7 +70,7 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
     autocast dtype (None: no autocast; float16 adds a GradScaler). The model's weights, buffers, grads and
     train/eval mode and the optimizer's state and hyperparameters are restored afterwards, even on error.
     """
-    from fastcifar.train import autocast
+    from fastcifar.train import autocast, backward_and_step
 
     if not 0 < start_lr < end_lr or steps < 2 or diverge <= 1:
         raise ValueError(f"need 0 < start_lr < end_lr, steps >= 2 and diverge > 1; got {start_lr}, {end_lr}, "
@@ -99,14 +99,7 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
             if not math.isfinite(value):
                 reason = "non-finite"
                 break
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            backward_and_step(loss, optimizer, scaler)
             avg = BETA * avg + (1 - BETA) * value
             smooth = avg / (1 - BETA ** (i + 1))
             lrs.append(lr)

@@ -254,6 +254,19 @@ class SignalGuard:
             signal.signal(s, h)
 
 
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None) -> None:
+    """Zero grads, backward, step; through the GradScaler when training in fp16."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler, criterion: nn.Module, scaler: torch.amp.GradScaler | None,
                     device: torch.device, dtype: torch.dtype | None, state: StepState, lrs: list[float],
@@ -270,14 +283,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         with autocast(device, dtype):
             logits = model(inputs)
             loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         lrs.append(scheduler.get_last_lr()[0])
         scheduler.step()
         detached = loss.detach()
