@@ -20,7 +20,7 @@ from torch import nn
 
 from export import onnx as export_onnx_cli
 from export.onnx import fold_batchnorm, int8_path, main, torch_logits
-from export.predict import make_session, run_batches
+from export.predict import make_session, read_image, run_batches, to_input
 from fastcifar.checkpoint import ModelInfo, load_model, save_model
 from fastcifar.data import CLASSES
 from fastcifar.errors import run_cli
@@ -51,11 +51,6 @@ def tiny_model(width: int = 8, seed: int = 0) -> nn.Module:
     return randomize_batchnorm(resnet9(width=width, logit_scale=1.0), seed)
 
 
-def save_tiny(path: Path, model: nn.Module, test_acc: float = 0.5) -> Path:
-    save_model(path, model, ModelInfo(model.config, list(CLASSES), MEAN, STD, test_acc=test_acc))
-    return path
-
-
 def cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """Run `python -m export.onnx argv` in-process: (exit code, stdout, stderr)."""
     code = run_cli(main, argv, prog="export.onnx")
@@ -66,7 +61,7 @@ def cli(argv: list[str], capsys) -> tuple[int, str, str]:
 def run_predict(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run([sys.executable, "-m", "export.predict", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def write_png(path: Path, size: int, seed: int) -> Path:
@@ -91,7 +86,9 @@ def private_cache(workdir):
 
 @pytest.fixture(scope="module")
 def checkpoint(workdir) -> Path:
-    return save_tiny(workdir / "model.safetensors", tiny_model())
+    path, model = workdir / "model.safetensors", tiny_model()
+    save_model(path, model, ModelInfo(model.config, list(CLASSES), MEAN, STD, test_acc=0.5))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +239,7 @@ def test_failed_check_keeps_the_previous_file(workdir, checkpoint, exported, cap
 def test_predict_is_torch_free():
     code = "import export.predict, sys; assert 'torch' not in sys.modules, 'export.predict imports torch'"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=60)
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
 
 
@@ -271,6 +268,18 @@ def test_predict_top_k_matches_the_session(exported, tmp_path):
     assert fields[0] == str(image) and len(fields) == 4
     probs = [float(f.split()[1]) for f in fields[1:]]
     assert probs == sorted(probs, reverse=True)
+
+
+def test_documented_input_recipes_match_predict(tmp_path):
+    """The module docstring promises torchvision's to_tensor and cv2.dnn.blobFromImage(img, 1/255,
+    swapRB=True) produce the graph's input; check both against what export.predict feeds."""
+    cv2 = pytest.importorskip("cv2")
+    from torchvision.transforms.functional import to_tensor
+
+    path = write_png(tmp_path / "a.png", 32, seed=5)
+    ours = to_input(read_image(path)[None])
+    np.testing.assert_allclose(cv2.dnn.blobFromImage(cv2.imread(str(path)), 1 / 255, swapRB=True), ours, atol=1e-6)
+    np.testing.assert_allclose(to_tensor(Image.open(path))[None].numpy(), ours, atol=1e-6)
 
 
 @pytest.mark.parametrize("model", ["missing.onnx", "junk.onnx"])

@@ -1,0 +1,386 @@
+"""Export a trained fastcifar model to ONNX for CPU inference, verified against PyTorch on every export.
+
+    python -m export.onnx --checkpoint runs/default --out model.onnx
+    python -m export.onnx --checkpoint runs/default --out model.onnx --int8 \
+        --data-dir ../shared/data/cifar10-png.tar.gz          # also model.int8.onnx, calibrated on 512 images
+    python -m export.predict model.onnx cat.png               # torch-free inference
+
+The graph takes what torchvision's `to_tensor` or `cv2.dnn.blobFromImage(img, 1/255, swapRB=True)` give:
+input `input`, float32 NCHW RGB in [0, 1], any batch size; it normalizes with the training mean/std inside
+and returns `logits` (N, classes). Class names, mean/std, the input layout, the run's test accuracy and the
+fastcifar version are in the model's metadata_props.
+
+Every export is checked before it replaces anything: `onnx.checker` (full check), then onnxruntime CPU
+against PyTorch (max |logit difference| <= 1e-3, top-1 agreement >= 99.9%) on real test images when
+`--data-dir` is given, random images otherwise. With data, the ONNX model's accuracy on the whole test split
+is printed next to the checkpoint's. The files are written under temporary names and renamed only after
+all checks pass (with `--int8`: both files' checks), so a failed export never leaves a partial file or
+replaces a good one.
+
+`--int8` adds `<stem>.int8.onnx`: onnxruntime static quantization (QDQ, uint8 activations, per-channel
+int8 weights, MinMax calibration on `--calib-images` training images); `quantize_int8` says what the
+alternatives measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from export.predict import make_session, run_batches, to_input
+from fastcifar import __version__
+from fastcifar.atomic import atomic_path
+from fastcifar.checkpoint import ModelInfo, load_model, unwrap
+from fastcifar.errors import UserError, run_cli
+
+if TYPE_CHECKING:
+    from fastcifar.data import CifarData
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+INPUT_FORMAT = "NCHW float32 RGB [0,1], 32x32"
+MAX_LOGIT_DIFF = 1e-3
+MIN_AGREEMENT = 0.999
+INT8_TARGET_DROP = 0.5  # accuracy points; a warning, not a failure: tiny test sets make the figure noise
+PARITY_IMAGES = 1000  # enough for a 99.9% agreement bound to mean something, quick even at width 64
+RANDOM_IMAGES = 256
+MIN_OPSET = 7  # the oldest the TorchScript exporter writes; the dynamo one starts at 18 and converts down
+
+
+class InferenceGraph(nn.Module):
+    """The exported function: [0, 1] RGB NCHW -> normalize -> model -> logits."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+# --- export ----------------------------------------------------------------------------------------------
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with each conv-[pool]-BN-ReLU block folded into conv(+bias)-ReLU-[pool].
+
+    The exporters fold BN only when it directly follows the conv; our blocks pool first, which left three
+    float BatchNormalization nodes that break the int8 graph into DequantizeLinear/BN/QuantizeLinear
+    islands. Folding through the max-pool is exact when every BN scale is positive (max commutes with a
+    positive per-channel affine map), and ReLU commutes with max-pool, so ReLU moves next to the conv where
+    onnxruntime fuses it. Blocks with a non-positive scale are left as they are. Measured at width 64 on
+    2 cores: int8 6% faster at batch 256 (263 vs 279 ms), fp32 10% faster at batch 1 (5.1 vs 5.7 ms).
+    """
+    model = copy.deepcopy(model).eval()
+    for block in model.modules():
+        if not isinstance(block, nn.Sequential):
+            continue
+        kinds = [type(m) for m in block]
+        if kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]:
+            block[0], block[1] = _folded_conv(block[0], block[1]), nn.Identity()
+        elif kinds == [nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU] and (_bn_scale(block[2]) > 0).all():
+            conv, pool = _folded_conv(block[0], block[2]), block[1]
+            block[0], block[1], block[2], block[3] = conv, nn.ReLU(), pool, nn.Identity()
+    return model
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    return bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+
+
+@torch.no_grad()
+def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    scale = _bn_scale(bn)
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                       bias=True)
+    folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+    folded.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
+    return folded
+
+
+def export_onnx(model: nn.Module, info: ModelInfo, path: str | Path, opset: int | None = None) -> str:
+    """Write the model as ONNX (weights inline, metadata set) to `path`; return the exporter and opset.
+
+    Prefers the torch.export-based exporter (`dynamo=True`); falls back to the TorchScript one only if
+    that raises, because the new one is the maintained path and gives a cleaner graph.
+    """
+    graph = InferenceGraph(fold_batchnorm(unwrap(model)), info.mean, info.std).eval()
+    example = torch.rand(2, 3, 32, 32)  # batch 2: torch.export specializes a size-1 dimension
+    try:
+        proto, exporter = _export_dynamo(graph, example, opset), "torch.onnx dynamo"
+    except Exception as first:  # the exporter raises many types; any of them means: try the other one
+        print(f"dynamo exporter failed ({type(first).__name__}: {str(first).splitlines()[0][:200]}); "
+              "falling back to the TorchScript exporter", file=sys.stderr)
+        try:
+            proto, exporter = _export_torchscript(graph, example, opset), "torch.onnx TorchScript (legacy)"
+        except Exception as second:
+            raise UserError(f"ONNX export failed with both exporters (opset {opset or 'default'}): "
+                            f"{type(second).__name__}: {str(second).splitlines()[0][:200]}") from second
+    set_metadata(proto, metadata(info, exporter=exporter))
+    onnx.save(proto, str(path))
+    return f"{exporter}, opset {opset_of(proto)}"
+
+
+def _export_dynamo(graph: nn.Module, example: torch.Tensor, opset: int | None) -> onnx.ModelProto:
+    # For an opset it cannot target, this exporter logs a traceback and keeps its own: we check instead.
+    with _quiet_loggers("torch.onnx", "onnxscript"):
+        program = torch.onnx.export(graph, (example,), None, dynamo=True, verbose=False, opset_version=opset,
+                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    proto = program.model_proto
+    if opset is not None and opset_of(proto) != opset:
+        raise RuntimeError(f"asked for opset {opset}, got {opset_of(proto)}")
+    return proto
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def opset_of(proto: onnx.ModelProto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _export_torchscript(graph: nn.Module, example: torch.Tensor, opset: int | None) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))  # "legacy exporter" notices
+        torch.onnx.export(graph, (example,), buffer, dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def metadata(info: ModelInfo, **extra: str) -> dict[str, str]:
+    """metadata_props: everything a consumer needs besides the graph."""
+    return {"classes": json.dumps(info.classes), "mean": json.dumps(info.mean), "std": json.dumps(info.std),
+            "input_format": INPUT_FORMAT, "output": "logits (N, classes); softmax gives probabilities",
+            "test_acc": json.dumps(info.test_acc), "run_extra": json.dumps(info.extra),  # e.g. test_acc_tta
+            "model_config": json.dumps(info.config.to_dict()),
+            "fastcifar_version": __version__, **extra}
+
+
+def set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+    onnx.helper.set_model_props(proto, props)
+    proto.doc_string = f"fastcifar ResNet-9 (width {json.loads(props['model_config'])['width']}); input " \
+                       f"'{INPUT_NAME}' {INPUT_FORMAT}, output '{OUTPUT_NAME}'"
+
+
+# --- verification ----------------------------------------------------------------------------------------
+
+@dataclass
+class Parity:
+    images: int
+    max_diff: float
+    agreement: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_diff <= MAX_LOGIT_DIFF and self.agreement >= MIN_AGREEMENT
+
+    def __str__(self) -> str:
+        return (f"max |logit difference| {self.max_diff:.2e} (limit {MAX_LOGIT_DIFF:g}), top-1 agreement "
+                f"{100 * self.agreement:.2f}% (limit {100 * MIN_AGREEMENT:g}%) on {self.images} images")
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, info: ModelInfo, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The reference: the unfolded PyTorch model on uint8 (N, 32, 32, 3) images."""
+    graph = InferenceGraph(model, info.mean, info.std).eval()
+    return np.concatenate([graph(torch.from_numpy(to_input(images[i:i + batch_size]))).numpy()
+                           for i in range(0, len(images), batch_size)])
+
+
+def check_file(path: str | Path) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise UserError(f"exported model fails onnx.checker: {str(e).splitlines()[0][:300]}") from e
+
+
+def verify(model: nn.Module, info: ModelInfo, path: str | Path, images: np.ndarray) -> Parity:
+    """Check the file at `path` and compare onnxruntime with PyTorch on `images` (uint8 NHWC).
+
+    Raises UserError with the figures when a bound is missed.
+    """
+    check_file(path)
+    expected = torch_logits(model, info, images)
+    got = run_batches(make_session(path), images)
+    parity = Parity(len(images), float(np.abs(got - expected).max()),
+                    float((got.argmax(1) == expected.argmax(1)).mean()))
+    if not parity.ok:
+        raise UserError(f"ONNX output does not match PyTorch: {parity}; nothing was written")
+    return parity
+
+
+def accuracy(path: str | Path, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """(accuracy, predicted classes) of the ONNX model at `path`."""
+    predicted = run_batches(make_session(path), images).argmax(1)
+    return float((predicted == labels).mean()), predicted
+
+
+# --- int8 ------------------------------------------------------------------------------------------------
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: np.ndarray, *,
+                  quant_format: str = "QDQ", activation_type: str = "QUInt8", reduce_range: bool = False,
+                  calibrate_method: str = "MinMax", per_channel: bool = True) -> None:
+    """Static int8 quantization of the fp32 model with onnxruntime, calibrated on uint8 NHWC images.
+
+    The defaults come from measurements on a 2-core AMD EPYC (Zen 4, AVX-512 VNNI), onnxruntime 1.32,
+    width 64, batch 256, 2 threads; accuracy on a width-16 model trained to 87.29% (full test split):
+    QDQ, uint8 activations, per-channel int8 weights, MinMax: 263 ms/batch (3.3x onnxruntime fp32),
+    -0.03 points. int8 activations: 1.9x slower (x86 int8 kernels are u8s8). QOperator, reduce_range and
+    per-tensor weights: the same speed within 3%; per-tensor lost 0.13 points. Percentile and Entropy
+    calibration: within 0.1 points of MinMax, at twice the quantization time. Metadata is copied from the
+    fp32 model.
+    """
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
+                                          quantize_static)
+
+    with tempfile.TemporaryDirectory(prefix="fastcifar-int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # Symbolic shape inference (meant for transformers) cannot follow ReduceMax -> Reshape in our graph;
+        # ONNX's own shape inference, which quantization needs, still runs.
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out_path), _CalibrationReader(calib_images),
+                        quant_format=QuantFormat[quant_format], per_channel=per_channel,
+                        reduce_range=reduce_range, activation_type=QuantType[activation_type],
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod[calibrate_method])
+    props = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
+    props["quantization"] = (f"onnxruntime static int8: {quant_format}, activations {activation_type}, "
+                             f"per-channel weights {per_channel}, reduce_range {reduce_range}, "
+                             f"{calibrate_method} calibration on {len(calib_images)} training images")
+    proto = onnx.load(str(out_path))
+    set_metadata(proto, props)
+    onnx.save(proto, str(out_path))
+
+
+class _CalibrationReader:
+    """onnxruntime's CalibrationDataReader protocol: get_next() -> feed dict, None when done."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 64):
+        self._batches = iter([{INPUT_NAME: to_input(images[i:i + batch_size])}
+                              for i in range(0, len(images), batch_size)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+# --- command line ----------------------------------------------------------------------------------------
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run directory or model.safetensors")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    p.add_argument("--int8", action="store_true", help="also write <stem>.int8.onnx (needs --data-dir)")
+    p.add_argument("--calib-images", type=int, default=512, metavar="N",
+                   help="training images to calibrate int8 on (default: 512)")
+    p.add_argument("--data-dir", metavar="PATH", help="CIFAR-10 (see fastcifar.data): real test images for the "
+                   "check and accuracy, training images for calibration (default: random images, no int8)")
+    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return p
+
+
+def int8_path(out: Path) -> Path:
+    """model.onnx -> model.int8.onnx, next to it."""
+    return out.with_name(f"{out.stem if out.suffix == '.onnx' else out.name}.int8.onnx")
+
+
+def _check_args(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"output directory does not exist ({out.parent}): create it or pass another --out")
+    if out.is_dir():
+        raise UserError(f"--out is a directory ({out}): pass a file name such as {out / 'model.onnx'}")
+    if args.int8 and args.data_dir is None:
+        raise UserError("--int8 needs calibration data: pass --data-dir")
+    newest = onnx.defs.onnx_opset_version()
+    if args.opset is not None and not MIN_OPSET <= args.opset <= newest:
+        raise UserError(f"--opset must be between {MIN_OPSET} and {newest} (this onnx), got {args.opset}")
+    if args.calib_images < 1:
+        raise UserError(f"--calib-images must be >= 1, got {args.calib_images}")
+    return out
+
+
+def _sample(images: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A fixed random subset: the splits are sorted by class, so a prefix would be one class only."""
+    keep = np.random.default_rng(seed).choice(len(images), size=min(n, len(images)), replace=False)
+    return images[np.sort(keep)]
+
+
+def _percent(acc: float | None) -> str:
+    if acc is None:
+        return "not stored"
+    return f"{100 * acc:.2f}%"  # fastcifar.train stores a fraction
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    out = _check_args(args)
+    model, info = load_model(args.checkpoint)
+    data = None
+    if args.data_dir is not None:
+        from fastcifar.data import load_cifar10
+
+        data = load_cifar10(args.data_dir, download=False)
+    check_images = (_sample(data.test_images, PARITY_IMAGES, seed=0) if data is not None else
+                    np.random.default_rng(0).integers(0, 256, (RANDOM_IMAGES, 32, 32, 3), dtype=np.uint8))
+    with atomic_path(out) as tmp:
+        print(f"exported with {export_onnx(model, info, tmp, args.opset)}")
+        print(f"parity with PyTorch ({'test' if data is not None else 'random'} images): "
+              f"{verify(model, info, tmp, check_images)}")
+        if data is not None:
+            acc, predicted = accuracy(tmp, data.test_images, data.test_labels)
+            print(f"accuracy on the {len(data.test_labels)} test images: onnx fp32 {_percent(acc)}, "
+                  f"checkpoint {_percent(info.test_acc)}")
+        if args.int8:
+            _export_int8(tmp, int8_path(out), data, acc, predicted, args.calib_images)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _export_int8(fp32_tmp: Path, out: Path, data: CifarData, fp32_acc: float, fp32_predicted: np.ndarray,
+                 calib_images: int) -> None:
+    """Quantize, check and report; the file is renamed into place only if all of it succeeds."""
+    with atomic_path(out) as tmp:
+        quantize_int8(fp32_tmp, tmp, _sample(data.train_images, calib_images, seed=1))
+        check_file(tmp)
+        acc, predicted = accuracy(tmp, data.test_images, data.test_labels)
+        drop = 100 * (fp32_acc - acc)
+        print(f"int8 accuracy: {_percent(acc)}, drop vs fp32 {drop:+.2f} points (target <= {INT8_TARGET_DROP}); "
+              f"top-1 agreement with fp32 {100 * float((predicted == fp32_predicted).mean()):.2f}%")
+        if drop > INT8_TARGET_DROP:
+            print(f"warning: int8 drops more than {INT8_TARGET_DROP} points; try more --calib-images",
+                  file=sys.stderr)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="export.onnx"))
