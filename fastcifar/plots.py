@@ -35,8 +35,9 @@ def denormalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
     return np.clip(x * np.asarray(std) + np.asarray(mean), 0, 1)
 
 
-def save_curves(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Loss, accuracy and learning rate per epoch."""
+def save_curves(path: str | Path, rows: list[dict[str, Any]], lrs: Sequence[float] = (),
+                steps_per_epoch: int = 1) -> None:
+    """Loss and accuracy per epoch; the learning rate of every step (the one-cycle shape)."""
     plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -48,8 +49,11 @@ def save_curves(path: str | Path, rows: list[dict[str, Any]]) -> None:
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[2].plot(epochs, [r["lr"] for r in rows], "o-")
-    axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")
+    if len(lrs):
+        axes[2].plot(np.arange(1, len(lrs) + 1) / steps_per_epoch, lrs)
+    else:
+        axes[2].plot(epochs, [r["lr"] for r in rows], "o-")
+    axes[2].set(title="learning rate", xlabel="epoch")
     axes[2].grid(alpha=0.3)
     _save(fig, path)
 
@@ -98,9 +102,10 @@ def save_misclassified(path: str | Path, images: np.ndarray, labels: np.ndarray,
                     title=f"misclassified: first {len(wrong)} of {int((labels != preds).sum())} (true -> predicted)")
 
 
-def save_run_plots(out: Path, rows: list[dict[str, Any]], final: dict[str, Any], data) -> None:
+def save_run_plots(out: Path, rows: list[dict[str, Any]], lrs: Sequence[float], steps_per_epoch: int,
+                   final: dict[str, Any], data) -> None:
     """curves.png, confusion.png and misclassified.png for one finished run."""
-    save_curves(out / "curves.png", rows)
+    save_curves(out / "curves.png", rows, lrs, steps_per_epoch)
     save_confusion(out / "confusion.png", final["labels"], final["preds"], data.classes)
     save_misclassified(out / "misclassified.png", data.test_images, final["labels"], final["preds"], data.classes)
 

@@ -391,6 +391,7 @@ class RunState:
     images: int = 0               # training samples processed (all ranks)
     step_in_epoch: int = 0        # > 0 when stopped mid-epoch: steps of epoch `epoch` already done
     partial: dict[str, Any] = field(default_factory=dict)         # StepState of that partial epoch
+    lrs: list[float] = field(default_factory=list)                # lr of every step of this run
     rows: list[dict[str, Any]] = field(default_factory=list)      # metrics of every epoch so far
     finished: list[dict[str, Any]] = field(default_factory=list)  # results of completed runs
 
@@ -617,6 +618,7 @@ def train_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
         except StopRequested:
             state.seconds += time.perf_counter() - timer.start_wall
             run.step_in_epoch, run.partial = state.steps, state.to_dict()
+            run.lrs.extend(lrs)
             fit.save(s, run, loader_start)
             code = 130 if s.guard.signum == signal.SIGINT else 143
             print(f"\nstopped by signal {s.guard.signum} at step {state.steps} of epoch {epoch + 1}; checkpoint "
@@ -632,6 +634,7 @@ def train_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
                             f"good checkpoint is kept in {s.out}: lower --lr and --resume, or start again")
         seconds = state.seconds + timer.seconds
         run.train_seconds += seconds
+        run.lrs.extend(lrs)
         run.images += seen
         row = {"seed": seed, "epoch": epoch + 1, "lr": lrs[-1] if lrs else fit.scheduler.get_last_lr()[0],
                "train_loss": loss, "train_acc": acc, "test_loss": float("nan"), "test_acc": float("nan"),
@@ -665,7 +668,8 @@ def finish_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]
         if s.config.plots:
             from fastcifar.plots import save_run_plots
 
-            save_run_plots(s.out, [r for r in run.rows if r["seed"] == seed], final, s.data)
+            save_run_plots(s.out, [r for r in run.rows if r["seed"] == seed], run.lrs,
+                           len(fit.train_loader), final, s.data)
     print(f"seed {seed}: test acc {final['acc']:.4f}" + (f"  (flip TTA {tta['acc']:.4f})" if tta else "") +
           f"  train {run.train_seconds:.1f}s")
     return result
