@@ -99,7 +99,8 @@ def summary(model: ResNet9, batch_size: int = 1) -> str:
         import torchinfo
     except ImportError:
         return _plain_summary(model, shape)
-    stats = torchinfo.summary(model, input_size=shape, depth=3, verbose=0, device="cpu",
+    device = next(model.parameters()).device  # torchinfo would otherwise move the model to its own choice
+    stats = torchinfo.summary(model, input_size=shape, depth=3, verbose=0, device=device,
                               col_names=("output_size", "num_params"))
     return str(stats)
 

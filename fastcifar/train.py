@@ -396,6 +396,18 @@ class RunState:
     finished: list[dict[str, Any]] = field(default_factory=list)  # results of completed runs
 
 
+def numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state as tensors and numbers (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def set_numpy_rng_state(state: dict[str, Any]) -> None:
+    np.random.set_state(("MT19937", state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["gauss"]))
+
+
 @dataclass
 class Session:
     """What stays fixed across the seeds of one invocation: config, device, data, model, output."""
@@ -431,7 +443,7 @@ class Fit:
             "format": 1, "config": to_dict(s.config), "run": asdict(run), "model": s.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {}, "loader": loader_state,
-            "rng": {"torch": torch.get_rng_state(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state(),
                     **({"cuda": torch.cuda.get_rng_state()} if s.device.type == "cuda" else {})},
         }
 
@@ -444,6 +456,7 @@ class Fit:
         if ckpt["loader"] and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["torch"])
+        set_numpy_rng_state(ckpt["rng"]["numpy"])
         if "cuda" in ckpt["rng"] and s.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         return RunState(**ckpt["run"])
@@ -511,7 +524,8 @@ def setup(config: TrainConfig, resume: bool, d: Dist, device: torch.device) -> S
         write_json(out / "config.json", to_dict(config))
     dtype = amp_dtype(device, config.amp)
     model = build_model(config, len(data.classes), device)
-    print(summary(model) if device.type == "cpu" else f"{count_parameters(model):,} parameters")
+    if d.is_main:
+        print(summary(model))
     runner: nn.Module = model
     if config.sync_bn and d.enabled:
         if device.type != "cuda":
