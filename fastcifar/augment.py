@@ -218,15 +218,15 @@ class GpuLoader:
     def batches(self, plan: EpochPlan, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of `plan`, from batch number `start` on (a resumed epoch skips what it had done)."""
         count = len(plan.order) - (len(plan.order) % self.batch_size if self.drop_last else 0)
-        for start in range(start * self.batch_size, count, self.batch_size):
-            sl = slice(start, start + self.batch_size)
+        for first in range(start * self.batch_size, count, self.batch_size):
+            sl = slice(first, first + self.batch_size)
             order = plan.order[sl]
             if self.train:
                 x = gather_crops(self.source, order + plan.flip[sl] * self.num_images,
                                  plan.dy[sl], plan.dx[sl], self.size)
                 x = batch_cutout(x, plan.cy[sl], plan.cx[sl], self.cutout)
             else:
-                x = self.source[start:start + self.batch_size] if self.world_size == 1 else self.source[order]
+                x = self.source[sl] if self.world_size == 1 else self.source[order]
             x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last
             yield (x if self.channels_last else x.contiguous()), self.labels[order]
 

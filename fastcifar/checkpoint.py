@@ -88,13 +88,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             meta = f.metadata() or {}
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"corrupt checkpoint ({path}): {str(e).splitlines()[0]}; retrain or re-copy the file")
+        raise UserError(f"corrupt checkpoint ({path}): {str(e).splitlines()[0]}; retrain or re-copy the file") from None
     if _META_KEY not in meta:
         raise UserError(f"not a fastcifar model ({path}): no '{_META_KEY}' metadata in the safetensors header")
     try:
         info = ModelInfo.from_json(meta[_META_KEY])
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"corrupt checkpoint metadata ({path}): {e}")
+        raise UserError(f"corrupt checkpoint metadata ({path}): {e}") from None
     model = ResNet9(info.config)
     expected = model.state_dict()
     bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
@@ -119,4 +119,5 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise UserError(f"corrupt checkpoint ({path}): {str(e).splitlines()[0][:200]}")
+        raise UserError(f"corrupt checkpoint ({path}): {str(e).splitlines()[0][:200]}; "
+                        "resume from a copy or start a new run") from None
