@@ -225,3 +225,15 @@ def test_reference_pipeline_shapes_and_normalization():
     x, _ = next(iter(train))
     zeros = (x == 0).all(1).sum((1, 2))  # cutout fills the mean = 0 after Normalize
     assert x.shape == (4, 3, 32, 32) and (zeros == 64).all()
+
+
+def test_augment_grid_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastcifar.data import CifarData
+    from fastcifar.plots import save_augment_grid
+
+    images, labels = random_images(20)
+    data = CifarData(images, labels, images[:4], labels[:4], [f"c{i}" for i in range(10)],
+                     (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "test")
+    save_augment_grid(data, tmp_path / "grid.png", count=4)
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
