@@ -47,6 +47,7 @@ class TrainConfig:
     min_momentum: float = 0.85         # ... cycled down to this at the peak lr (set equal to disable)
     weight_decay: float = 5e-4         # L2 on all weights, with the mean-reduced loss (Page's 5e-4*512 on the sum)
     label_smoothing: float = 0.2
+    whiten: bool = False               # patch-whitening init of the first conv (airbench's trick)
     # augmentation
     translate: int = 4                 # random-crop padding, pixels
     pad_mode: str = "reflect"          # reflect or zeros

@@ -175,6 +175,15 @@ def reset_weights(model: ResNet9, seed: int) -> None:
     model.load_state_dict(ResNet9(model.config).state_dict())
 
 
+def whiten_prep(s: "Session", sample: int = 5000) -> None:
+    """Patch-whitening init of the prep conv from the first `sample` training images."""
+    from fastcifar.augment import normalize_images
+    from fastcifar.whiten import init_whitening
+
+    images = normalize_images(s.data.train_images[:sample], s.data.mean, s.data.std, s.device)
+    init_whitening(s.model.prep[0], images.permute(0, 3, 1, 2))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -587,6 +596,8 @@ def train_all(s: Session, ckpt: dict[str, Any] | None) -> list[dict[str, Any]]:
                 s.compile_seconds = warm_up(s, train_loader)
                 print(f"warm-up and compile: {s.compile_seconds:.1f}s (not counted as training time)")
             reset_weights(s.model, seed)
+            if config.whiten:
+                whiten_prep(s)
             optimizer = build_optimizer(config, s.model, s.device)
             scheduler = build_scheduler(config, optimizer, len(train_loader))
             scaler = torch.amp.GradScaler(s.device.type) if s.dtype == torch.float16 else None

@@ -1,0 +1,34 @@
+"""Patch-whitening initialization."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastcifar.model import resnet9
+from fastcifar.whiten import init_whitening
+
+
+def test_whitened_first_layer_outputs_are_decorrelated_with_unit_variance():
+    torch.manual_seed(0)
+    x = torch.randn(300, 3, 32, 32)
+    x[:, 1] = 0.9 * x[:, 0] + 0.1 * x[:, 1]  # strongly correlated channels
+    model = resnet9(width=64)
+    before = model.prep[0].weight[54:].clone()
+    init_whitening(model.prep[0], x, eps=0)
+    w = model.prep[0].weight
+    positive = w[0:54:2]  # +v of each of the 27 directions
+    out = F.conv2d(x, positive).permute(1, 0, 2, 3).reshape(27, -1)
+    cov = torch.cov(out)
+    torch.testing.assert_close(cov, torch.eye(27), atol=2e-3, rtol=0)
+    torch.testing.assert_close(w[1:54:2], -positive)  # paired with their negatives
+    assert torch.equal(w[54:], before)  # filters beyond 2 x 27 keep their random init
+
+
+def test_narrow_layers_get_the_largest_directions_first():
+    torch.manual_seed(0)
+    x = torch.randn(100, 3, 32, 32) * torch.tensor([3.0, 1.0, 0.3])[:, None, None]
+    model = resnet9(width=4)
+    init_whitening(model.prep[0], x)
+    out = F.conv2d(x, model.prep[0].weight[0:4:2])
+    assert out.shape[1] == 2 and torch.isfinite(out).all()
