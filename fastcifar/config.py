@@ -66,6 +66,7 @@ class TrainConfig:
     runs: int = 1                      # seeds seed .. seed+runs-1; reports mean +- std
     eval_every: int = 1                # evaluate every N epochs (and always after the last)
     tta: bool = True                   # also report flip test-time augmentation
+    tta_translate: int = 0             # TTA also averages views shifted by +-this many pixels (0: flip only)
     checkpoint_every: int = 1          # write a resumable checkpoint every N epochs (0: never)
     plots: bool = True                 # curves.png, confusion.png, misclassified.png
 
@@ -184,6 +185,7 @@ def validate(c: TrainConfig) -> None:
         (0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
         (0 <= c.translate <= 16, "translate", "must be between 0 and 16 pixels"),
         (0 <= c.cutout <= 32, "cutout", "must be between 0 and 32 pixels"),
+        (0 <= c.tta_translate <= 4, "tta_translate", "must be between 0 and 4 pixels"),
         (c.runs >= 1, "runs", "must be >= 1"),
         (c.eval_every >= 1, "eval_every", "must be >= 1"),
         (c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0"),

@@ -309,10 +309,30 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     return state
 
 
+def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Images translated by (dy, dx) pixels, the uncovered border filled by reflection."""
+    p = max(abs(dy), abs(dx))
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    return padded[..., p - dy:p - dy + h, p - dx:p - dx + w]
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, translate: int = 0) -> torch.Tensor:
+    """Mean logits of the image and its mirror; with `translate`, averaged 1:1 with the mean over both
+    views shifted by +translate and -translate pixels in each direction (airbench's TTA level 2)."""
+    views = [x, x.flip(3)]
+    logits = torch.stack([model(v).float() for v in views]).mean(0)
+    if translate:
+        moved = [shift(v, t, t) for v in views for t in (translate, -translate)]
+        logits = 0.5 * logits + 0.5 * torch.stack([model(v).float() for v in moved]).mean(0)
+    return logits
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
-             tta: bool = False, d: Dist = Dist()) -> dict[str, Any]:
-    """Loss, accuracy and predictions on `loader`; with `tta`, logits averaged with the mirrored images.
+             tta: bool = False, d: Dist = Dist(), tta_translate: int = 0) -> dict[str, Any]:
+    """Loss, accuracy and predictions on `loader`; with `tta`, logits averaged with the mirrored images
+    (and, with `tta_translate` > 0, half weight on both views shifted by +-tta_translate pixels).
     Under torchrun each rank evaluates its shard and the sums (and predictions) are gathered."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -320,9 +340,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
     for inputs, labels in loader:
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, dtype):
-            logits = model(inputs).float()
-            if tta:
-                logits = 0.5 * (logits + model(inputs.flip(3)).float())
+            logits = tta_logits(model, inputs, tta_translate) if tta else model(inputs).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         preds.append(logits.argmax(1))
         labels_all.append(labels)
@@ -681,7 +699,8 @@ def train_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
 def finish_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
     """Final evaluation (plain and flip-TTA), model.safetensors and the plots."""
     final = evaluate(s.runner, fit.test_loader, s.device, s.dtype, d=s.dist)
-    tta = evaluate(s.runner, fit.test_loader, s.device, s.dtype, tta=True, d=s.dist) if s.config.tta else None
+    tta = (evaluate(s.runner, fit.test_loader, s.device, s.dtype, tta=True, d=s.dist,
+                    tta_translate=s.config.tta_translate) if s.config.tta else None)
     result = {"seed": seed, "test_acc": final["acc"], "test_loss": final["loss"],
               "test_acc_tta": tta["acc"] if tta else None, "train_seconds": run.train_seconds,
               "images": run.images, "epochs": s.config.epochs}

@@ -145,3 +145,20 @@ def test_config_file_with_unknown_key(tmp_path):
     toml.write_text("epochz = 3\n")
     with pytest.raises(UserError, match="epochz"):
         parse_config(["--config", str(toml)])
+
+
+def test_shift_translates_exactly_and_tta_averages_views():
+    from fastcifar.train import shift, tta_logits
+
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    moved = shift(x, 1, 1)
+    assert torch.equal(moved[..., 1:, 1:], x[..., :-1, :-1])  # content moves down-right by one pixel
+    assert torch.equal(shift(x, -1, -1)[..., :-1, :-1], x[..., 1:, 1:])
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 4))
+    views = [x, x.flip(3)]
+    want = torch.stack([model(v) for v in views]).mean(0)
+    torch.testing.assert_close(tta_logits(model, x), want)
+    moved = [shift(v, t, t) for v in views for t in (1, -1)]
+    want2 = 0.5 * want + 0.5 * torch.stack([model(v) for v in moved]).mean(0)
+    torch.testing.assert_close(tta_logits(model, x, 1), want2)
