@@ -162,3 +162,15 @@ def test_shift_translates_exactly_and_tta_averages_views():
     moved = [shift(v, t, t) for v in views for t in (1, -1)]
     want2 = 0.5 * want + 0.5 * torch.stack([model(v) for v in moved]).mean(0)
     torch.testing.assert_close(tta_logits(model, x, 1), want2)
+
+
+def test_evaluate_command_reports_three_views(learnable, tmp_path, capsys):
+    from fastcifar.evaluate import main as evaluate_main
+
+    out = tmp_path / "run"
+    train(learnable, out, "--epochs", "1", "--no-plots")
+    assert evaluate_main(["--checkpoint", str(out), "--data-dir", str(learnable), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert [ln.split()[0] for ln in lines] == ["plain", "flip", "flip"]
+    plain = float(lines[0].split()[-1])
+    assert plain == pytest.approx(json.loads((out / "summary.json").read_text())["test_acc"])
