@@ -714,7 +714,7 @@ def finish_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]
 
             save_run_plots(s.out, [r for r in run.rows if r["seed"] == seed], run.lrs,
                            len(fit.train_loader), final, s.data)
-    print(f"seed {seed}: test acc {final['acc']:.4f}" + (f"  (flip TTA {tta['acc']:.4f})" if tta else "") +
+    print(f"seed {seed}: test acc {final['acc']:.4f}" + (f"  ({tta_name(s.config)} {tta['acc']:.4f})" if tta else "") +
           f"  train {run.train_seconds:.1f}s")
     return result
 
@@ -736,6 +736,7 @@ def summarize(s: Session, results: list[dict]) -> dict:
         "test_acc": float(last["test_acc"]), "test_acc_tta": last["test_acc_tta"],
         "train_seconds": float(last["train_seconds"]), "compile_seconds": s.compile_seconds,
         "data_seconds": s.data_seconds, "images_per_second": float(last["images"] / last["train_seconds"]),
+        "tta": tta_name(s.config) if s.config.tta else None,
         "epochs": s.config.epochs, "params": count_parameters(s.model), "device": _device_name(s.device),
         "world_size": s.dist.world_size, "torch": torch.__version__, "fastcifar": __version__,
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
@@ -754,11 +755,15 @@ def _device_name(device: torch.device) -> str:
     return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def tta_name(config: TrainConfig) -> str:
+    return f"flip + translate {config.tta_translate} TTA" if config.tta_translate else "flip TTA"
+
+
 def format_summary(s: dict) -> str:
     r = s["runs"]
     line = f"{len(r['seeds'])} run(s): test acc {r['mean']:.4f} +- {r['std']:.4f}"
     if r["mean_tta"] is not None:
-        line += f", flip TTA {r['mean_tta']:.4f} +- {r['std_tta']:.4f}"
+        line += f", {s['tta']} {r['mean_tta']:.4f} +- {r['std_tta']:.4f}"
     return line + f"; median train {r['median_train_seconds']:.1f}s on {s['device']}"
 
 
