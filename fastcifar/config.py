@@ -127,8 +127,12 @@ def _field_comments() -> dict[str, str]:
     """The `# ...` comment after each field above, reused as its --help text (one source of truth)."""
     import inspect
 
-    out = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
+    out: dict[str, str] = {}
+    try:
+        source = inspect.getsource(TrainConfig)
+    except (OSError, TypeError):  # installed without sources: --help simply has no descriptions
+        return out
+    for line in source.splitlines():
         name, _, rest = line.strip().partition(":")
         if "#" in rest and name.isidentifier():
             out[name] = rest.split("#", 1)[1].strip().replace("%", "%%")
