@@ -206,7 +206,7 @@ class StepState:
 
     @classmethod
     def zeros(cls, device: torch.device) -> "StepState":
-        z = torch.zeros((), device=device, dtype=torch.float64)
+        z = torch.zeros((), device=device, dtype=torch.float32)  # float32: MPS has no float64
         return cls(z.clone(), z.clone(), 0, 0, torch.full((), -1, device=device, dtype=torch.int64))
 
     def to_dict(self) -> dict[str, Any]:
@@ -298,7 +298,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         detached = loss.detach()
         bad = (~torch.isfinite(detached)) & (state.first_bad_step < 0)
         state.first_bad_step = torch.where(bad, state.steps, state.first_bad_step)
-        state.loss_sum += detached.double() * len(labels)
+        state.loss_sum += detached.float() * len(labels)
         state.correct += (logits.detach().argmax(1) == labels).sum()
         state.seen += len(labels)
         state.steps += 1
@@ -335,18 +335,18 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
     (and, with `tta_translate` > 0, half weight on both views shifted by +-tta_translate pixels).
     Under torchrun each rank evaluates its shard and the sums (and predictions) are gathered."""
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     preds, labels_all = [], []
     for inputs, labels in loader:
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = tta_logits(model, inputs, tta_translate) if tta else model(inputs).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         preds.append(logits.argmax(1))
         labels_all.append(labels)
     preds_t, labels_t = torch.cat(preds), torch.cat(labels_all)
-    counts = torch.stack([loss_sum, (preds_t == labels_t).sum().double(),
-                          torch.tensor(len(labels_t), device=device, dtype=torch.float64)])
+    counts = torch.stack([loss_sum, (preds_t == labels_t).sum().float(),
+                          torch.tensor(len(labels_t), device=device, dtype=torch.float32)])
     loss, correct, n = all_reduce_sum(counts, d).tolist()
     n_int = int(n)
     return {"loss": loss / n, "acc": correct / n, "preds": gather_interleaved(preds_t, d, n_int).cpu().numpy(),
@@ -632,8 +632,7 @@ def train_all(s: Session, ckpt: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 def reduce_epoch(state: StepState, s: Session) -> tuple[float, float, int, int]:
     """(mean loss, accuracy, samples, first bad step) over all ranks; the epoch's one host sync."""
-    sums = torch.stack([state.loss_sum, state.correct, torch.tensor(float(state.seen), device=s.device,
-                                                                    dtype=torch.float64)])
+    sums = torch.stack([state.loss_sum, state.correct, torch.tensor(float(state.seen), device=s.device)])
     loss_sum, correct, seen = all_reduce_sum(sums, s.dist).tolist()
     bad = int(all_reduce_max(state.first_bad_step.clone(), s.dist).item())
     return loss_sum / seen, correct / seen, int(seen), bad

@@ -6,7 +6,6 @@ real subprocesses to prove the wiring.
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
