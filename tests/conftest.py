@@ -19,6 +19,12 @@ def real_cifar_path() -> Path:
     return Path(os.environ.get("FASTCIFAR_DATA") or REPO_ROOT.parent / "shared/data/cifar10-png.tar.gz")
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """No test reads or writes the user's real cache (~/.cache/fastcifar)."""
+    monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path / "home"))
+
+
 @pytest.fixture(scope="session")
 def real_cifar(tmp_path_factory):
     """The real CIFAR-10 as `CifarData`, decoded once per session into a private cache; skips if absent."""

@@ -24,11 +24,6 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = ["--width", "4", "--batch-size", "8", "--device", "cpu", "--epochs", "1", "--no-plots", "--no-tta"]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path / "home"))
-
-
 @pytest.fixture(scope="module")
 def good_data(tmp_path_factory) -> Path:
     return write_learnable_dataset(tmp_path_factory.mktemp("good"), train_per_class=2, test_per_class=1)
@@ -39,8 +34,9 @@ def trained_run(tmp_path_factory, good_data) -> Path:
     from fastcifar.train import main
 
     out = tmp_path_factory.mktemp("run") / "run"
-    os.environ.setdefault("FASTCIFAR_HOME", str(out.parent / "home"))
-    assert main(["--data-dir", str(good_data), "--out-dir", str(out), *TINY]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # module scope: runs before the per-test private cache
+        mp.setenv("FASTCIFAR_HOME", str(out.parent / "home"))
+        assert main(["--data-dir", str(good_data), "--out-dir", str(out), *TINY]) == 0
     return out
 
 

@@ -18,11 +18,6 @@ from fastcifar.train import build_optimizer
 from synthetic import learnable_images, write_learnable_dataset
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path / "home"))
-
-
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),

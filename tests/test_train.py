@@ -24,11 +24,6 @@ def learnable(tmp_path_factory) -> Path:
     return write_learnable_dataset(tmp_path_factory.mktemp("learnable"), train_per_class=40, test_per_class=10)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path / "home"))
-
-
 def train(data: Path, out: Path, *extra: str) -> dict:
     assert main(["--data-dir", str(data), "--out-dir", str(out), *FAST, *extra]) == 0
     return json.loads((out / "summary.json").read_text())
