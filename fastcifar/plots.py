@@ -96,10 +96,12 @@ def save_image_grid(path: str | Path, images: np.ndarray, titles: Sequence[str],
 
 def save_misclassified(path: str | Path, images: np.ndarray, labels: np.ndarray, preds: np.ndarray,
                        classes: Sequence[str], count: int = 32) -> None:
-    wrong = np.flatnonzero(labels != preds)[:count]
+    all_wrong = np.flatnonzero(labels != preds)
+    # a fixed random sample, so the grid shows mistakes of every class rather than the first class's
+    wrong = np.sort(np.random.default_rng(0).permutation(all_wrong)[:count])
     titles = [f"{classes[labels[i]]}\n-> {classes[preds[i]]}" for i in wrong]
     save_image_grid(path, images[wrong], titles,
-                    title=f"misclassified: first {len(wrong)} of {int((labels != preds).sum())} (true -> predicted)")
+                    title=f"misclassified: {len(wrong)} of {len(all_wrong)} (true -> predicted)")
 
 
 def save_run_plots(out: Path, rows: list[dict[str, Any]], lrs: Sequence[float], steps_per_epoch: int,
