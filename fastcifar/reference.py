@@ -29,8 +29,11 @@ def _albumentations():
 
 
 def reference_transform(mean: Sequence[float], std: Sequence[float], *, train: bool, translate: int = 4,
-                        cutout: int = 8, flip: bool = True, pad_mode: str = "reflect", size: int = 32):
-    """The albumentations Compose for training (augmenting) or evaluation (normalize only)."""
+                        cutout: int = 8, flip: bool = True, pad_mode: str = "reflect", size: int = 32,
+                        seed: int | None = None):
+    """The albumentations Compose for training (augmenting) or evaluation (normalize only).
+
+    `seed` fixes the Compose's own random state (albumentations ignores the global seeds)."""
     A, cv2 = _albumentations()
     steps = [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)]
     if train:
@@ -44,7 +47,7 @@ def reference_transform(mean: Sequence[float], std: Sequence[float], *, train: b
         if cutout:
             steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(cutout, cutout),
                                          hole_width_range=(cutout, cutout), fill=0, p=1.0))
-    return A.Compose(steps)
+    return A.Compose(steps, seed=seed)
 
 
 class AlbumentationsCifar(Dataset):
@@ -67,8 +70,16 @@ def reference_loader(images: np.ndarray, labels: np.ndarray, *, mean: Sequence[f
                      seed: int = 0) -> DataLoader:
     """A standard DataLoader over `AlbumentationsCifar`, shuffled when training."""
     transform = reference_transform(mean, std, train=train, translate=translate, cutout=cutout, flip=flip,
-                                    pad_mode=pad_mode)
+                                    pad_mode=pad_mode, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(AlbumentationsCifar(images, labels, transform), batch_size=batch_size, shuffle=train,
                       num_workers=num_workers, drop_last=drop_last and train, generator=generator,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=_seed_worker)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Each worker's copy of the Compose would repeat the others' draws: give each its own stream."""
+    info = torch.utils.data.get_worker_info()
+    transform = info.dataset.transform
+    if transform.seed is not None:
+        transform.set_random_seed(transform.seed * 1000 + worker_id)

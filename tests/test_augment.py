@@ -237,3 +237,13 @@ def test_augment_grid_is_written(tmp_path):
                      (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "test")
     save_augment_grid(data, tmp_path / "grid.png", count=4)
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_pipeline_is_reproducible_for_a_seed():
+    pytest.importorskip("albumentations")
+    from fastcifar.reference import reference_loader
+
+    images, labels = random_images(16)
+    opts = dict(mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=16, train=True, num_workers=0)
+    a, b, c = (next(iter(reference_loader(images, labels, seed=s, **opts)))[0] for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
