@@ -152,8 +152,6 @@ class GpuLoader:
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(self.device)
         self.num_images = len(self.labels)
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
-        self.epoch = 0
         normalized = normalize_images(images, mean, std, self.device, dtype)
         # The mirrored copy doubles memory (~0.5 GB per copy in bf16 for CIFAR-10 with padding) and turns
         # every flip into a choice of source rows, fused with the crop gather.
@@ -161,6 +159,12 @@ class GpuLoader:
         del normalized
         if self.flip:
             self.source = torch.cat([self.source, self.source.flip(2)])
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Start over as a loader built with `seed` would (same batches), keeping the uploaded data."""
+        self.generator.manual_seed(seed)
+        self.epoch = 0
         self.flip_phase = self._randint(2, self.num_images) if self.alt_flip else None
 
     # -- sizes --------------------------------------------------------------------------------------

@@ -249,17 +249,14 @@ def _prepare_out(out: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from fastcifar.data import load_cifar10
-    from fastcifar.train import (amp_dtype, build_loaders, build_model, build_optimizer, seed_everything,
-                                 select_device)
+    from fastcifar.train import (amp_dtype, build_loaders, build_model, build_optimizer, configure_backends,
+                                 seed_everything, select_device)
 
     config, args = parse_args(argv)
     out = Path(args.out)
     _prepare_out(out)  # fail before the minutes of work, not after
     device = select_device(config.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    configure_backends(device)
     data = load_cifar10(config.data_dir, download=config.download or None)
     dtype = amp_dtype(device, config.amp)
     seed_everything(config.seed)

@@ -50,17 +50,22 @@ METRIC_COLUMNS = ("seed", "epoch", "lr", "train_loss", "train_acc", "test_loss",
 # Devices and precision
 # ------------------------------------------------------------------------------------------------------
 def select_device(name: str) -> torch.device:
+    available = {"cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+                 "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+        return torch.device(next(kind for kind, ok in available.items() if ok))
     if not available[name]:
         raise UserError(f"invalid --device ({name}): not available on this machine; use --device cpu or auto")
     return torch.device(name)
+
+
+def configure_backends(device: torch.device) -> None:
+    """TF32 matmuls/convolutions and cuDNN autotuning on CUDA; nothing elsewhere."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
 
 def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
@@ -89,8 +94,6 @@ class Timer:
         if self.device.type == "cuda":
             self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self._start.record()
-        else:
-            self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -101,7 +104,7 @@ class Timer:
         else:
             if self.device.type == "mps":
                 torch.mps.synchronize()
-            self.seconds = time.perf_counter() - self._t0
+            self.seconds = time.perf_counter() - self.start_wall
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -534,10 +537,7 @@ def warm_up(s: Session, loader) -> float:
 
 def setup(config: TrainConfig, resume: bool, d: Dist, device: torch.device) -> Session:
     """Output directory, data, model (compiled, wrapped), loss and signal guard."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    configure_backends(device)
     compile_model = config.compile if config.compile is not None else device.type == "cuda"
     out = check_out_dir(config, resume=resume)
     from fastcifar.data import load_cifar10
@@ -605,11 +605,15 @@ def train_all(s: Session, ckpt: dict[str, Any] | None) -> list[dict[str, Any]]:
     config = s.config
     run = RunState() if ckpt is None else RunState(**ckpt["run"])
     results = list(run.finished)
+    train_loader = test_loader = None
     with s.guard:
         for run_index in range(run.run_index, config.runs):
             seed = config.seed + run_index
             seed_everything(seed)
-            train_loader, test_loader = build_loaders(config, s.data, s.device, s.dtype, seed, s.dist)
+            if hasattr(train_loader, "reseed"):  # the device-resident data is uploaded once per invocation
+                train_loader.reseed(seed)
+            else:
+                train_loader, test_loader = build_loaders(config, s.data, s.device, s.dtype, seed, s.dist)
             if s.compile_seconds is None and (s.compile_model or s.device.type == "cuda"):
                 s.compile_seconds = warm_up(s, train_loader)
                 print(f"warm-up and compile: {s.compile_seconds:.1f}s (not counted as training time)")

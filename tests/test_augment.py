@@ -247,3 +247,14 @@ def test_reference_pipeline_is_reproducible_for_a_seed():
     opts = dict(mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=16, train=True, num_workers=0)
     a, b, c = (next(iter(reference_loader(images, labels, seed=s, **opts)))[0] for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("alt_flip", [False, True])
+def test_reseed_equals_a_fresh_loader(alt_flip):
+    images, labels = random_images(48)
+    used = loader(images, labels, seed=1, cutout=8, alt_flip=alt_flip)
+    list(used)
+    used.reseed(5)
+    fresh = loader(images, labels, seed=5, cutout=8, alt_flip=alt_flip)
+    for _ in range(2):
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(used, fresh))
