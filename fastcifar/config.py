@@ -48,6 +48,7 @@ class TrainConfig:
     weight_decay: float = 5e-4         # L2 on all weights, with the mean-reduced loss (Page's 5e-4*512 on the sum)
     label_smoothing: float = 0.2
     whiten: bool = False               # patch-whitening init of the first conv (airbench's trick)
+    lookahead: bool = False            # every 5 steps pull the weights back to their EMA (airbench); ends on the EMA
     # augmentation
     translate: int = 4                 # random-crop padding, pixels
     pad_mode: str = "reflect"          # reflect or zeros

@@ -40,6 +40,7 @@ from fastcifar.config import TrainConfig, parse_config, to_dict
 from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, broadcast_flag, from_env, \
     gather_interleaved, process_group
 from fastcifar.errors import UserError, run_cli
+from fastcifar.lookahead import Lookahead
 from fastcifar.model import ModelConfig, ResNet9, count_parameters, summary
 
 RESULT_FILES = ("summary.json", "metrics.csv", MODEL_FILE, CHECKPOINT_FILE)
@@ -282,7 +283,8 @@ def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler, criterion: nn.Module, scaler: torch.amp.GradScaler | None,
                     device: torch.device, dtype: torch.dtype | None, state: StepState, lrs: list[float],
-                    guard: SignalGuard | None = None, progress=None) -> StepState:
+                    guard: SignalGuard | None = None, progress=None,
+                    lookahead: Lookahead | None = None) -> StepState:
     """One pass over `batches`, stepping the scheduler per batch. Appends the lr of each step to `lrs`.
 
     Raises StopRequested after the step during which SIGINT/SIGTERM arrived; `state` then holds the
@@ -296,6 +298,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             logits = model(inputs)
             loss = criterion(logits, labels)
         backward_and_step(loss, optimizer, scaler)
+        if lookahead is not None:
+            lookahead.step()
         lrs.append(scheduler.get_last_lr()[0])
         scheduler.step()
         detached = loss.detach()
@@ -466,6 +470,7 @@ class Fit:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler | None
+    lookahead: Lookahead | None = None
 
     def state(self, s: Session, run: RunState, loader_state: dict) -> dict[str, Any]:
         """Plain containers only (tensors, numbers, strings), so `torch.load(weights_only=True)` reads it."""
@@ -473,6 +478,7 @@ class Fit:
             "format": 1, "config": to_dict(s.config), "run": asdict(run), "model": s.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {}, "loader": loader_state,
+            "lookahead": self.lookahead.state_dict() if self.lookahead else {},
             "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state(),
                     **({"cuda": torch.cuda.get_rng_state()} if s.device.type == "cuda" else {})},
         }
@@ -483,6 +489,8 @@ class Fit:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(ckpt["lookahead"])
         if ckpt["loader"] and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -623,7 +631,8 @@ def train_all(s: Session, ckpt: dict[str, Any] | None) -> list[dict[str, Any]]:
             optimizer = build_optimizer(config, s.model, s.device)
             scheduler = build_scheduler(config, optimizer, len(train_loader))
             scaler = torch.amp.GradScaler(s.device.type) if s.dtype == torch.float16 else None
-            fit = Fit(train_loader, test_loader, optimizer, scheduler, scaler)
+            lookahead = Lookahead(s.model, config.epochs * len(train_loader)) if config.lookahead else None
+            fit = Fit(train_loader, test_loader, optimizer, scheduler, scaler, lookahead)
             if ckpt is not None and run.run_index == run_index and (run.epoch or run.step_in_epoch):
                 run = fit.restore(s, ckpt)
                 print(f"resumed seed {seed} at epoch {run.epoch + 1}, step {run.step_in_epoch + 1}")
@@ -660,7 +669,7 @@ def train_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
         try:
             with Timer(s.device) as timer:
                 train_one_epoch(s.runner, batches, fit.optimizer, fit.scheduler, s.criterion, fit.scaler,
-                                s.device, s.dtype, state, lrs, s.guard, progress)
+                                s.device, s.dtype, state, lrs, s.guard, progress, fit.lookahead)
         except StopRequested:
             state.seconds += time.perf_counter() - timer.start_wall
             run.step_in_epoch, run.partial = state.steps, state.to_dict()

@@ -51,10 +51,11 @@ class SignalAtCall(torch.nn.CrossEntropyLoss):
         return super().forward(logits, labels)
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum, code, extra", [(signal.SIGINT, 130, []), (signal.SIGTERM, 143, []),
+                                                 (signal.SIGINT, 130, ["--lookahead"])])
 def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(learnable, tmp_path, monkeypatch, capsys,
-                                                                 signum, code):
-    args = ["--data-dir", str(learnable), *FAST, "--epochs", "3"]
+                                                                 signum, code, extra):
+    args = ["--data-dir", str(learnable), *FAST, "--epochs", "3", *extra]
     assert train_mod.main([*args, "--out-dir", str(tmp_path / "a")]) == 0
 
     SignalAtCall.calls, SignalAtCall.signum = 0, signum

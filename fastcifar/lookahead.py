@@ -1,0 +1,56 @@
+"""Lookahead of the weights, airbench's variant: a slow copy of every floating-point tensor of the model
+(weights and BatchNorm statistics) is an exponential moving average of the fast ones, updated every
+`every` steps; at each update the fast weights jump back to the slow copy and training goes on from there.
+
+The EMA decay ramps with the cube of training progress, decay(t) = final_decay * (t / total)**3: early
+training, where the weights move fast, is left alone; late training, where SGD only jitters around a
+minimum, is averaged. The last step is always an update, so the run ends on the slow weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Lookahead:
+    """Args:
+        model: the module whose state is averaged (the plain module, not a DDP wrapper).
+        total_steps: optimizer steps of the whole run; the decay schedule and the final update use it.
+        every: steps between updates.
+        final_decay: the decay reached at the end of training (airbench: 0.95 ** 5).
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int, every: int = 5, final_decay: float = 0.95 ** 5):
+        self.model, self.total_steps, self.every, self.final_decay = model, total_steps, every, final_decay
+        self.steps = 0
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def decay(self, step: int) -> float:
+        return self.final_decay * (step / self.total_steps) ** 3
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Call after every optimizer step."""
+        self.steps += 1
+        if self.steps % self.every == 0 or self.steps == self.total_steps:
+            self.update(self.decay(self.steps))
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        fast = self.model.state_dict()
+        names = list(self.slow)
+        slow = [self.slow[k] for k in names]
+        now = [fast[k] for k in names]
+        torch._foreach_lerp_(slow, now, 1.0 - decay)
+        torch._foreach_copy_(now, slow)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "slow": self.slow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        for k, v in state["slow"].items():
+            self.slow[k].copy_(v)
