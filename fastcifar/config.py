@@ -48,6 +48,8 @@ class TrainConfig:
     weight_decay: float = 5e-4         # L2 on all weights, with the mean-reduced loss (Page's 5e-4*512 on the sum)
     label_smoothing: float = 0.2
     whiten: bool = False               # patch-whitening init of the first conv (airbench's trick)
+    bn_weight: bool = True             # train the BatchNorm scales; --no-bn-weight freezes them at 1 (airbench)
+    bias_lr: float = 1.0               # lr multiplier for the BatchNorm biases, weight decay per step unchanged (airbench: 64)
     lookahead: bool = False            # every 5 steps pull the weights back to their EMA (airbench); ends on the EMA
     # augmentation
     translate: int = 4                 # random-crop padding, pixels
@@ -191,6 +193,7 @@ def validate(c: TrainConfig) -> None:
         (0 <= c.min_momentum <= c.momentum, "min_momentum", f"must be in [0, --momentum={c.momentum}]; "
                                                              "lower it together with --momentum"),
         (c.weight_decay >= 0, "weight_decay", "must be >= 0"),
+        (c.bias_lr > 0, "bias_lr", "must be > 0"),
         (0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
         (0 <= c.translate <= 16, "translate", "must be between 0 and 16 pixels"),
         (0 <= c.cutout <= 32, "cutout", "must be between 0 and 32 pixels"),

@@ -91,7 +91,7 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
         for i, (inputs, labels) in enumerate(itertools.islice(batches, steps)):
             lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast(device, dtype):
                 loss = criterion(model(inputs), labels)

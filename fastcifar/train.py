@@ -149,11 +149,31 @@ def build_model(config: TrainConfig, num_classes: int, device: torch.device) -> 
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if not config.bn_weight:  # scales stay 1: with the next conv free to scale, they are redundant
+        for bn in batch_norms(model):
+            bn.weight.requires_grad_(False)
     return model
 
 
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def param_groups(config: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
+    """Trainable parameters; with --bias-lr the BatchNorm biases form a second group whose lr is scaled
+    up and whose weight decay coefficient is scaled down, so they decay by the same amount per step.
+    Each group's `lr_scale` tells the scheduler (and lr_find) its multiple of the base lr."""
+    biases = {id(bn.bias) for bn in batch_norms(model) if bn.bias is not None and bn.bias.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.bias_lr == 1.0 or not biases:
+        return [dict(params=trainable, lr_scale=1.0)]
+    return [dict(params=[p for p in trainable if id(p) not in biases], lr_scale=1.0),
+            dict(params=[p for p in trainable if id(p) in biases], lr_scale=config.bias_lr,
+                 lr=config.lr * config.bias_lr, weight_decay=config.weight_decay / config.bias_lr)]
+
+
 def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    params = list(model.parameters())
+    params = param_groups(config, model)
     fused = {"fused": True} if device.type == "cuda" else {}
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, betas=(config.momentum, 0.999),
@@ -167,7 +187,8 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
     """One Cycle over all steps: lr from lr/div up to lr at pct_start, then down to lr/(div*final_div);
     momentum (or Adam's beta1) cycles the opposite way between momentum and min_momentum."""
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=config.pct_start,
+        optimizer, max_lr=[config.lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups],
+        total_steps=config.epochs * steps_per_epoch, pct_start=config.pct_start,
         anneal_strategy=config.anneal, div_factor=config.div_factor, final_div_factor=config.final_div_factor,
         cycle_momentum=config.min_momentum < config.momentum, base_momentum=config.min_momentum,
         max_momentum=config.momentum)

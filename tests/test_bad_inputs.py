@@ -133,6 +133,7 @@ CASES: list[Case] = [
     ("train-pct-start", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--pct-start", "1", "--out-dir", str(t / "o")], t / "o"), "--pct-start"),
     ("train-negative-lr", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--lr", "-1", "--out-dir", str(t / "o")], t / "o"), "--lr"),
     ("train-cutout-too-big", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--cutout", "33", "--out-dir", str(t / "o")], t / "o"), "--cutout"),
+    ("train-bias-lr-zero", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--bias-lr", "0", "--out-dir", str(t / "o")], t / "o"), "--bias-lr"),
     ("train-unknown-choice", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--optimizer", "lion", "--out-dir", str(t / "o")], t / "o"), "--optimizer"),
     ("train-not-a-number", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--width", "wide", "--out-dir", str(t / "o")], t / "o"), "--width"),
     ("train-cuda-missing", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--device", "cuda", "--out-dir", str(t / "o")], t / "o"), "--device"),

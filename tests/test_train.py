@@ -13,7 +13,7 @@ import torch
 from fastcifar.checkpoint import load_model
 from fastcifar.config import TrainConfig, get_args_parser, parse_config
 from fastcifar.errors import UserError, run_cli
-from fastcifar.train import build_optimizer, build_scheduler, main
+from fastcifar.train import build_model, build_optimizer, build_scheduler, main
 from synthetic import write_learnable_dataset
 
 FAST = ["--width", "8", "--batch-size", "32", "--device", "cpu", "--lr", "0.2"]
@@ -100,6 +100,33 @@ def test_one_cycle_peaks_at_pct_start_and_ends_at_lr_over_both_divs(anneal):
     assert lrs[0] == pytest.approx(0.4 / 20)
     assert lrs[-1] == pytest.approx(0.4 / (20 * 200))
     assert moms[0] == pytest.approx(0.9) and moms[peak] == pytest.approx(0.85)  # momentum cycles inversely
+
+
+def test_frozen_bn_scales_and_bias_lr_group():
+    config = TrainConfig(width=4, epochs=1, lr=0.4, weight_decay=5e-4, bn_weight=False, bias_lr=64.0)
+    model = build_model(config, 10, torch.device("cpu"))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not bn.weight.requires_grad and bool((bn.weight == 1).all()) for bn in bns)
+    opt = build_optimizer(config, model, torch.device("cpu"))
+    rest, biases = opt.param_groups
+    assert {id(p) for p in biases["params"]} == {id(bn.bias) for bn in bns}
+    assert all(p.requires_grad for p in rest["params"]) and len(rest["params"]) + len(biases["params"]) == len(
+        [p for p in model.parameters() if p.requires_grad])
+    sched = build_scheduler(config, opt, steps_per_epoch=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append((rest["lr"], biases["lr"]))
+        opt.step()
+        sched.step()
+    assert max(b for _, b in lrs) == pytest.approx(64 * max(r for r, _ in lrs))
+    # the same weight decay per step: lr * weight_decay is equal in both groups
+    assert biases["weight_decay"] * 64 == pytest.approx(rest["weight_decay"])
+
+
+def test_no_bias_lr_means_one_group():
+    model = build_model(TrainConfig(width=4), 10, torch.device("cpu"))
+    opt = build_optimizer(TrainConfig(width=4), model, torch.device("cpu"))
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == len(list(model.parameters()))
 
 
 def test_adam_cycles_beta1():
