@@ -32,6 +32,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import platform
 import shlex
@@ -218,7 +219,8 @@ def salvage_runs(out_dir: Path) -> dict[str, Any]:
     seeds: dict[int, list[dict[str, str]]] = {}
     for r in rows:
         seeds.setdefault(int(r["seed"]), []).append(r)
-    done = {s: rs for s, rs in seeds.items() if int(rs[-1]["epoch"]) == epochs and rs[-1]["test_acc"]}
+    last_epoch = math.ceil(float(epochs))  # a fractional --epochs ends with a partial epoch
+    done = {s: rs for s, rs in seeds.items() if int(rs[-1]["epoch"]) == last_epoch and rs[-1]["test_acc"]}
     return {"seeds": sorted(done), "test_acc": [float(done[s][-1]["test_acc"]) for s in sorted(done)],
             "train_seconds": [sum(float(r["epoch_seconds"]) for r in done[s]) for s in sorted(done)]}
 

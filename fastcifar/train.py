@@ -182,13 +182,24 @@ def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device)
                            weight_decay=config.weight_decay, **fused)
 
 
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of one run: --epochs may be fractional, the last epoch then stops early."""
+    return max(1, round(config.epochs * steps_per_epoch))
+
+
+def epoch_steps(config: TrainConfig, steps_per_epoch: int) -> list[int]:
+    """Steps of each epoch: full epochs, then the remainder (if any)."""
+    total = total_steps(config, steps_per_epoch)
+    return [min(steps_per_epoch, total - start) for start in range(0, total, steps_per_epoch)]
+
+
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
     """One Cycle over all steps: lr from lr/div up to lr at pct_start, then down to lr/(div*final_div);
     momentum (or Adam's beta1) cycles the opposite way between momentum and min_momentum."""
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[config.lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups],
-        total_steps=config.epochs * steps_per_epoch, pct_start=config.pct_start,
+        total_steps=total_steps(config, steps_per_epoch), pct_start=config.pct_start,
         anneal_strategy=config.anneal, div_factor=config.div_factor, final_div_factor=config.final_div_factor,
         cycle_momentum=config.min_momentum < config.momentum, base_momentum=config.min_momentum,
         max_momentum=config.momentum)
@@ -652,7 +663,7 @@ def train_all(s: Session, ckpt: dict[str, Any] | None) -> list[dict[str, Any]]:
             optimizer = build_optimizer(config, s.model, s.device)
             scheduler = build_scheduler(config, optimizer, len(train_loader))
             scaler = torch.amp.GradScaler(s.device.type) if s.dtype == torch.float16 else None
-            lookahead = Lookahead(s.model, config.epochs * len(train_loader)) if config.lookahead else None
+            lookahead = Lookahead(s.model, total_steps(config, len(train_loader))) if config.lookahead else None
             fit = Fit(train_loader, test_loader, optimizer, scheduler, scaler, lookahead)
             if ckpt is not None and run.run_index == run_index and (run.epoch or run.step_in_epoch):
                 run = fit.restore(s, ckpt)
@@ -678,15 +689,17 @@ def train_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
     if run.epoch == 0 and run.step_in_epoch == 0:
         print(epoch_row({}, header=True))
     resumable = hasattr(loader, "plan_epoch")
-    for epoch in range(run.epoch, config.epochs):
+    steps = epoch_steps(config, len(loader))
+    for epoch in range(run.epoch, len(steps)):
         state = StepState.from_dict(run.partial, s.device) if run.step_in_epoch else StepState.zeros(s.device)
         loader_start = loader.state_dict() if resumable else {}
         if resumable:
-            batches = loader.batches(loader.plan_epoch(), start=state.steps)
+            batches = itertools.islice(loader.batches(loader.plan_epoch(), start=state.steps),
+                                       steps[epoch] - state.steps)
         else:
-            batches = itertools.islice(iter(loader), state.steps, None)
+            batches = itertools.islice(iter(loader), state.steps, steps[epoch])
         lrs: list[float] = []
-        progress = _progress(len(loader) - state.steps, f"epoch {epoch + 1}")
+        progress = _progress(steps[epoch] - state.steps, f"epoch {epoch + 1}")
         try:
             with Timer(s.device) as timer:
                 train_one_epoch(s.runner, batches, fit.optimizer, fit.scheduler, s.criterion, fit.scaler,
@@ -715,7 +728,7 @@ def train_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
         row = {"seed": seed, "epoch": epoch + 1, "lr": lrs[-1] if lrs else fit.scheduler.get_last_lr()[0],
                "train_loss": loss, "train_acc": acc, "test_loss": float("nan"), "test_acc": float("nan"),
                "epoch_seconds": seconds, "total_seconds": run.train_seconds}
-        last = epoch + 1 == config.epochs
+        last = epoch + 1 == len(steps)
         if last or (epoch + 1) % config.eval_every == 0:
             ev = evaluate(s.runner, fit.test_loader, s.device, s.dtype, d=s.dist)
             row.update(test_loss=ev["loss"], test_acc=ev["acc"])

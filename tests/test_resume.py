@@ -94,6 +94,23 @@ def test_resume_after_a_finished_epoch_is_exact(learnable, tmp_path, monkeypatch
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_inside_a_fractional_last_epoch(learnable, tmp_path, monkeypatch):
+    args = ["--data-dir", str(learnable), *FAST, "--epochs", "2.5"]  # 7 + 7 + 4 steps
+    assert train_mod.main([*args, "--out-dir", str(tmp_path / "a")]) == 0
+    SignalAtCall.calls, SignalAtCall.signum, SignalAtCall.at = 0, signal.SIGINT, 7 + 7 + 2
+    monkeypatch.setattr(train_mod.nn, "CrossEntropyLoss", SignalAtCall)
+    with pytest.raises(SystemExit):
+        train_mod.main([*args, "--out-dir", str(tmp_path / "b")])
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert ckpt["run"]["epoch"] == 2 and ckpt["run"]["step_in_epoch"] == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path / "home"))
+    assert train_mod.main(["--resume", str(tmp_path / "b")]) == 0
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b") and len(metric_rows(tmp_path / "a")) == 3
+
+
 def test_kill_9_leaves_a_resumable_checkpoint(tmp_path):
     data = write_learnable_dataset(tmp_path / "data", train_per_class=30, test_per_class=2)
     out = tmp_path / "run"

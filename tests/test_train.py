@@ -13,7 +13,8 @@ import torch
 from fastcifar.checkpoint import load_model
 from fastcifar.config import TrainConfig, get_args_parser, parse_config
 from fastcifar.errors import UserError, run_cli
-from fastcifar.train import build_model, build_optimizer, build_scheduler, main
+from fastcifar.checkpoint import load_checkpoint
+from fastcifar.train import build_model, build_optimizer, build_scheduler, epoch_steps, main
 from synthetic import write_learnable_dataset
 
 FAST = ["--width", "8", "--batch-size", "32", "--device", "cpu", "--lr", "0.2"]
@@ -100,6 +101,22 @@ def test_one_cycle_peaks_at_pct_start_and_ends_at_lr_over_both_divs(anneal):
     assert lrs[0] == pytest.approx(0.4 / 20)
     assert lrs[-1] == pytest.approx(0.4 / (20 * 200))
     assert moms[0] == pytest.approx(0.9) and moms[peak] == pytest.approx(0.85)  # momentum cycles inversely
+
+
+@pytest.mark.parametrize("epochs, expected", [(3, [10, 10, 10]), (2.5, [10, 10, 5]), (0.01, [1]), (1.04, [10]), (1.06, [10, 1])])
+def test_epoch_steps_end_a_fractional_last_epoch_early(epochs, expected):
+    assert epoch_steps(TrainConfig(epochs=epochs), steps_per_epoch=10) == expected
+
+
+def test_fractional_epochs_train_that_many_steps_and_finish_the_cycle(learnable, tmp_path):
+    out = tmp_path / "run"
+    s = train(learnable, out, "--epochs", "1.5", "--no-plots", "--no-tta")  # 12 steps per epoch: 12 + 6
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and rows[-1]["test_acc"]
+    run = load_checkpoint(out / "checkpoint.pt")["run"]
+    assert len(run["lrs"]) == 18 and run["images"] == 18 * 32
+    assert run["lrs"][-1] == pytest.approx(0.2 / (20 * 200), rel=0.05)  # the one cycle ends where it should
+    assert s["epochs"] == 1.5
 
 
 def test_frozen_bn_scales_and_bias_lr_group():
