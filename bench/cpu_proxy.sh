@@ -7,7 +7,7 @@
 # Each model is then re-evaluated plain, with flip TTA and with flip + translate TTA, so the two recipes
 # can also be compared under the same test-time augmentation.
 #
-#   bash bench/cpu_proxy.sh [DATA] [OUT_DIR]      # ~18 minutes on a 2-core Zen 4
+#   bash bench/cpu_proxy.sh [DATA] [OUT_DIR]      # ~22 minutes on a 2-core Zen 4
 set -euo pipefail
 data=${1:-../shared/data/cifar10-png.tar.gz}
 out=${2:-runs/cpu-proxy}
