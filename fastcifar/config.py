@@ -35,7 +35,7 @@ class TrainConfig:
     width: int = 64                    # prep-layer channels; stages are width x (1, 2, 4, 8)
     logit_scale: float = 0.125         # logits multiplier (Page); 1.0 = plain net
     # schedule (OneCycleLR, stepped per batch)
-    epochs: float = 24                 # passes over the training set; a fraction ends the last one early (airbench: 9.9)
+    epochs: float = 24                 # passes over the data; a fraction ends the last one early (airbench: 9.9)
     batch_size: int = 512              # per process; with torchrun the global batch is this x world size
     optimizer: str = "sgd"             # sgd (Nesterov) or adam
     lr: float = 0.4                    # peak learning rate of the one cycle
@@ -49,7 +49,7 @@ class TrainConfig:
     label_smoothing: float = 0.2
     whiten: bool = False               # patch-whitening init of the first conv (airbench's trick)
     bn_weight: bool = True             # train the BatchNorm scales; --no-bn-weight freezes them at 1 (airbench)
-    bias_lr: float = 1.0               # lr multiplier for the BatchNorm biases, weight decay per step unchanged (airbench: 64)
+    bias_lr: float = 1.0               # lr multiplier for BatchNorm biases, same decay per step (airbench: 64)
     lookahead: bool = False            # every 5 steps pull the weights back to their EMA (airbench); ends on the EMA
     # augmentation
     translate: int = 4                 # random-crop padding, pixels
@@ -110,7 +110,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m fastcifar.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train the custom ResNet-9 on CIFAR-10 with One Cycle. Defaults are the 'default' preset.")
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="recipe whose values become the defaults")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                        help="recipe whose values become the defaults")
     parser.add_argument("--config", metavar="FILE", help="TOML file of field = value; overrides the preset")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")

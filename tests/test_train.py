@@ -103,7 +103,8 @@ def test_one_cycle_peaks_at_pct_start_and_ends_at_lr_over_both_divs(anneal):
     assert moms[0] == pytest.approx(0.9) and moms[peak] == pytest.approx(0.85)  # momentum cycles inversely
 
 
-@pytest.mark.parametrize("epochs, expected", [(3, [10, 10, 10]), (2.5, [10, 10, 5]), (0.01, [1]), (1.04, [10]), (1.06, [10, 1])])
+@pytest.mark.parametrize("epochs, expected", [(3, [10, 10, 10]), (2.5, [10, 10, 5]), (0.01, [1]), (1.04, [10]),
+                                              (1.06, [10, 1])])
 def test_epoch_steps_end_a_fractional_last_epoch_early(epochs, expected):
     assert epoch_steps(TrainConfig(epochs=epochs), steps_per_epoch=10) == expected
 
