@@ -3,6 +3,7 @@
     python -m fastcifar.train --data-dir ../shared/data/cifar10-png.tar.gz --out-dir runs/default
     python -m fastcifar.train --data-dir ../shared/data/cifar10-png.tar.gz --width 16 --epochs 10 --device cpu
     python -m fastcifar.train --preset seed --data-dir ... --out-dir runs/seed     # the original notebook
+    python -m fastcifar.train --preset speedrun --data-dir ... --runs 5            # the fast recipe, 5 seeds
     python -m fastcifar.train --resume runs/default                                # continue after a stop
 
 A run directory gets config.json, metrics.csv, summary.json, model.safetensors (+ everything needed to
