@@ -79,8 +79,9 @@ def test_parse_airbench_log_reads_the_final_eval_row():
     assert speedrun.parse_airbench_log("no table here") is None
 
 
-def test_salvage_keeps_only_finished_seeds(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"epochs": 2}))
+@pytest.mark.parametrize("epochs", [2, 1.5])  # 1.5: the second epoch is a partial one
+def test_salvage_keeps_only_finished_seeds(tmp_path, epochs):
+    (tmp_path / "config.json").write_text(json.dumps({"epochs": epochs}))
     (tmp_path / "metrics.csv").write_text(
         "seed,epoch,lr,train_loss,train_acc,test_loss,test_acc,epoch_seconds\n"
         "0,1,0.1,2,0.1,2,0.5,1.5\n0,2,0.1,2,0.1,2,0.75,2.5\n1,1,0.1,2,0.1,2,0.25,1.0\n")
