@@ -4,7 +4,8 @@
 
 The EMA decay ramps with the cube of training progress, decay(t) = final_decay * (t / total)**3: early
 training, where the weights move fast, is left alone; late training, where SGD only jitters around a
-minimum, is averaged. The last step is always an update, so the run ends on the slow weights.
+minimum, is averaged. After the last step the weights are set to the slow copy (decay 1: the fast steps
+since the last update are dropped), so the run ends on the average.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ class Lookahead:
     def step(self) -> None:
         """Call after every optimizer step."""
         self.steps += 1
-        if self.steps % self.every == 0 or self.steps == self.total_steps:
+        if self.steps % self.every == 0:
             self.update(self.decay(self.steps))
+        if self.steps == self.total_steps:
+            self.update(1.0)
 
     @torch.no_grad()
     def update(self, decay: float) -> None:

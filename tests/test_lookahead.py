@@ -38,22 +38,24 @@ def test_decay_ramps_with_the_cube_of_progress():
 
 
 def test_zero_decay_leaves_training_unchanged():
-    plain = train(tiny_net(), 12)
+    plain = train(tiny_net(), 10)
     net = tiny_net()
-    with_la = train(net, 12, Lookahead(net, total_steps=12, final_decay=0.0))
+    with_la = train(net, 10, Lookahead(net, total_steps=10, final_decay=0.0))  # ends on an update step
     assert all(torch.equal(plain[-1][k], with_la[-1][k]) for k in plain[-1])
 
 
 def test_updates_every_n_steps_and_ends_on_the_slow_weights(monkeypatch):
     net = tiny_net()
     la = Lookahead(net, total_steps=13, every=5, final_decay=0.9)
-    updated_at = []
+    updates = []
     update = la.update
-    monkeypatch.setattr(la, "update", lambda decay: (updated_at.append(la.steps), update(decay)))
+    monkeypatch.setattr(la, "update", lambda decay: (updates.append((la.steps, decay)), update(decay)))
     states = train(net, 13, la)
     plain = train(tiny_net(), 13)
-    assert updated_at == [5, 10, 13]  # every 5 steps, and always the last
+    # every 5 steps with the ramped decay; after the last step the weights take the slow copy (decay 1)
+    assert updates == [(5, pytest.approx(la.decay(5))), (10, pytest.approx(la.decay(10))), (13, 1.0)]
     assert all(torch.equal(net.state_dict()[k], la.slow[k]) for k in la.slow)
+    assert torch.equal(states[-1]["0.weight"], states[9]["0.weight"])  # steps 11-13 are dropped
     # steps 1-4 are plain SGD; from step 5 on the trajectory differs
     assert all(torch.equal(states[3][k], plain[3][k]) for k in plain[3])
     assert not torch.equal(states[4]["0.weight"], plain[4]["0.weight"])
