@@ -8,21 +8,25 @@
 # can also be compared under the same test-time augmentation.
 #
 #   bash bench/cpu_proxy.sh [DATA] [OUT_DIR]      # ~22 minutes on a 2-core Zen 4
-set -euo pipefail
+set -euo pipefail -m
 data=${1:-../shared/data/cifar10-png.tar.gz}
 out=${2:-runs/cpu-proxy}
 common=(--data-dir "$data" --width 16 --device cpu --no-plots --overwrite --eval-every 100)
 export OMP_NUM_THREADS=1
 mkdir -p "$out"
+rm -rf "$out"/default-s? "$out"/speedrun-s?  # never summarize an earlier sitting's results
 for seed in 0 1; do
     python -m fastcifar.train "${common[@]}" --epochs 10 --seed $seed --out-dir "$out/default-s$seed" \
         > "$out/default-s$seed.log" 2>&1
 done &
+default_loop=$!  # its own process group (set -m), so one kill stops the loop and its current run
+trap 'kill -- -"$default_loop" 2>/dev/null || true' EXIT  # a failed speedrun run stops the default's too
 for seed in 0 1 2; do
     python -m fastcifar.train "${common[@]}" --preset speedrun --epochs 5.5 --seed $seed \
         --out-dir "$out/speedrun-s$seed" > "$out/speedrun-s$seed.log" 2>&1
 done
-wait
+wait "$default_loop"  # its exit status: a failed default run stops the script here
+trap - EXIT
 for run in "$out"/default-s? "$out"/speedrun-s?; do
     python -m fastcifar.evaluate --checkpoint "$run" --data-dir "$data" --device cpu --tta-translate 1 \
         > "$run/evaluate.txt"

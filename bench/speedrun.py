@@ -219,8 +219,12 @@ def salvage_runs(out_dir: Path) -> dict[str, Any]:
     seeds: dict[int, list[dict[str, str]]] = {}
     for r in rows:
         seeds.setdefault(int(r["seed"]), []).append(r)
-    last_epoch = math.ceil(float(epochs))  # a fractional --epochs ends with a partial epoch
-    done = {s: rs for s, rs in seeds.items() if int(rs[-1]["epoch"]) == last_epoch and rs[-1]["test_acc"]}
+    # a seed is finished when a later seed has started, or when it reached the last epoch (a fractional
+    # --epochs ends with a partial one) and was evaluated
+    order = list(seeds)
+    last_epoch = math.ceil(float(epochs))
+    done = {s: rs for i, (s, rs) in enumerate(seeds.items()) if rs[-1]["test_acc"] and
+            (i + 1 < len(order) or int(rs[-1]["epoch"]) == last_epoch)}
     return {"seeds": sorted(done), "test_acc": [float(done[s][-1]["test_acc"]) for s in sorted(done)],
             "train_seconds": [sum(float(r["epoch_seconds"]) for r in done[s]) for s in sorted(done)]}
 
