@@ -88,6 +88,14 @@ def test_salvage_keeps_only_finished_seeds(tmp_path, epochs):
     assert speedrun.salvage_runs(tmp_path) == {"seeds": [0], "test_acc": [0.75], "train_seconds": [4.0]}
 
 
+def test_salvage_counts_a_seed_done_once_the_next_one_started(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"epochs": 1.001}))  # rounds to 1 epoch of steps
+    (tmp_path / "metrics.csv").write_text(
+        "seed,epoch,lr,train_loss,train_acc,test_loss,test_acc,epoch_seconds\n"
+        "0,1,0.1,2,0.1,2,0.5,1.5\n1,1,0.1,2,0.1,2,0.25,1.0\n")
+    assert speedrun.salvage_runs(tmp_path)["seeds"] == [0]
+
+
 def test_airbench_without_cuda_fails_before_training_with_a_clear_message(capsys):
     import torch
 
