@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU run (H200): the speedrun preset against airbench94 on the same images, then the
-# default 24-epoch recipe. About 7 minutes at most; every part has its own `timeout`, and a failed or
-# timed-out part does not stop the next (a timed-out speedrun.py still writes the runs that finished).
+# default 24-epoch recipe, then (only if time is left) the speedrun preset at fewer epochs, so the epoch
+# count can be chosen by measurement. About 7 minutes at most; every part has its own `timeout`, and a
+# failed or timed-out part does not stop the next (a timed-out speedrun.py still writes the runs that
+# finished).
 #
 #   bash bench/gpu.sh OUT_DIR
 #
@@ -11,18 +13,20 @@
 # Device call:  run(command="bash bench/gpu.sh $OUT", carry=[".gpu"], timeout_s=540)
 #
 # OUT_DIR gets (flat, <= 8 files): env.txt, speedrun.json, speedrun.log, default.json, default.log,
-# summary.txt. The summary table is printed last.
+# sweep.json, sweep.log (when it ran), summary.txt. The summary table is printed last.
 #
 # CPU smoke test (tests/test_speedrun.py runs this on a tiny synthetic data set):
 #   FASTCIFAR_GPU_SMOKE=1 FASTCIFAR_GPU_DATA=/path/to/tiny PYTHON=.venv/bin/python bash bench/gpu.sh /tmp/out
 # SMOKE=1 means: width 4, 1 epoch, batch 64, --device cpu, 2 + 1 runs, no airbench, preset `speedrun` if
-# it exists else `default`, private site dir, short timeouts.
+# it exists else `default`, private site dir, short timeouts, a 0.5-epoch sweep.
 #
 # Environment (defaults in brackets):
 #   PYTHON [python3]  FASTCIFAR_GPU_DATA [.gpu/cifar10-jpeg.tar.gz]  FASTCIFAR_GPU_WHEELS [.gpu/whl]
 #   FASTCIFAR_GPU_SITE [/tmp/site]  FASTCIFAR_GPU_PRESET [speedrun]  FASTCIFAR_GPU_RUNS [5]
 #   FASTCIFAR_GPU_AIRBENCH_RUNS [5]  FASTCIFAR_GPU_DEFAULT_RUNS [3]  FASTCIFAR_GPU_AIRBENCH [1]
 #   FASTCIFAR_GPU_T_SPEEDRUN [230 s]  FASTCIFAR_GPU_T_DEFAULT [170 s]
+#   FASTCIFAR_GPU_SWEEP_EPOCHS [8; empty = no sweep]: the sweep part's --epochs for the speedrun preset; it
+#   runs only when at least 60 s of FASTCIFAR_GPU_BUDGET [400 s, counted from the start] are left
 #   FASTCIFAR_GPU_EXTRA [none]: extra fastcifar.train flags for both parts, e.g. "--eval-every 100"
 set -u
 
@@ -54,6 +58,8 @@ if [ "$SMOKE" = 1 ]; then
     AIRBENCH=${FASTCIFAR_GPU_AIRBENCH:-0}
     T_SPEEDRUN=${FASTCIFAR_GPU_T_SPEEDRUN:-120}
     T_DEFAULT=${FASTCIFAR_GPU_T_DEFAULT:-120}
+    SWEEP_EPOCHS=${FASTCIFAR_GPU_SWEEP_EPOCHS-0.5}
+    BUDGET=${FASTCIFAR_GPU_BUDGET:-400}
     TRAIN_FLAGS=(--width 4 --epochs 1 --batch-size 64 --device cpu)
 else
     SITE=${FASTCIFAR_GPU_SITE:-/tmp/site}
@@ -62,6 +68,8 @@ else
     AIRBENCH=${FASTCIFAR_GPU_AIRBENCH:-1}
     T_SPEEDRUN=${FASTCIFAR_GPU_T_SPEEDRUN:-230}
     T_DEFAULT=${FASTCIFAR_GPU_T_DEFAULT:-170}
+    SWEEP_EPOCHS=${FASTCIFAR_GPU_SWEEP_EPOCHS-8}
+    BUDGET=${FASTCIFAR_GPU_BUDGET:-400}
     TRAIN_FLAGS=()
 fi
 AIRBENCH_RUNS=${FASTCIFAR_GPU_AIRBENCH_RUNS:-5}
@@ -92,7 +100,8 @@ fi
     echo "repo: $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
     echo "data: $DATA"
     echo "smoke: $SMOKE  preset: $PRESET  runs: $RUNS  airbench: $AIRBENCH x $AIRBENCH_RUNS  default runs: $DEFAULT_RUNS"
-    echo "timeouts: speedrun ${T_SPEEDRUN}s, default ${T_DEFAULT}s; extra train flags: ${TRAIN_FLAGS[*]:-none}"
+    echo "timeouts: speedrun ${T_SPEEDRUN}s, default ${T_DEFAULT}s; sweep: epochs ${SWEEP_EPOCHS:-none} if 60s of" \
+         "${BUDGET}s are left; extra train flags: ${TRAIN_FLAGS[*]:-none}"
     if command -v nvidia-smi >/dev/null 2>&1; then
         nvidia-smi
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
@@ -147,17 +156,26 @@ airbench_flags=()
 run_part speedrun "$T_SPEEDRUN" --preset "$PRESET" --runs "$RUNS" ${airbench_flags[@]+"${airbench_flags[@]}"} \
     ${extra[@]+"${extra[@]}"}
 run_part default "$T_DEFAULT" --preset default --runs "$DEFAULT_RUNS" ${extra[@]+"${extra[@]}"}
+parts=(speedrun default)
+left=$((BUDGET - SECONDS))
+if [ -n "$SWEEP_EPOCHS" ] && [ "$left" -ge 60 ]; then
+    run_part sweep "$left" --preset "$PRESET" --runs "$RUNS" -- ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} \
+        --epochs "$SWEEP_EPOCHS"
+    parts+=(sweep)
+elif [ -n "$SWEEP_EPOCHS" ]; then
+    echo "=== sweep skipped: ${left}s of the ${BUDGET}s budget left ==="
+fi
 
 {
     echo
     echo "=== summary ($(date -u +%H:%M:%SZ); data $DATA) ==="
-    for name in speedrun default; do
+    for name in "${parts[@]}"; do
         echo "$name: exit ${RC[$name]}, ${SECS[$name]} s wall"
     done
-    "$PY" - "$OUT_DIR" <<'EOF'
+    "$PY" - "$OUT_DIR" "${parts[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
-for name in ("speedrun", "default"):
+for name in sys.argv[2:]:
     path = Path(sys.argv[1]) / f"{name}.json"
     try:
         r = json.loads(path.read_text())

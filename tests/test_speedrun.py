@@ -229,7 +229,7 @@ def test_real_airbench_loader_reads_our_files_on_the_cpu(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
-def test_gpu_script_smoke_mode_runs_both_parts_on_the_cpu(tiny_data, tmp_path):
+def test_gpu_script_smoke_mode_runs_every_part_on_the_cpu(tiny_data, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "FASTCIFAR_GPU_SMOKE": "1", "FASTCIFAR_GPU_DATA": str(tiny_data),
            "FASTCIFAR_GPU_WHEELS": str(tmp_path / "no-wheels"), "PYTHON": sys.executable,
@@ -239,12 +239,14 @@ def test_gpu_script_smoke_mode_runs_both_parts_on_the_cpu(tiny_data, tmp_path):
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["default.json", "default.log", "env.txt", "speedrun.json",
-                                                     "speedrun.log", "summary.txt"]
-    for name, runs in (("speedrun", 2), ("default", 1)):
+                                                     "speedrun.log", "summary.txt", "sweep.json", "sweep.log"]
+    for name, runs in (("speedrun", 2), ("default", 1), ("sweep", 2)):
         report = json.loads((out / f"{name}.json").read_text())
         (stats,) = report["methods"].values()
         assert stats["runs"] == runs and report["errors"] == []
     summary = (out / "summary.txt").read_text()
-    assert "speedrun: exit 0" in summary and "default: exit 0" in summary and "median s" in summary
+    assert "speedrun: exit 0" in summary and "default: exit 0" in summary and "sweep: exit 0" in summary
+    assert "median s" in summary
+    assert json.loads((out / "sweep.json").read_text())["command"].endswith("--epochs 0.5")
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
     assert not list(tmp_path.glob("fastcifar-gpu.*")), "scratch directory left behind"
