@@ -25,9 +25,13 @@ class Lookahead:
     """
 
     def __init__(self, model: nn.Module, total_steps: int, every: int = 5, final_decay: float = 0.95 ** 5):
-        self.model, self.total_steps, self.every, self.final_decay = model, total_steps, every, final_decay
+        self.total_steps, self.every, self.final_decay = total_steps, every, final_decay
         self.steps = 0
-        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        # state_dict() tensors share storage with the model's, and training only changes them in place,
+        # so both lists are gathered once instead of at every update
+        fast = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.slow = {k: v.detach().clone() for k, v in fast.items()}
+        self._fast, self._slow = list(fast.values()), list(self.slow.values())
 
     def decay(self, step: int) -> float:
         return self.final_decay * (step / self.total_steps) ** 3
@@ -43,12 +47,8 @@ class Lookahead:
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
-        fast = self.model.state_dict()
-        names = list(self.slow)
-        slow = [self.slow[k] for k in names]
-        now = [fast[k] for k in names]
-        torch._foreach_lerp_(slow, now, 1.0 - decay)
-        torch._foreach_copy_(now, slow)
+        torch._foreach_lerp_(self._slow, self._fast, 1.0 - decay)
+        torch._foreach_copy_(self._fast, self._slow)
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "slow": self.slow}
