@@ -142,10 +142,7 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[float, flo
 
 
 def cycle_epochs(loader) -> Iterator:
-    """Batches of fresh epochs of `loader`, endlessly."""
-    if len(loader) == 0:
-        raise UserError(f"the training set has fewer images than one batch: lower --batch-size "
-                        f"({loader.batch_size})")
+    """Batches of fresh epochs of `loader`, endlessly (the caller checked that one full batch exists)."""
     while True:
         yield from loader
 
@@ -249,8 +246,9 @@ def _prepare_out(out: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from fastcifar.data import load_cifar10
-    from fastcifar.train import (amp_dtype, build_loaders, build_model, build_optimizer, configure_backends,
-                                 seed_everything, select_device)
+    from fastcifar.distributed import Dist
+    from fastcifar.train import (amp_dtype, build_loaders, build_model, build_optimizer, check_batch_size,
+                                 configure_backends, init_weights, seed_everything, select_device)
 
     config, args = parse_args(argv)
     out = Path(args.out)
@@ -258,11 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = select_device(config.device)
     configure_backends(device)
     data = load_cifar10(config.data_dir, download=config.download or None)
+    check_batch_size(config, len(data.train_labels), Dist())
     dtype = amp_dtype(device, config.amp)
     seed_everything(config.seed)
     train_loader, _ = build_loaders(replace(config, pipeline="gpu"), data, device, dtype, config.seed)
     batches = cycle_epochs(train_loader)
     model = build_model(config, len(data.classes), device)
+    init_weights(model, config, data, config.seed)  # the model a training run with this seed starts from
     optimizer = build_optimizer(config, model, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     print(f"lr range test: {args.start_lr:g} -> {args.end_lr:g} over {args.steps} steps "

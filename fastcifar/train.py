@@ -206,19 +206,18 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
         max_momentum=config.momentum)
 
 
-def reset_weights(model: ResNet9, seed: int) -> None:
-    """Fresh initialization for `seed`, in place, so the compiled (and DDP-wrapped) model stays valid."""
+def init_weights(model: ResNet9, config: TrainConfig, data, seed: int, whiten_sample: int = 5000) -> None:
+    """Fresh initialization for `seed`, in place, so the compiled (and DDP-wrapped) model stays valid; with
+    --whiten, then the patch-whitening init of the prep conv from the first `whiten_sample` training images."""
     torch.manual_seed(seed)
     model.load_state_dict(ResNet9(model.config).state_dict())
+    if config.whiten:
+        from fastcifar.augment import normalize_images
+        from fastcifar.whiten import init_whitening
 
-
-def whiten_prep(s: "Session", sample: int = 5000) -> None:
-    """Patch-whitening init of the prep conv from the first `sample` training images."""
-    from fastcifar.augment import normalize_images
-    from fastcifar.whiten import init_whitening
-
-    images = normalize_images(s.data.train_images[:sample], s.data.mean, s.data.std, s.device)
-    init_whitening(s.model.prep[0], images.permute(0, 3, 1, 2))
+        device = next(model.parameters()).device
+        images = normalize_images(data.train_images[:whiten_sample], data.mean, data.std, device)
+        init_whitening(model.prep[0], images.permute(0, 3, 1, 2))
 
 
 def seed_everything(seed: int) -> None:
@@ -658,9 +657,7 @@ def train_all(s: Session, ckpt: dict[str, Any] | None) -> list[dict[str, Any]]:
             if s.compile_seconds is None and (s.compile_model or s.device.type == "cuda"):
                 s.compile_seconds = warm_up(s, train_loader)
                 print(f"warm-up and compile: {s.compile_seconds:.1f}s (not counted as training time)")
-            reset_weights(s.model, seed)
-            if config.whiten:
-                whiten_prep(s)
+            init_weights(s.model, config, s.data, seed)
             optimizer = build_optimizer(config, s.model, s.device)
             scheduler = build_scheduler(config, optimizer, len(train_loader))
             scaler = torch.amp.GradScaler(s.device.type) if s.dtype == torch.float16 else None

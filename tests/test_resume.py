@@ -60,8 +60,8 @@ def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(learnable, tmp_
 
     SignalAtCall.calls, SignalAtCall.signum = 0, signum
     SignalAtCall.at = 7 + 4  # 7 steps per epoch: the 4th step of epoch 2
-    monkeypatch.setattr(train_mod.nn, "CrossEntropyLoss", SignalAtCall)
-    with pytest.raises(SystemExit) as stop:
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stop:
+        patch.setattr(train_mod.nn, "CrossEntropyLoss", SignalAtCall)
         train_mod.main([*args, "--out-dir", str(tmp_path / "b")])
     assert stop.value.code == code
     assert "--resume" in capsys.readouterr().err
@@ -69,8 +69,6 @@ def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(learnable, tmp_
     assert ckpt["run"]["epoch"] == 1 and ckpt["run"]["step_in_epoch"] == 4
     assert not (tmp_path / "b" / "model.safetensors").exists()
 
-    monkeypatch.undo()
-    monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path / "home"))
     assert train_mod.main(["--resume", str(tmp_path / "b")]) == 0
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-exact on the CPU
@@ -81,11 +79,9 @@ def test_resume_after_a_finished_epoch_is_exact(learnable, tmp_path, monkeypatch
     args = ["--data-dir", str(learnable), *FAST, "--epochs", "3", "--runs", "2"]
     assert train_mod.main([*args, "--out-dir", str(tmp_path / "a")]) == 0
     SignalAtCall.calls, SignalAtCall.signum, SignalAtCall.at = 0, signal.SIGINT, 3 * 7 + 7 + 1
-    monkeypatch.setattr(train_mod.nn, "CrossEntropyLoss", SignalAtCall)
-    with pytest.raises(SystemExit):  # stops in the second seed's second epoch
+    with monkeypatch.context() as patch, pytest.raises(SystemExit):  # stops in the second seed's second epoch
+        patch.setattr(train_mod.nn, "CrossEntropyLoss", SignalAtCall)
         train_mod.main([*args, "--out-dir", str(tmp_path / "b")])
-    monkeypatch.undo()
-    monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path / "home"))
     assert train_mod.main(["--resume", str(tmp_path / "b")]) == 0
     sa = json.loads((tmp_path / "a" / "summary.json").read_text())["runs"]
     sb = json.loads((tmp_path / "b" / "summary.json").read_text())["runs"]
@@ -98,13 +94,11 @@ def test_resume_inside_a_fractional_last_epoch(learnable, tmp_path, monkeypatch)
     args = ["--data-dir", str(learnable), *FAST, "--epochs", "2.5"]  # 7 + 7 + 4 steps
     assert train_mod.main([*args, "--out-dir", str(tmp_path / "a")]) == 0
     SignalAtCall.calls, SignalAtCall.signum, SignalAtCall.at = 0, signal.SIGINT, 7 + 7 + 2
-    monkeypatch.setattr(train_mod.nn, "CrossEntropyLoss", SignalAtCall)
-    with pytest.raises(SystemExit):
+    with monkeypatch.context() as patch, pytest.raises(SystemExit):
+        patch.setattr(train_mod.nn, "CrossEntropyLoss", SignalAtCall)
         train_mod.main([*args, "--out-dir", str(tmp_path / "b")])
     ckpt = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     assert ckpt["run"]["epoch"] == 2 and ckpt["run"]["step_in_epoch"] == 2
-    monkeypatch.undo()
-    monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path / "home"))
     assert train_mod.main(["--resume", str(tmp_path / "b")]) == 0
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -45,12 +45,6 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_learnable_dataset(tmp_path_factory.mktemp("speedrun_data"), train_per_class=20, test_per_class=5)
 
 
-@pytest.fixture
-def private_home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path / "home"))
-    return tmp_path
-
-
 def test_split_argv_gives_everything_after_the_double_dash_to_the_trainer():
     assert speedrun.split_argv(["--runs", "2", "--", "--width", "8", "--"]) == (["--runs", "2"], ["--width", "8", "--"])
     assert speedrun.split_argv(["--runs", "2"]) == (["--runs", "2"], [])
@@ -119,10 +113,10 @@ def test_unknown_preset_and_bad_trainer_flags_fail_up_front(capsys):
     assert code == 2 and "--no-such-flag" in capsys.readouterr().err
 
 
-def test_tiny_end_to_end_run_writes_the_report(tiny_data, private_home, capsys):
-    out = private_home / "report.json"
+def test_tiny_end_to_end_run_writes_the_report(tiny_data, tmp_path, capsys):
+    out = tmp_path / "report.json"
     code = speedrun.main(["--data-dir", str(tiny_data), "--preset", "default", "--runs", "2",
-                          "--out-dir", str(private_home / "run"), "--json", str(out), "--", *TINY_TRAIN])
+                          "--out-dir", str(tmp_path / "run"), "--json", str(out), "--", *TINY_TRAIN])
     assert code == 0
     report = json.loads(out.read_text())
     for key in ("date", "device", "torch", "data_source", "command", "table", "methods"):
@@ -188,7 +182,7 @@ def test_run_airbench_writes_its_data_files_and_reads_its_timings(tmp_path, monk
     assert stats["median_seconds"] == 3.5 and stats["at_least_threshold"]["acc_tta"]["count"] == 2
 
 
-def test_main_with_airbench_keeps_finished_runs_when_airbench_crashes(tiny_data, private_home, monkeypatch):
+def test_main_with_airbench_keeps_finished_runs_when_airbench_crashes(tiny_data, tmp_path, monkeypatch):
     class Crashing(FakeAirbench):
         def train94(self, run=0, verbose=True):
             if run == 1:
@@ -196,10 +190,10 @@ def test_main_with_airbench_keeps_finished_runs_when_airbench_crashes(tiny_data,
             return super().train94(run, verbose)
 
     monkeypatch.setattr(speedrun, "require_airbench", Crashing)
-    out = private_home / "report.json"
+    out = tmp_path / "report.json"
     code = speedrun.main(["--data-dir", str(tiny_data), "--preset", "default", "--runs", "1", "--airbench",
-                          "--airbench-runs", "3", "--work-dir", str(private_home / "ab"),
-                          "--out-dir", str(private_home / "run"), "--json", str(out), "--", *TINY_TRAIN])
+                          "--airbench-runs", "3", "--work-dir", str(tmp_path / "ab"),
+                          "--out-dir", str(tmp_path / "run"), "--json", str(out), "--", *TINY_TRAIN])
     assert code == 1
     report = json.loads(out.read_text())
     assert report["errors"] == ["airbench: RuntimeError: CUDA error: out of memory"]
@@ -207,7 +201,7 @@ def test_main_with_airbench_keeps_finished_runs_when_airbench_crashes(tiny_data,
     assert report["methods"]["airbench94"]["seconds"] == [3.0]
     assert report["time_ratio_fastcifar_over_airbench"] == pytest.approx(
         report["methods"]["fastcifar[default]"]["median_seconds"] / 3.0)
-    assert "airbench94" in report["table"] and (private_home / "ab" / "cifar10" / "train.pt").exists()
+    assert "airbench94" in report["table"] and (tmp_path / "ab" / "cifar10" / "train.pt").exists()
 
 
 def test_real_airbench_loader_reads_our_files_on_the_cpu(tmp_path):
