@@ -47,7 +47,7 @@ from export.predict import make_session, run_batches, to_input
 from fastcifar import __version__
 from fastcifar.atomic import atomic_path
 from fastcifar.checkpoint import ModelInfo, load_model, unwrap
-from fastcifar.errors import UserError, run_cli
+from fastcifar.errors import UserError, first_line, run_cli
 
 if TYPE_CHECKING:
     from fastcifar.data import CifarData
@@ -126,13 +126,13 @@ def export_onnx(model: nn.Module, info: ModelInfo, path: str | Path, opset: int 
     try:
         proto, exporter = _export_dynamo(graph, example, opset), "torch.onnx dynamo"
     except Exception as first:  # the exporter raises many types; any of them means: try the other one
-        print(f"dynamo exporter failed ({type(first).__name__}: {str(first).splitlines()[0][:200]}); "
+        print(f"dynamo exporter failed ({type(first).__name__}: {first_line(first)}); "
               "falling back to the TorchScript exporter", file=sys.stderr)
         try:
             proto, exporter = _export_torchscript(graph, example, opset), "torch.onnx TorchScript (legacy)"
         except Exception as second:
             raise UserError(f"ONNX export failed with both exporters (opset {opset or 'default'}): "
-                            f"{type(second).__name__}: {str(second).splitlines()[0][:200]}") from second
+                            f"{type(second).__name__}: {first_line(second)}") from second
     set_metadata(proto, metadata(info, exporter=exporter))
     onnx.save(proto, str(path))
     return f"{exporter}, opset {opset_of(proto)}"
@@ -221,7 +221,7 @@ def check_file(path: str | Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise UserError(f"exported model fails onnx.checker: {str(e).splitlines()[0][:300]}") from e
+        raise UserError(f"exported model fails onnx.checker: {first_line(e, 300)}") from e
 
 
 def verify(model: nn.Module, info: ModelInfo, path: str | Path, images: np.ndarray) -> Parity:

@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 # fastcifar.errors is torch-free; tests/test_export.py checks this module stays so
-from fastcifar.errors import UserError, run_cli
+from fastcifar.errors import UserError, first_line, run_cli
 
 IMAGE_SIZE = 32
 EXIT_SOME_FAILED = 1
@@ -69,7 +69,7 @@ def load_classifier(path: str | os.PathLike) -> tuple[ort.InferenceSession, list
     try:
         session = make_session(path)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types for unreadable files
-        raise UserError(f"invalid ONNX model ({path}): {str(e).splitlines()[0][:200]}") from e
+        raise UserError(f"invalid ONNX model ({path}): {first_line(e)}") from e
     meta = session.get_modelmeta().custom_metadata_map
     try:
         classes = json.loads(meta["classes"])

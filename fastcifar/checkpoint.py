@@ -25,7 +25,7 @@ from torch import nn
 
 from fastcifar import __version__
 from fastcifar.atomic import atomic_path
-from fastcifar.errors import UserError
+from fastcifar.errors import UserError, first_line
 from fastcifar.model import ModelConfig, ResNet9
 
 MODEL_FILE = "model.safetensors"
@@ -88,7 +88,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             meta = f.metadata() or {}
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"corrupt checkpoint ({path}): {str(e).splitlines()[0]}; retrain or re-copy the file") from None
+        raise UserError(f"corrupt checkpoint ({path}): {first_line(e)}; retrain or re-copy the file") from None
     if _META_KEY not in meta:
         raise UserError(f"not a fastcifar model ({path}): no '{_META_KEY}' metadata in the safetensors header")
     try:
@@ -119,5 +119,5 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise UserError(f"corrupt checkpoint ({path}): {str(e).splitlines()[0][:200]}; "
+        raise UserError(f"corrupt checkpoint ({path}): {first_line(e)}; "
                         "resume from a copy or start a new run") from None

@@ -80,11 +80,6 @@ def gather_interleaved(t: torch.Tensor, d: Dist, n: int) -> torch.Tensor:
     return out
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
-
-
 def broadcast_flag(flag: bool, d: Dist, device: torch.device) -> bool:
     """True on every rank if it is True on any: ranks must agree on when to stop."""
     if not d.enabled:

@@ -17,6 +17,13 @@ class UserError(Exception):
     """A problem the user can fix. The message is one line: what, where (file or flag), what to do."""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most `limit` characters; its type name if empty
+    (a truncated file can raise `EOFError('')`)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
             prog: str = "fastcifar") -> int:
     """Run `main(argv)` and map user errors to one line on stderr and exit code 2.

@@ -228,3 +228,12 @@ def test_debug_shows_the_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fastcifar.data", "--data-dir", str(tmp_path / "x"), "--debug"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_an_empty_checkpoint_is_a_user_error(tmp_path):
+    from fastcifar.checkpoint import load_checkpoint
+    from fastcifar.errors import UserError
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"")  # torch.load raises EOFError('') on it
+    with pytest.raises(UserError, match="corrupt checkpoint"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
