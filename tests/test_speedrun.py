@@ -238,6 +238,7 @@ def test_gpu_script_smoke_mode_runs_every_part_on_the_cpu(tiny_data, tmp_path):
         report = json.loads((out / f"{name}.json").read_text())
         (stats,) = report["methods"].values()
         assert stats["runs"] == runs and report["errors"] == []
+        assert stats["tta"] == ("flip + translate 1" if name != "default" else "flip")  # the preset's own TTA
     summary = (out / "summary.txt").read_text()
     assert "speedrun: exit 0" in summary and "default: exit 0" in summary and "sweep: exit 0" in summary
     assert "median s" in summary
