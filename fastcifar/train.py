@@ -208,15 +208,19 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
 
 def init_weights(model: ResNet9, config: TrainConfig, data, seed: int, whiten_sample: int = 5000) -> None:
     """Fresh initialization for `seed`, in place, so the compiled (and DDP-wrapped) model stays valid; with
-    --whiten, then the patch-whitening init of the prep conv from the first `whiten_sample` training images."""
+    --whiten, then the patch-whitening init of the prep conv from `whiten_sample` training images."""
     torch.manual_seed(seed)
     model.load_state_dict(ResNet9(model.config).state_dict())
     if config.whiten:
         from fastcifar.augment import normalize_images
         from fastcifar.whiten import init_whitening
 
+        # evenly spread over the training set: image-folder data is sorted by class, so a prefix would be
+        # one class only
+        n = len(data.train_images)
+        pick = np.linspace(0, n - 1, min(whiten_sample, n)).round().astype(np.int64)
         device = next(model.parameters()).device
-        images = normalize_images(data.train_images[:whiten_sample], data.mean, data.std, device)
+        images = normalize_images(data.train_images[pick], data.mean, data.std, device)
         init_whitening(model.prep[0], images.permute(0, 3, 1, 2))
 
 
