@@ -32,3 +32,25 @@ def test_narrow_layers_get_the_largest_directions_first():
     init_whitening(model.prep[0], x)
     out = F.conv2d(x, model.prep[0].weight[0:4:2])
     assert out.shape[1] == 2 and torch.isfinite(out).all()
+
+
+def test_training_init_whitens_on_images_from_every_class(monkeypatch):
+    """Image-folder data comes sorted by class: the whitening sample must not be a one-class prefix."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import fastcifar.augment as augment
+    from fastcifar.config import TrainConfig
+    from fastcifar.train import init_weights
+
+    seen = {}
+    normalize = augment.normalize_images
+    monkeypatch.setattr(augment, "normalize_images",
+                        lambda images, *a, **k: (seen.setdefault("images", images), normalize(images, *a, **k))[1])
+    images = np.random.default_rng(0).integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8)
+    images[:, 0, 0, 0] = np.arange(1000) // 100  # the class of each image, 100 per class, in order
+    data = SimpleNamespace(train_images=images, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    model = resnet9(width=4)
+    init_weights(model, TrainConfig(width=4, whiten=True), data, seed=0, whiten_sample=50)
+    assert len(seen["images"]) == 50 and set(seen["images"][:, 0, 0, 0].tolist()) == set(range(10))
