@@ -330,23 +330,6 @@ def working_dir(path: Path):
         os.chdir(old)
 
 
-def _event_timer():
-    """Start timing now; returns stop() -> seconds. CUDA events on a GPU, else perf_counter (fake airbench)."""
-    import torch
-
-    if torch.cuda.is_available():
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-
-        def stop() -> float:
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000
-        return stop
-    t0 = time.perf_counter()
-    return lambda: time.perf_counter() - t0
-
-
 def run_airbench(airbench, data, runs: int, seed: int, work_dir: Path, out: dict[str, Any] | None = None,
                  on_run=None) -> dict[str, Any]:
     """airbench94 `runs` times on `data`, after its own warm-up; per run its accuracies and times.
@@ -356,24 +339,26 @@ def run_airbench(airbench, data, runs: int, seed: int, work_dir: Path, out: dict
     """
     import torch
 
+    from fastcifar.train import Timer
+
     out = {} if out is None else out
     results: list[dict[str, Any]] = []
     out.update({"version": airbench_version(), "work_dir": str(work_dir), "runs": results,
                 "time": "airbench's own total_time_seconds: CUDA events around whitening init, "
                         "training epochs and TTA evaluation (per-epoch evaluation excluded)"})
     write_airbench_data(data, work_dir)
+    timer_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: the tests' fake airbench
     with working_dir(work_dir):
-        stop = _event_timer()
-        airbench.warmup94()  # one training step: cuDNN autotuning and lazy init, outside the timings
-        out["warmup_seconds"] = stop()
+        with Timer(timer_device) as warm:
+            airbench.warmup94()  # one training step: cuDNN autotuning and lazy init, outside the timings
+        out["warmup_seconds"] = warm.seconds
         test_loader = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
         for i in range(runs):
             torch.manual_seed(seed + i)  # airbench draws from the global generators and seeds nothing
             tee = _Tee(sys.stdout)
-            stop = _event_timer()
-            with contextlib.redirect_stdout(tee):
+            with Timer(timer_device) as timer, contextlib.redirect_stdout(tee):
                 model = airbench.train94(run=i, verbose=True)
-            wall = stop()
+            wall = timer.seconds
             parsed = parse_airbench_log(tee.buffer_text.getvalue()) or {}
             accs = [airbench.evaluate(model, test_loader, tta_level=level) for level in (0, 1, 2)]
             results.append({"seed": seed + i, "acc": accs[0], "acc_flip_tta": accs[1], "acc_tta": accs[2],
