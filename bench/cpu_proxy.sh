@@ -29,19 +29,22 @@ wait "$default_loop"  # its exit status: a failed default run stops the script h
 trap - EXIT
 for run in "$out"/default-s? "$out"/speedrun-s?; do
     python -m fastcifar.evaluate --checkpoint "$run" --data-dir "$data" --device cpu --tta-translate 1 \
-        > "$run/evaluate.txt"
+        --json > "$run/evaluate.json"
 done
 python - "$out" <<'PY'
-import json, statistics, sys
+import json, sys
 from pathlib import Path
+from fastcifar.stats import describe
 out = Path(sys.argv[1])
-mean = statistics.mean
+mean = lambda values: describe(list(values))["mean"]
+median = lambda values: describe(list(values))["median"]
 def load(recipe):
     runs = []
     for run in sorted(out.glob(f"{recipe}-s?")):
         s = json.loads((run / "summary.json").read_text())
-        views = [float(line.split()[-1]) for line in (run / "evaluate.txt").read_text().splitlines()]
-        runs.append({"acc": s["test_acc"], "own_tta": s["test_acc_tta"], "tta_name": s["tta"], "plain": views[0],
+        views = [e["test_acc"] for e in json.loads((run / "evaluate.json").read_text())["evaluations"]]
+        tta_name = f"flip + translate {s['tta']['translate']} TTA" if s["tta"]["translate"] else "flip TTA"
+        runs.append({"acc": s["test_acc"], "own_tta": s["test_acc_tta"], "tta_name": tta_name, "plain": views[0],
                      "flip": views[1], "flip_translate": views[2], "seconds": s["train_seconds"]})
     return runs
 print(f"{'recipe':<9} {'seeds':>5} {'reported (its TTA)':>19} {'plain':>7} {'flip':>7} {'flip+tr1':>9} {'train s':>8}")
@@ -50,10 +53,10 @@ for recipe in ("default", "speedrun"):
     r = res[recipe] = load(recipe)
     print(f"{recipe:<9} {len(r):>5} {mean(x['own_tta'] for x in r):>19.4f} {mean(x['plain'] for x in r):>7.4f} "
           f"{mean(x['flip'] for x in r):>7.4f} {mean(x['flip_translate'] for x in r):>9.4f} "
-          f"{statistics.median(x['seconds'] for x in r):>8.1f}   ({r[0]['tta_name']}; per seed "
+          f"{median(x['seconds'] for x in r):>8.1f}   ({r[0]['tta_name']}; per seed "
           f"{', '.join(format(x['own_tta'], '.4f') for x in r)}; seconds {', '.join(format(x['seconds'], '.1f') for x in r)})")
 d, f = res["default"], res["speedrun"]
-ratio = statistics.median(x["seconds"] for x in f) / statistics.median(x["seconds"] for x in d)
+ratio = median(x["seconds"] for x in f) / median(x["seconds"] for x in d)
 gain = mean(x["own_tta"] for x in f) - mean(x["own_tta"] for x in d)
 print(f"speedrun vs default: reported accuracy {gain * 100:+.2f} points, training seconds {ratio:.1%} "
       f"(target: >= +0 points in <= 60%)")

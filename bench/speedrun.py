@@ -53,6 +53,7 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/speedrun.py` from anywhere
 import numpy as np  # noqa: E402 (after the sys.path line)
 
 from fastcifar.errors import UserError, run_cli  # noqa: E402
+from fastcifar.stats import describe as describe_sample  # noqa: E402
 
 THRESHOLD = 0.94
 AIRBENCH_VERSION = "0.1.8"
@@ -134,12 +135,8 @@ def train_argv(args: argparse.Namespace, out_dir: Path, extra: Sequence[str]) ->
 # Statistics and the table
 # ------------------------------------------------------------------------------------------------------
 def describe(values: Sequence[float] | None) -> dict[str, Any] | None:
-    """n, mean, sample std (ddof=1; 0 for one value), min, max; None for no values."""
-    if not values:
-        return None
-    a = np.asarray(values, dtype=float)
-    return {"n": len(a), "mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max())}
+    """fastcifar.stats.describe of the values; None for no values (a method without TTA has none)."""
+    return describe_sample(values) if values else None
 
 
 def at_least(values: Sequence[float] | None, threshold: float) -> dict[str, Any] | None:
@@ -158,7 +155,7 @@ def method_stats(acc: Sequence[float], acc_flip: Sequence[float] | None, acc_own
         "acc_tta": describe(acc_own_tta), "tta": own_tta_name,
         "at_least_threshold": {"threshold": threshold, "acc": at_least(acc, threshold),
                                "acc_tta": at_least(acc_own_tta, threshold), "primary": primary},
-        "median_seconds": float(np.median(seconds)) if len(seconds) else None,
+        "median_seconds": describe_sample(seconds)["median"],
         "seconds": [float(s) for s in seconds],
     }
 
@@ -192,7 +189,8 @@ def format_table(rows: list[tuple[str, dict[str, Any]]], reference: str | None =
 # fastcifar
 # ------------------------------------------------------------------------------------------------------
 def run_fastcifar(argv: list[str], out_dir: Path) -> dict[str, Any]:
-    """Train via fastcifar.train.main in this process; its summary.json, or what metrics.csv salvages."""
+    """Train via fastcifar.train.main in this process; its summary.json (rewritten after every seed, so a
+    stopped run keeps its finished seeds)."""
     from fastcifar import train
 
     result: dict[str, Any] = {"argv": argv, "out_dir": str(out_dir)}
@@ -210,7 +208,14 @@ def run_fastcifar(argv: list[str], out_dir: Path) -> dict[str, Any]:
 
 
 def salvage_runs(out_dir: Path) -> dict[str, Any]:
-    """Seeds that finished before a stop, from metrics.csv (no TTA accuracy there)."""
+    """Seeds that finished before a stop: from summary.json, which the trainer rewrites after every seed;
+    from metrics.csv (no TTA accuracy there) for a run that has none yet."""
+    try:
+        runs = json.loads((out_dir / "summary.json").read_text())["runs"]
+        return {"seeds": runs["seeds"], "test_acc": runs["test_acc"], "test_acc_tta": runs["test_acc_tta"],
+                "train_seconds": runs["train_seconds"]}
+    except (OSError, KeyError, ValueError):
+        pass
     try:
         epochs = json.loads((out_dir / "config.json").read_text())["epochs"]
         with open(out_dir / "metrics.csv", newline="") as f:
@@ -231,17 +236,14 @@ def salvage_runs(out_dir: Path) -> dict[str, Any]:
 
 
 def fastcifar_stats(result: dict[str, Any], threshold: float) -> dict[str, Any] | None:
-    if "summary" in result:
-        runs = result["summary"]["runs"]
-        tta = runs["test_acc_tta"] or None
-        name = result["summary"].get("tta") or "flip TTA"  # the trainer's own name: flip, or flip + translate
-        flip_only = name == "flip TTA"
-        return method_stats(runs["test_acc"], tta if flip_only else None, tta, runs["train_seconds"], threshold,
-                            (("flip" if flip_only else name.removesuffix(" TTA")) if tta else None))
-    s = result.get("salvaged")
-    if s and s["test_acc"]:
-        return method_stats(s["test_acc"], None, None, s["train_seconds"], threshold, None)
-    return None
+    runs = result["summary"]["runs"] if "summary" in result else result.get("salvaged")
+    if not runs or not runs["test_acc"]:
+        return None
+    tta = runs.get("test_acc_tta") or None
+    translate = ((result.get("summary") or {}).get("tta") or {}).get("translate", 0)  # summary.json's TTA fields
+    flip_only = not translate
+    return method_stats(runs["test_acc"], tta if flip_only else None, tta, runs["train_seconds"], threshold,
+                        (("flip" if flip_only else f"flip + translate {translate}") if tta else None))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -339,7 +341,7 @@ def run_airbench(airbench, data, runs: int, seed: int, work_dir: Path, out: dict
     """
     import torch
 
-    from fastcifar.train import Timer
+    from fastcifar.runtime import Timer
 
     out = {} if out is None else out
     results: list[dict[str, Any]] = []
@@ -382,17 +384,9 @@ def airbench_stats(result: dict[str, Any], threshold: float) -> dict[str, Any] |
 # main
 # ------------------------------------------------------------------------------------------------------
 def environment(argv: Sequence[str]) -> dict[str, Any]:
-    import torch
+    from fastcifar import runtime
 
-    from fastcifar import __version__
-
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name(0)
-    else:
-        device = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "fastcifar": __version__,
-            "host": platform.node(), "python_executable": sys.executable,
+    return {**runtime.environment(), "host": platform.node(), "python_executable": sys.executable,
             "command": shlex.join(["python", "bench/speedrun.py", *argv])}
 
 

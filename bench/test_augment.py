@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 pytest bench/test_augment.py --benchmark-json=/tmp/augment.json   # ~1-2 min on 2 cores
 
-The fast loader (GpuLoader on CPU tensors, bf16 and fp32) against the albumentations reference
+The fast loader (DeviceLoader on CPU tensors, bf16 and fp32) against the albumentations reference
 (`reference_loader`: per-image Normalize, reflect pad + random crop, flip, CoarseDropout; a DataLoader with
 2 workers, persistent, so worker start-up is in the warm-up round only). Same settings for both:
 translate 4, flip, cutout 8, batch 512, drop_last (97 batches = 49,664 images). A round is one full epoch;
@@ -59,10 +59,10 @@ def test_albumentations_epoch(benchmark, cifar_images):
 @pytest.mark.benchmark(group=GROUP)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_fast_loader_epoch(benchmark, cifar_images, dtype):
-    from fastcifar.augment import GpuLoader
+    from fastcifar.augment import DeviceLoader
 
     start = time.perf_counter()
-    loader = GpuLoader(cifar_images.images, cifar_images.labels, mean=cifar_images.mean, std=cifar_images.std,
+    loader = DeviceLoader(cifar_images.images, cifar_images.labels, mean=cifar_images.mean, std=cifar_images.std,
                        batch_size=BATCH, train=True, drop_last=True, seed=0, device="cpu",
                        dtype=getattr(torch, dtype), channels_last=True, **AUG)
     setup = time.perf_counter() - start

@@ -5,7 +5,7 @@
 A step = next batch from the path's loader + forward + loss + backward + SGD (Nesterov) step, on the
 default ResNet-9 at widths 16 and 64.
 
-* fast: the batch comes from GpuLoader on the step's device (translate 4, flip, cutout 8, stored in bf16,
+* fast: the batch comes from DeviceLoader on the step's device (translate 4, flip, cutout 8, stored in bf16,
   channels_last), the model is channels_last and runs under bf16 autocast (the trainer's fast-path settings,
   eager: no torch.compile; fused SGD on CUDA).
 * reference: the batch comes from the albumentations DataLoader iterator (2 worker processes, same
@@ -50,15 +50,16 @@ def make_step(path: str, width: int, device: torch.device, batch: int, data):
     """(step, batches): `step()` pulls the next batch from the endless `batches` and trains on it."""
     from fastcifar.config import TrainConfig
     from fastcifar.model import ModelConfig, ResNet9
-    from fastcifar.train import amp_dtype, autocast, build_optimizer
+    from fastcifar.recipe import build_optimizer
+    from fastcifar.runtime import amp_dtype, autocast
 
     fast = path == "fast"
     images, labels = data.images[:SUBSET], data.labels[:SUBSET]
     dtype = amp_dtype(device, True) if fast else None
     if fast:
-        from fastcifar.augment import GpuLoader
+        from fastcifar.augment import DeviceLoader
 
-        loader = GpuLoader(images, labels, mean=data.mean, std=data.std, batch_size=batch, train=True,
+        loader = DeviceLoader(images, labels, mean=data.mean, std=data.std, batch_size=batch, train=True,
                            drop_last=True, seed=0, device=device, dtype=dtype, channels_last=True, **AUG)
     else:
         from fastcifar.reference import reference_loader
@@ -108,7 +109,7 @@ def test_train_step(benchmark, cifar_images, device, width, path):
         path=path, device=device, width=width, batch=batch, images_per_s=round(rate, 1),
         amp=str(dtype).replace("torch.", "") if dtype else "none (fp32)",
         memory_format="channels_last" if path == "fast" else "contiguous NCHW",
-        data="GpuLoader on the device" if path == "fast" else "albumentations DataLoader, 2 workers",
+        data="DeviceLoader on the device" if path == "fast" else "albumentations DataLoader, 2 workers",
         torch_threads=torch.get_num_threads(), compile=False, data_source=cifar_images.source)
     reference = _IMAGES_PER_S.get((device, width, "reference"))
     if path == "fast" and reference:

@@ -109,7 +109,7 @@ def batch_cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int)
     return x
 
 
-class GpuLoader:
+class DeviceLoader:
     """Device-resident CIFAR loader. Yields (inputs NCHW in channels_last memory, int64 labels).
 
     Args:
@@ -244,3 +244,6 @@ class GpuLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self.generator.set_state(state["generator"])
+
+
+GpuLoader = DeviceLoader  # the old name, for code written before the rename; use DeviceLoader

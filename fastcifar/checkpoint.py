@@ -121,3 +121,107 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise UserError(f"corrupt checkpoint ({path}): {first_line(e)}; "
                         "resume from a copy or start a new run") from None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Resumable training state
+# ------------------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class RunState:
+    """Where training stands; saved in every checkpoint, so a resumed run continues exactly."""
+
+    run_index: int = 0            # which of the --runs seeds is in progress
+    epoch: int = 0                # completed epochs of that run
+    train_seconds: float = 0.0
+    images: int = 0               # training samples processed (all ranks)
+    step_in_epoch: int = 0        # > 0 when stopped mid-epoch: steps of epoch `epoch` already done
+    partial: dict[str, Any] = field(default_factory=dict)         # StepState of that partial epoch
+    lrs: list[float] = field(default_factory=list)                # lr of every step of this run
+    rows: list[dict[str, Any]] = field(default_factory=list)      # metrics of every epoch so far
+    finished: list[dict[str, Any]] = field(default_factory=list)  # results of completed runs
+
+
+def numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state as tensors and numbers (loadable with weights_only=True)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def set_numpy_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    np.random.set_state(("MT19937", state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["gauss"]))
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """torch's, numpy's and (on CUDA) the device's global generators."""
+    return {"torch": torch.get_rng_state(), "numpy": numpy_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    set_numpy_rng_state(state["numpy"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def training_state(*, config: dict[str, Any], run: RunState, model: nn.Module, optimizer, scheduler, scaler,
+                   lookahead, loader_state: dict, device: torch.device) -> dict[str, Any]:
+    """Everything `--resume` needs, as plain containers only (tensors, numbers, strings), so
+    `torch.load(weights_only=True)` reads it."""
+    from dataclasses import asdict
+
+    return {
+        "format": CHECKPOINT_FORMAT, "config": config, "run": asdict(run), "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler else {}, "loader": loader_state,
+        "lookahead": lookahead.state_dict() if lookahead else {}, "rng": rng_state(device),
+    }
+
+
+def restore_training_state(ckpt: dict[str, Any], *, model: nn.Module, optimizer, scheduler, scaler, lookahead,
+                           train_loader, device: torch.device) -> RunState:
+    """The inverse of `training_state`: loads every object in place; returns where training stood."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    if lookahead is not None:
+        lookahead.load_state_dict(ckpt["lookahead"])
+    if ckpt["loader"] and hasattr(train_loader, "load_state_dict"):
+        train_loader.load_state_dict(ckpt["loader"])
+    set_rng_state(ckpt["rng"], device)
+    return RunState(**ckpt["run"])
+
+
+def resolve_run_dir(path: str | os.PathLike) -> Path:
+    """`--resume` takes the run directory or its checkpoint.pt; either way, the run directory."""
+    path = Path(path)
+    if path.is_file() and path.name == CHECKPOINT_FILE:
+        return path.parent
+    if not path.is_dir():
+        raise UserError(f"--resume directory not found ({path}): pass the --out-dir of the run to continue "
+                        f"or its {CHECKPOINT_FILE}")
+    return path
+
+
+def load_resume(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(run directory, checkpoint) for `--resume`, with the checkpoint's config and run state checked."""
+    run_dir = resolve_run_dir(path)
+    ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    try:
+        if not isinstance(ckpt["config"], dict):
+            raise TypeError("config is not a mapping")
+        RunState(**ckpt["run"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"checkpoint has no valid config ({run_dir / CHECKPOINT_FILE}): {e}; start a new run")
+    return run_dir, ckpt

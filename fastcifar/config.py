@@ -1,18 +1,24 @@
 """Training configuration: one dataclass, the presets, TOML files and the argparse parser built from them.
 
 Precedence, lowest first: dataclass defaults < `--preset` < `--config FILE` < flags on the command line.
-Every field is a flag (`batch_size` -> `--batch-size`; booleans get `--x/--no-x`), so `--help` lists them
-all with their defaults, and `config.json` in a run directory is `dataclasses.asdict(config)`.
+Every field is a flag (`batch_size` -> `--batch-size`; booleans get `--x/--no-x`) whose help text, short
+aliases and allowed values (`Literal[...]`) live with the field, so `--help` lists them all with their
+defaults, and `config.json` in a run directory is `dataclasses.asdict(config)`. Fields marked
+`environment=True` describe where a run executes and may change on `--resume`; all others are the recipe.
+
+    python -m fastcifar.train --help
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from fastcifar.errors import UserError
 
@@ -22,56 +28,74 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # --device values; cuda:N picks one GPU
+
+
+def option(default: Any, help: str, *, aliases: tuple[str, ...] = (), environment: bool = False) -> Any:
+    """A TrainConfig field with its --help text, extra flag names and whether --resume may change it."""
+    return field(default=default, metadata={"help": help, "aliases": aliases, "environment": environment})
+
+
 @dataclass
 class TrainConfig:
     # data
-    data_dir: str | None = None        # image-folder tree/archive or official CIFAR-10 files; None = cache/download
-    download: bool = False             # fetch the official files into the cache when missing
-    out_dir: str | None = None         # run directory; None = runs/<preset>-<timestamp>
-    overwrite: bool = False            # allow replacing an existing run directory's results
-    pipeline: str = "gpu"              # gpu = device-resident fast loader; albumentations = the reference
-    workers: int = 2                   # DataLoader workers for the albumentations pipeline
+    data_dir: str | None = option(
+        None, 'image-folder tree/archive or official CIFAR-10 files; None = cache/download', environment=True)
+    download: bool = option(False, 'fetch the official files into the cache when missing', environment=True)
+    out_dir: str | None = option(
+        None, 'run directory (default: runs/YYYYmmdd-HHMMSS, the start time)', aliases=("--output-dir",))
+    overwrite: bool = option(False, "allow replacing an existing run directory's results")
+    pipeline: Literal["gpu", "albumentations"] = option(
+        "gpu", 'gpu = the device-resident fast loader (on any --device); albumentations = the reference')
+    workers: int = option(
+        2, 'DataLoader workers for the albumentations pipeline', aliases=("-j",), environment=True)
     # model
-    width: int = 64                    # prep-layer channels; stages are width x (1, 2, 4, 8)
-    logit_scale: float = 0.125         # logits multiplier (Page); 1.0 = plain net
+    width: int = option(64, 'prep-layer channels; stages are width x (1, 2, 4, 8)')
+    logit_scale: float = option(0.125, 'logits multiplier (Page); 1.0 = plain net')
     # schedule (OneCycleLR, stepped per batch)
-    epochs: float = 24                 # passes over the data; a fraction ends the last one early (airbench: 9.9)
-    batch_size: int = 512              # per process; with torchrun the global batch is this x world size
-    optimizer: str = "sgd"             # sgd (Nesterov) or adam
-    lr: float = 0.4                    # peak learning rate of the one cycle
-    pct_start: float = 0.21            # fraction of steps spent warming up (5 of 24 epochs)
-    div_factor: float = 20.0           # initial lr = lr / div_factor
-    final_div_factor: float = 200.0    # final lr = initial lr / final_div_factor
-    anneal: str = "linear"             # linear or cos
-    momentum: float = 0.9              # SGD momentum / Adam beta1 at the ends of the cycle
-    min_momentum: float = 0.85         # ... cycled down to this at the peak lr (set equal to disable)
-    weight_decay: float = 5e-4         # L2 on all weights, with the mean-reduced loss (Page's 5e-4*512 on the sum)
-    label_smoothing: float = 0.2
-    whiten: bool = False               # patch-whitening init of the first conv (airbench's trick)
-    bn_weight: bool = True             # train the BatchNorm scales; --no-bn-weight freezes them at 1 (airbench)
-    bias_lr: float = 1.0               # lr multiplier for BatchNorm biases, same decay per step (airbench: 64)
-    lookahead: bool = False            # every 5 steps pull the weights back to their EMA (airbench); ends on the EMA
+    epochs: float = option(24, 'passes over the data; a fraction ends the last one early (airbench: 9.9)')
+    batch_size: int = option(
+        512, 'per process; with torchrun the global batch is this x world size', aliases=("-b",))
+    optimizer: Literal["sgd", "adam"] = option("sgd", 'sgd (Nesterov) or adam')
+    lr: float = option(0.4, 'peak learning rate of the one cycle')
+    pct_start: float = option(0.21, 'fraction of steps spent warming up (5 of 24 epochs)')
+    div_factor: float = option(20.0, 'initial lr = lr / div_factor')
+    final_div_factor: float = option(200.0, 'final lr = initial lr / final_div_factor')
+    anneal: Literal["linear", "cos"] = option("linear", 'lr annealing after the peak')
+    momentum: float = option(0.9, 'SGD momentum / Adam beta1 at the ends of the cycle')
+    min_momentum: float = option(0.85, '... cycled down to this at the peak lr (set equal to disable)')
+    weight_decay: float = option(
+        5e-4, "L2 on all weights, with the mean-reduced loss (Page's 5e-4*512 on the sum)")
+    label_smoothing: float = option(0.2, 'cross-entropy label smoothing')
+    whiten: bool = option(False, "patch-whitening init of the first conv (airbench's trick)")
+    bn_weight: bool = option(True, 'train the BatchNorm scales; --no-bn-weight freezes them at 1 (airbench)')
+    bias_lr: float = option(1.0, 'lr multiplier for BatchNorm biases, same decay per step (airbench: 64)')
+    lookahead: bool = option(
+        False, 'every 5 steps pull the weights back to their EMA (airbench); ends on the EMA')
     # augmentation
-    translate: int = 4                 # random-crop padding, pixels
-    pad_mode: str = "reflect"          # reflect or zeros
-    flip: bool = True
-    alt_flip: bool = False             # flip each image every other epoch (airbench) instead of at random
-    cutout: int = 8                    # side of the cutout square, pixels; 0 disables
+    translate: int = option(4, 'random-crop padding, pixels')
+    pad_mode: Literal["reflect", "zeros"] = option(
+        "reflect", 'padding of the random crop; zeros = the channel mean after normalization')
+    flip: bool = option(True, 'random horizontal flips')
+    alt_flip: bool = option(False, 'flip each image every other epoch (airbench) instead of at random')
+    cutout: int = option(8, 'side of the cutout square, pixels; 0 disables')
     # speed
-    device: str = "auto"               # auto, cuda, mps or cpu
-    amp: bool = True                   # bf16 autocast where supported, else fp16 + GradScaler
-    channels_last: bool = True
-    compile: bool | None = None        # torch.compile; None = on for CUDA only (compiling costs minutes on a CPU)
-    compile_mode: str = "default"      # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune
-    sync_bn: bool = False              # torchrun on CUDA: BatchNorm statistics over the global batch
+    device: str = option("auto", 'auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N', environment=True)
+    amp: bool = option(True, 'bf16 autocast where supported, else fp16 + GradScaler')
+    channels_last: bool = option(True, 'channels_last memory format for images and weights')
+    compile: bool | None = option(
+        None, 'torch.compile; None = on for CUDA only (compiling costs minutes on a CPU)', environment=True)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = option(
+        "default", 'torch.compile mode; reduce-overhead adds CUDA graphs', environment=True)
+    sync_bn: bool = option(False, 'torchrun on CUDA: BatchNorm statistics over the global batch')
     # runs and evaluation
-    seed: int = 0
-    runs: int = 1                      # seeds seed .. seed+runs-1; reports mean +- std
-    eval_every: int = 1                # evaluate every N epochs (and always after the last)
-    tta: bool = True                   # also report flip test-time augmentation
-    tta_translate: int = 0             # TTA also averages views shifted by +-this many pixels (0: flip only)
-    checkpoint_every: int = 1          # write a resumable checkpoint every N epochs (0: never)
-    plots: bool = True                 # curves.png, confusion.png, misclassified.png
+    seed: int = option(0, 'the first seed; also seeds the data order and augmentation')
+    runs: int = option(1, 'seeds seed .. seed+runs-1; reports mean +- std')
+    eval_every: int = option(1, 'evaluate every N epochs (and always after the last)', environment=True)
+    tta: bool = option(True, 'also report flip test-time augmentation')
+    tta_translate: int = option(0, 'TTA also averages views shifted by +-this many pixels (0: flip only)')
+    checkpoint_every: int = option(1, 'write a resumable checkpoint every N epochs (0: never)', environment=True)
+    plots: bool = option(True, 'curves.png, confusion.png, misclassified.png', environment=True)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -90,9 +114,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                      translate=2, cutout=0, tta_translate=1),
 }
 
-CHOICES = {"pipeline": ("gpu", "albumentations"), "optimizer": ("sgd", "adam"), "anneal": ("linear", "cos"),
-           "pad_mode": ("reflect", "zeros"), "device": ("auto", "cuda", "mps", "cpu"),
-           "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
+def field_choices(name: str) -> tuple[Any, ...] | None:
+    """The allowed values of a `Literal[...]` field, or None for a free one."""
+    hint = _type_hints()[name]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def environment_fields() -> frozenset[str]:
+    """Fields that say where a run executes, not what it trains: --resume honours new values for them."""
+    return frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("environment"))
 
 
 def _flag(name: str) -> str:
@@ -106,43 +140,38 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The parser; with `suppress_defaults`, flags not given are absent from the namespace (which ones
+    the user typed is what --resume checks)."""
     parser = ArgumentParser(
         prog="python -m fastcifar.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train the custom ResNet-9 on CIFAR-10 with One Cycle. Defaults are the 'default' preset.")
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
+    none = argparse.SUPPRESS if suppress_defaults else None
+    parser.add_argument("--preset", default=none or "default", choices=sorted(PRESETS),
                         help="recipe whose values become the defaults")
-    parser.add_argument("--config", metavar="FILE", help="TOML file of field = value; overrides the preset")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    comments = _field_comments()
+    parser.add_argument("--config", metavar="FILE", default=none,
+                        help="TOML file of field = value; overrides the preset")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=none,
+                        help="continue the run in RUN_DIR (or from RUN_DIR/checkpoint.pt) from its last checkpoint; "
+                             "recipe flags must agree with the checkpoint, environment flags may change")
+    parser.add_argument("--debug", action="store_true", default=none or False,
+                        help="show tracebacks instead of one-line errors")
+    hints = _type_hints()
     for f in fields(TrainConfig):
-        kind = {"bool": bool, "bool | None": bool, "int": int, "float": float}.get(str(f.type), str)
-        kw: dict[str, Any] = dict(default=f.default, help=comments.get(f.name, " "))
-        if kind is bool:
+        hint = hints[f.name]
+        choices = field_choices(f.name)
+        kw: dict[str, Any] = dict(default=none if suppress_defaults else f.default,
+                                  help=f.metadata["help"].replace("%", "%%") or " ")
+        if bool in (hint, *typing.get_args(hint)):
             kw["action"] = argparse.BooleanOptionalAction
+        elif choices is not None:
+            kw.update(type=type(choices[0]), choices=choices)
         else:
-            kw["type"] = kind
-            if f.name in CHOICES:
-                kw["choices"] = CHOICES[f.name]
-        parser.add_argument(_flag(f.name), dest=f.name, **kw)
+            kw["type"] = next((t for t in (int, float) if t in (hint, *typing.get_args(hint))), str)
+        short = [a for a in f.metadata["aliases"] if not a.startswith("--")]  # usage shows the first name
+        long = [a for a in f.metadata["aliases"] if a.startswith("--")]
+        parser.add_argument(*short, _flag(f.name), *long, dest=f.name, **kw)
     return parser
-
-
-def _field_comments() -> dict[str, str]:
-    """The `# ...` comment after each field above, reused as its --help text (one source of truth)."""
-    import inspect
-
-    out: dict[str, str] = {}
-    try:
-        source = inspect.getsource(TrainConfig)
-    except (OSError, TypeError):  # installed without sources: --help simply has no descriptions
-        return out
-    for line in source.splitlines():
-        name, _, rest = line.strip().partition(":")
-        if "#" in rest and name.isidentifier():
-            out[name] = rest.split("#", 1)[1].strip().replace("%", "%%")
-    return out
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -176,11 +205,44 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Parse the command line into a validated TrainConfig (plus the namespace for --resume/--debug)."""
+    """Parse the command line into a validated TrainConfig (plus the namespace for --resume/--debug).
+    `args.explicit` names the fields set on the command line, by --config or by an explicit --preset."""
     args = layered_args(get_args_parser(), argv)
     config = config_from_args(args)
     validate(config)
+    given = vars(get_args_parser(suppress_defaults=True).parse_args(argv))
+    explicit = {name for name in given if name in {f.name for f in fields(TrainConfig)}}
+    if "preset" in given:
+        explicit |= set(PRESETS[args.preset])
+    if "config" in given:
+        explicit |= set(load_toml(args.config))
+    args.explicit = frozenset(explicit)
     return config, args
+
+
+def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: frozenset[str] | set[str],
+                  run_dir: str) -> TrainConfig:
+    """The config of a resumed run: the checkpoint's recipe, with the environment fields the user set.
+    A recipe field set to another value than the checkpoint's is a UserError naming the flag."""
+    try:
+        config = TrainConfig(**saved)
+    except TypeError as e:
+        raise UserError(f"checkpoint has no valid config ({run_dir}): {e}; start a new run") from None
+    environment = environment_fields()
+    for name in sorted(explicit):
+        new, old = getattr(requested, name), getattr(config, name)
+        if name in environment:
+            setattr(config, name, new)
+        elif name == "out_dir":
+            if new is not None and Path(new).resolve() != Path(run_dir).resolve():
+                raise UserError(f"{_flag(name)} ({new}) conflicts with --resume {run_dir}: a resumed run stays "
+                                f"in its directory; drop {_flag(name)}")
+        elif new != old:
+            raise UserError(f"{_flag(name)} {new!r} conflicts with the checkpoint's {old!r}: --resume keeps the "
+                            f"recipe of the run; drop {_flag(name)} or start a new run")
+    config.out_dir = str(run_dir)
+    validate(config)
+    return config
 
 
 def validate(c: TrainConfig) -> None:
@@ -207,9 +269,13 @@ def validate(c: TrainConfig) -> None:
         (c.workers >= 0, "workers", "must be >= 0"),
         (c.logit_scale > 0, "logit_scale", "must be > 0"),
     ]
-    for name, choices in CHOICES.items():
-        value = getattr(c, name)
-        checks.append((value in choices, name, f"must be one of {', '.join(choices)} (got {value!r})"))
+    for f in fields(TrainConfig):
+        choices = field_choices(f.name)
+        if choices is not None:
+            value = getattr(c, f.name)
+            checks.append((value in choices, f.name, f"must be one of {', '.join(choices)} (got {value!r})"))
+    checks.append((bool(DEVICE_PATTERN.fullmatch(str(c.device))), "device",
+                   "must be auto, cpu, mps, cuda or cuda:N"))
     for ok, name, what in checks:
         if not ok:
             raise UserError(f"invalid {_flag(name)} ({getattr(c, name)!r}): {what}")

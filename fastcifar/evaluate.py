@@ -1,18 +1,90 @@
-"""Evaluate a saved model on the test split: plain, flip TTA, and flip + translate TTA.
+"""Evaluation: test-time augmentation (flip, translate) and the evaluation loop, plus a command line that
+evaluates a saved model on the test split plain, with flip TTA and with flip + translate TTA.
 
     python -m fastcifar.evaluate --checkpoint runs/default --data-dir ../shared/data/cifar10-png.tar.gz
+    python -m fastcifar.evaluate --checkpoint runs/default --json      # the same numbers as data
+
+Accuracies are fractions in [0, 1] in every dict and in the JSON (the console shows percentages).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from fastcifar.config import ArgumentParser
+from fastcifar.distributed import Dist, all_reduce_sum, gather_interleaved
 from fastcifar.errors import run_cli
+from fastcifar.runtime import autocast
+
+ACCURACY_UNIT = "fraction"  # what every test_acc in the JSON is: correct / total, not a percentage
+
+
+def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Images translated by (dy, dx) pixels, the uncovered border filled by reflection."""
+    pad = max(abs(dy), abs(dx))
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, translate: int = 0) -> torch.Tensor:
+    """Mean logits of the image and its mirror; with `translate`, averaged 1:1 with the mean over both
+    views shifted by +translate and -translate pixels in each direction (airbench's TTA level 2)."""
+    views = [x, x.flip(3)]
+    logits = torch.stack([model(v).float() for v in views]).mean(0)
+    if translate:
+        moved = [shift(v, t, t) for v in views for t in (translate, -translate)]
+        logits = 0.5 * logits + 0.5 * torch.stack([model(v).float() for v in moved]).mean(0)
+    return logits
+
+
+def tta_views(flip: bool, translate: int) -> list[str]:
+    """The views whose logits are averaged, by name: 'identity', 'flip', 'shift+t', 'flip+shift-t', ..."""
+    if not flip:
+        return ["identity"]
+    names = ["identity", "flip"]
+    for t in (translate, -translate) if translate else ():
+        names += [f"shift{t:+d}", f"flip+shift{t:+d}"]
+    return names
+
+
+def evaluation_record(result: dict[str, Any], flip: bool, translate: int) -> dict[str, Any]:
+    """One evaluation as data: which TTA views were averaged and the accuracy (a fraction) and loss."""
+    return {"flip": flip, "translate": translate if flip else 0, "views": tta_views(flip, translate),
+            "test_acc": result["acc"], "test_loss": result["loss"]}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
+             tta: bool = False, dist: Dist = Dist(), tta_translate: int = 0) -> dict[str, Any]:
+    """Loss, accuracy and predictions on `loader`; with `tta`, logits averaged with the mirrored images
+    (and, with `tta_translate` > 0, half weight on both views shifted by +-tta_translate pixels).
+    Under torchrun each rank evaluates its shard and the sums (and predictions) are gathered."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    preds, labels_all = [], []
+    for inputs, labels in loader:
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = tta_logits(model, inputs, tta_translate) if tta else model(inputs).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        preds.append(logits.argmax(1))
+        labels_all.append(labels)
+    preds_t, labels_t = torch.cat(preds), torch.cat(labels_all)
+    counts = torch.stack([loss_sum, (preds_t == labels_t).sum().float(),
+                          torch.tensor(len(labels_t), device=device, dtype=torch.float32)])
+    loss, correct, total = all_reduce_sum(counts, dist).tolist()
+    total_int = int(total)
+    return {"loss": loss / total, "acc": correct / total,
+            "preds": gather_interleaved(preds_t, dist, total_int).cpu().numpy(),
+            "labels": gather_interleaved(labels_t, dist, total_int).cpu().numpy()}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -20,18 +92,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="run directory or its model.safetensors")
     parser.add_argument("--data-dir", help="data source, as for training (default: the cache)")
     parser.add_argument("--tta-translate", type=int, default=1, help="pixels of the translated TTA views")
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    parser.add_argument("-b", "--batch-size", type=int, default=500)
+    parser.add_argument("--device", default="auto", help="auto, cpu, mps, cuda or cuda:N")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--json", action="store_true",
+                        help="print the results as one JSON object (accuracies as fractions) instead of a table")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastcifar.augment import GpuLoader
+    from fastcifar.augment import DeviceLoader
     from fastcifar.checkpoint import load_model
     from fastcifar.data import load_cifar10
-    from fastcifar.train import amp_dtype, evaluate, select_device
+    from fastcifar.runtime import amp_dtype, environment, select_device
 
     args = get_args_parser().parse_args(argv)
     device = select_device(args.device)
@@ -39,14 +113,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = model.to(memory_format=torch.channels_last)
     data = load_cifar10(args.data_dir)
     dtype = amp_dtype(device, args.amp)
-    loader = GpuLoader(data.test_images, data.test_labels, mean=info.mean, std=info.std,
-                       batch_size=args.batch_size, train=False, device=device, dtype=dtype or torch.float32)
-    views = [("plain", False, 0), ("flip TTA", True, 0), (f"flip + translate {args.tta_translate} TTA", True,
-                                                           args.tta_translate)]
-    for name, tta, shift in views:
-        acc = evaluate(model, loader, device, dtype, tta=tta, tta_translate=shift)["acc"]
-        print(f"{name:<28} {acc:.4f}")
+    loader = DeviceLoader(data.test_images, data.test_labels, mean=info.mean, std=info.std,
+                          batch_size=args.batch_size, train=False, device=device, dtype=dtype or torch.float32)
+    records = []
+    for flip, translate in ((False, 0), (True, 0), (True, args.tta_translate)):
+        result = evaluate(model, loader, device, dtype, tta=flip, tta_translate=translate)
+        records.append(evaluation_record(result, flip, translate))
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "test_images": len(data.test_labels),
+                          "accuracy_unit": ACCURACY_UNIT, "evaluations": records, "environment": environment(device)},
+                         indent=2))
+        return 0
+    for record in records:
+        print(f"{describe_views(record):<28} {100 * record['test_acc']:6.2f}%")
     return 0
+
+
+def describe_views(record: dict[str, Any]) -> str:
+    """A person's name for an evaluation record: 'plain', 'flip TTA', 'flip + translate 1 TTA'."""
+    if not record["flip"]:
+        return "plain"
+    return f"flip + translate {record['translate']} TTA" if record["translate"] else "flip TTA"
 
 
 if __name__ == "__main__":

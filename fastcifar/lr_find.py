@@ -70,7 +70,8 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
     autocast dtype (None: no autocast; float16 adds a GradScaler). The model's weights, buffers, grads and
     train/eval mode and the optimizer's state and hyperparameters are restored afterwards, even on error.
     """
-    from fastcifar.train import autocast, backward_and_step
+    from fastcifar.runtime import autocast
+    from fastcifar.train import backward_and_step
 
     if not 0 < start_lr < end_lr or steps < 2 or diverge <= 1:
         raise ValueError(f"need 0 < start_lr < end_lr, steps >= 2 and diverge > 1; got {start_lr}, {end_lr}, "
@@ -165,9 +166,9 @@ def write_csv(path: str | Path, result: LRFindResult) -> None:
 
 
 def save_plot(path: str | Path, result: LRFindResult, title: str = "") -> None:
-    from fastcifar.plots import _pyplot, _save
+    from fastcifar.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(result.lrs, result.losses, color="0.75", lw=0.8, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=1.8, label=f"smoothed (EMA {BETA})")
@@ -189,7 +190,7 @@ def save_plot(path: str | Path, result: LRFindResult, title: str = "") -> None:
            title=title or f"LR range test ({len(result.lrs)} steps, {result.stop_reason})")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -247,8 +248,9 @@ def _prepare_out(out: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from fastcifar.data import load_cifar10
     from fastcifar.distributed import Dist
-    from fastcifar.train import (amp_dtype, build_loaders, build_model, build_optimizer, check_batch_size,
-                                 configure_backends, init_weights, seed_everything, select_device)
+    from fastcifar.recipe import (build_criterion, build_loaders, build_model, build_optimizer, check_batch_size,
+                                  init_weights, seed_everything)
+    from fastcifar.runtime import amp_dtype, configure_backends, select_device
 
     config, args = parse_args(argv)
     out = Path(args.out)
@@ -264,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = build_model(config, len(data.classes), device)
     init_weights(model, config, data, config.seed)  # the model a training run with this seed starts from
     optimizer = build_optimizer(config, model, device)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    criterion = build_criterion(config)
     print(f"lr range test: {args.start_lr:g} -> {args.end_lr:g} over {args.steps} steps "
           f"({args.steps / len(train_loader):.2f} epochs of {len(train_loader)} batches of {config.batch_size}); "
           f"width {config.width}, {config.optimizer}, device {device}, amp {dtype}", flush=True)

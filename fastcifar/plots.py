@@ -13,7 +13,7 @@ import numpy as np
 from fastcifar.atomic import atomic_path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +22,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -38,7 +38,7 @@ def denormalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
 def save_curves(path: str | Path, rows: list[dict[str, Any]], lrs: Sequence[float] = (),
                 steps_per_epoch: int = 1) -> None:
     """Loss and accuracy per epoch; the learning rate of every step (the one-cycle shape)."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
@@ -55,12 +55,12 @@ def save_curves(path: str | Path, rows: list[dict[str, Any]], lrs: Sequence[floa
         axes[2].plot(epochs, [r["lr"] for r in rows], "o-")
     axes[2].set(title="learning rate", xlabel="epoch")
     axes[2].grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_confusion(path: str | Path, labels: np.ndarray, preds: np.ndarray, classes: Sequence[str]) -> None:
     """Row-normalized confusion matrix with counts in each cell."""
-    plt = _pyplot()
+    plt = pyplot()
     k = len(classes)
     cm = np.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
     frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -75,13 +75,13 @@ def save_confusion(path: str | Path, labels: np.ndarray, preds: np.ndarray, clas
     ax.set(xlabel="predicted", ylabel="true",
            title=f"confusion matrix (accuracy {np.trace(cm) / max(cm.sum(), 1):.4f})")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_image_grid(path: str | Path, images: np.ndarray, titles: Sequence[str], cols: int = 8,
                     title: str | None = None) -> None:
     """uint8 or [0, 1] float NHWC images in a labeled grid."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = max(1, -(-len(images) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.6), squeeze=False)
     for ax in axes.flat:
@@ -91,7 +91,7 @@ def save_image_grid(path: str | Path, images: np.ndarray, titles: Sequence[str],
         ax.set_title(t, fontsize=7)
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_misclassified(path: str | Path, images: np.ndarray, labels: np.ndarray, preds: np.ndarray,
@@ -119,13 +119,13 @@ def save_augment_grid(data, path: str | Path, seed: int = 0, count: int = 8) -> 
     """
     import torch
 
-    from fastcifar.augment import GpuLoader
+    from fastcifar.augment import DeviceLoader
 
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(data.train_images), size=min(count, len(data.train_images)), replace=False))
     images, labels = data.train_images[pick], data.train_labels[pick]
     names = [data.classes[i] for i in labels]
-    loader = GpuLoader(images, labels, mean=data.mean, std=data.std, batch_size=len(pick), seed=seed)
+    loader = DeviceLoader(images, labels, mean=data.mean, std=data.std, batch_size=len(pick), seed=seed)
     plan = loader.plan_epoch()
     fast, _ = next(loader.batches(plan))
     inverse = torch.argsort(plan.order)  # back to the picked order, so the columns line up

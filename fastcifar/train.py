@@ -6,228 +6,48 @@
     python -m fastcifar.train --preset speedrun --data-dir ... --runs 5            # the fast recipe, 5 seeds
     python -m fastcifar.train --resume runs/default                                # continue after a stop
 
-A run directory gets config.json, metrics.csv, summary.json, model.safetensors (+ everything needed to
-rebuild the model), checkpoint.pt (resumable state) and, with --plots, curves/confusion/misclassified PNGs.
-The hot loop never synchronizes with the device: loss and accuracy are summed on the device and read once
-per epoch; timing uses CUDA events on a GPU.
+This file is the loop and `main`; the parts live next to it: `runtime` (device, precision, timer, signals),
+`recipe` (loaders, model, optimizer, scheduler, init), `evaluate` (TTA and evaluation), `checkpoint`
+(artifacts and resumable state) and `report` (run directory, metrics.csv, summary.json, console rows).
+In-process, `train(config, on_epoch=...)` runs the same thing and returns the run summary.
+
+A run directory gets config.json, metrics.csv, summary.json (rewritten after every seed), model.safetensors
+(+ everything needed to rebuild the model), checkpoint.pt (resumable state) and, with --plots,
+curves/confusion/misclassified PNGs. The hot loop never synchronizes with the device: loss and accuracy are
+summed on the device and read once per epoch; timing uses CUDA events on a GPU.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import itertools
-import math
 import os
-import platform
-import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastcifar import __version__
-from fastcifar.atomic import write_json, write_text
-from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE, ModelInfo, load_checkpoint, save_checkpoint, save_model
-from fastcifar.config import TrainConfig, parse_config, to_dict
-from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, broadcast_flag, from_env, \
-    gather_interleaved, process_group
+from fastcifar.atomic import write_json
+from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE, ModelInfo, RunState, load_resume, \
+    restore_training_state, save_checkpoint, save_model, training_state
+from fastcifar.config import TrainConfig, parse_config, resume_config, to_dict
+from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, from_env, process_group
 from fastcifar.errors import UserError, run_cli
+from fastcifar.evaluate import evaluate, evaluation_record
 from fastcifar.lookahead import Lookahead
-from fastcifar.model import ModelConfig, ResNet9, count_parameters, summary
+from fastcifar.model import ResNet9, count_parameters, summary as model_summary
+from fastcifar.recipe import ResumableLoader, build_criterion, build_loaders, build_model, build_optimizer, \
+    build_scheduler, check_batch_size, epoch_steps, init_weights, seed_everything, total_steps
+from fastcifar.report import METRICS_FILE, check_out_dir, create_out_dir, epoch_row, format_summary, \
+    run_summary, seed_line, write_metrics, write_summary
+from fastcifar.runtime import SignalGuard, StopRequested, Timer, amp_dtype, autocast, configure_backends, \
+    environment, select_device
 
-RESULT_FILES = ("summary.json", "metrics.csv", MODEL_FILE, CHECKPOINT_FILE)
-METRIC_COLUMNS = ("seed", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds")
-
-
-# ------------------------------------------------------------------------------------------------------
-# Devices and precision
-# ------------------------------------------------------------------------------------------------------
-def select_device(name: str) -> torch.device:
-    available = {"cuda": torch.cuda.is_available(),
-                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
-                 "cpu": True}
-    if name == "auto":
-        return torch.device(next(kind for kind, ok in available.items() if ok))
-    if not available[name]:
-        raise UserError(f"invalid --device ({name}): not available on this machine; use --device cpu or auto")
-    return torch.device(name)
-
-
-def configure_backends(device: torch.device) -> None:
-    """TF32 matmuls/convolutions and cuDNN autotuning on CUDA; nothing elsewhere."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-
-def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 where the device supports it (no loss scaling needed), fp16 otherwise, None without AMP."""
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device.type == "cpu" else torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-class Timer:
-    """Wall time of a region, synchronized with the device (CUDA events on a GPU)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self) -> "Timer":
-        self.start_wall = time.perf_counter()
-        if self.device.type == "cuda":
-            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self._end.record()
-            self._end.synchronize()
-            self.seconds = self._start.elapsed_time(self._end) / 1000
-        else:
-            if self.device.type == "mps":
-                torch.mps.synchronize()
-            self.seconds = time.perf_counter() - self.start_wall
-
-
-# ------------------------------------------------------------------------------------------------------
-# Data, model, optimizer
-# ------------------------------------------------------------------------------------------------------
-def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.dtype | None, seed: int,
-                  d: Dist = Dist()):
-    """(train, test) loaders for the chosen pipeline. The gpu pipeline lives on `device` in the AMP dtype;
-    under torchrun each rank gets its shard of one shared permutation (same seed on every rank)."""
-    aug = dict(translate=config.translate, cutout=config.cutout, flip=config.flip, pad_mode=config.pad_mode)
-    if config.pipeline == "albumentations":
-        if d.enabled:
-            raise UserError("--pipeline albumentations runs in one process only: use --pipeline gpu with torchrun")
-        from fastcifar.reference import reference_loader
-
-        common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size, num_workers=config.workers)
-        train = reference_loader(data.train_images, data.train_labels, train=True, drop_last=True, seed=seed,
-                                 **common, **aug)
-        test = reference_loader(data.test_images, data.test_labels, train=False, **common)
-        return train, test
-    from fastcifar.augment import GpuLoader
-
-    common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size, device=device,
-                  dtype=dtype or torch.float32, channels_last=config.channels_last, rank=d.rank,
-                  world_size=d.world_size)
-    train = GpuLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip,
-                      drop_last=True, seed=seed, **common, **aug)
-    test = GpuLoader(data.test_images, data.test_labels, train=False, **common)
-    return train, test
-
-
-def check_batch_size(config: TrainConfig, num_train: int, d: Dist) -> None:
-    per_process = num_train // d.world_size
-    if config.batch_size > per_process:
-        raise UserError(f"invalid --batch-size ({config.batch_size}): larger than the {per_process} training "
-                        "images per process, so no full batch exists; lower --batch-size")
-
-
-def build_model(config: TrainConfig, num_classes: int, device: torch.device) -> ResNet9:
-    model = ResNet9(ModelConfig(width=config.width, num_classes=num_classes, logit_scale=config.logit_scale))
-    model = model.to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if not config.bn_weight:  # scales stay 1: with the next conv free to scale, they are redundant
-        for bn in batch_norms(model):
-            bn.weight.requires_grad_(False)
-    return model
-
-
-def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def param_groups(config: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
-    """Trainable parameters; with --bias-lr the BatchNorm biases form a second group whose lr is scaled
-    up and whose weight decay coefficient is scaled down, so they decay by the same amount per step.
-    Each group's `lr_scale` tells the scheduler (and lr_find) its multiple of the base lr."""
-    biases = {id(bn.bias) for bn in batch_norms(model) if bn.bias is not None and bn.bias.requires_grad}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if config.bias_lr == 1.0 or not biases:
-        return [dict(params=trainable, lr_scale=1.0)]
-    return [dict(params=[p for p in trainable if id(p) not in biases], lr_scale=1.0),
-            dict(params=[p for p in trainable if id(p) in biases], lr_scale=config.bias_lr,
-                 lr=config.lr * config.bias_lr, weight_decay=config.weight_decay / config.bias_lr)]
-
-
-def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    params = param_groups(config, model)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, betas=(config.momentum, 0.999),
-                                weight_decay=config.weight_decay, **fused)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
-                           weight_decay=config.weight_decay, **fused)
-
-
-def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps of one run: --epochs may be fractional, the last epoch then stops early."""
-    return max(1, round(config.epochs * steps_per_epoch))
-
-
-def epoch_steps(config: TrainConfig, steps_per_epoch: int) -> list[int]:
-    """Steps of each epoch: full epochs, then the remainder (if any)."""
-    total = total_steps(config, steps_per_epoch)
-    return [min(steps_per_epoch, total - start) for start in range(0, total, steps_per_epoch)]
-
-
-def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
-    """One Cycle over all steps: lr from lr/div up to lr at pct_start, then down to lr/(div*final_div);
-    momentum (or Adam's beta1) cycles the opposite way between momentum and min_momentum."""
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[config.lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups],
-        total_steps=total_steps(config, steps_per_epoch), pct_start=config.pct_start,
-        anneal_strategy=config.anneal, div_factor=config.div_factor, final_div_factor=config.final_div_factor,
-        cycle_momentum=config.min_momentum < config.momentum, base_momentum=config.min_momentum,
-        max_momentum=config.momentum)
-
-
-def init_weights(model: ResNet9, config: TrainConfig, data, seed: int, whiten_sample: int = 5000) -> None:
-    """Fresh initialization for `seed`, in place, so the compiled (and DDP-wrapped) model stays valid; with
-    --whiten, then the patch-whitening init of the prep conv from `whiten_sample` training images."""
-    torch.manual_seed(seed)
-    model.load_state_dict(ResNet9(model.config).state_dict())
-    if config.whiten:
-        from fastcifar.augment import normalize_images
-        from fastcifar.whiten import init_whitening
-
-        # evenly spread over the training set: image-folder data is sorted by class, so a prefix would be
-        # one class only
-        n = len(data.train_images)
-        pick = np.linspace(0, n - 1, min(whiten_sample, n)).round().astype(np.int64)
-        device = next(model.parameters()).device
-        images = normalize_images(data.train_images[pick], data.mean, data.std, device)
-        init_whitening(model.prep[0], images.permute(0, 3, 1, 2))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+EpochCallback = Callable[[dict[str, Any]], None]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -246,61 +66,17 @@ class StepState:
 
     @classmethod
     def zeros(cls, device: torch.device) -> "StepState":
-        z = torch.zeros((), device=device, dtype=torch.float32)  # float32: MPS has no float64
-        return cls(z.clone(), z.clone(), 0, 0, torch.full((), -1, device=device, dtype=torch.int64))
+        zero = torch.zeros((), device=device, dtype=torch.float32)  # float32: MPS has no float64
+        return cls(zero.clone(), zero.clone(), 0, 0, torch.full((), -1, device=device, dtype=torch.int64))
 
     def to_dict(self) -> dict[str, Any]:
         return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen,
                 "steps": self.steps, "first_bad_step": self.first_bad_step.cpu(), "seconds": self.seconds}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], device: torch.device) -> "StepState":
-        return cls(d["loss_sum"].to(device), d["correct"].to(device), d["seen"], d["steps"],
-                   d["first_bad_step"].to(device), d["seconds"])
-
-
-class StopRequested(Exception):
-    """Raised inside an epoch after SIGINT/SIGTERM, once the current step has finished."""
-
-
-class SignalGuard:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half.
-
-    Under torchrun the ranks must stop after the same step (or the next all-reduce would hang), so there
-    the flag is agreed on every `every` steps with one tiny all-reduce; alone it costs nothing.
-    """
-
-    def __init__(self, d: Dist = Dist(), device: torch.device = torch.device("cpu"), every: int = 8):
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-        self.d, self.device, self.every = d, device, every
-
-    def stop_requested(self, step: int) -> bool:
-        if not self.d.enabled:
-            return self.signum is not None
-        if step % self.every:
-            return False
-        if broadcast_flag(self.signum is not None, self.d, self.device):
-            self.signum = self.signum or signal.SIGTERM
-            return True
-        return False
-
-    def __enter__(self) -> "SignalGuard":
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a test helper thread)
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # a second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
+    def from_dict(cls, state: dict[str, Any], device: torch.device) -> "StepState":
+        return cls(state["loss_sum"].to(device), state["correct"].to(device), state["seen"], state["steps"],
+                   state["first_bad_step"].to(device), state["seconds"])
 
 
 def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -352,132 +128,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     return state
 
 
-def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Images translated by (dy, dx) pixels, the uncovered border filled by reflection."""
-    p = max(abs(dy), abs(dx))
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (p, p, p, p), mode="reflect")
-    return padded[..., p - dy:p - dy + h, p - dx:p - dx + w]
-
-
-def tta_logits(model: nn.Module, x: torch.Tensor, translate: int = 0) -> torch.Tensor:
-    """Mean logits of the image and its mirror; with `translate`, averaged 1:1 with the mean over both
-    views shifted by +translate and -translate pixels in each direction (airbench's TTA level 2)."""
-    views = [x, x.flip(3)]
-    logits = torch.stack([model(v).float() for v in views]).mean(0)
-    if translate:
-        moved = [shift(v, t, t) for v in views for t in (translate, -translate)]
-        logits = 0.5 * logits + 0.5 * torch.stack([model(v).float() for v in moved]).mean(0)
-    return logits
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
-             tta: bool = False, d: Dist = Dist(), tta_translate: int = 0) -> dict[str, Any]:
-    """Loss, accuracy and predictions on `loader`; with `tta`, logits averaged with the mirrored images
-    (and, with `tta_translate` > 0, half weight on both views shifted by +-tta_translate pixels).
-    Under torchrun each rank evaluates its shard and the sums (and predictions) are gathered."""
-    model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    preds, labels_all = [], []
-    for inputs, labels in loader:
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            logits = tta_logits(model, inputs, tta_translate) if tta else model(inputs).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        preds.append(logits.argmax(1))
-        labels_all.append(labels)
-    preds_t, labels_t = torch.cat(preds), torch.cat(labels_all)
-    counts = torch.stack([loss_sum, (preds_t == labels_t).sum().float(),
-                          torch.tensor(len(labels_t), device=device, dtype=torch.float32)])
-    loss, correct, n = all_reduce_sum(counts, d).tolist()
-    n_int = int(n)
-    return {"loss": loss / n, "acc": correct / n, "preds": gather_interleaved(preds_t, d, n_int).cpu().numpy(),
-            "labels": gather_interleaved(labels_t, d, n_int).cpu().numpy()}
-
-
 # ------------------------------------------------------------------------------------------------------
-# Run directory
+# What one invocation and one seed hold
 # ------------------------------------------------------------------------------------------------------
-def check_out_dir(config: TrainConfig, resume: bool) -> Path:
-    """Refuse a file, or a directory with results, before anything is loaded or written."""
-    out = Path(config.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out-dir is a file ({out}): choose a directory path")
-    if out.is_dir() and not resume and not config.overwrite:
-        existing = [f for f in RESULT_FILES if (out / f).exists()]
-        if existing:
-            raise UserError(f"run directory already has results ({out / existing[0]}): "
-                            "use --overwrite to replace them, --resume to continue, or another --out-dir")
-    return out
-
-
-def create_out_dir(out: Path) -> None:
-    """Create the run directory and prove it is writable (a full disk fails here, before training)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"x" * 65536)  # also fails early on a full disk
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to --out-dir ({out}): {e.strerror}; choose a writable directory")
-
-
-def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()
-                         if k in METRIC_COLUMNS})
-    write_text(path, buf.getvalue())
-
-
-def epoch_row(row: dict[str, Any], header: bool = False) -> str:
-    """One fixed-width line per epoch (airbench style)."""
-    cols = [("seed", 5, "d"), ("epoch", 6, "d"), ("lr", 9, ".4f"), ("train_loss", 11, ".4f"),
-            ("train_acc", 10, ".4f"), ("test_loss", 10, ".4f"), ("test_acc", 9, ".4f"),
-            ("epoch_seconds", 14, ".2f"), ("total_seconds", 14, ".2f")]
-    if header:
-        return " ".join(f"{name:>{w}}" for name, w, _ in cols)
-    out = []
-    for name, w, fmt in cols:
-        v = row.get(name)
-        out.append(f"{v:>{w}{fmt}}" if isinstance(v, (int, float)) and not (isinstance(v, float) and
-                                                                          math.isnan(v)) else f"{'':>{w}}")
-    return " ".join(out)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Training state: everything a resumed run needs
-# ------------------------------------------------------------------------------------------------------
-@dataclass
-class RunState:
-    """Where training stands; saved in every checkpoint, so a resumed run continues exactly."""
-
-    run_index: int = 0            # which of the --runs seeds is in progress
-    epoch: int = 0                # completed epochs of that run
-    train_seconds: float = 0.0
-    images: int = 0               # training samples processed (all ranks)
-    step_in_epoch: int = 0        # > 0 when stopped mid-epoch: steps of epoch `epoch` already done
-    partial: dict[str, Any] = field(default_factory=dict)         # StepState of that partial epoch
-    lrs: list[float] = field(default_factory=list)                # lr of every step of this run
-    rows: list[dict[str, Any]] = field(default_factory=list)      # metrics of every epoch so far
-    finished: list[dict[str, Any]] = field(default_factory=list)  # results of completed runs
-
-
-def numpy_rng_state() -> dict[str, Any]:
-    """numpy's global RNG state as tensors and numbers (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-            "gauss": float(gauss)}
-
-
-def set_numpy_rng_state(state: dict[str, Any]) -> None:
-    np.random.set_state(("MT19937", state["keys"].numpy().astype(np.uint32), state["pos"],
-                         state["has_gauss"], state["gauss"]))
-
-
 @dataclass
 class Session:
     """What stays fixed across the seeds of one invocation: config, device, data, model, output."""
@@ -488,12 +141,13 @@ class Session:
     dist: Dist
     out: Path
     data: Any
-    model: ResNet9                # the plain module (compiled in place when --compile)
-    runner: nn.Module             # what the loop calls: the model, or DDP around it
+    model_without_ddp: ResNet9    # the plain module (compiled in place when --compile)
+    model: nn.Module              # what the loop calls: model_without_ddp, or DDP around it
     criterion: nn.Module
     guard: SignalGuard
     compile_model: bool
     data_seconds: float
+    on_epoch: EpochCallback | None = None
     compile_seconds: float | None = None
 
 
@@ -508,192 +162,140 @@ class Fit:
     scaler: torch.amp.GradScaler | None
     lookahead: Lookahead | None = None
 
-    def state(self, s: Session, run: RunState, loader_state: dict) -> dict[str, Any]:
-        """Plain containers only (tensors, numbers, strings), so `torch.load(weights_only=True)` reads it."""
-        return {
-            "format": 1, "config": to_dict(s.config), "run": asdict(run), "model": s.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else {}, "loader": loader_state,
-            "lookahead": self.lookahead.state_dict() if self.lookahead else {},
-            "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state(),
-                    **({"cuda": torch.cuda.get_rng_state()} if s.device.type == "cuda" else {})},
-        }
+    def save(self, session: Session, run: RunState, loader_state: dict) -> None:
+        if session.dist.is_main:
+            state = training_state(config=to_dict(session.config), run=run, model=session.model_without_ddp,
+                                   optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                                   lookahead=self.lookahead, loader_state=loader_state, device=session.device)
+            save_checkpoint(session.out / CHECKPOINT_FILE, state)
 
-    def restore(self, s: Session, ckpt: dict[str, Any]) -> RunState:
-        s.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler is not None and ckpt["scaler"]:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        if self.lookahead is not None:
-            self.lookahead.load_state_dict(ckpt["lookahead"])
-        if ckpt["loader"] and hasattr(self.train_loader, "load_state_dict"):
-            self.train_loader.load_state_dict(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        set_numpy_rng_state(ckpt["rng"]["numpy"])
-        if "cuda" in ckpt["rng"] and s.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        return RunState(**ckpt["run"])
-
-    def save(self, s: Session, run: RunState, loader_state: dict) -> None:
-        if s.dist.is_main:
-            save_checkpoint(s.out / CHECKPOINT_FILE, self.state(s, run, loader_state))
+    def restore(self, session: Session, ckpt: dict[str, Any]) -> RunState:
+        return restore_training_state(ckpt, model=session.model_without_ddp, optimizer=self.optimizer,
+                                      scheduler=self.scheduler, scaler=self.scaler, lookahead=self.lookahead,
+                                      train_loader=self.train_loader, device=session.device)
 
 
-# ------------------------------------------------------------------------------------------------------
-# main
-# ------------------------------------------------------------------------------------------------------
-def load_resume(run_dir: str) -> tuple[TrainConfig, dict[str, Any]]:
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise UserError(f"--resume directory not found ({path}): pass the --out-dir of the run to continue")
-    ckpt = load_checkpoint(path / CHECKPOINT_FILE)
-    try:
-        config = TrainConfig(**ckpt["config"])
-        RunState(**ckpt["run"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"checkpoint has no valid config ({path / CHECKPOINT_FILE}): {e}; start a new run")
-    config.out_dir = str(path)
-    return config, ckpt
-
-
-def warm_up(s: Session, loader) -> float:
+def warm_up(session: Session, loader) -> float:
     """Trigger compilation (train and eval graphs) outside the timed region; weights are restored after."""
-    saved = {k: v.clone() for k, v in s.model.state_dict().items()}
-    loader_state = loader.state_dict() if hasattr(loader, "state_dict") else None
-    with Timer(s.device) as t:
+    saved = {k: v.clone() for k, v in session.model_without_ddp.state_dict().items()}
+    loader_state = loader.state_dict() if isinstance(loader, ResumableLoader) else None
+    device, dtype, model = session.device, session.dtype, session.model
+    with Timer(device) as timer:
         inputs, labels = next(iter(loader))
-        inputs, labels = inputs.to(s.device), labels.to(s.device)
-        s.runner.train()
+        inputs, labels = inputs.to(device), labels.to(device)
+        model.train()
         for _ in range(2):
-            with autocast(s.device, s.dtype):
-                s.criterion(s.runner(inputs), labels).backward()
-        s.runner.eval()
-        with torch.no_grad(), autocast(s.device, s.dtype):
-            s.runner(inputs)
-            s.runner(inputs.flip(3))
-    s.model.load_state_dict(saved)
-    s.model.zero_grad(set_to_none=True)
+            with autocast(device, dtype):
+                session.criterion(model(inputs), labels).backward()
+        model.eval()
+        with torch.no_grad(), autocast(device, dtype):
+            model(inputs)
+            model(inputs.flip(3))
+    session.model_without_ddp.load_state_dict(saved)
+    session.model_without_ddp.zero_grad(set_to_none=True)
     if loader_state is not None:  # the warm-up must not shift the run's random choices
         loader.load_state_dict(loader_state)
-    return t.seconds
+    return timer.seconds
 
 
-def setup(config: TrainConfig, resume: bool, d: Dist, device: torch.device) -> Session:
+def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device,
+          on_epoch: EpochCallback | None = None) -> Session:
     """Output directory, data, model (compiled, wrapped), loss and signal guard."""
     configure_backends(device)
     compile_model = config.compile if config.compile is not None else device.type == "cuda"
     out = check_out_dir(config, resume=resume)
     from fastcifar.data import load_cifar10
 
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     data = load_cifar10(config.data_dir, download=config.download or None)
-    data_seconds = time.perf_counter() - t0
-    check_batch_size(config, len(data.train_labels), d)
-    if d.is_main:
+    data_seconds = time.perf_counter() - start
+    check_batch_size(config, len(data.train_labels), dist)
+    if dist.is_main:
         create_out_dir(out)
         write_json(out / "config.json", to_dict(config))
     dtype = amp_dtype(device, config.amp)
-    model = build_model(config, len(data.classes), device)
-    if d.is_main:
-        print(summary(model))
-    runner: nn.Module = model
-    if config.sync_bn and d.enabled:
+    model_without_ddp = build_model(config, len(data.classes), device)
+    if dist.is_main:
+        print(model_summary(model_without_ddp))
+    model: nn.Module = model_without_ddp
+    if config.sync_bn and dist.enabled:
         if device.type != "cuda":
             raise UserError("invalid --sync-bn: SyncBatchNorm needs CUDA devices; drop the flag on the CPU")
-        model = runner = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model_without_ddp = model = nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
     if compile_model:
         # in place, before DDP wrapping, as PyTorch recommends; reduce-overhead adds CUDA graphs
-        model.compile(mode=None if config.compile_mode == "default" else config.compile_mode)
-    if d.enabled:
+        model_without_ddp.compile(mode=None if config.compile_mode == "default" else config.compile_mode)
+    if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        runner = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    print(f"device {device}  world {d.world_size}  amp {dtype}  compile {compile_model}  "
+        model = DistributedDataParallel(model_without_ddp, device_ids=[device] if device.type == "cuda" else None)
+    print(f"device {device}  world {dist.world_size}  amp {dtype}  compile {compile_model}  "
           f"pipeline {config.pipeline}  data {data.source} ({len(data.train_labels)} train, "
           f"{len(data.test_labels)} test) loaded in {data_seconds:.1f}s")
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    return Session(config, device, dtype, d, out, data, model, runner, criterion, SignalGuard(d, device),
-                   compile_model, data_seconds)
+    return Session(config, device, dtype, dist, out, data, model_without_ddp, model, build_criterion(config),
+                   SignalGuard(dist, device), compile_model, data_seconds, on_epoch)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    config, args = parse_config(argv)
-    ckpt = None
-    if args.resume:
-        config, ckpt = load_resume(args.resume)
-    d = from_env()
-    device = select_device(config.device)
-    if d.enabled and device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(device)
-    if not d.is_main:  # one voice: only rank 0 prints (errors still go to stderr everywhere)
-        sys.stdout = open(os.devnull, "w")
-    with process_group(d, device):
-        s = setup(config, ckpt is not None, d, device)
-        try:
-            results = train_all(s, ckpt)
-        except torch.cuda.OutOfMemoryError:
-            raise UserError(f"out of memory on {device} at --batch-size {config.batch_size}, --width "
-                            f"{config.width}: lower --batch-size or --width (then --resume {s.out} if a "
-                            "checkpoint exists)") from None
-        summary_data = summarize(s, results)
-        if d.is_main:
-            write_json(s.out / "summary.json", summary_data)
-        print(format_summary(summary_data))
-    return 0
-
-
-def train_all(s: Session, ckpt: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Train seeds seed .. seed+runs-1 (from where a checkpoint left off); compile/warm up only once."""
-    config = s.config
+# ------------------------------------------------------------------------------------------------------
+# Seeds and epochs
+# ------------------------------------------------------------------------------------------------------
+def train_all(session: Session, ckpt: dict[str, Any] | None) -> dict[str, Any]:
+    """Train seeds seed .. seed+runs-1 (from where a checkpoint left off); compile/warm up only once.
+    summary.json is rewritten after every seed; returns the final run summary."""
+    config = session.config
     run = RunState() if ckpt is None else RunState(**ckpt["run"])
     results = list(run.finished)
     train_loader = test_loader = None
-    with s.guard:
+    with session.guard:
         for run_index in range(run.run_index, config.runs):
             seed = config.seed + run_index
             seed_everything(seed)
-            if hasattr(train_loader, "reseed"):  # the device-resident data is uploaded once per invocation
+            if isinstance(train_loader, ResumableLoader):  # device-resident data is uploaded once per invocation
                 train_loader.reseed(seed)
             else:
-                train_loader, test_loader = build_loaders(config, s.data, s.device, s.dtype, seed, s.dist)
-            if s.compile_seconds is None and (s.compile_model or s.device.type == "cuda"):
-                s.compile_seconds = warm_up(s, train_loader)
-                print(f"warm-up and compile: {s.compile_seconds:.1f}s (not counted as training time)")
-            init_weights(s.model, config, s.data, seed)
-            optimizer = build_optimizer(config, s.model, s.device)
+                train_loader, test_loader = build_loaders(config, session.data, session.device, session.dtype,
+                                                          seed, session.dist)
+            if session.compile_seconds is None and (session.compile_model or session.device.type == "cuda"):
+                session.compile_seconds = warm_up(session, train_loader)
+                print(f"warm-up and compile: {session.compile_seconds:.1f}s (not counted as training time)")
+            init_weights(session.model_without_ddp, config, session.data, seed)
+            optimizer = build_optimizer(config, session.model_without_ddp, session.device)
             scheduler = build_scheduler(config, optimizer, len(train_loader))
-            scaler = torch.amp.GradScaler(s.device.type) if s.dtype == torch.float16 else None
-            lookahead = Lookahead(s.model, total_steps(config, len(train_loader))) if config.lookahead else None
+            scaler = torch.amp.GradScaler(session.device.type) if session.dtype == torch.float16 else None
+            lookahead = (Lookahead(session.model_without_ddp, total_steps(config, len(train_loader)))
+                         if config.lookahead else None)
             fit = Fit(train_loader, test_loader, optimizer, scheduler, scaler, lookahead)
             if ckpt is not None and run.run_index == run_index and (run.epoch or run.step_in_epoch):
-                run = fit.restore(s, ckpt)
+                run = fit.restore(session, ckpt)
                 print(f"resumed seed {seed} at epoch {run.epoch + 1}, step {run.step_in_epoch + 1}")
             else:
                 run = RunState(run_index=run_index, rows=run.rows, finished=results)
-            results.append(train_run(s, fit, seed, run))
+            results.append(train_seed(session, fit, seed, run))
+            summary = summarize(session, results)
+            if session.dist.is_main:
+                write_summary(session.out, summary)
             run = RunState(run_index=run_index + 1, rows=run.rows, finished=results)
-    return results
+    return summarize(session, results)
 
 
-def reduce_epoch(state: StepState, s: Session) -> tuple[float, float, int, int]:
+def reduce_epoch(state: StepState, session: Session) -> tuple[float, float, int, int]:
     """(mean loss, accuracy, samples, first bad step) over all ranks; the epoch's one host sync."""
-    sums = torch.stack([state.loss_sum, state.correct, torch.tensor(float(state.seen), device=s.device)])
-    loss_sum, correct, seen = all_reduce_sum(sums, s.dist).tolist()
-    bad = int(all_reduce_max(state.first_bad_step.clone(), s.dist).item())
+    sums = torch.stack([state.loss_sum, state.correct, torch.tensor(float(state.seen), device=session.device)])
+    loss_sum, correct, seen = all_reduce_sum(sums, session.dist).tolist()
+    bad = int(all_reduce_max(state.first_bad_step.clone(), session.dist).item())
     return loss_sum / seen, correct / seen, int(seen), bad
 
 
-def train_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
+def train_seed(session: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
     """Train one seed from where `run` stands to the end; write checkpoints, metrics and artifacts."""
-    config, loader = s.config, fit.train_loader
+    config, loader = session.config, fit.train_loader
     if run.epoch == 0 and run.step_in_epoch == 0:
         print(epoch_row({}, header=True))
-    resumable = hasattr(loader, "plan_epoch")
+    resumable = isinstance(loader, ResumableLoader)
     steps = epoch_steps(config, len(loader))
     for epoch in range(run.epoch, len(steps)):
-        state = StepState.from_dict(run.partial, s.device) if run.step_in_epoch else StepState.zeros(s.device)
+        state = (StepState.from_dict(run.partial, session.device) if run.step_in_epoch
+                 else StepState.zeros(session.device))
         loader_start = loader.state_dict() if resumable else {}
         if resumable:
             batches = itertools.islice(loader.batches(loader.plan_epoch(), start=state.steps),
@@ -701,28 +303,30 @@ def train_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
         else:
             batches = itertools.islice(iter(loader), state.steps, steps[epoch])
         lrs: list[float] = []
-        progress = _progress(steps[epoch] - state.steps, f"epoch {epoch + 1}")
+        progress = progress_bar(steps[epoch] - state.steps, f"epoch {epoch + 1}")
         try:
-            with Timer(s.device) as timer:
-                train_one_epoch(s.runner, batches, fit.optimizer, fit.scheduler, s.criterion, fit.scaler,
-                                s.device, s.dtype, state, lrs, s.guard, progress, fit.lookahead)
+            with Timer(session.device) as timer:
+                train_one_epoch(session.model, batches, fit.optimizer, fit.scheduler, session.criterion,
+                                fit.scaler, session.device, session.dtype, state, lrs, session.guard, progress,
+                                fit.lookahead)
         except StopRequested:
             state.seconds += time.perf_counter() - timer.start_wall
             run.step_in_epoch, run.partial = state.steps, state.to_dict()
             run.lrs.extend(lrs)
-            fit.save(s, run, loader_start)
-            code = 130 if s.guard.signum == signal.SIGINT else 143
-            print(f"\nstopped by signal {s.guard.signum} at step {state.steps} of epoch {epoch + 1}; checkpoint "
-                  f"saved. Resume with: python -m fastcifar.train --resume {s.out}", file=sys.stderr)
+            fit.save(session, run, loader_start)
+            code = 130 if session.guard.signum == signal.SIGINT else 143
+            print(f"\nstopped by signal {session.guard.signum} at step {state.steps} of epoch {epoch + 1}; "
+                  f"checkpoint saved. Resume with: python -m fastcifar.train --resume {session.out}",
+                  file=sys.stderr)
             raise SystemExit(code)
         finally:
             if progress is not None:
                 progress.close()
-        loss, acc, seen, bad = reduce_epoch(state, s)
+        loss, acc, seen, bad = reduce_epoch(state, session)
         if bad >= 0:
             lr = lrs[bad - (state.steps - len(lrs))]
             raise UserError(f"loss became non-finite at step {bad + 1} of epoch {epoch + 1} (lr {lr:.4g}); the last "
-                            f"good checkpoint is kept in {s.out}: lower --lr and --resume, or start again")
+                            f"good checkpoint is kept in {session.out}: lower --lr and --resume, or start again")
         seconds = state.seconds + timer.seconds
         run.train_seconds += seconds
         run.lrs.extend(lrs)
@@ -732,42 +336,50 @@ def train_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
                "epoch_seconds": seconds, "total_seconds": run.train_seconds}
         last = epoch + 1 == len(steps)
         if last or (epoch + 1) % config.eval_every == 0:
-            ev = evaluate(s.runner, fit.test_loader, s.device, s.dtype, d=s.dist)
-            row.update(test_loss=ev["loss"], test_acc=ev["acc"])
+            result = evaluate(session.model, fit.test_loader, session.device, session.dtype, dist=session.dist)
+            row.update(test_loss=result["loss"], test_acc=result["acc"])
         print(epoch_row(row), flush=True)
         run.rows.append(row)
         run.epoch, run.step_in_epoch, run.partial = epoch + 1, 0, {}
-        if s.dist.is_main:
-            write_metrics(s.out / "metrics.csv", run.rows)
+        if session.dist.is_main:
+            write_metrics(session.out / METRICS_FILE, run.rows)
         if config.checkpoint_every and (run.epoch % config.checkpoint_every == 0 or last):
-            fit.save(s, run, loader.state_dict() if resumable else {})
-    return finish_run(s, fit, seed, run)
+            fit.save(session, run, loader.state_dict() if resumable else {})
+        if session.on_epoch is not None and session.dist.is_main:  # after the files: a raise keeps them
+            session.on_epoch(dict(row))
+    return finish_seed(session, fit, seed, run)
 
 
-def finish_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
-    """Final evaluation (plain and flip-TTA), model.safetensors and the plots."""
-    final = evaluate(s.runner, fit.test_loader, s.device, s.dtype, d=s.dist)
-    tta = (evaluate(s.runner, fit.test_loader, s.device, s.dtype, tta=True, d=s.dist,
-                    tta_translate=s.config.tta_translate) if s.config.tta else None)
+def finish_seed(session: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
+    """Final evaluation (plain and, with --tta, flip (+ translate) TTA), model.safetensors and the plots."""
+    config = session.config
+    final = evaluate(session.model, fit.test_loader, session.device, session.dtype, dist=session.dist)
+    evaluations = [evaluation_record(final, flip=False, translate=0)]
+    if config.tta:
+        tta = evaluate(session.model, fit.test_loader, session.device, session.dtype, tta=True,
+                       dist=session.dist, tta_translate=config.tta_translate)
+        evaluations.append(evaluation_record(tta, flip=True, translate=config.tta_translate))
     result = {"seed": seed, "test_acc": final["acc"], "test_loss": final["loss"],
-              "test_acc_tta": tta["acc"] if tta else None, "train_seconds": run.train_seconds,
-              "images": run.images, "epochs": s.config.epochs}
-    if s.dist.is_main:
-        info = ModelInfo(config=s.model.config, classes=list(s.data.classes), mean=list(s.data.mean),
-                         std=list(s.data.std), test_acc=final["acc"],
+              "test_acc_tta": evaluations[1]["test_acc"] if config.tta else None,
+              "evaluations": evaluations, "train_seconds": run.train_seconds, "images": run.images,
+              "epochs": config.epochs}
+    if session.dist.is_main:
+        data = session.data
+        info = ModelInfo(config=session.model_without_ddp.config, classes=list(data.classes), mean=list(data.mean),
+                         std=list(data.std), test_acc=final["acc"],
                          extra={"test_acc_tta": result["test_acc_tta"], "seed": seed})
-        save_model(s.out / MODEL_FILE, s.model, info)
-        if s.config.plots:
+        save_model(session.out / MODEL_FILE, session.model_without_ddp, info)
+        if config.plots:
             from fastcifar.plots import save_run_plots
 
-            save_run_plots(s.out, [r for r in run.rows if r["seed"] == seed], run.lrs,
-                           len(fit.train_loader), final, s.data)
-    print(f"seed {seed}: test acc {final['acc']:.4f}" + (f"  ({tta_name(s.config)} {tta['acc']:.4f})" if tta else "") +
-          f"  train {run.train_seconds:.1f}s")
+            save_run_plots(session.out, [r for r in run.rows if r["seed"] == seed], run.lrs,
+                           len(fit.train_loader), final, data)
+    print(seed_line(result))
     return result
 
 
-def _progress(total: int, desc: str):
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on a terminal; None when stdout is a file or pipe."""
     if not sys.stdout.isatty():
         return None
     from tqdm import tqdm
@@ -775,44 +387,61 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def summarize(s: Session, results: list[dict]) -> dict:
-    accs = np.array([r["test_acc"] for r in results])
-    ttas = np.array([r["test_acc_tta"] for r in results if r["test_acc_tta"] is not None])
-    secs = np.array([r["train_seconds"] for r in results])
-    last = results[-1]
-    return {
-        "test_acc": float(last["test_acc"]), "test_acc_tta": last["test_acc_tta"],
-        "train_seconds": float(last["train_seconds"]), "compile_seconds": s.compile_seconds,
-        "data_seconds": s.data_seconds, "images_per_second": float(last["images"] / last["train_seconds"]),
-        "tta": tta_name(s.config) if s.config.tta else None,
-        "epochs": s.config.epochs, "params": count_parameters(s.model), "device": _device_name(s.device),
-        "world_size": s.dist.world_size, "torch": torch.__version__, "fastcifar": __version__,
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-        "runs": {"seeds": [r["seed"] for r in results], "test_acc": accs.tolist(),
-                 "test_acc_tta": ttas.tolist(), "train_seconds": secs.tolist(),
-                 "mean": float(accs.mean()), "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
-                 "mean_tta": float(ttas.mean()) if len(ttas) else None,
-                 "std_tta": float(ttas.std(ddof=1)) if len(ttas) > 1 else (0.0 if len(ttas) else None),
-                 "median_train_seconds": float(np.median(secs))},
-    }
+def summarize(session: Session, results: list[dict[str, Any]]) -> dict[str, Any]:
+    return run_summary(session.config, results, params=count_parameters(session.model_without_ddp),
+                       world_size=session.dist.world_size, environment=environment(session.device),
+                       compile_seconds=session.compile_seconds, data_seconds=session.data_seconds)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+# ------------------------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------------------------
+def train(config: TrainConfig, *, on_epoch: EpochCallback | None = None,
+          resume_from: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run `config` in this process and return the run summary (what summary.json holds).
+
+    `on_epoch(row)` is called on rank 0 after each epoch's evaluation with that epoch's metrics row (the
+    metrics.csv keys; test_acc is NaN when the epoch was not evaluated), after metrics.csv and the
+    checkpoint are written: an exception it raises propagates out of `train` and leaves those files intact.
+    `resume_from` (a run directory or its checkpoint.pt) continues that run; every recipe field of
+    `config` must then equal the checkpoint's (environment fields may differ).
+    """
+    ckpt = None
+    if resume_from is not None:
+        run_dir, ckpt = load_resume(resume_from)
+        config = resume_config(ckpt["config"], config, {f.name for f in fields(TrainConfig)}, str(run_dir))
+    return run_training(config, ckpt, on_epoch)
 
 
-def tta_name(config: TrainConfig) -> str:
-    return f"flip + translate {config.tta_translate} TTA" if config.tta_translate else "flip TTA"
+def run_training(config: TrainConfig, ckpt: dict[str, Any] | None,
+                 on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+    dist = from_env()
+    device = select_device(config.device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_main:  # one voice: only rank 0 prints (errors still go to stderr everywhere)
+        sys.stdout = open(os.devnull, "w")
+    with process_group(dist, device):
+        session = setup(config, ckpt is not None, dist, device, on_epoch)
+        try:
+            summary = train_all(session, ckpt)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"out of memory on {device} at --batch-size {config.batch_size}, --width "
+                            f"{config.width}: lower --batch-size or --width (then --resume {session.out} if a "
+                            "checkpoint exists)") from None
+        print(format_summary(summary))
+    return summary
 
 
-def format_summary(s: dict) -> str:
-    r = s["runs"]
-    line = f"{len(r['seeds'])} run(s): test acc {r['mean']:.4f} +- {r['std']:.4f}"
-    if r["mean_tta"] is not None:
-        line += f", {s['tta']} {r['mean_tta']:.4f} +- {r['std_tta']:.4f}"
-    return line + f"; median train {r['median_train_seconds']:.1f}s on {s['device']}"
+def main(argv: Sequence[str] | None = None) -> int:
+    config, args = parse_config(argv)
+    ckpt = None
+    if args.resume:
+        run_dir, ckpt = load_resume(args.resume)
+        config = resume_config(ckpt["config"], config, args.explicit, str(run_dir))
+    run_training(config, ckpt)
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcifar.augment import GpuLoader, batch_cutout, gather_crops, normalize_images, pad_images
+from fastcifar.augment import DeviceLoader, batch_cutout, gather_crops, normalize_images, pad_images
 
 IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)  # normalized value == pixel value, exactly
 
@@ -16,10 +16,10 @@ def random_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
 
 
-def loader(images, labels, **kw) -> GpuLoader:
+def loader(images, labels, **kw) -> DeviceLoader:
     opts = dict(IDENTITY, batch_size=16, translate=4, cutout=0, flip=True, seed=0)
     opts.update(kw)
-    return GpuLoader(images, labels, **opts)
+    return DeviceLoader(images, labels, **opts)
 
 
 def expected_views(images: np.ndarray, plan, pad_mode: str = "reflect", translate: int = 4) -> np.ndarray:
@@ -35,7 +35,7 @@ def expected_views(images: np.ndarray, plan, pad_mode: str = "reflect", translat
     return np.stack(out)
 
 
-def served(ld: GpuLoader, plan) -> tuple[np.ndarray, np.ndarray]:
+def served(ld: DeviceLoader, plan) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = zip(*ld.batches(plan))
     return torch.cat(xs).permute(0, 2, 3, 1).float().numpy(), torch.cat(ys).numpy()
 
@@ -192,7 +192,7 @@ def test_normalization_uses_the_given_statistics():
     got = normalize_images(images, mean, std).numpy()
     want = (images / 255.0 - np.array(mean)) / np.array(std)
     np.testing.assert_allclose(got, want, atol=1e-5)
-    ld = GpuLoader(images, labels, mean=mean, std=std, batch_size=8, train=False)
+    ld = DeviceLoader(images, labels, mean=mean, std=std, batch_size=8, train=False)
     x, _ = next(iter(ld))
     np.testing.assert_allclose(x.permute(0, 2, 3, 1).numpy(), want, atol=1e-5)
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastcifar.augment import GpuLoader
+from fastcifar.augment import DeviceLoader
 from fastcifar.checkpoint import load_model
 from fastcifar.data import load_cifar10
-from fastcifar.train import evaluate
+from fastcifar.evaluate import evaluate
 from synthetic import write_learnable_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,6 +69,6 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     # sharded, reduced evaluation == evaluating the saved model on the whole test split in one process
     model, info = load_model(tmp_path / "ddp")
     cifar = load_cifar10(data, cache_dir=tmp_path / "home")
-    loader = GpuLoader(cifar.test_images, cifar.test_labels, mean=info.mean, std=info.std, batch_size=64,
+    loader = DeviceLoader(cifar.test_images, cifar.test_labels, mean=info.mean, std=info.std, batch_size=64,
                        train=False)
     assert evaluate(model, loader, torch.device("cpu"), None)["acc"] == pytest.approx(summary["test_acc"])

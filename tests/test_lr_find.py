@@ -14,7 +14,7 @@ from torch import nn
 from fastcifar.config import TrainConfig
 from fastcifar.errors import run_cli
 from fastcifar.lr_find import BETA, csv_path, get_args_parser, lr_range_test, main, parse_args, suggest
-from fastcifar.train import build_optimizer
+from fastcifar.recipe import build_optimizer
 from synthetic import learnable_images, write_learnable_dataset
 
 

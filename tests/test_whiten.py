@@ -42,7 +42,7 @@ def test_training_init_whitens_on_images_from_every_class(monkeypatch):
 
     import fastcifar.augment as augment
     from fastcifar.config import TrainConfig
-    from fastcifar.train import init_weights
+    from fastcifar.recipe import init_weights
 
     seen = {}
     normalize = augment.normalize_images

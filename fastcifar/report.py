@@ -1,0 +1,133 @@
+"""What a run leaves for people and programs: the run directory, metrics.csv (a row per epoch, written as
+it happens), the console rows and summary.json (rewritten after every seed), and their formatting.
+
+    python -c "from fastcifar.report import epoch_row; print(epoch_row({}, header=True))"
+
+Accuracies are fractions in every file (summary.json says so in `accuracy_unit`); the console shows
+percentages.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from fastcifar.atomic import write_json, write_text
+from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE
+from fastcifar.config import TrainConfig
+from fastcifar.errors import UserError
+from fastcifar.evaluate import ACCURACY_UNIT, describe_views, tta_views
+from fastcifar.stats import describe
+
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.csv"
+RESULT_FILES = (SUMMARY_FILE, METRICS_FILE, MODEL_FILE, CHECKPOINT_FILE)
+METRIC_COLUMNS = ("seed", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds")
+
+
+def check_out_dir(config: TrainConfig, resume: bool) -> Path:
+    """Refuse a file, or a directory with results, before anything is loaded or written."""
+    out = Path(config.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out-dir is a file ({out}): choose a directory path")
+    if out.is_dir() and not resume and not config.overwrite:
+        existing = [f for f in RESULT_FILES if (out / f).exists()]
+        if existing:
+            raise UserError(f"run directory already has results ({out / existing[0]}): "
+                            "use --overwrite to replace them, --resume to continue, or another --out-dir")
+    return out
+
+
+def create_out_dir(out: Path) -> None:
+    """Create the run directory and prove it is writable (a full disk fails here, before training)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x" * 65536)  # also fails early on a full disk
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir ({out}): {e.strerror}; choose a writable directory")
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()
+                         if k in METRIC_COLUMNS})
+    write_text(path, buf.getvalue())
+
+
+# name, width, format, scale: accuracies are shown as percentages
+_EPOCH_COLUMNS = [("seed", 5, "d", 1), ("epoch", 6, "d", 1), ("lr", 9, ".4f", 1), ("train_loss", 11, ".4f", 1),
+                  ("train_acc", 10, ".2f", 100), ("test_loss", 10, ".4f", 1), ("test_acc", 9, ".2f", 100),
+                  ("epoch_seconds", 14, ".2f", 1), ("total_seconds", 14, ".2f", 1)]
+
+
+def epoch_row(row: dict[str, Any], header: bool = False) -> str:
+    """One fixed-width line per epoch (airbench style); accuracies in percent."""
+    if header:
+        return " ".join(f"{name + (' %' if scale == 100 else ''):>{w}}" for name, w, _, scale in _EPOCH_COLUMNS)
+    out = []
+    for name, w, fmt, scale in _EPOCH_COLUMNS:
+        v = row.get(name)
+        shown = isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
+        out.append(f"{v * scale if scale != 1 else v:>{w}{fmt}}" if shown else f"{'':>{w}}")
+    return " ".join(out)
+
+
+def seed_line(result: dict[str, Any]) -> str:
+    """The console line after a seed: each evaluation in percent and the training time."""
+    views = "  ".join(f"{describe_views(e)} {100 * e['test_acc']:.2f}%" for e in result["evaluations"])
+    return f"seed {result['seed']}: test acc {views}  train {result['train_seconds']:.1f}s"
+
+
+def tta_settings(config: TrainConfig) -> dict[str, Any] | None:
+    """The TTA a run reports, as fields: flip, translate pixels and the averaged views; None without TTA."""
+    if not config.tta:
+        return None
+    return {"flip": True, "translate": config.tta_translate, "views": tta_views(True, config.tta_translate)}
+
+
+def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, params: int, world_size: int,
+                environment: dict[str, Any], compile_seconds: float | None, data_seconds: float) -> dict[str, Any]:
+    """What summary.json holds: the last seed's numbers at the top (as before), every seed under `runs`
+    with their description (stats.describe) and the per-seed results with each evaluation's fields."""
+    accs = [r["test_acc"] for r in results]
+    ttas = [r["test_acc_tta"] for r in results if r["test_acc_tta"] is not None]
+    secs = [r["train_seconds"] for r in results]
+    acc_stats, tta_stats, sec_stats = describe(accs), describe(ttas), describe(secs)
+    last = results[-1]
+    return {
+        "accuracy_unit": ACCURACY_UNIT, "complete": len(results) == config.runs,
+        "test_acc": float(last["test_acc"]), "test_acc_tta": last["test_acc_tta"],
+        "evaluations": last.get("evaluations", []), "tta": tta_settings(config),
+        "train_seconds": float(last["train_seconds"]), "compile_seconds": compile_seconds,
+        "data_seconds": data_seconds, "images_per_second": float(last["images"] / last["train_seconds"]),
+        "epochs": config.epochs, "params": params, "world_size": world_size, **environment,
+        "runs": {"seeds": [r["seed"] for r in results], "test_acc": accs, "test_acc_tta": ttas,
+                 "train_seconds": secs, "planned": config.runs,
+                 "mean": acc_stats["mean"], "std": acc_stats["std"],
+                 "mean_tta": tta_stats["mean"], "std_tta": tta_stats["std"],
+                 "median_train_seconds": sec_stats["median"], "per_seed": list(results)},
+    }
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    write_json(out / SUMMARY_FILE, summary)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The run summary for the console, in percent."""
+    runs = summary["runs"]
+    line = f"{len(runs['seeds'])} run(s): test acc {100 * runs['mean']:.2f}% +- {100 * runs['std']:.2f}"
+    if runs["mean_tta"] is not None:
+        line += (f", {describe_views(summary['tta'])} {100 * runs['mean_tta']:.2f}% +- "
+                 f"{100 * runs['std_tta']:.2f}")
+    return line + f"; median train {runs['median_train_seconds']:.1f}s on {summary['device']}"

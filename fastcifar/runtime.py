@@ -1,0 +1,147 @@
+"""Where a run executes: device choice, precision, backends, a device-synchronized timer, signal handling
+and one description of the machine for every report.
+
+    python -c "from fastcifar.runtime import environment; print(environment())"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import time
+from typing import Any
+
+import torch
+
+from fastcifar.config import DEVICE_PATTERN
+from fastcifar.distributed import Dist, broadcast_flag
+from fastcifar.errors import UserError
+
+def select_device(name: str) -> torch.device:
+    """`auto` (cuda, then mps, then cpu), `cpu`, `mps`, `cuda` or `cuda:N`."""
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise UserError(f"invalid --device ({name}): use auto, cpu, mps, cuda or cuda:N")
+    available = {"cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+                 "cpu": True}
+    if name == "auto":
+        return torch.device(next(kind for kind, ok in available.items() if ok))
+    device = torch.device(name)
+    if not available[device.type]:
+        raise UserError(f"invalid --device ({name}): not available on this machine; use --device cpu or auto")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"invalid --device ({name}): this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s), numbered from 0")
+    return device
+
+
+def configure_backends(device: torch.device) -> None:
+    """TF32 matmuls/convolutions and cuDNN autotuning on CUDA; nothing elsewhere."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 where the device supports it (no loss scaling needed), fp16 otherwise, None without AMP."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Timer:
+    """Wall time of a region, synchronized with the device (CUDA events on a GPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> "Timer":
+        self.start_wall = time.perf_counter()
+        if self.device.type == "cuda":
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1000
+        else:
+            if self.device.type == "mps":
+                torch.mps.synchronize()
+            self.seconds = time.perf_counter() - self.start_wall
+
+
+def device_name(device: torch.device | None = None) -> str:
+    """The GPU's model name, or the processor and thread count on the CPU."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """The machine and software a result came from: the one description summary.json and the benchmarks use."""
+    from fastcifar import __version__
+
+    return {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "fastcifar": __version__,
+            "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class StopRequested(Exception):
+    """Raised inside an epoch after SIGINT/SIGTERM, once the current step has finished."""
+
+
+class SignalGuard:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half.
+
+    Under torchrun the ranks must stop after the same step (or the next all-reduce would hang), so there
+    the flag is agreed on every `every` steps with one tiny all-reduce; alone it costs nothing.
+    """
+
+    def __init__(self, dist: Dist = Dist(), device: torch.device = torch.device("cpu"), every: int = 8):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+        self.dist, self.device, self.every = dist, device, every
+
+    def stop_requested(self, step: int) -> bool:
+        if not self.dist.enabled:
+            return self.signum is not None
+        if step % self.every:
+            return False
+        if broadcast_flag(self.signum is not None, self.dist, self.device):
+            self.signum = self.signum or signal.SIGTERM
+            return True
+        return False
+
+    def __enter__(self) -> "SignalGuard":
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test helper thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
