@@ -1,0 +1,103 @@
+"""Results as data, written as they happen: summary.json after every seed, TTA as fields, evaluate --json,
+and the in-process train(config, on_epoch=...) API."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fastcifar.config import TrainConfig
+from fastcifar.evaluate import main as evaluate_main
+from fastcifar.report import epoch_row, format_summary
+from fastcifar.train import train
+from synthetic import write_learnable_dataset
+
+FAST = dict(width=8, batch_size=32, device="cpu", lr=0.2, plots=False)
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory) -> Path:
+    return write_learnable_dataset(tmp_path_factory.mktemp("learnable"), train_per_class=24, test_per_class=4)
+
+
+class Pruned(Exception):
+    """What a tuner raises from on_epoch to stop a trial."""
+
+
+def test_summary_json_is_written_after_each_seed_and_on_epoch_can_stop_a_run(learnable, tmp_path):
+    out = tmp_path / "run"
+    config = TrainConfig(data_dir=str(learnable), out_dir=str(out), epochs=2, runs=3, eval_every=2, **FAST)
+    rows = []
+
+    def on_epoch(row):
+        rows.append(row)
+        if row["seed"] == 1:  # the second seed's first epoch: seed 0 is finished, seed 1 is not
+            assert json.loads((out / "summary.json").read_text())["runs"]["seeds"] == [0]
+            raise Pruned
+
+    with pytest.raises(Pruned):
+        train(config, on_epoch=on_epoch)
+    summary = json.loads((out / "summary.json").read_text())  # the killed run keeps seed 0's results
+    assert summary["runs"]["seeds"] == [0] and summary["complete"] is False and summary["runs"]["planned"] == 3
+    assert [(r["seed"], r["epoch"]) for r in rows] == [(0, 1), (0, 2), (1, 1)]
+    assert math.isnan(rows[0]["test_acc"]) and 0 <= rows[1]["test_acc"] <= 1  # evaluated every 2nd epoch
+    assert {"seed", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds"} <= set(rows[0])
+    assert (out / "metrics.csv").read_text().count("\n") == 1 + 3  # the files written so far are intact
+    assert (out / "checkpoint.pt").exists()
+
+
+def test_summary_records_tta_as_fields_and_matches_evaluate_json(learnable, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train(TrainConfig(data_dir=str(learnable), out_dir=str(out), epochs=1, tta_translate=1, **FAST))
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["accuracy_unit"] == "fraction" and summary["complete"] is True
+    assert summary["tta"] == {"flip": True, "translate": 1,
+                              "views": ["identity", "flip", "shift+1", "flip+shift+1", "shift-1", "flip+shift-1"]}
+    plain, tta = summary["evaluations"]
+    assert (plain["flip"], plain["translate"], plain["views"]) == (False, 0, ["identity"])
+    assert plain["test_acc"] == summary["test_acc"] and tta["test_acc"] == summary["test_acc_tta"]
+    assert (tta["flip"], tta["translate"], tta["views"]) == (True, 1, summary["tta"]["views"])
+    assert summary["runs"]["per_seed"][0]["evaluations"] == summary["evaluations"]
+    for key in ("device", "torch", "python", "cpu", "date", "fastcifar"):  # runtime.environment()
+        assert summary[key], key
+
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(out), "--data-dir", str(learnable), "--device", "cpu",
+                          "--tta-translate", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # stdout is the JSON object alone
+    assert report["accuracy_unit"] == "fraction" and report["test_images"] == 40
+    assert [(e["flip"], e["translate"]) for e in report["evaluations"]] == [(False, 0), (True, 0), (True, 1)]
+    for e in report["evaluations"]:
+        assert set(e) == set(plain) and 0 <= e["test_acc"] <= 1
+    assert report["evaluations"][0]["test_acc"] == pytest.approx(summary["test_acc"])
+    assert report["evaluations"][2]["test_acc"] == pytest.approx(summary["test_acc_tta"])
+    assert report["environment"]["torch"]
+
+
+def test_console_shows_accuracies_in_percent():
+    row = {"seed": 0, "epoch": 1, "lr": 0.1, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.0,
+           "test_acc": 0.9375, "epoch_seconds": 1.0, "total_seconds": 1.0}
+    assert "50.00" in epoch_row(row) and "93.75" in epoch_row(row) and "0.9375" not in epoch_row(row)
+    assert "train_acc %" in epoch_row({}, header=True)
+    summary = {"runs": {"seeds": [0, 1], "mean": 0.9, "std": 0.01, "mean_tta": 0.91, "std_tta": 0.02,
+                        "median_train_seconds": 3.0}, "tta": {"flip": True, "translate": 1}, "device": "cpu"}
+    assert format_summary(summary) == ("2 run(s): test acc 90.00% +- 1.00, flip + translate 1 TTA 91.00% +- 2.00; "
+                                       "median train 3.0s on cpu")
+
+
+def test_speedrun_salvages_finished_seeds_from_summary_json(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speedrun", Path(__file__).parent.parent / "bench/speedrun.py")
+    speedrun = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speedrun)
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"runs": {"seeds": [0], "test_acc": [0.5], "test_acc_tta": [0.55], "train_seconds": [2.0]}}))
+    assert speedrun.salvage_runs(tmp_path) == {"seeds": [0], "test_acc": [0.5], "test_acc_tta": [0.55],
+                                               "train_seconds": [2.0]}
+    stats = speedrun.fastcifar_stats({"salvaged": speedrun.salvage_runs(tmp_path)}, 0.94)
+    assert stats["acc_tta"]["mean"] == 0.55 and stats["tta"] == "flip"
