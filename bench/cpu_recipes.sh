@@ -15,13 +15,14 @@ python -m fastcifar.train "${common[@]}" --preset seed --out-dir "$out/seed" > "
 wait
 python -m fastcifar.train "${common[@]}" --seed 0 --out-dir "$out/default-s0" > "$out/default-s0.log" 2>&1
 python - "$out" <<'PY'
-import csv, json, statistics, sys
+import csv, json, sys
 from pathlib import Path
+from fastcifar.stats import describe
 out = Path(sys.argv[1])
 def load(name):
     s = json.loads((out / name / "summary.json").read_text())
     rows = list(csv.DictReader((out / name / "metrics.csv").open()))
-    return s, statistics.mean(float(r["epoch_seconds"]) for r in rows)
+    return s, describe([float(r["epoch_seconds"]) for r in rows])["mean"]
 print(f"{'run':<12} {'test acc':>9} {'flip TTA':>9} {'s/epoch':>8}")
 for name in ("default-s0", "default-s1", "seed"):
     s, e = load(name)

@@ -197,7 +197,7 @@ def restore_training_state(ckpt: dict[str, Any], *, model: nn.Module, optimizer,
         scaler.load_state_dict(ckpt["scaler"])
     if lookahead is not None:
         lookahead.load_state_dict(ckpt["lookahead"])
-    if ckpt["loader"] and hasattr(train_loader, "load_state_dict"):
+    if ckpt["loader"]:  # saved by a ResumableLoader only; {} for the albumentations DataLoader
         train_loader.load_state_dict(ckpt["loader"])
     set_rng_state(ckpt["rng"], device)
     return RunState(**ckpt["run"])

@@ -1,7 +1,7 @@
 """What a TrainConfig turns into: loaders, model, optimizer (param groups), loss, scheduler, step counts
 and the fresh initialization of each seed.
 
-    python -c "from fastcifar.config import TrainConfig; from fastcifar.recipe import total_steps; print(total_steps(TrainConfig(epochs=2.5), 97))"
+    python -c "from fastcifar.recipe import *; print(epoch_steps(TrainConfig(epochs=2.5), 97))"  # [97, 97, 48]
 """
 
 from __future__ import annotations
