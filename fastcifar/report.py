@@ -66,7 +66,7 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 # name, width, format, scale: accuracies are shown as percentages
 _EPOCH_COLUMNS = [("seed", 5, "d", 1), ("epoch", 6, "d", 1), ("lr", 9, ".4f", 1), ("train_loss", 11, ".4f", 1),
-                  ("train_acc", 10, ".2f", 100), ("test_loss", 10, ".4f", 1), ("test_acc", 9, ".2f", 100),
+                  ("train_acc", 11, ".2f", 100), ("test_loss", 10, ".4f", 1), ("test_acc", 10, ".2f", 100),
                   ("epoch_seconds", 14, ".2f", 1), ("total_seconds", 14, ".2f", 1)]
 
 
