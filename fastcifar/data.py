@@ -551,13 +551,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where downloads and decoded arrays live (default: $FASTCIFAR_HOME or ~/.cache/fastcifar)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the decoded-array cache")
-    p.add_argument("--show-augment", metavar="PNG", help="also save a grid of augmented training images")
-    p.add_argument("--seed", type=int, default=0, help="seed for --show-augment (default: 0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
 
-def format_summary(data: CifarData) -> str:
+def format_data_summary(data: CifarData) -> str:
     """Per-class counts for both splits, totals and the training-split channel statistics."""
     train = np.bincount(data.train_labels, minlength=len(data.classes))
     test = np.bincount(data.test_labels, minlength=len(data.classes))
@@ -575,13 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     data = load_cifar10(args.data_dir, download=args.download, cache_dir=args.cache_dir,
                         use_cache=not args.no_cache)
-    print(format_summary(data))
+    print(format_data_summary(data))
     print(f"loaded in {time.perf_counter() - start:.2f} s")
-    if args.show_augment:
-        from fastcifar.plots import save_augment_grid
-
-        save_augment_grid(data, args.show_augment, seed=args.seed)
-        print(f"augmentation grid: {args.show_augment}")
     return 0
 
 

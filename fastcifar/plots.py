@@ -1,16 +1,22 @@
 """Pictures people want to look at: augmented samples, training curves, confusion matrix, mistakes.
 
-matplotlib with the Agg backend (no display needed); every file is written atomically.
+    python -m fastcifar.plots --data-dir ../shared/data/cifar10-png.tar.gz --augment-grid grid.png
+
+matplotlib with the Agg backend (no display needed); every file is written atomically. Training writes
+its figures through `save_run_plots`; the command line draws the augmentation grid of a data set.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from fastcifar.atomic import atomic_path
+from fastcifar.errors import run_cli
 
 
 def pyplot():
@@ -145,3 +151,28 @@ def save_augment_grid(data, path: str | Path, seed: int = 0, count: int = 8) -> 
     save_image_grid(path, np.stack([np.asarray(g, dtype=np.float32) / (255 if g.dtype == np.uint8 else 1)
                                     for g in grid]), titles, cols=len(pick),
                     title=" | ".join(row for row, _ in rows))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastcifar.plots",
+                                     description="Draw the same training images original, through the fast "
+                                                 "path and through the albumentations reference.")
+    parser.add_argument("--data-dir", metavar="PATH", help="as for python -m fastcifar.data (default: the cache)")
+    parser.add_argument("--augment-grid", metavar="PNG", required=True, help="where to write the grid")
+    parser.add_argument("--seed", type=int, default=0, help="which images and augmentations (default: 0)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastcifar.data import load_cifar10
+
+    args = get_args_parser().parse_args(argv)
+    data = load_cifar10(args.data_dir)
+    save_augment_grid(data, args.augment_grid, seed=args.seed)
+    print(f"augmentation grid: {args.augment_grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="fastcifar.plots"))

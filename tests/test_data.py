@@ -513,21 +513,25 @@ def test_cli_prints_counts_and_stats(sources, tiny, tmp_path, capsys):
     assert f"train mean: {mean[0]:.5f} {mean[1]:.5f} {mean[2]:.5f}" in out and "train std: " in out
 
 
-def test_cli_show_augment_calls_the_plotter(sources, tmp_path, monkeypatch, capsys):
+def test_cli_augment_grid_lives_with_the_plots(sources, tmp_path, monkeypatch, capsys):
+    """The grid is drawn by fastcifar.plots' command line from the loaded data; data.py never imports plots
+    (data flows one way: data -> augment -> ... -> plots)."""
+    import fastcifar.plots as plots
+
     calls = []
-    plots = types.ModuleType("fastcifar.plots")
-    plots.save_augment_grid = lambda d, path, seed: calls.append((d, path, seed))
-    monkeypatch.setitem(sys.modules, "fastcifar.plots", plots)
+    monkeypatch.setattr(plots, "save_augment_grid", lambda d, path, seed: calls.append((d, path, seed)))
     grid = str(tmp_path / "grid.png")
-    argv = ["--data-dir", str(sources["folder-dir"]), "--no-cache", "--show-augment", grid, "--seed", "5"]
-    assert run_cli(main, argv) == 0
+    assert run_cli(plots.main, ["--data-dir", str(sources["folder-dir"]), "--augment-grid", grid, "--seed", "5"]) == 0
     [(d, path, seed)] = calls
     assert isinstance(d, CifarData) and path == grid and seed == 5
+    assert "augmentation grid: " in capsys.readouterr().out
 
 
-def test_cli_without_show_augment_does_not_import_plots(sources, tmp_path, monkeypatch):
+def test_data_module_does_not_import_plots(sources, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastcifar.plots", None)  # any import of it would raise
     assert run_cli(main, ["--data-dir", str(sources["folder-tar"]), "--no-cache"]) == 0
+    source = (REPO_ROOT / "fastcifar" / "data.py").read_text()
+    assert "plots" not in source
 
 
 # --- the real data set ------------------------------------------------------------------------------------------
