@@ -370,26 +370,72 @@ def test_real_airbench_loader_reads_our_files_on_the_cpu(tmp_path):
     assert test.labels.tolist() == data.test_labels.tolist() and test.classes == list(CLASSES)
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
-def test_gpu_script_smoke_mode_runs_every_part_on_the_cpu(tiny_data, tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "FASTCIFAR_GPU_SMOKE": "1", "FASTCIFAR_GPU_DATA": str(tiny_data),
+def run_gpu_script(tmp_path: Path, data: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FASTCIFAR_GPU_SMOKE": "1", "FASTCIFAR_GPU_DATA": str(data),
            "FASTCIFAR_GPU_WHEELS": str(tmp_path / "no-wheels"), "PYTHON": sys.executable,
-           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), **env_vars}
     env.pop("FASTCIFAR_GPU_PRESET", None)
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(out)], cwd=tmp_path, env=env, check=False,
-                          capture_output=True, text=True, timeout=280)
+    return subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(tmp_path / "out")], cwd=tmp_path, env=env,
+                          check=False, capture_output=True, text=True, timeout=280)
+
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and timeout")
+
+
+@needs_bash
+def test_gpu_script_smoke_mode_runs_every_part_on_the_cpu(tiny_data, tmp_path):
+    proc = run_gpu_script(tmp_path, tiny_data, FASTCIFAR_GPU_AIRBENCH="1")  # asked for, but no wheel
+    out = tmp_path / "out"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["default.json", "default.log", "env.txt", "speedrun.json",
-                                                     "speedrun.log", "summary.txt", "sweep.json", "sweep.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["default.json", "env.txt", "log.txt", "parts.json",
+                                                     "speedrun.json", "summary.txt", "sweep.json"]
     for name, runs in (("speedrun", 2), ("default", 1), ("sweep", 2)):
         report = json.loads((out / f"{name}.json").read_text())
         (stats,) = report["methods"].values()
-        assert stats["runs"] == runs and report["errors"] == []
+        assert stats["runs"] == runs and report["errors"] == [] and report["airbench"] is None
         assert stats["tta"] == ("flip + translate 1" if name != "default" else "flip")  # the preset's own TTA
+    parts = json.loads((out / "parts.json").read_text())
+    assert [(p["name"], p["exit_code"], p["status"]) for p in parts["parts"]] == [
+        ("cuda-tests", 0, "ok"), ("speedrun", 0, "ok"), ("default", 0, "ok"), ("sweep", 0, "ok")]
+    assert parts["notes"] and parts["notes"][0].startswith("airbench skipped: no airbench-*.whl")
     summary = (out / "summary.txt").read_text()
-    assert "speedrun: exit 0" in summary and "default: exit 0" in summary and "sweep: exit 0" in summary
-    assert "median s" in summary
+    assert "speedrun: ok, exit 0" in summary and "sweep: ok, exit 0" in summary and "run s" in summary
+    assert "note: airbench skipped" in summary
+    log = (out / "log.txt").read_text()
+    assert "skipped" in log and "needs a CUDA GPU" in log  # the cuda part ran, and skipped for the right reason
     assert json.loads((out / "sweep.json").read_text())["command"].endswith("--epochs 0.5")
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
     assert not list(tmp_path.glob("fastcifar-gpu.*")), "scratch directory left behind"
+
+
+@needs_bash
+def test_gpu_script_skips_what_its_budget_cannot_fit_and_still_writes_the_summary(tiny_data, tmp_path):
+    proc = run_gpu_script(tmp_path, tiny_data, FASTCIFAR_GPU_BUDGET="5")
+    out = tmp_path / "out"
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parts = json.loads((out / "parts.json").read_text())["parts"]
+    assert [p["name"] for p in parts] == ["cuda-tests", "speedrun", "default", "sweep"]
+    assert all(p["status"].startswith("skipped") and p["exit_code"] is None for p in parts)
+    assert "speedrun: skipped" in (out / "summary.txt").read_text()
+
+
+def test_a_signal_mid_run_keeps_every_finished_seed(tmp_path, monkeypatch):
+    import signal
+
+    def fake_seed(argv, out_dir):
+        seed = int(argv[argv.index("--seed") + 1])
+        if seed == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends; arrives inside this seed
+        return speedrun.fastcifar_record({"tta": "flip TTA", "runs": [
+            {"seed": seed, "test_acc": 0.9, "test_acc_tta": 0.95, "train_seconds": 5.0, "run_seconds": 6.0}]})
+
+    monkeypatch.setattr(speedrun, "run_fastcifar_seed", fake_seed)
+    use_synthetic_data(monkeypatch)
+    out = tmp_path / "report.json"
+    code = speedrun.main(["--data-dir", "synthetic", "--preset", "default", "--runs", "3",
+                          "--out-dir", str(tmp_path / "run"), "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 143 and [r["seed"] for r in report["fastcifar"]["runs"]] == [0]
+    assert report["errors"] == ["stopped early (signal 15); results are partial"]
+    assert report["methods"]["fastcifar[default]"]["run_seconds"]["median"] == 6.0
