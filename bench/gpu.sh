@@ -182,6 +182,7 @@ for p in parts:
     for line in [f"WARNING: {n}" for n in r.get("notes") or []] + [f"error: {e}" for e in r.get("errors") or []]:
         print(line)
 EOF
+    echo "=== summary.txt and parts.json rewritten (${#PARTS[@]} part(s) so far) ===" >> "$LOG"
 }
 
 # run_part NAME TIMEOUT COMMAND...: COMMAND under `timeout` (capped by the budget left), output into log.txt

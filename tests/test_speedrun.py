@@ -370,6 +370,10 @@ def test_real_airbench_loader_reads_our_files_on_the_cpu(tmp_path):
     assert test.labels.tolist() == data.test_labels.tolist() and test.classes == list(CLASSES)
 
 
+def test_the_cuda_marker_is_registered_for_gpu_sh(pytestconfig):
+    assert any(m.startswith("cuda:") for m in pytestconfig.getini("markers"))
+
+
 def run_gpu_script(tmp_path: Path, data: Path, **env_vars: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "FASTCIFAR_GPU_SMOKE": "1", "FASTCIFAR_GPU_DATA": str(data),
            "FASTCIFAR_GPU_WHEELS": str(tmp_path / "no-wheels"), "PYTHON": sys.executable,
@@ -403,6 +407,8 @@ def test_gpu_script_smoke_mode_runs_every_part_on_the_cpu(tiny_data, tmp_path):
     assert "speedrun: ok, exit 0" in summary and "sweep: ok, exit 0" in summary and "run s" in summary
     assert "note: airbench skipped" in summary
     log = (out / "log.txt").read_text()
+    rewrites = [line for line in log.splitlines() if line.startswith("=== summary.txt and parts.json rewritten")]
+    assert [r.split("(")[1].split()[0] for r in rewrites] == ["1", "2", "3", "4"]  # after every part
     assert "skipped" in log and "needs a CUDA GPU" in log  # the cuda part ran, and skipped for the right reason
     assert json.loads((out / "sweep.json").read_text())["command"].endswith("--epochs 0.5")
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
