@@ -96,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python bench/speedrun.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train N seeds of a fastcifar preset (and optionally airbench94 on the same images, "
-                    "interleaved seed by seed); report accuracy mean +- std, the fraction >= 94%% and median "
+                    "interleaved seed by seed); report accuracy mean +- std, the fraction >= 94% and median "
                     "seconds on airbench's clock (run s), steps only and wall. Flags after `--` go to "
                     "fastcifar.train.",
         epilog="example: python bench/speedrun.py --data-dir ../shared/data/cifar10-png.tar.gz --preset speedrun "
