@@ -1,33 +1,42 @@
 #!/usr/bin/env bash
-# One prepared GPU run (H200): the speedrun preset against airbench94 on the same images, then the
-# default 24-epoch recipe, then (only if time is left) the speedrun preset at fewer epochs, so the epoch
-# count can be chosen by measurement. About 7 minutes at most; every part has its own `timeout`, and a
-# failed or timed-out part does not stop the next (a timed-out speedrun.py still writes the runs that
-# finished).
+# One prepared GPU run (H200), in parts, each under its own `timeout` and all inside one budget (7 minutes
+# with setup); a failed, timed-out or skipped part does not stop the next, and the summary (summary.txt,
+# parts.json) is rewritten after every part, never only at the end:
+#   1. cuda-tests  `pytest -m cuda tests/test_cuda.py`: what the CPU CI skips (compile, CUDA graphs, fp16, ...)
+#   2. speedrun    the speedrun preset against airbench94 on the same images, interleaved seed by seed
+#   3. default     the default 24-epoch recipe
+#   4. sweep       only if time is left: the speedrun preset at fewer epochs
+# bench/speedrun.py itself rewrites its part's JSON after every seed, so a part cut off by its timeout
+# keeps every seed that finished; an error in one seed is recorded for that seed and the rest continue.
+# Clock: "run s" is airbench94's convention for both methods (bench/speedrun.py's docstring, RESULTS.md).
 #
 #   bash bench/gpu.sh OUT_DIR
 #
-# Prepare here once (.gpu/ is git-ignored, so name it in the device call's `carry`):
-#   mkdir -p .gpu/whl && cp ../shared/data/cifar10-jpeg.tar.gz .gpu/
-#   pip wheel --no-deps -w .gpu/whl airbench==0.1.8          # pure Python; the GPU image has no airbench
-# Device call:  run(command="bash bench/gpu.sh $OUT", carry=[".gpu"], timeout_s=540)
+# Prepare here once, in the repository root (.gpu/ is git-ignored, so name it in the device call's carry):
+#   echo /.gpu/ >> .git/info/exclude
+#   mkdir -p .gpu/whl
+#   cp ../shared/data/cifar10-gpu.tar.gz .gpu/           # 54 MB: lossless test split, JPEG q90 train split
+#   cp /work/airbench/whl/airbench-0.1.8-py3-none-any.whl .gpu/whl/   # or: pip download --no-deps -d .gpu/whl airbench==0.1.8
+# Device call:  run(command="bash bench/gpu.sh $OUT", carry=[".gpu"], timeout_s=420)
+# No airbench wheel in .gpu/whl: the speedrun part runs without airbench and says so.
 #
-# OUT_DIR gets (flat, <= 8 files): env.txt, speedrun.json, speedrun.log, default.json, default.log,
-# sweep.json, sweep.log (when it ran), summary.txt. The summary table is printed last.
+# OUT_DIR gets (flat, <= 8 files): env.txt, log.txt (every part's output), summary.txt, parts.json,
+# speedrun.json, default.json, sweep.json (when it ran). The summary is printed last.
 #
 # CPU smoke test (tests/test_speedrun.py runs this on a tiny synthetic data set):
 #   FASTCIFAR_GPU_SMOKE=1 FASTCIFAR_GPU_DATA=/path/to/tiny PYTHON=.venv/bin/python bash bench/gpu.sh /tmp/out
-# SMOKE=1 means: width 4, 1 epoch, batch 64, --device cpu, 2 + 1 runs, no airbench, preset `speedrun` if
-# it exists else `default`, private site dir, short timeouts, a 0.5-epoch sweep.
+# SMOKE=1 means: width 4, 1 epoch, batch 64, --device cpu, 2 + 1 runs, no airbench unless asked for,
+# preset `speedrun` if it exists else `default`, private site dir, a 0.5-epoch sweep.
 #
 # Environment (defaults in brackets):
-#   PYTHON [python3]  FASTCIFAR_GPU_DATA [.gpu/cifar10-jpeg.tar.gz]  FASTCIFAR_GPU_WHEELS [.gpu/whl]
+#   PYTHON [python3]  FASTCIFAR_GPU_DATA [.gpu/cifar10-gpu.tar.gz]  FASTCIFAR_GPU_WHEELS [.gpu/whl]
 #   FASTCIFAR_GPU_SITE [/tmp/site]  FASTCIFAR_GPU_PRESET [speedrun]  FASTCIFAR_GPU_RUNS [5]
-#   FASTCIFAR_GPU_AIRBENCH_RUNS [5]  FASTCIFAR_GPU_DEFAULT_RUNS [3]  FASTCIFAR_GPU_AIRBENCH [1]
-#   FASTCIFAR_GPU_T_SPEEDRUN [230 s]  FASTCIFAR_GPU_T_DEFAULT [170 s]
-#   FASTCIFAR_GPU_SWEEP_EPOCHS [8; empty = no sweep]: the sweep part's --epochs for the speedrun preset; it
-#   runs only when at least 60 s of FASTCIFAR_GPU_BUDGET [400 s, counted from the start] are left
-#   FASTCIFAR_GPU_EXTRA [none]: extra fastcifar.train flags for both parts, e.g. "--eval-every 100"
+#   FASTCIFAR_GPU_AIRBENCH_RUNS [= runs]  FASTCIFAR_GPU_DEFAULT_RUNS [3]  FASTCIFAR_GPU_AIRBENCH [1]
+#   FASTCIFAR_GPU_BUDGET [390 s, counted from the start]: no part runs past it; a part starts only with
+#   FASTCIFAR_GPU_MIN_PART [30 s] left, and gets min(its timeout, what is left)
+#   timeouts: FASTCIFAR_GPU_T_TESTS [90 s]  FASTCIFAR_GPU_T_SPEEDRUN [200 s]  FASTCIFAR_GPU_T_DEFAULT [110 s]
+#   FASTCIFAR_GPU_SWEEP_EPOCHS [8; empty = no sweep]: the sweep's --epochs for the speedrun preset
+#   FASTCIFAR_GPU_EXTRA [none]: extra fastcifar.train flags for every training part, e.g. "--eval-every 100"
 set -u
 
 if [ $# -ne 1 ]; then
@@ -41,10 +50,12 @@ cd "$REPO" || exit 2
 
 PY=${PYTHON:-python3}
 SMOKE=${FASTCIFAR_GPU_SMOKE:-0}
-DATA=${FASTCIFAR_GPU_DATA:-$REPO/.gpu/cifar10-jpeg.tar.gz}
+DATA=${FASTCIFAR_GPU_DATA:-$REPO/.gpu/cifar10-gpu.tar.gz}
 WHEELS=${FASTCIFAR_GPU_WHEELS:-$REPO/.gpu/whl}
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/fastcifar-gpu.XXXXXX") || exit 2
 trap 'rm -rf "$SCRATCH"' EXIT
+LOG=$OUT_DIR/log.txt
+: > "$LOG"
 
 # private cache (decoded data, compiled kernels): nothing from an earlier run is reused
 export FASTCIFAR_HOME=$SCRATCH/home
@@ -56,8 +67,6 @@ if [ "$SMOKE" = 1 ]; then
     RUNS=${FASTCIFAR_GPU_RUNS:-2}
     DEFAULT_RUNS=${FASTCIFAR_GPU_DEFAULT_RUNS:-1}
     AIRBENCH=${FASTCIFAR_GPU_AIRBENCH:-0}
-    T_SPEEDRUN=${FASTCIFAR_GPU_T_SPEEDRUN:-120}
-    T_DEFAULT=${FASTCIFAR_GPU_T_DEFAULT:-120}
     SWEEP_EPOCHS=${FASTCIFAR_GPU_SWEEP_EPOCHS-0.5}
     TRAIN_FLAGS=(--width 4 --epochs 1 --batch-size 64 --device cpu)
 else
@@ -65,27 +74,36 @@ else
     RUNS=${FASTCIFAR_GPU_RUNS:-5}
     DEFAULT_RUNS=${FASTCIFAR_GPU_DEFAULT_RUNS:-3}
     AIRBENCH=${FASTCIFAR_GPU_AIRBENCH:-1}
-    T_SPEEDRUN=${FASTCIFAR_GPU_T_SPEEDRUN:-230}
-    T_DEFAULT=${FASTCIFAR_GPU_T_DEFAULT:-170}
     SWEEP_EPOCHS=${FASTCIFAR_GPU_SWEEP_EPOCHS-8}
     TRAIN_FLAGS=()
 fi
-AIRBENCH_RUNS=${FASTCIFAR_GPU_AIRBENCH_RUNS:-5}
-BUDGET=${FASTCIFAR_GPU_BUDGET:-400}
+AIRBENCH_RUNS=${FASTCIFAR_GPU_AIRBENCH_RUNS:-$RUNS}
+BUDGET=${FASTCIFAR_GPU_BUDGET:-390}
+MIN_PART=${FASTCIFAR_GPU_MIN_PART:-30}
+T_TESTS=${FASTCIFAR_GPU_T_TESTS:-90}
+T_SPEEDRUN=${FASTCIFAR_GPU_T_SPEEDRUN:-200}
+T_DEFAULT=${FASTCIFAR_GPU_T_DEFAULT:-110}
 # shellcheck disable=SC2206  # word splitting of the extra flags is intended
 TRAIN_FLAGS+=(${FASTCIFAR_GPU_EXTRA:-})
 
-# wheels of pure-Python packages the GPU image lacks (airbench)
+NOTES=()
+# airbench comes from its carried wheel (the GPU image has none): no wheel, no airbench, and a note
 shopt -s nullglob
 wheels=("$WHEELS"/*.whl)
+airbench_wheels=("$WHEELS"/airbench-*.whl)
 shopt -u nullglob
 if [ ${#wheels[@]} -gt 0 ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "${wheels[@]}" \
-        || echo "WARNING: wheel install into $SITE failed" >&2
-else
-    echo "note: no wheels in $WHEELS"
+        >>"$LOG" 2>&1 || NOTES+=("wheel install into $SITE failed (see log.txt)")
 fi
 export PYTHONPATH=$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
+if [ "$AIRBENCH" = 1 ] && [ ${#airbench_wheels[@]} -eq 0 ]; then
+    AIRBENCH=0
+    NOTES+=("airbench skipped: no airbench-*.whl in $WHEELS (see this script's header for the copy step)")
+elif [ "$AIRBENCH" = 1 ] && ! "$PY" -c "import airbench" >>"$LOG" 2>&1; then
+    AIRBENCH=0
+    NOTES+=("airbench skipped: its wheel did not import (see log.txt)")
+fi
 
 if [ "$SMOKE" = 1 ] && [ -z "${FASTCIFAR_GPU_PRESET:-}" ]; then
     PRESET=$("$PY" -c 'from fastcifar.config import PRESETS; print("speedrun" if "speedrun" in PRESETS else "default")')
@@ -97,12 +115,12 @@ fi
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "host: $(uname -srm)"
     echo "repo: $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
-    echo "data: $DATA"
+    echo "data: $DATA$([ "$(basename "$DATA")" = cifar10-gpu.tar.gz ] && echo ' (GPU copy: train JPEG q90, test lossless)')"
     echo "smoke: $SMOKE  preset: $PRESET  runs: $RUNS  airbench: $AIRBENCH x $AIRBENCH_RUNS  default runs: $DEFAULT_RUNS"
-    echo "timeouts: speedrun ${T_SPEEDRUN}s, default ${T_DEFAULT}s; sweep: epochs ${SWEEP_EPOCHS:-none} if 60s of" \
-         "${BUDGET}s are left; extra train flags: ${TRAIN_FLAGS[*]:-none}"
+    echo "budget ${BUDGET}s; timeouts: tests ${T_TESTS}s, speedrun ${T_SPEEDRUN}s, default ${T_DEFAULT}s;" \
+         "sweep: epochs ${SWEEP_EPOCHS:-none}; extra train flags: ${TRAIN_FLAGS[*]:-none}"
+    for note in ${NOTES[@]+"${NOTES[@]}"}; do echo "note: $note"; done
     if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
             --format=csv
     else
@@ -124,27 +142,81 @@ try:
 except Exception as e:
     print("airbench: not available:", type(e).__name__, e)
 EOF
-} 2>&1 | tee "$OUT_DIR/env.txt"
+} 2>&1 | tee "$OUT_DIR/env.txt" | tee -a "$LOG"
 
 status=0
-declare -A RC SECS
+PARTS=()  # "name|exit code|seconds|what happened", in running order
 
-# run_part NAME TIMEOUT ARGS...: bench/speedrun.py ARGS under `timeout`, log and JSON into OUT_DIR
+# write_summary: parts.json and summary.txt from PARTS and each part's JSON; rewritten after every part
+write_summary() {
+    "$PY" - "$OUT_DIR" "$DATA" ${NOTES[@]+"${NOTES[@]/#/note:}"} ${PARTS[@]+"${PARTS[@]}"} <<'EOF' > "$OUT_DIR/summary.txt" 2>&1
+import json, sys, time
+from pathlib import Path
+
+out, data = Path(sys.argv[1]), sys.argv[2]
+notes = [a[5:] for a in sys.argv[3:] if a.startswith("note:")]
+parts = [dict(zip(("name", "exit_code", "seconds", "status"), a.split("|", 3))) for a in sys.argv[3:]
+         if not a.startswith("note:")]
+for p in parts:
+    p["exit_code"] = int(p["exit_code"]) if p["exit_code"] else None
+    p["seconds"] = int(p["seconds"]) if p["seconds"] else None
+tmp = out / "parts.json.tmp"
+tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "data": data,
+                           "notes": notes, "parts": parts}, indent=2) + "\n")
+tmp.replace(out / "parts.json")
+print(f"=== summary ({time.strftime('%H:%M:%SZ', time.gmtime())}; data {data}) ===")
+for note in notes:
+    print("note:", note)
+for p in parts:
+    print(f"{p['name']}: {p['status']}" + (f", exit {p['exit_code']}" if p["exit_code"] is not None else "")
+          + (f", {p['seconds']} s wall" if p["seconds"] is not None else ""))
+for p in parts:
+    try:
+        r = json.loads((out / f"{p['name']}.json").read_text())
+    except (OSError, ValueError):
+        continue  # the tests part has no JSON; a part killed before its first seed neither
+    print(f"\n[{p['name']}] {r.get('device')}, torch {r.get('torch')}, {r.get('data_source')}")
+    print(r.get("table") or "(no finished runs)")
+    if r.get("time_ratio_fastcifar_over_airbench"):
+        print(f"run ratio fastcifar/airbench: {r['time_ratio_fastcifar_over_airbench']:.2f}")
+    for line in [f"WARNING: {n}" for n in r.get("notes") or []] + [f"error: {e}" for e in r.get("errors") or []]:
+        print(line)
+EOF
+    echo "=== summary.txt and parts.json rewritten (${#PARTS[@]} part(s) so far) ===" >> "$LOG"
+}
+
+# run_part NAME TIMEOUT COMMAND...: COMMAND under `timeout` (capped by the budget left), output into log.txt
 run_part() {
     local name=$1 limit=$2
     shift 2
+    local left=$((BUDGET - SECONDS))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt "$MIN_PART" ]; then
+        echo "=== $name skipped: ${left}s of the ${BUDGET}s budget left ===" | tee -a "$LOG"
+        PARTS+=("$name|||skipped (${left}s of the budget left)")
+        write_summary
+        return
+    fi
     local start=$SECONDS
-    echo
-    echo "=== $name: timeout ${limit}s: $PY bench/speedrun.py $* ==="
-    timeout -k 15 "$limit" "$PY" bench/speedrun.py --data-dir "$DATA" --json "$OUT_DIR/$name.json" \
-        --out-dir "$SCRATCH/runs/$name" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
-    local rc=${PIPESTATUS[0]}
-    RC[$name]=$rc
-    SECS[$name]=$((SECONDS - start))
+    echo | tee -a "$LOG"
+    echo "=== $name: timeout ${limit}s: $* ===" | tee -a "$LOG"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]} what=ok
     if [ "$rc" -ne 0 ]; then
         status=1
-        echo "=== $name: exit code $rc$([ "$rc" -eq 124 ] && echo ' (timed out)') ==="
+        what=failed
+        [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && what="timed out after ${limit}s"
+        echo "=== $name: exit code $rc ($what) ===" | tee -a "$LOG"
     fi
+    PARTS+=("$name|$rc|$((SECONDS - start))|$what")
+    write_summary
+}
+
+run_speedrun_part() {  # run_speedrun_part NAME TIMEOUT ARGS...: bench/speedrun.py writing OUT_DIR/NAME.json
+    local name=$1 limit=$2
+    shift 2
+    run_part "$name" "$limit" "$PY" bench/speedrun.py --data-dir "$DATA" --json "$OUT_DIR/$name.json" \
+        --out-dir "$SCRATCH/runs/$name" "$@"
 }
 
 extra=()
@@ -152,44 +224,15 @@ extra=()
 airbench_flags=()
 [ "$AIRBENCH" = 1 ] && airbench_flags=(--airbench --airbench-runs "$AIRBENCH_RUNS")
 
-run_part speedrun "$T_SPEEDRUN" --preset "$PRESET" --runs "$RUNS" ${airbench_flags[@]+"${airbench_flags[@]}"} \
-    ${extra[@]+"${extra[@]}"}
-run_part default "$T_DEFAULT" --preset default --runs "$DEFAULT_RUNS" ${extra[@]+"${extra[@]}"}
-parts=(speedrun default)
-left=$((BUDGET - SECONDS))
-if [ -n "$SWEEP_EPOCHS" ] && [ "$left" -ge 60 ]; then
-    run_part sweep "$left" --preset "$PRESET" --runs "$RUNS" -- ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} \
-        --epochs "$SWEEP_EPOCHS"
-    parts+=(sweep)
-elif [ -n "$SWEEP_EPOCHS" ]; then
-    echo "=== sweep skipped: ${left}s of the ${BUDGET}s budget left ==="
+run_part cuda-tests "$T_TESTS" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py
+run_speedrun_part speedrun "$T_SPEEDRUN" --preset "$PRESET" --runs "$RUNS" \
+    ${airbench_flags[@]+"${airbench_flags[@]}"} ${extra[@]+"${extra[@]}"}
+run_speedrun_part default "$T_DEFAULT" --preset default --runs "$DEFAULT_RUNS" ${extra[@]+"${extra[@]}"}
+if [ -n "$SWEEP_EPOCHS" ]; then
+    run_speedrun_part sweep "$BUDGET" --preset "$PRESET" --runs "$RUNS" -- \
+        ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} --epochs "$SWEEP_EPOCHS"
 fi
 
-{
-    echo
-    echo "=== summary ($(date -u +%H:%M:%SZ); data $DATA) ==="
-    for name in "${parts[@]}"; do
-        echo "$name: exit ${RC[$name]}, ${SECS[$name]} s wall"
-    done
-    "$PY" - "$OUT_DIR" "${parts[@]}" <<'EOF'
-import json, sys
-from pathlib import Path
-for name in sys.argv[2:]:
-    path = Path(sys.argv[1]) / f"{name}.json"
-    try:
-        r = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        print(f"\n[{name}] no results ({type(e).__name__})")
-        continue
-    print(f"\n[{name}] {r.get('device')}, torch {r.get('torch')}, {r.get('data_source')}")
-    print(r.get("table") or "(no finished runs)")
-    for m, s in r.get("methods", {}).items():
-        if s.get("compile_seconds") is not None:
-            print(f"{m}: compile {s['compile_seconds']:.1f} s, data {s['data_seconds']:.1f} s (not in train time)")
-    if r.get("time_ratio_fastcifar_over_airbench"):
-        print(f"time ratio fastcifar/airbench: {r['time_ratio_fastcifar_over_airbench']:.2f}")
-    for e in r.get("errors") or []:
-        print("error:", e)
-EOF
-} 2>&1 | tee "$OUT_DIR/summary.txt"
+echo
+cat "$OUT_DIR/summary.txt"
 exit $status

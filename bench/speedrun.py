@@ -1,39 +1,46 @@
 """Speedrun benchmark: N seeds of a fastcifar preset, optionally against airbench94 on the same images.
 
     python bench/speedrun.py --data-dir ../shared/data/cifar10-png.tar.gz --preset speedrun --runs 5
-    python bench/speedrun.py --data-dir .gpu/cifar10-jpeg.tar.gz --preset speedrun --runs 5 \\
+    python bench/speedrun.py --data-dir .gpu/cifar10-gpu.tar.gz --preset speedrun --runs 5 \\
         --airbench --airbench-runs 5 --json /tmp/speedrun.json
     python bench/speedrun.py --data-dir DIR --preset default --runs 2 -- --width 16 --epochs 2 --device cpu
 
-Everything after `--` is passed to `fastcifar.train` unchanged (it overrides the preset). The seeds are
-trained in-process by `fastcifar.train.main`, which warms up and compiles once, outside the timed region,
-and reports compile and data-loading seconds separately. Unless overridden after `--`, the runs use
-`--no-plots --checkpoint-every 0` (neither is timed, but both cost wall time).
+Everything after `--` is passed to `fastcifar.train` unchanged (it overrides the preset; --runs, --seed,
+--out-dir and --resume are ours). Each seed is its own in-process `fastcifar.train.main` call (`--runs 1`,
+its own run directory), so an error in one seed (non-finite loss, out of memory) is recorded for that
+seed and the rest continue. Unless overridden after `--`, the runs use `--no-plots --checkpoint-every 0`.
+With `--airbench` the two methods are interleaved seed by seed (fastcifar first on even seeds, airbench
+first on odd ones), so both see the same GPU clocks and temperature.
 
-Reported: mean +- std test accuracy, plain and with the preset's own TTA (flip, or flip + translate), the
-fraction of runs >= 94% (on the TTA accuracy when the preset uses TTA; both are reported), median training
-seconds, compile and data seconds.
+One clock for both sides (issue #11), airbench94's convention: **run seconds** = on-device data
+preparation from uint8 images already on the device + first-layer (whitening) init + every training step +
+the final evaluation with the method's own TTA, timed with device events. Per-epoch evaluations, reading
+and decoding files, the host-to-device upload and compilation are not in it. Per method and seed:
+- fastcifar: `run_seconds` from its summary.json (the trainer's own events); `train_seconds` (steps only)
+  is reported apart as "steps s". A summary without `run_seconds` leaves "run s" empty and says so: steps
+  seconds are never put in its place.
+- airbench94 0.1.8: its own printed `total_time_seconds` (the final `eval` row of its table), read as it
+  is; output without it is an error (AirbenchOutputError), never replaced by wall time.
+- both: `wall_seconds` = this harness's host clock (device synchronized) around the whole per-seed call:
+  fastcifar's includes its setup (data from the decoded cache, upload, model, warm-up and compilation,
+  which is also reported apart), airbench's its loading of train.pt/test.pt onto the device and its
+  per-epoch evaluations. airbench's one-step warm-up (`warmup94`) runs once before its first seed, apart.
 
-`--airbench` also trains airbench94 (PyPI `airbench==0.1.8`, not a fastcifar dependency; install it, or
-carry its wheel) on the SAME images: our decoded CIFAR-10 is written as `cifar10/train.pt`/`test.pt`
-(uint8 N x 32 x 32 x 3 images, int64 labels, class names) into a scratch directory that is the working
-directory during its runs, since airbench reads `./cifar10`. Its time is airbench's own
-`total_time_seconds` (CUDA events around whitening init + training epochs + TTA evaluation, per-epoch
-evaluation excluded), after `airbench.warmup94()`. airbench needs CUDA (`.cuda()`, CUDA events,
-`torch.load(map_location=cuda)`), so without a GPU `--airbench` stops with an error before training.
+`--airbench` needs airbench (PyPI `airbench==0.1.8`, `pip install fastcifar[bench]`, or its wheel) and
+CUDA; our decoded CIFAR-10 is written as `cifar10/train.pt`/`test.pt` (uint8 N x 32 x 32 x 3 images,
+int64 labels, class names) into a scratch directory that is the working directory during its runs.
 
-`--json OUT` gets every number plus date, device, torch version, data source and the command line; it
-is rewritten after each stage, so a run cut short (SIGTERM from `timeout`) still leaves what finished.
+`--json OUT` gets every number plus date, device, torch version, data source and the command line; it is
+rewritten after every seed of either method, so a run cut short (SIGTERM from `timeout`) keeps what
+finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import json
-import math
 import os
 import platform
 import shlex
@@ -52,13 +59,26 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/speedrun.py` from anywhere
 
 import numpy as np  # noqa: E402 (after the sys.path line)
 
-from fastcifar.errors import UserError, run_cli  # noqa: E402
-from fastcifar.stats import describe as describe_sample  # noqa: E402
+from fastcifar.errors import UserError, first_line, run_cli  # noqa: E402
+from fastcifar.stats import describe  # noqa: E402
 
 THRESHOLD = 0.94
 AIRBENCH_VERSION = "0.1.8"
 DEFAULT_TRAIN_FLAGS = ("--no-plots", "--checkpoint-every", "0")
 AIRBENCH_COLUMNS = ("run", "epoch", "train_loss", "train_acc", "val_acc", "tta_val_acc", "total_time_seconds")
+PER_SEED_TRAIN_FLAGS = ("--runs", "--seed", "--out-dir", "--resume")  # speedrun sets these for each seed
+FASTCIFAR, AIRBENCH = "fastcifar", "airbench94"
+CLOCK = {
+    "run_seconds": "airbench94's convention, device events: on-device data preparation from uint8 images already "
+                   "on the device + first-layer (whitening) init + all training steps + the final evaluation with "
+                   "the method's own TTA; per-epoch evaluations, reading/decoding files, the host-to-device upload "
+                   "and compilation are not in it. fastcifar: its summary's run_seconds; airbench94: its own "
+                   "printed total_time_seconds",
+    "train_seconds": "fastcifar only: the training steps alone (its summary's train_seconds)",
+    "wall_seconds": "this harness's host clock, device synchronized, around each per-seed call: fastcifar's "
+                    "includes its setup, warm-up and compilation (compile_seconds, reported apart); airbench's its "
+                    "loading of train.pt/test.pt onto the device and its per-epoch evaluations",
+}
 
 
 class Stopped(Exception):
@@ -75,9 +95,10 @@ class Stopped(Exception):
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python bench/speedrun.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train N seeds of a fastcifar preset (and optionally airbench94 on the same images); "
-                    "report accuracy mean +- std, the fraction >= 94%% and median training time. "
-                    "Flags after `--` go to fastcifar.train.",
+        description="Train N seeds of a fastcifar preset (and optionally airbench94 on the same images, "
+                    "interleaved seed by seed); report accuracy mean +- std, the fraction >= 94% and median "
+                    "seconds on airbench's clock (run s), steps only and wall. Flags after `--` go to "
+                    "fastcifar.train.",
         epilog="example: python bench/speedrun.py --data-dir ../shared/data/cifar10-png.tar.gz --preset speedrun "
                "--runs 5 --airbench --json out.json -- --epochs 10")
     p.add_argument("--data-dir", metavar="PATH", help="CIFAR-10 source (see fastcifar.data); default: the cache")
@@ -86,7 +107,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="first seed (fastcifar and airbench)")
     p.add_argument("--out-dir", metavar="DIR", help="fastcifar run directory (default: runs/speedrun-<preset>-<time>)")
     p.add_argument("--airbench", action="store_true", help="also run airbench94 (needs CUDA and airbench==0.1.8)")
-    p.add_argument("--airbench-runs", type=int, default=None, help="airbench seeds (default: --runs)")
+    p.add_argument("--airbench-runs", type=int, default=None, help="airbench seeds (default: --runs), interleaved "
+                   "with fastcifar's seed by seed")
     p.add_argument("--work-dir", metavar="DIR", help="scratch directory for airbench's cifar10/*.pt "
                    "(default: a temporary directory, removed afterwards)")
     p.add_argument("--threshold", type=float, default=THRESHOLD, help="accuracy counted as a success")
@@ -116,139 +138,152 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         raise UserError("invalid --runs/--airbench-runs: must be >= 1")
     if args.airbench_runs is None:
         args.airbench_runs = args.runs
+    taken = [f for f in train_flags if f.split("=")[0] in PER_SEED_TRAIN_FLAGS]
+    if taken:
+        raise UserError(f"invalid trainer flag {taken[0]} after `--`: speedrun sets --runs 1, --seed and --out-dir "
+                        "for each seed itself; use speedrun's own --runs, --seed and --out-dir")
     from fastcifar.config import parse_config
 
-    parse_config(train_argv(args, Path("unused"), train_flags))  # bad trainer flags fail now, not after loading
+    parse_config(train_argv(args, args.seed, Path("unused"), train_flags))  # bad trainer flags fail now
     return args, train_flags
 
 
-def train_argv(args: argparse.Namespace, out_dir: Path, extra: Sequence[str]) -> list[str]:
-    """The fastcifar.train command line: ours first, so flags after `--` override them."""
-    argv = ["--preset", args.preset, "--runs", str(args.runs), "--seed", str(args.seed),
-            "--out-dir", str(out_dir), "--overwrite", *DEFAULT_TRAIN_FLAGS]
+def train_argv(args: argparse.Namespace, seed: int, out_dir: Path, extra: Sequence[str]) -> list[str]:
+    """The fastcifar.train command line of one seed: ours first, so flags after `--` override them."""
+    argv = ["--preset", args.preset, "--runs", "1", "--seed", str(seed), "--out-dir", str(out_dir), "--overwrite",
+            *DEFAULT_TRAIN_FLAGS]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
     return argv + list(extra)
 
 
+def schedule(runs: int, airbench_runs: int) -> list[tuple[str, int]]:
+    """(method, index) in running order: seed by seed, fastcifar first on even indices, airbench94 on odd ones,
+    so neither method always meets the warmer GPU."""
+    order: list[tuple[str, int]] = []
+    for i in range(max(runs, airbench_runs)):
+        pair = [(m, i) for m, n in ((FASTCIFAR, runs), (AIRBENCH, airbench_runs)) if i < n]
+        order += pair[::-1] if i % 2 else pair
+    return order
+
+
+def timed_call(fn):
+    """(fn(), host seconds it took), the device synchronized before and after so queued work is counted."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - start
+
+
 # ------------------------------------------------------------------------------------------------------
 # Statistics and the table
 # ------------------------------------------------------------------------------------------------------
-def describe(values: Sequence[float] | None) -> dict[str, Any] | None:
-    """fastcifar.stats.describe of the values; None for no values (a method without TTA has none)."""
-    return describe_sample(values) if values else None
-
-
-def at_least(values: Sequence[float] | None, threshold: float) -> dict[str, Any] | None:
+def at_least(values: Sequence[float], threshold: float) -> dict[str, Any] | None:
     if not values:
         return None
     k = int(sum(v >= threshold for v in values))
     return {"count": k, "runs": len(values), "fraction": k / len(values)}
 
 
-def method_stats(acc: Sequence[float], acc_flip: Sequence[float] | None, acc_own_tta: Sequence[float] | None,
-                 seconds: Sequence[float], threshold: float, own_tta_name: str | None) -> dict[str, Any]:
-    """The numbers of one method. The success fraction uses the method's own TTA accuracy when it has one."""
-    primary = "acc_tta" if acc_own_tta else "acc"
+def method_stats(records: Sequence[dict[str, Any]], threshold: float, own_tta: str | None) -> dict[str, Any]:
+    """One method's numbers over its finished seeds (records without an error). The success fraction uses the
+    method's own TTA accuracy when it has one."""
+    done = [r for r in records if not r.get("error")]
+
+    def column(key: str) -> list[float]:
+        return [float(r[key]) for r in done if r.get(key) is not None]
+
+    acc, own = column("acc"), column("acc_tta")
     return {
-        "runs": len(acc), "acc": describe(acc), "acc_flip_tta": describe(acc_flip),
-        "acc_tta": describe(acc_own_tta), "tta": own_tta_name,
+        "runs": len(records), "finished": len(done), "acc": describe(acc), "acc_flip_tta": describe(column("acc_flip_tta")),
+        "acc_tta": describe(own), "tta": own_tta if own else None,
         "at_least_threshold": {"threshold": threshold, "acc": at_least(acc, threshold),
-                               "acc_tta": at_least(acc_own_tta, threshold), "primary": primary},
-        "median_seconds": describe_sample(seconds)["median"],
-        "seconds": [float(s) for s in seconds],
+                               "acc_tta": at_least(own, threshold), "primary": "acc_tta" if own else "acc"},
+        "run_seconds": describe(column("run_seconds")), "train_seconds": describe(column("train_seconds")),
+        "wall_seconds": describe(column("wall_seconds")),
+        "run_seconds_missing": sum(r.get("run_seconds") is None for r in done),
     }
 
 
 def _pm(d: dict | None) -> str:
     """'mean +- std' in percent, 15 characters wide."""
-    text = f"{100 * d['mean']:.2f} +- {100 * d['std']:.2f}" if d else "-"
+    text = f"{100 * d['mean']:.2f} +- {100 * d['std']:.2f}" if d and d["n"] else "-"
     return f"{text:>15}"
 
 
+def _median(d: dict | None) -> float | None:
+    return d["median"] if d and d["n"] else None
+
+
 def format_table(rows: list[tuple[str, dict[str, Any]]], reference: str | None = None) -> str:
-    """One fixed-width table: accuracies in %, success fraction, median seconds, time relative to `reference`."""
-    ref = dict(rows).get(reference) if reference else None
-    ref_s = ref["median_seconds"] if ref else None
+    """One fixed-width table: accuracies in %, success fractions, median run / steps / wall seconds, and the
+    median run seconds relative to `reference`'s."""
+    ref_s = _median(dict(rows)[reference]["run_seconds"]) if reference in dict(rows) else None
     thr_pct = f">={100 * rows[0][1]['at_least_threshold']['threshold']:g}%" if rows else ">=thr"
-    head = (f"{'method':<24} {'runs':>4}  {'acc %':>15}  {'flip TTA %':>15}  {'own TTA %':>15}  "
-            f"{thr_pct:>7}  {thr_pct + ' TTA':>11}  {'median s':>9}  {'time ratio':>10}")
+    head = (f"{'method':<24} {'runs':>5}  {'acc %':>15}  {'flip TTA %':>15}  {'own TTA %':>15}  "
+            f"{thr_pct:>7}  {thr_pct + ' TTA':>11}  {'run s':>8}  {'steps s':>8}  {'wall s':>8}  {'run ratio':>9}")
     lines = [head, "-" * len(head)]
     for name, s in rows:
         thr = s["at_least_threshold"]
         plain, tta = (f"{f['count']}/{f['runs']}" if f else "-" for f in (thr["acc"], thr["acc_tta"]))
-        sec = s["median_seconds"]
-        ratio = f"{sec / ref_s:9.2f}x" if (sec and ref_s) else f"{'-':>10}"  # median time / the reference's
-        sec_txt = f"{sec:9.2f}" if sec is not None else f"{'-':>9}"
-        lines.append(f"{name:<24} {s['runs']:>4}  {_pm(s['acc'])}  {_pm(s['acc_flip_tta'])}  {_pm(s['acc_tta'])}  "
-                     f"{plain:>7}  {tta:>11}  {sec_txt}  {ratio}")
+        run_s, steps_s, wall_s = (_median(s[k]) for k in ("run_seconds", "train_seconds", "wall_seconds"))
+        ratio = f"{run_s / ref_s:8.2f}x" if (run_s and ref_s) else f"{'-':>9}"
+        secs = "  ".join(f"{v:8.2f}" if v is not None else f"{'-':>8}" for v in (run_s, steps_s, wall_s))
+        lines.append(f"{name:<24} {s['finished']:>2}/{s['runs']:<2}  {_pm(s['acc'])}  {_pm(s['acc_flip_tta'])}  "
+                     f"{_pm(s['acc_tta'])}  {plain:>7}  {tta:>11}  {secs}  {ratio}")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------
-# fastcifar
+# fastcifar: one seed per call
 # ------------------------------------------------------------------------------------------------------
-def run_fastcifar(argv: list[str], out_dir: Path) -> dict[str, Any]:
-    """Train via fastcifar.train.main in this process; its summary.json (rewritten after every seed, so a
-    stopped run keeps its finished seeds)."""
+def summary_seeds(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-seed results of a summary.json (`runs.per_seed`, one dict per seed)."""
+    return [dict(r) for r in summary["runs"]["per_seed"]]
+
+
+def fastcifar_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """The one seed of a one-seed summary.json in this harness's terms. `run_seconds` stays None when the
+    trainer does not report it (train_seconds is never put in its place)."""
+    (run,) = summary_seeds(summary)
+    tta = summary.get("tta")  # the trainer's TTA as fields: {"flip": True, "translate": N, "views": [...]}
+    translate = tta["translate"] if tta else 0
+    own = run.get("test_acc_tta")
+    name = ("flip + translate " + str(translate) if translate else "flip") if tta and own is not None else None
+    return {"seed": run.get("seed"), "acc": run["test_acc"], "acc_tta": own,
+            "acc_flip_tta": own if name == "flip" else None, "tta": name,
+            "run_seconds": run.get("run_seconds"), "train_seconds": run.get("train_seconds"),
+            "trainer_wall_seconds": run.get("wall_seconds"), "compile_seconds": summary.get("compile_seconds"),
+            "data_seconds": summary.get("data_seconds")}
+
+
+def run_fastcifar_seed(argv: list[str], out_dir: Path) -> dict[str, Any]:
+    """One seed through fastcifar.train.main in this process; its record from the summary.json it wrote."""
+    import torch._dynamo
+
     from fastcifar import train
 
-    result: dict[str, Any] = {"argv": argv, "out_dir": str(out_dir)}
-    try:
-        train.main(argv)
-        result["summary"] = json.loads((out_dir / "summary.json").read_text())
-        result["complete"] = True
-    except SystemExit as e:  # the trainer stopped on SIGINT/SIGTERM after checkpointing
-        if e.code not in (130, 143):
-            raise
-        result.update(complete=False, error=f"stopped (exit {e.code})", salvaged=salvage_runs(out_dir))
-    except Stopped as e:  # a signal before the trainer's own handler was installed
-        result.update(complete=False, error=f"stopped ({e})", salvaged=salvage_runs(out_dir))
-    return result
-
-
-def salvage_runs(out_dir: Path) -> dict[str, Any]:
-    """Seeds that finished before a stop: from summary.json, which the trainer rewrites after every seed;
-    from metrics.csv (no TTA accuracy there) for a run that has none yet."""
-    try:
-        runs = json.loads((out_dir / "summary.json").read_text())["runs"]
-        return {"seeds": runs["seeds"], "test_acc": runs["test_acc"], "test_acc_tta": runs["test_acc_tta"],
-                "train_seconds": runs["train_seconds"]}
-    except (OSError, KeyError, ValueError):
-        pass
-    try:
-        epochs = json.loads((out_dir / "config.json").read_text())["epochs"]
-        with open(out_dir / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, KeyError, ValueError):
-        return {"seeds": [], "test_acc": [], "train_seconds": []}
-    seeds: dict[int, list[dict[str, str]]] = {}
-    for r in rows:
-        seeds.setdefault(int(r["seed"]), []).append(r)
-    # a seed is finished when a later seed has started, or when it reached the last epoch (a fractional
-    # --epochs ends with a partial one) and was evaluated
-    order = list(seeds)
-    last_epoch = math.ceil(float(epochs))
-    done = {s: rs for i, (s, rs) in enumerate(seeds.items()) if rs[-1]["test_acc"] and
-            (i + 1 < len(order) or int(rs[-1]["epoch"]) == last_epoch)}
-    return {"seeds": sorted(done), "test_acc": [float(done[s][-1]["test_acc"]) for s in sorted(done)],
-            "train_seconds": [sum(float(r["epoch_seconds"]) for r in done[s]) for s in sorted(done)]}
-
-
-def fastcifar_stats(result: dict[str, Any], threshold: float) -> dict[str, Any] | None:
-    runs = result["summary"]["runs"] if "summary" in result else result.get("salvaged")
-    if not runs or not runs["test_acc"]:
-        return None
-    tta = runs.get("test_acc_tta") or None
-    translate = ((result.get("summary") or {}).get("tta") or {}).get("translate", 0)  # summary.json's TTA fields
-    flip_only = not translate
-    return method_stats(runs["test_acc"], tta if flip_only else None, tta, runs["train_seconds"], threshold,
-                        (("flip" if flip_only else f"flip + translate {translate}") if tta else None))
+    # every seed compiles its own model under the same conditions: none inherits the graphs of the seeds
+    # before it, and none meets dynamo's recompile limit (past it, dynamo falls back to eager silently).
+    # Compilation is outside run_seconds; the inductor cache on disk keeps the later compiles short.
+    torch._dynamo.reset()
+    _, wall = timed_call(lambda: train.main(argv))
+    record = fastcifar_record(json.loads((out_dir / "summary.json").read_text()))
+    record.update(wall_seconds=wall, out_dir=str(out_dir))
+    return record
 
 
 # ------------------------------------------------------------------------------------------------------
 # airbench
 # ------------------------------------------------------------------------------------------------------
+class AirbenchOutputError(Exception):
+    """airbench's printed table did not give its total_time_seconds (another version, or a changed format)."""
+
+
 def require_airbench():
     """Import airbench, or raise UserError saying why it cannot run here (no CUDA, not installed)."""
     import torch
@@ -260,8 +295,8 @@ def require_airbench():
     try:
         import airbench
     except ImportError as e:
-        raise UserError(f"--airbench needs the airbench package ({e}): pip install --no-deps "
-                        f"airbench=={AIRBENCH_VERSION} (or install its wheel), or run without --airbench") from None
+        raise UserError(f"--airbench needs the airbench package ({e}): pip install fastcifar[bench] (airbench=="
+                        f"{AIRBENCH_VERSION}) or install its wheel, or run without --airbench") from None
     if airbench_version() != AIRBENCH_VERSION:
         print(f"warning: airbench {airbench_version()} found; this harness was written for {AIRBENCH_VERSION} "
               f"(it parses its printed table)", file=sys.stderr)
@@ -294,8 +329,10 @@ def write_airbench_data(data, root: Path) -> Path:
     return folder
 
 
-def parse_airbench_log(text: str) -> dict[str, float] | None:
-    """The final 'eval' row of airbench's verbose table: val_acc, tta_val_acc, total_time_seconds."""
+def parse_airbench_log(text: str) -> dict[str, float]:
+    """The final 'eval' row of airbench 0.1.8's verbose table: val_acc, tta_val_acc, total_time_seconds.
+
+    Raises AirbenchOutputError when there is none: the harness never guesses airbench's time."""
     found = None
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -305,6 +342,12 @@ def parse_airbench_log(text: str) -> dict[str, float] | None:
                          ("val_acc", "tta_val_acc", "total_time_seconds")}
             except ValueError:
                 continue
+    if found is None:
+        last = [line for line in text.splitlines() if line.strip()][-3:]
+        raise AirbenchOutputError(
+            f"no final '| eval |' row with a numeric total_time_seconds in airbench's output (this harness reads "
+            f"airbench {AIRBENCH_VERSION}'s printed table, columns {', '.join(AIRBENCH_COLUMNS)}, and does not fall "
+            f"back to wall time); its last lines: {last}")
     return found
 
 
@@ -332,52 +375,37 @@ def working_dir(path: Path):
         os.chdir(old)
 
 
-def run_airbench(airbench, data, runs: int, seed: int, work_dir: Path, out: dict[str, Any] | None = None,
-                 on_run=None) -> dict[str, Any]:
-    """airbench94 `runs` times on `data`, after its own warm-up; per run its accuracies and times.
+class Airbench:
+    """airbench94 on our images, one seed at a time: `prepare()` writes its data files and runs its one-step
+    warm-up (cuDNN autotuning, lazy init: outside every timing); `run_seed()` trains and evaluates one seed.
 
-    Results go into `out` (made if None) as they come, so a caller keeps the finished runs of an
-    interrupted call; `on_run()` is called after each run.
-    """
-    import torch
+    `out` holds the version, the warm-up seconds and the scratch directory."""
 
-    from fastcifar.runtime import Timer
+    def __init__(self, airbench, data, work_dir: Path, out: dict[str, Any]):
+        self.airbench, self.data, self.work_dir, self.out = airbench, data, work_dir, out
+        self.test_loader = None
+        out.update(version=airbench_version(), work_dir=str(work_dir))
 
-    out = {} if out is None else out
-    results: list[dict[str, Any]] = []
-    out.update({"version": airbench_version(), "work_dir": str(work_dir), "runs": results,
-                "time": "airbench's own total_time_seconds: CUDA events around whitening init, "
-                        "training epochs and TTA evaluation (per-epoch evaluation excluded)"})
-    write_airbench_data(data, work_dir)
-    timer_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: the tests' fake airbench
-    with working_dir(work_dir):
-        with Timer(timer_device) as warm:
-            airbench.warmup94()  # one training step: cuDNN autotuning and lazy init, outside the timings
-        out["warmup_seconds"] = warm.seconds
-        test_loader = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
-        for i in range(runs):
-            torch.manual_seed(seed + i)  # airbench draws from the global generators and seeds nothing
-            tee = _Tee(sys.stdout)
-            with Timer(timer_device) as timer, contextlib.redirect_stdout(tee):
-                model = airbench.train94(run=i, verbose=True)
-            wall = timer.seconds
-            parsed = parse_airbench_log(tee.buffer_text.getvalue()) or {}
-            accs = [airbench.evaluate(model, test_loader, tta_level=level) for level in (0, 1, 2)]
-            results.append({"seed": seed + i, "acc": accs[0], "acc_flip_tta": accs[1], "acc_tta": accs[2],
-                            "seconds": parsed.get("total_time_seconds", wall), "call_seconds": wall,
-                            "logged": parsed or None})
-            del model
-            if on_run is not None:
-                on_run()
-    return out
+    def prepare(self) -> None:
+        write_airbench_data(self.data, self.work_dir)
+        with working_dir(self.work_dir):
+            _, self.out["warmup_seconds"] = timed_call(self.airbench.warmup94)
+            self.test_loader = self.airbench.CifarLoader("cifar10", train=False, batch_size=2000)
 
+    def run_seed(self, index: int, seed: int) -> dict[str, Any]:
+        import torch
 
-def airbench_stats(result: dict[str, Any], threshold: float) -> dict[str, Any] | None:
-    runs = result.get("runs") or []
-    if not runs:
-        return None
-    return method_stats([r["acc"] for r in runs], [r["acc_flip_tta"] for r in runs], [r["acc_tta"] for r in runs],
-                        [r["seconds"] for r in runs], threshold, "flip+translate (tta_level 2)")
+        if self.test_loader is None:
+            self.prepare()
+        torch.manual_seed(seed)  # airbench draws from the global generators and seeds nothing
+        tee = _Tee(sys.stdout)
+        with working_dir(self.work_dir), contextlib.redirect_stdout(tee):
+            model, wall = timed_call(lambda: self.airbench.train94(run=index, verbose=True))
+        logged = parse_airbench_log(tee.buffer_text.getvalue())
+        accs = [self.airbench.evaluate(model, self.test_loader, tta_level=level) for level in (0, 1, 2)]
+        return {"seed": seed, "acc": accs[0], "acc_flip_tta": accs[1], "acc_tta": accs[2],
+                "tta": "flip+translate (tta_level 2)", "run_seconds": logged["total_time_seconds"],
+                "train_seconds": None, "wall_seconds": wall, "logged": logged}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -390,43 +418,55 @@ def environment(argv: Sequence[str]) -> dict[str, Any]:
             "command": shlex.join(["python", "bench/speedrun.py", *argv])}
 
 
-def build_report(env: dict, args: argparse.Namespace, data_info: dict, fast: dict | None,
-                 ab: dict | None) -> dict[str, Any]:
+def own_tta(records: Sequence[dict[str, Any]]) -> str | None:
+    return next((r["tta"] for r in records if r.get("tta") and not r.get("error")), None)
+
+
+def build_report(env: dict, args: argparse.Namespace, data_info: dict, results: dict[str, dict]) -> dict[str, Any]:
+    """Everything as data: per-seed records of each method, their statistics, the table and notes."""
+    fast, ab = results.get(FASTCIFAR), results.get(AIRBENCH)
+    report: dict[str, Any] = {**env, **data_info, "preset": args.preset, "threshold": args.threshold, "clock": CLOCK,
+                              "order": "interleaved seed by seed, fastcifar first on even seeds" if ab else
+                                       "fastcifar seeds in order", "fastcifar": fast, "airbench": ab, "notes": []}
     rows = []
-    report: dict[str, Any] = {**env, **data_info, "preset": args.preset, "threshold": args.threshold,
-                              "fastcifar": fast, "airbench": ab, "methods": {}}
-    if fast is not None and (s := fastcifar_stats(fast, args.threshold)):
-        summary = fast.get("summary") or {}
-        s.update(compile_seconds=summary.get("compile_seconds"), data_seconds=summary.get("data_seconds"))
-        rows.append((f"fastcifar[{args.preset}]", s))
-    if ab is not None and (s := airbench_stats(ab, args.threshold)):
-        rows.append(("airbench94", s))
-    report["methods"] = dict(rows)
-    names = dict(rows)
-    if len(names) == 2:
-        a, b = (names[n]["median_seconds"] for n in names)
-        report["time_ratio_fastcifar_over_airbench"] = a / b if a and b else None
-    report["table"] = format_table(rows, reference="airbench94" if "airbench94" in names else None) if rows else ""
+    for label, out in ((f"fastcifar[{args.preset}]", fast), (AIRBENCH, ab)):
+        if out and out["runs"]:
+            rows.append((label, method_stats(out["runs"], args.threshold, own_tta(out["runs"]))))
+    report["methods"] = names = dict(rows)
+    fast_stats = names.get(f"fastcifar[{args.preset}]")
+    if fast_stats and fast_stats["run_seconds_missing"]:
+        report["notes"].append(
+            f"fastcifar's summary.json has no run_seconds for {fast_stats['run_seconds_missing']} of "
+            f"{fast_stats['finished']} finished seeds (the trainer does not report airbench's clock yet, issue "
+            "#11): 'run s' and the run ratio are left empty; 'steps s' (train_seconds) is not comparable to "
+            "airbench94's total_time_seconds")
+    medians = [_median(s["run_seconds"]) for s in names.values()]
+    report["time_ratio_fastcifar_over_airbench"] = (
+        medians[0] / medians[1] if len(rows) == 2 and all(medians) and not fast_stats["run_seconds_missing"] else None)
+    report["table"] = format_table(rows, reference=AIRBENCH if AIRBENCH in names else None) if rows else ""
     return report
 
 
 def footer(report: dict[str, Any]) -> str:
-    lines = [f"device {report['device']}, torch {report['torch']}, data {report.get('data_source')}"]
-    fast = report["methods"].get(f"fastcifar[{report['preset']}]")
-    if fast:
-        c, d = fast.get("compile_seconds"), fast.get("data_seconds")
-        warm = "no warm-up" if c is None else f"warm-up/compile {c:.1f} s"
-        data_s = "?" if d is None else f"{d:.1f}"
-        lines.append(f"fastcifar: median training seconds exclude {warm} and data loading ({data_s} s, after a "
-                     f"first load of {report['data_first_load_seconds']:.1f} s); own TTA = {fast.get('tta') or 'none'}")
-    if "airbench94" in report["methods"]:
-        lines.append("airbench94: seconds = its own total_time_seconds (whitening + training + TTA eval, CUDA "
-                     "events, warm-up excluded); own TTA = flip+translate")
+    lines = [f"device {report['device']}, torch {report['torch']}, data {report.get('data_source')} (first load "
+             f"{report['data_first_load_seconds']:.1f} s); order: {report['order']}",
+             "run s = device events around on-device data preparation + whitening init + training steps + final "
+             "eval with own TTA (airbench94's clock; fastcifar: summary run_seconds, airbench94: its printed "
+             "total_time_seconds); steps s = fastcifar's training steps only; wall s = host clock around each "
+             "per-seed call (fastcifar's includes setup and compilation)"]
+    fast = report["fastcifar"]
+    compiles = [r["compile_seconds"] for r in (fast or {}).get("runs", []) if r.get("compile_seconds") is not None]
+    if compiles:
+        lines.append(f"fastcifar: warm-up/compile {compiles[0]:.1f} s on its first seed, median "
+                     f"{float(np.median(compiles)):.1f} s per seed (in wall s, not in run s or steps s)")
+    if report["airbench"] and report["airbench"].get("warmup_seconds") is not None:
+        lines.append(f"airbench94: warmup94 {report['airbench']['warmup_seconds']:.1f} s once, before its first "
+                     "seed (in no column)")
     if report.get("time_ratio_fastcifar_over_airbench"):
-        lines.append(f"time ratio = median seconds / airbench94's: fastcifar/airbench = "
+        lines.append(f"run ratio = median run s / airbench94's: fastcifar/airbench = "
                      f"{report['time_ratio_fastcifar_over_airbench']:.2f}")
-    if report.get("errors"):
-        lines += [f"error: {e}" for e in report["errors"]]
+    lines += [f"WARNING: {n}" for n in report["notes"]]
+    lines += [f"error: {e}" for e in report.get("errors") or []]
     return "\n".join(lines)
 
 
@@ -441,18 +481,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment(argv)
     out_dir = Path(args.out_dir or f"runs/speedrun-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
+    import torch
+
     from fastcifar.data import load_cifar10
 
     t0 = time.perf_counter()
-    data = load_cifar10(args.data_dir)  # decodes (and caches) once; the trainer then reads the cache
+    data = load_cifar10(args.data_dir)  # decodes (and caches) once; each seed's trainer then reads the cache
     data_info = {"data_source": data.source, "data_dir": args.data_dir,
                  "data_first_load_seconds": time.perf_counter() - t0,
                  "train_images": len(data.train_labels), "test_images": len(data.test_labels)}
-    fast = ab = None
+    results: dict[str, dict[str, Any]] = {FASTCIFAR: {"runs": [], "out_dir": str(out_dir)}}
+    scratch = runner = None
+    if airbench is not None:
+        scratch = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="airbench-"))
+        results[AIRBENCH] = {"runs": []}
+        runner = Airbench(airbench, data, scratch, results[AIRBENCH])
     errors: list[str] = []
+    seed_errors = (UserError, torch.cuda.OutOfMemoryError)  # this seed only; anything else stops its method
 
     def save() -> dict[str, Any]:
-        report = build_report(env, args, data_info, fast, ab)
+        report = build_report(env, args, data_info, results)
         report["errors"] = errors
         if args.json:
             from fastcifar.atomic import write_json
@@ -461,6 +509,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_json(args.json, report)
         return report
 
+    def run_one(method: str, index: int) -> None:
+        seed = args.seed + index
+        if method == FASTCIFAR:
+            seed_dir = out_dir / f"seed-{seed}"
+            record = run_fastcifar_seed(train_argv(args, seed, seed_dir, extra), seed_dir)
+        else:
+            torch.cuda.empty_cache()
+            record = runner.run_seed(index, seed)
+        results[method]["runs"].append(record)
+
     old = {}
     for s in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -468,45 +526,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError:  # not the main thread
             pass
     code = 0
-
-    def crashed(part: str, e: Exception) -> None:  # one part's crash leaves the other's numbers in the report
-        nonlocal code
-        traceback.print_exc()
-        errors.append(f"{part}: {type(e).__name__}: {e}")
-        code = 1
-
     try:
-        try:
-            fast = run_fastcifar(train_argv(args, out_dir, extra), out_dir)
-        except (Stopped, UserError):
-            raise
-        except Exception as e:
-            crashed("fastcifar", e)
-        else:
-            if not fast.get("complete"):
-                raise Stopped(fast.get("error", "stopped"), 130 if "130" in fast.get("error", "") else 143)
-        save()
-        if airbench is not None:
-            import torch
-
-            torch.cuda.empty_cache()
-            scratch = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="airbench-"))
-            ab = {}
+        for method, index in schedule(args.runs, args.airbench_runs if airbench is not None else 0):
+            if results[method].get("error"):
+                continue  # this method stopped on an error that every seed would repeat
             try:
-                run_airbench(airbench, data, args.airbench_runs, args.seed, scratch, out=ab, on_run=save)
-            except Stopped:
+                run_one(method, index)
+            except SystemExit as e:  # the trainer stopped on SIGINT/SIGTERM after checkpointing
+                if e.code not in (130, 143):
+                    raise
+                raise Stopped(f"exit {e.code}", e.code) from None
+            except seed_errors as e:
+                message = f"{type(e).__name__}: {first_line(e)}"
+                results[method]["runs"].append({"seed": args.seed + index, "error": message})
+                errors.append(f"{method} seed {args.seed + index}: {message}")
+                code = 1
+            except (Stopped, KeyboardInterrupt):
                 raise
-            except Exception as e:
-                crashed("airbench", e)
-            finally:
-                if not args.work_dir:
-                    shutil.rmtree(scratch, ignore_errors=True)
+            except Exception as e:  # a bug or a changed airbench: the next seeds would fail the same way
+                traceback.print_exc()
+                results[method]["error"] = f"{type(e).__name__}: {first_line(e)}"
+                errors.append(f"{method} stopped at seed {args.seed + index}: {results[method]['error']}")
+                code = 1
+            save()
     except Stopped as e:
         errors.append(f"stopped early ({e}); results are partial")
         code = e.code
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if scratch is not None and not args.work_dir:
+            shutil.rmtree(scratch, ignore_errors=True)
     report = save()
     print("\n" + report["table"] + "\n" + footer(report), flush=True)
     return code

@@ -86,17 +86,3 @@ def test_console_shows_accuracies_in_percent():
                         "median_train_seconds": 3.0}, "tta": {"flip": True, "translate": 1}, "device": "cpu"}
     assert format_summary(summary) == ("2 run(s): test acc 90.00% +- 1.00, flip + translate 1 TTA 91.00% +- 2.00; "
                                        "median train 3.0s on cpu")
-
-
-def test_speedrun_salvages_finished_seeds_from_summary_json(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("speedrun", Path(__file__).parent.parent / "bench/speedrun.py")
-    speedrun = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speedrun)
-    (tmp_path / "summary.json").write_text(json.dumps(
-        {"runs": {"seeds": [0], "test_acc": [0.5], "test_acc_tta": [0.55], "train_seconds": [2.0]}}))
-    assert speedrun.salvage_runs(tmp_path) == {"seeds": [0], "test_acc": [0.5], "test_acc_tta": [0.55],
-                                               "train_seconds": [2.0]}
-    stats = speedrun.fastcifar_stats({"salvaged": speedrun.salvage_runs(tmp_path)}, 0.94)
-    assert stats["acc_tta"]["mean"] == 0.55 and stats["tta"] == "flip"

@@ -45,49 +45,94 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_learnable_dataset(tmp_path_factory.mktemp("speedrun_data"), train_per_class=20, test_per_class=5)
 
 
+def synthetic_data():
+    from fastcifar.data import CLASSES, CifarData
+
+    rng = np.random.default_rng(0)
+    return CifarData(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), np.arange(40) % 10,
+                     rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), np.arange(20) % 10,
+                     list(CLASSES), (0.5,) * 3, (0.25,) * 3, "synthetic")
+
+
+def use_synthetic_data(monkeypatch):
+    import fastcifar.data
+
+    monkeypatch.setattr(fastcifar.data, "load_cifar10", lambda path: synthetic_data())
+
+
+def trainer_summary(seed_result: dict, translate: int = 0) -> dict:
+    """A one-seed summary.json exactly as fastcifar.report.run_summary builds it (the real shape)."""
+    from fastcifar.config import TrainConfig
+    from fastcifar.report import run_summary
+
+    result = {"images": 1000, "evaluations": [], **seed_result}
+    return json.loads(json.dumps(run_summary(
+        TrainConfig(tta=True, tta_translate=translate), [result], params=1, world_size=1,
+        environment={"device": "cpu"}, compile_seconds=None, data_seconds=0.0)))
+
+
 def test_split_argv_gives_everything_after_the_double_dash_to_the_trainer():
     assert speedrun.split_argv(["--runs", "2", "--", "--width", "8", "--"]) == (["--runs", "2"], ["--width", "8", "--"])
     assert speedrun.split_argv(["--runs", "2"]) == (["--runs", "2"], [])
 
 
+def record(seed, acc, tta=None, run=None, steps=None, wall=1.0, **extra):
+    return {"seed": seed, "acc": acc, "acc_tta": tta, "acc_flip_tta": tta, "tta": "flip" if tta else None,
+            "run_seconds": run, "train_seconds": steps, "wall_seconds": wall, **extra}
+
+
 def test_stats_use_the_tta_accuracy_for_the_success_fraction_and_the_table_is_fixed_width():
-    fast = speedrun.method_stats([0.93, 0.935, 0.945], [0.941, 0.939, 0.95], [0.941, 0.939, 0.95],
-                                 [4.0, 5.0, 9.0], 0.94, "flip")
-    assert fast["median_seconds"] == 5.0
+    fast = speedrun.method_stats([record(0, 0.93, 0.941, 4.0, 3.0), record(1, 0.935, 0.939, 5.0, 4.0),
+                                  record(2, 0.945, 0.95, 9.0, 8.0), {"seed": 3, "error": "UserError: boom"}],
+                                 0.94, "flip")
+    assert fast["run_seconds"]["median"] == 5.0 and fast["train_seconds"]["median"] == 4.0
+    assert fast["runs"] == 4 and fast["finished"] == 3 and fast["run_seconds_missing"] == 0
     assert fast["acc"]["std"] == pytest.approx(np.std([0.93, 0.935, 0.945], ddof=1))
     assert fast["at_least_threshold"]["primary"] == "acc_tta"
     assert fast["at_least_threshold"]["acc_tta"]["count"] == 2 and fast["at_least_threshold"]["acc"]["count"] == 1
-    plain = speedrun.method_stats([0.95], None, None, [2.5], 0.94, None)
+    plain = speedrun.method_stats([record(0, 0.95, run=2.5)], 0.94, None)
     assert plain["at_least_threshold"]["primary"] == "acc" and plain["acc"]["std"] == 0.0
     table = speedrun.format_table([("fastcifar[x]", fast), ("airbench94", plain)], reference="airbench94")
     lines = table.splitlines()
     assert len({len(line) for line in lines}) == 1, table
-    assert ">=94%" in lines[0] and ">=94% TTA" in lines[0]
-    assert " 1/3 " in lines[2] and " 2/3 " in lines[2] and "2.00x" in lines[2] and "1.00x" in lines[3]
-    assert " 1/1 " in lines[3] and lines[3].split()[-3] == "-"  # no TTA: its success column is empty
+    assert ">=94%" in lines[0] and ">=94% TTA" in lines[0] and "run s" in lines[0] and "steps s" in lines[0]
+    assert " 3/4 " in lines[2] and " 1/3 " in lines[2] and " 2/3 " in lines[2]
+    assert "2.00x" in lines[2] and "1.00x" in lines[3]
+    assert " 1/1 " in lines[3] and lines[3].split()[-5] == "-"  # no TTA: its success column is empty
 
 
-def test_parse_airbench_log_reads_the_final_eval_row():
+def test_a_missing_run_seconds_is_shown_empty_never_replaced_by_the_steps_seconds():
+    stats = speedrun.method_stats([record(0, 0.9, run=None, steps=3.0)], 0.94, None)
+    assert stats["run_seconds"]["n"] == 0 and stats["run_seconds_missing"] == 1
+    row = speedrun.format_table([("fastcifar[x]", stats)]).splitlines()[2].split()
+    assert row[-4:] == ["-", "3.00", "1.00", "-"]  # run s, steps s, wall s, ratio
+
+
+def test_fastcifar_record_reads_the_summary_and_keeps_run_seconds_absent_when_the_trainer_lacks_it():
+    translate = trainer_summary({"seed": 3, "test_acc": 0.9, "test_acc_tta": 0.92, "train_seconds": 4.0},
+                                translate=1)
+    rec = speedrun.fastcifar_record(translate)
+    assert rec["seed"] == 3 and rec["acc_tta"] == 0.92 and rec["acc_flip_tta"] is None
+    assert rec["tta"] == "flip + translate 1" and rec["train_seconds"] == 4.0 and rec["run_seconds"] is None
+    flip = trainer_summary({"seed": 0, "test_acc": 0.9, "test_acc_tta": 0.91, "train_seconds": 4.0,
+                            "run_seconds": 4.5, "wall_seconds": 6.0})
+    rec = speedrun.fastcifar_record(flip)
+    assert rec["run_seconds"] == 4.5 and rec["trainer_wall_seconds"] == 6.0 and rec["acc_flip_tta"] == 0.91
+    assert rec["tta"] == "flip"
+
+
+def test_the_schedule_interleaves_seed_by_seed_and_alternates_who_goes_first():
+    assert speedrun.schedule(3, 2) == [("fastcifar", 0), ("airbench94", 0), ("airbench94", 1), ("fastcifar", 1),
+                                       ("fastcifar", 2)]
+    assert speedrun.schedule(2, 0) == [("fastcifar", 0), ("fastcifar", 1)]
+
+
+def test_parse_airbench_log_reads_the_final_eval_row_and_fails_loudly_without_one():
     assert speedrun.parse_airbench_log(AIRBENCH_LOG) == {"val_acc": 0.9412, "tta_val_acc": 0.944,
                                                         "total_time_seconds": 3.4662}
-    assert speedrun.parse_airbench_log("no table here") is None
-
-
-@pytest.mark.parametrize("epochs", [2, 1.5])  # 1.5: the second epoch is a partial one
-def test_salvage_keeps_only_finished_seeds(tmp_path, epochs):
-    (tmp_path / "config.json").write_text(json.dumps({"epochs": epochs}))
-    (tmp_path / "metrics.csv").write_text(
-        "seed,epoch,lr,train_loss,train_acc,test_loss,test_acc,epoch_seconds\n"
-        "0,1,0.1,2,0.1,2,0.5,1.5\n0,2,0.1,2,0.1,2,0.75,2.5\n1,1,0.1,2,0.1,2,0.25,1.0\n")
-    assert speedrun.salvage_runs(tmp_path) == {"seeds": [0], "test_acc": [0.75], "train_seconds": [4.0]}
-
-
-def test_salvage_counts_a_seed_done_once_the_next_one_started(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"epochs": 1.001}))  # rounds to 1 epoch of steps
-    (tmp_path / "metrics.csv").write_text(
-        "seed,epoch,lr,train_loss,train_acc,test_loss,test_acc,epoch_seconds\n"
-        "0,1,0.1,2,0.1,2,0.5,1.5\n1,1,0.1,2,0.1,2,0.25,1.0\n")
-    assert speedrun.salvage_runs(tmp_path)["seeds"] == [0]
+    for text in ("no table here", AIRBENCH_LOG.replace("3.4662", "      ")):
+        with pytest.raises(speedrun.AirbenchOutputError, match="does not fall back to wall time"):
+            speedrun.parse_airbench_log(text)
 
 
 def test_airbench_without_cuda_fails_before_training_with_a_clear_message(capsys):
@@ -111,23 +156,66 @@ def test_unknown_preset_and_bad_trainer_flags_fail_up_front(capsys):
     except SystemExit as e:
         code = e.code
     assert code == 2 and "--no-such-flag" in capsys.readouterr().err
+    assert speedrun.run_cli(speedrun.main, ["--preset", "default", "--", "--seed=3"], prog="speedrun") == 2
+    assert "--seed=3 after `--`" in capsys.readouterr().err
 
 
-def test_tiny_end_to_end_run_writes_the_report(tiny_data, tmp_path, capsys):
+def test_tiny_end_to_end_run_trains_each_seed_in_its_own_call_and_writes_the_report(tiny_data, tmp_path, capsys):
     out = tmp_path / "report.json"
-    code = speedrun.main(["--data-dir", str(tiny_data), "--preset", "default", "--runs", "2",
+    code = speedrun.main(["--data-dir", str(tiny_data), "--preset", "default", "--runs", "2", "--seed", "4",
                           "--out-dir", str(tmp_path / "run"), "--json", str(out), "--", *TINY_TRAIN])
     assert code == 0
     report = json.loads(out.read_text())
-    for key in ("date", "device", "torch", "data_source", "command", "table", "methods"):
+    for key in ("date", "device", "torch", "data_source", "command", "table", "methods", "clock"):
         assert report[key], key
     assert "--preset default" in report["command"] and "image-folder" in report["data_source"]
     stats = report["methods"]["fastcifar[default]"]
     assert stats["runs"] == 2 and stats["acc"]["n"] == 2 and stats["acc_tta"]["n"] == 2
-    assert report["fastcifar"]["summary"]["runs"]["seeds"] == [0, 1]
+    runs = report["fastcifar"]["runs"]
+    assert [r["seed"] for r in runs] == [4, 5]
+    for r in runs:
+        assert json.loads((Path(r["out_dir"]) / "summary.json").read_text())["runs"]["seeds"] == [r["seed"]]
+        assert r["wall_seconds"] > r["train_seconds"] > 0
+    # the trainer does not report run_seconds yet: said, not filled in from train_seconds
+    assert all(r["run_seconds"] is None for r in runs) and stats["run_seconds"]["n"] == 0
+    assert report["notes"] and "no run_seconds" in report["notes"][0]
     assert report["airbench"] is None and report["errors"] == []
     printed = capsys.readouterr().out.splitlines()
-    assert any(line.startswith("fastcifar[default]") for line in printed[-6:]), printed[-6:]
+    assert any(line.startswith("fastcifar[default]") for line in printed[-9:]), printed[-9:]
+    assert any(line.startswith("WARNING: fastcifar's summary.json has no run_seconds") for line in printed[-4:])
+
+
+def test_a_user_error_in_one_seed_is_recorded_and_the_other_seeds_continue(tmp_path, monkeypatch):
+    real = speedrun.run_fastcifar_seed
+
+    def failing_seed_1(argv, out_dir):
+        if argv[argv.index("--seed") + 1] == "1":
+            raise speedrun.UserError("loss became non-finite at step 3 of epoch 1 (lr 0.6)")
+        return real(argv, out_dir)
+
+    def fake_main(argv):  # writes what fastcifar.train.main writes, in a millisecond
+        out = Path(argv[argv.index("--out-dir") + 1])
+        out.mkdir(parents=True)
+        seed = int(argv[argv.index("--seed") + 1])
+        (out / "summary.json").write_text(json.dumps(trainer_summary(
+            {"seed": seed, "test_acc": 0.9, "test_acc_tta": 0.95, "train_seconds": 1.0, "run_seconds": 1.5})))
+        return 0
+
+    from fastcifar import train
+
+    monkeypatch.setattr(train, "main", fake_main)
+    monkeypatch.setattr(speedrun, "run_fastcifar_seed", failing_seed_1)
+    use_synthetic_data(monkeypatch)
+    out = tmp_path / "report.json"
+    code = speedrun.main(["--data-dir", "synthetic", "--preset", "default", "--runs", "3",
+                          "--out-dir", str(tmp_path / "run"), "--json", str(out)])
+    assert code == 1
+    report = json.loads(out.read_text())
+    assert [r["seed"] for r in report["fastcifar"]["runs"]] == [0, 1, 2]
+    assert report["fastcifar"]["runs"][1]["error"].startswith("UserError: loss became non-finite")
+    assert report["errors"] == ["fastcifar seed 1: UserError: loss became non-finite at step 3 of epoch 1 (lr 0.6)"]
+    stats = report["methods"]["fastcifar[default]"]
+    assert stats["finished"] == 2 and stats["run_seconds"]["median"] == 1.5 and report["notes"] == []
 
 
 class FakeAirbench:
@@ -160,48 +248,119 @@ class FakeAirbench:
         return (0.93, 0.94, 0.945)[tta_level]
 
 
-def test_run_airbench_writes_its_data_files_and_reads_its_timings(tmp_path, monkeypatch):
-    from fastcifar.data import CLASSES, CifarData
-
-    rng = np.random.default_rng(0)
-    data = CifarData(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), np.arange(40) % 10,
-                     rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), np.arange(20) % 10,
-                     list(CLASSES), (0.5,) * 3, (0.25,) * 3, "synthetic")
+def test_airbench_runner_writes_its_data_files_and_reads_its_own_clock(tmp_path):
     cwd = os.getcwd()
     fake = FakeAirbench()
-    saved: list[int] = []
     out: dict = {}
-    result = speedrun.run_airbench(fake, data, runs=2, seed=5, work_dir=tmp_path, out=out,
-                                   on_run=lambda: saved.append(len(out["runs"])))
-    assert os.getcwd() == cwd and result is out and saved == [1, 2]
-    assert fake.calls == ["warmup", "train0", "train1"]
-    assert [r["seed"] for r in out["runs"]] == [5, 6]
-    assert [r["seconds"] for r in out["runs"]] == [3.0, 4.0]
-    assert out["runs"][0]["acc_tta"] == 0.945 and out["runs"][0]["acc_flip_tta"] == 0.94
-    stats = speedrun.airbench_stats(out, 0.94)
-    assert stats["median_seconds"] == 3.5 and stats["at_least_threshold"]["acc_tta"]["count"] == 2
+    runner = speedrun.Airbench(fake, synthetic_data(), tmp_path, out)
+    runs = [runner.run_seed(i, 5 + i) for i in range(2)]
+    assert os.getcwd() == cwd and fake.calls == ["warmup", "train0", "train1"]
+    assert [r["seed"] for r in runs] == [5, 6] and out["warmup_seconds"] >= 0
+    assert [r["run_seconds"] for r in runs] == [3.0, 4.0]  # its printed total_time_seconds, not our clock
+    assert all(r["wall_seconds"] > 0 for r in runs)
+    assert runs[0]["acc_tta"] == 0.945 and runs[0]["acc_flip_tta"] == 0.94
+    stats = speedrun.method_stats(runs, 0.94, "flip+translate")
+    assert stats["run_seconds"]["median"] == 3.5 and stats["at_least_threshold"]["acc_tta"]["count"] == 2
 
 
-def test_main_with_airbench_keeps_finished_runs_when_airbench_crashes(tiny_data, tmp_path, monkeypatch):
+def interleaved_main(tmp_path, monkeypatch, airbench, runs=2, airbench_runs=2):
+    """speedrun.main with --airbench: fake fastcifar seeds (a summary with run_seconds) and `airbench`."""
+    calls = []
+
+    def fake_seed(argv, out_dir):
+        seed = int(argv[argv.index("--seed") + 1])
+        calls.append(f"fastcifar{seed}")
+        return speedrun.fastcifar_record(trainer_summary(
+            {"seed": seed, "test_acc": 0.9, "test_acc_tta": 0.95, "train_seconds": 5.0, "run_seconds": 6.0}))
+
+    monkeypatch.setattr(speedrun, "run_fastcifar_seed", fake_seed)
+    monkeypatch.setattr(speedrun, "require_airbench", lambda: airbench)
+    original = airbench.train94
+
+    def train94(run=0, verbose=True):
+        calls.append(f"airbench{run}")
+        return original(run, verbose)
+
+    airbench.train94 = train94
+    use_synthetic_data(monkeypatch)
+    out = tmp_path / "report.json"
+    code = speedrun.main(["--data-dir", "synthetic", "--preset", "default", "--runs", str(runs),
+                          "--airbench", "--airbench-runs", str(airbench_runs), "--work-dir", str(tmp_path / "ab"),
+                          "--out-dir", str(tmp_path / "run"), "--json", str(out)])
+    return code, json.loads(out.read_text()), calls
+
+
+def test_with_airbench_the_methods_alternate_seed_by_seed_on_one_clock(tmp_path, monkeypatch):
+    code, report, calls = interleaved_main(tmp_path, monkeypatch, FakeAirbench(), runs=3, airbench_runs=3)
+    assert code == 0 and report["errors"] == [] and report["notes"] == []
+    assert calls == ["fastcifar0", "airbench0", "airbench1", "fastcifar1", "fastcifar2", "airbench2"]
+    assert report["methods"]["airbench94"]["run_seconds"]["median"] == 4.0  # 3.0, 4.0, 5.0 as printed
+    assert report["time_ratio_fastcifar_over_airbench"] == pytest.approx(6.0 / 4.0)
+    assert "1.50x" in report["table"] and (tmp_path / "ab" / "cifar10" / "train.pt").exists()
+
+
+def test_an_airbench_seed_out_of_memory_is_recorded_and_the_rest_continue(tmp_path, monkeypatch):
+    import torch
+
     class Crashing(FakeAirbench):
         def train94(self, run=0, verbose=True):
             if run == 1:
-                raise RuntimeError("CUDA error: out of memory")
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return super().train94(run, verbose)
 
-    monkeypatch.setattr(speedrun, "require_airbench", Crashing)
-    out = tmp_path / "report.json"
-    code = speedrun.main(["--data-dir", str(tiny_data), "--preset", "default", "--runs", "1", "--airbench",
-                          "--airbench-runs", "3", "--work-dir", str(tmp_path / "ab"),
-                          "--out-dir", str(tmp_path / "run"), "--json", str(out), "--", *TINY_TRAIN])
-    assert code == 1
-    report = json.loads(out.read_text())
-    assert report["errors"] == ["airbench: RuntimeError: CUDA error: out of memory"]
-    assert set(report["methods"]) == {"fastcifar[default]", "airbench94"}
-    assert report["methods"]["airbench94"]["seconds"] == [3.0]
-    assert report["time_ratio_fastcifar_over_airbench"] == pytest.approx(
-        report["methods"]["fastcifar[default]"]["median_seconds"] / 3.0)
-    assert "airbench94" in report["table"] and (tmp_path / "ab" / "cifar10" / "train.pt").exists()
+    code, report, calls = interleaved_main(tmp_path, monkeypatch, Crashing(), runs=1, airbench_runs=3)
+    assert code == 1 and calls == ["fastcifar0", "airbench0", "airbench1", "airbench2"]
+    assert report["errors"] == ["airbench94 seed 1: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"]
+    assert [r.get("run_seconds") for r in report["airbench"]["runs"]] == [3.0, None, 5.0]
+    assert report["methods"]["fastcifar[default]"]["finished"] == 1
+
+
+def test_unreadable_airbench_output_stops_airbench_loudly_and_never_uses_wall_time(tmp_path, monkeypatch, capsys):
+    class Garbled(FakeAirbench):
+        def train94(self, run=0, verbose=True):
+            self.calls.append(f"train{run}")
+            print("| run | eval | 0.9 |")  # another format
+            return object()
+
+    code, report, calls = interleaved_main(tmp_path, monkeypatch, Garbled(), runs=2, airbench_runs=2)
+    assert code == 1 and calls == ["fastcifar0", "airbench0", "fastcifar1"]  # airbench stops; fastcifar goes on
+    assert report["airbench"]["runs"] == [] and "AirbenchOutputError" in report["airbench"]["error"]
+    assert report["errors"][0].startswith("airbench94 stopped at seed 0: AirbenchOutputError: no final '| eval |'")
+    assert "airbench94" not in report["methods"] and report["time_ratio_fastcifar_over_airbench"] is None
+    assert "error: airbench94 stopped" in capsys.readouterr().out
+
+
+def test_real_airbench_94_on_the_cpu_reports_its_own_event_clock(tmp_path, monkeypatch):
+    """airbench 0.1.8's own train94/train/evaluate/print code, with its CUDA calls sent to the CPU: each CUDA
+    event pair it times reads 250 ms, so its clock must read 0.25 s x (whitening + 10 epochs + TTA eval)."""
+    airbench = pytest.importorskip("airbench")
+    import airbench.lib_airbench94 as lib94
+    import airbench.utils as utils
+    import torch
+
+    class Event:  # torch.cuda.Event on the CPU: every timed span reads 250 ms
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            pass
+
+        def elapsed_time(self, end):
+            return 250.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, device=None: self)
+    defaults = utils.CifarLoader.__init__.__defaults__  # (train, batch_size, aug, drop_last, shuffle, altflip, gpu)
+    monkeypatch.setattr(utils.CifarLoader.__init__, "__defaults__", defaults[:-1] + ("cpu",))
+    for block in ("block1", "block2", "block3"):  # a small net and batch: seconds, not hours, on a CPU
+        monkeypatch.setitem(lib94.hyp["net"]["widths"], block, 8)
+    monkeypatch.setitem(lib94.hyp["opt"], "batch_size", 20)
+    runner = speedrun.Airbench(airbench, synthetic_data(), tmp_path, {})
+    result = runner.run_seed(0, 0)
+    assert result["run_seconds"] == pytest.approx(0.25 * 12)
+    assert result["logged"]["total_time_seconds"] == result["run_seconds"]
+    assert 0 <= result["acc_tta"] <= 1 and result["wall_seconds"] > 0
 
 
 def test_real_airbench_loader_reads_our_files_on_the_cpu(tmp_path):
@@ -222,26 +381,78 @@ def test_real_airbench_loader_reads_our_files_on_the_cpu(tmp_path):
     assert test.labels.tolist() == data.test_labels.tolist() and test.classes == list(CLASSES)
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
-def test_gpu_script_smoke_mode_runs_every_part_on_the_cpu(tiny_data, tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "FASTCIFAR_GPU_SMOKE": "1", "FASTCIFAR_GPU_DATA": str(tiny_data),
+def test_the_cuda_marker_is_registered_for_gpu_sh(pytestconfig):
+    assert any(m.startswith("cuda:") for m in pytestconfig.getini("markers"))
+
+
+def run_gpu_script(tmp_path: Path, data: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FASTCIFAR_GPU_SMOKE": "1", "FASTCIFAR_GPU_DATA": str(data),
            "FASTCIFAR_GPU_WHEELS": str(tmp_path / "no-wheels"), "PYTHON": sys.executable,
-           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), **env_vars}
     env.pop("FASTCIFAR_GPU_PRESET", None)
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(out)], cwd=tmp_path, env=env, check=False,
-                          capture_output=True, text=True, timeout=280)
+    return subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), str(tmp_path / "out")], cwd=tmp_path, env=env,
+                          check=False, capture_output=True, text=True, timeout=280)
+
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and timeout")
+
+
+@needs_bash
+def test_gpu_script_smoke_mode_runs_every_part_on_the_cpu(tiny_data, tmp_path):
+    proc = run_gpu_script(tmp_path, tiny_data, FASTCIFAR_GPU_AIRBENCH="1")  # asked for, but no wheel
+    out = tmp_path / "out"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["default.json", "default.log", "env.txt", "speedrun.json",
-                                                     "speedrun.log", "summary.txt", "sweep.json", "sweep.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["default.json", "env.txt", "log.txt", "parts.json",
+                                                     "speedrun.json", "summary.txt", "sweep.json"]
     for name, runs in (("speedrun", 2), ("default", 1), ("sweep", 2)):
         report = json.loads((out / f"{name}.json").read_text())
         (stats,) = report["methods"].values()
-        assert stats["runs"] == runs and report["errors"] == []
+        assert stats["runs"] == runs and report["errors"] == [] and report["airbench"] is None
         assert stats["tta"] == ("flip + translate 1" if name != "default" else "flip")  # the preset's own TTA
+    parts = json.loads((out / "parts.json").read_text())
+    assert [(p["name"], p["exit_code"], p["status"]) for p in parts["parts"]] == [
+        ("cuda-tests", 0, "ok"), ("speedrun", 0, "ok"), ("default", 0, "ok"), ("sweep", 0, "ok")]
+    assert parts["notes"] and parts["notes"][0].startswith("airbench skipped: no airbench-*.whl")
     summary = (out / "summary.txt").read_text()
-    assert "speedrun: exit 0" in summary and "default: exit 0" in summary and "sweep: exit 0" in summary
-    assert "median s" in summary
+    assert "speedrun: ok, exit 0" in summary and "sweep: ok, exit 0" in summary and "run s" in summary
+    assert "note: airbench skipped" in summary
+    log = (out / "log.txt").read_text()
+    rewrites = [line for line in log.splitlines() if line.startswith("=== summary.txt and parts.json rewritten")]
+    assert [r.split("(")[1].split()[0] for r in rewrites] == ["1", "2", "3", "4"]  # after every part
+    assert "skipped" in log and "needs a CUDA GPU" in log  # the cuda part ran, and skipped for the right reason
     assert json.loads((out / "sweep.json").read_text())["command"].endswith("--epochs 0.5")
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
     assert not list(tmp_path.glob("fastcifar-gpu.*")), "scratch directory left behind"
+
+
+@needs_bash
+def test_gpu_script_skips_what_its_budget_cannot_fit_and_still_writes_the_summary(tiny_data, tmp_path):
+    proc = run_gpu_script(tmp_path, tiny_data, FASTCIFAR_GPU_BUDGET="5")
+    out = tmp_path / "out"
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parts = json.loads((out / "parts.json").read_text())["parts"]
+    assert [p["name"] for p in parts] == ["cuda-tests", "speedrun", "default", "sweep"]
+    assert all(p["status"].startswith("skipped") and p["exit_code"] is None for p in parts)
+    assert "speedrun: skipped" in (out / "summary.txt").read_text()
+
+
+def test_a_signal_mid_run_keeps_every_finished_seed(tmp_path, monkeypatch):
+    import signal
+
+    def fake_seed(argv, out_dir):
+        seed = int(argv[argv.index("--seed") + 1])
+        if seed == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends; arrives inside this seed
+        return speedrun.fastcifar_record(trainer_summary(
+            {"seed": seed, "test_acc": 0.9, "test_acc_tta": 0.95, "train_seconds": 5.0, "run_seconds": 6.0}))
+
+    monkeypatch.setattr(speedrun, "run_fastcifar_seed", fake_seed)
+    use_synthetic_data(monkeypatch)
+    out = tmp_path / "report.json"
+    code = speedrun.main(["--data-dir", "synthetic", "--preset", "default", "--runs", "3",
+                          "--out-dir", str(tmp_path / "run"), "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 143 and [r["seed"] for r in report["fastcifar"]["runs"]] == [0]
+    assert report["errors"] == ["stopped early (signal 15); results are partial"]
+    assert report["methods"]["fastcifar[default]"]["run_seconds"]["median"] == 6.0
