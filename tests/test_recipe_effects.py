@@ -123,3 +123,22 @@ def test_seed_recipe_trains_end_to_end_with_albumentations_and_adam(learnable, t
     first, last = run["rows"][0], run["rows"][-1]
     assert last["train_loss"] < first["train_loss"] and last["train_acc"] > 0.4  # chance is 0.1
     assert summary["test_acc_tta"] is None and 0 <= summary["test_acc"] <= 1
+
+
+def test_albumentations_workers_run_one_thread_each(monkeypatch):
+    """The seed recipe's DataLoader workers each use one thread (torch's and OpenCV's), so a CPU comparison
+    counts processes, not hidden thread pools. Sabotage: cv2.setNumThreads(1) dropped from the worker init."""
+    pytest.importorskip("albumentations")
+    import cv2
+
+    from fastcifar.reference import AlbumentationsCifar, reference_loader
+
+    if cv2.getNumThreads() < 2:
+        pytest.skip("OpenCV runs one thread on this machine anyway")
+    monkeypatch.setattr(AlbumentationsCifar, "__getitem__",  # forked workers inherit the patched class
+                        lambda self, i: (torch.tensor([torch.get_num_threads(), cv2.getNumThreads()]), 0))
+    images = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    loader = reference_loader(images, np.zeros(4), mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=4, train=True,
+                              num_workers=1)
+    threads, _ = next(iter(loader))
+    assert threads.tolist() == [[1, 1]] * 4
