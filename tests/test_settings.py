@@ -180,10 +180,12 @@ def group_momentum(opt: torch.optim.Optimizer) -> float:
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_momentum_or_beta1_cycles_over_real_scheduler_steps(optimizer):
-    """Sabotage: cycle_momentum=False, or base/max momentum constants, in build_scheduler."""
+    """Sabotage: cycle_momentum=False, or base/max momentum constants, in build_scheduler; the optimizer
+    setting ignored (always SGD)."""
     config = TrainConfig(optimizer=optimizer, epochs=1, lr=0.01, pct_start=0.25, momentum=0.95, min_momentum=0.8)
     param = torch.nn.Parameter(torch.ones(2))
     opt = build_optimizer(config, torch.nn.ParameterList([param]), CPU)
+    assert type(opt) is {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]
     sched = build_scheduler(config, opt, steps_per_epoch=20)
     values, lrs = [], []
     for _ in range(20):
