@@ -1,6 +1,7 @@
-"""The recipes' tricks do what they claim, observed in tensors over a few steps: evaluation uses every TTA view, the training step runs under autocast, lookahead
-steps and ends on its slow weights, the final TTA uses --tta-translate, and the seed recipe (albumentations,
-Adam) trains end to end.
+"""The recipes' tricks do what they claim, observed in tensors over a few steps: evaluation uses every TTA
+view, the training step runs under autocast, lookahead steps and ends on its slow weights, the final TTA
+uses --tta-translate, the seed recipe (albumentations, Adam) trains end to end and its DataLoader workers
+run one thread each.
 
     pytest -q tests/test_recipe_effects.py
 
