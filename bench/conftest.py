@@ -49,3 +49,17 @@ def cifar_images() -> BenchImages:
     return BenchImages(rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8),
                        rng.integers(0, 10, 50_000).astype(np.int64), CIFAR_MEAN, CIFAR_STD,
                        f"random uint8 (no CIFAR-10 at {path})")
+
+
+_SUMMARY_LINES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def bench_summary() -> list[str]:
+    """Lines a benchmark module adds for the end of the run (a table of its own numbers)."""
+    return _SUMMARY_LINES
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for line in _SUMMARY_LINES:
+        terminalreporter.write_line(line)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU figures in the README: the default recipe vs the original notebook's (--preset seed) at width 16,
-# 10 epochs, on the lossless CIFAR-10. The two recipes train side by side, one thread each (two cores), so
-# their seconds per epoch are measured in one sitting under the same load; then a second seed of the default.
+# 10 epochs, on the lossless CIFAR-10. The two recipes train side by side (two cores), so their seconds per
+# epoch are measured in one sitting under the same load; then a second seed of the default. One thread per
+# process: the default run is one process, the seed run its trainer plus 2 albumentations DataLoader workers.
 #
 #   bash bench/cpu_recipes.sh [DATA] [OUT_DIR]      # ~25 minutes on a 2-core Zen 4
 set -euo pipefail

@@ -74,11 +74,14 @@ def reference_loader(images: np.ndarray, labels: np.ndarray, *, mean: Sequence[f
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(AlbumentationsCifar(images, labels, transform), batch_size=batch_size, shuffle=train,
                       num_workers=num_workers, drop_last=drop_last and train, generator=generator,
-                      persistent_workers=num_workers > 0, worker_init_fn=_seed_worker)
+                      persistent_workers=num_workers > 0, worker_init_fn=_init_worker)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Each worker's copy of the Compose would repeat the others' draws: give each its own stream."""
+def _init_worker(worker_id: int) -> None:
+    """One thread per worker (the DataLoader sets torch's; OpenCV would otherwise start one per core in every
+    worker), and each worker its own augmentation stream (copies of the Compose would repeat each other)."""
+    _, cv2 = _albumentations()
+    cv2.setNumThreads(1)
     info = torch.utils.data.get_worker_info()
     transform = info.dataset.transform
     if transform.seed is not None:

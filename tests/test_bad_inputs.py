@@ -193,10 +193,6 @@ def relabel_width(run: Path, tmp: Path) -> Path:
 HIDE_CUDA = {"train-cuda-missing"}
 
 
-def test_there_are_at_least_twenty_distinct_cases():
-    assert len({c[0] for c in CASES}) == len(CASES) >= 20
-
-
 @pytest.mark.parametrize("name, command, build, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_line_and_exit_2(name, command, build, expected, tmp_path, good_data, trained_run, capsys,
                                             monkeypatch):

@@ -456,10 +456,30 @@ def test_offline_without_data_says_how_to_point_at_it(tmp_path, monkeypatch, cap
     assert capsys.readouterr().err.startswith("fastcifar: error: ")
 
 
-def test_online_probe_fails_fast_and_cleanly():
+def test_online_probe_answers_by_the_connection_and_gives_up_on_a_stall(monkeypatch):
+    """A refused connection is offline, an open one online, and a stalled one (a DNS lookup that hangs)
+    is offline after the timeout instead of blocking the run."""
+    import threading
+
+    class Open:
+        def close(self) -> None:
+            pass
+
+    def refused(address, timeout):
+        raise ConnectionRefusedError(address)
+
+    release = threading.Event()
+    monkeypatch.setattr(data.socket, "create_connection", refused)
+    assert data._is_online() is False
+    monkeypatch.setattr(data.socket, "create_connection", lambda address, timeout: Open())
+    assert data._is_online() is True
+    monkeypatch.setattr(data.socket, "create_connection", lambda address, timeout: release.wait(30) and Open())
     start = time.perf_counter()
-    assert data._is_online() in (True, False)
-    assert time.perf_counter() - start < 3
+    try:
+        assert data._is_online(timeout=0.2) is False
+        assert time.perf_counter() - start < 1.5
+    finally:
+        release.set()
 
 
 def test_official_files_in_cache_dir_need_no_network(tiny, tmp_path, monkeypatch):

@@ -205,13 +205,28 @@ def test_shift_translates_exactly_and_tta_averages_views():
     torch.testing.assert_close(tta_logits(model, x, 1), want2)
 
 
-def test_evaluate_command_reports_three_views(learnable, tmp_path, capsys):
+def test_evaluate_command_reports_three_views(learnable, tmp_path, capsys, monkeypatch):
+    """Each printed line is the evaluation of its own view: plain, flip TTA, flip + translate TTA."""
+    import fastcifar.evaluate
     from fastcifar.evaluate import main as evaluate_main
 
     out = tmp_path / "run"
     train(learnable, out, "--epochs", "1", "--no-plots")
-    assert evaluate_main(["--checkpoint", str(out), "--data-dir", str(learnable), "--device", "cpu"]) == 0
+    calls = []
+    evaluate = fastcifar.evaluate.evaluate
+
+    def spy(*args, tta=False, tta_translate=0, **kwargs):
+        result = evaluate(*args, tta=tta, tta_translate=tta_translate, **kwargs)
+        calls.append(((tta, tta_translate), result["acc"]))
+        return result
+
+    monkeypatch.setattr(fastcifar.evaluate, "evaluate", spy)
+    assert evaluate_main(["--checkpoint", str(out), "--data-dir", str(learnable), "--device", "cpu",
+                          "--tta-translate", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()[-3:]
-    assert [ln.split()[0] for ln in lines] == ["plain", "flip", "flip"]
+    assert [ln.split()[0] for ln in lines] == ["plain", "flip", "flip"] and "translate 2" in lines[2]
+    assert [views for views, _ in calls] == [(False, 0), (True, 0), (True, 2)]
+    assert [float(ln.split()[-1].rstrip("%")) / 100 for ln in lines] == [pytest.approx(acc, abs=1e-4)
+                                                                        for _, acc in calls]
     plain = float(lines[0].split()[-1].rstrip("%")) / 100  # the console shows percent
     assert plain == pytest.approx(json.loads((out / "summary.json").read_text())["test_acc"])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fastcifar.model import resnet9
-from fastcifar.whiten import init_whitening
+from fastcifar.whiten import init_whitening, patch_eigens
 
 
 def test_whitened_first_layer_outputs_are_decorrelated_with_unit_variance():
@@ -25,20 +26,38 @@ def test_whitened_first_layer_outputs_are_decorrelated_with_unit_variance():
     assert torch.equal(w[54:], before)  # filters beyond 2 x 27 keep their random init
 
 
-def test_narrow_layers_get_the_largest_directions_first():
+CHANNEL_SCALES = (3.0, 1.0, 0.3)  # independent pixels: each channel's 9 patch entries have variance scale**2
+
+
+def scaled_noise(n: int = 64) -> torch.Tensor:
     torch.manual_seed(0)
-    x = torch.randn(100, 3, 32, 32) * torch.tensor([3.0, 1.0, 0.3])[:, None, None]
+    return torch.randn(n, 3, 32, 32) * torch.tensor(CHANNEL_SCALES)[:, None, None]
+
+
+def test_patch_eigens_are_the_known_spectrum_largest_first():
+    """A known covariance; fails if patch_eigens returns the directions in ascending order."""
+    values, vectors = patch_eigens(scaled_noise(), kernel=3)
+    want = np.repeat(np.square(CHANNEL_SCALES), 9)  # covariance diag(9 x 9, 9 x 1, 9 x 0.09), channel-major
+    np.testing.assert_allclose(values.numpy(), want, rtol=0.05)
+    # the 9 largest directions live in channel 0's entries, the 9 smallest in channel 2's
+    assert vectors[:9, 9:].abs().max() < 0.05 and vectors[18:, :18].abs().max() < 0.05
+
+
+def test_narrow_prep_conv_gets_the_largest_directions():
+    """A conv with fewer filters than 2 x 27 keeps the largest directions (fails with the smallest first)."""
     model = resnet9(width=4)
-    init_whitening(model.prep[0], x)
-    out = F.conv2d(x, model.prep[0].weight[0:4:2])
-    assert out.shape[1] == 2 and torch.isfinite(out).all()
+    init_whitening(model.prep[0], scaled_noise(), eps=0)
+    w = model.prep[0].weight.detach().reshape(4, 27)
+    assert w[:, 9:].abs().max() < 0.02  # only channel 0, the largest-variance channel
+    # unit output variance along a direction of variance 9 needs a filter of norm 1/3; +v then -v
+    np.testing.assert_allclose(w.norm(dim=1).numpy(), 1 / 3, rtol=0.05)
+    torch.testing.assert_close(w[1], -w[0])
+    torch.testing.assert_close(w[3], -w[2])
 
 
 def test_training_init_whitens_on_images_from_every_class(monkeypatch):
     """Image-folder data comes sorted by class: the whitening sample must not be a one-class prefix."""
     from types import SimpleNamespace
-
-    import numpy as np
 
     import fastcifar.augment as augment
     from fastcifar.config import TrainConfig
