@@ -36,9 +36,11 @@ def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 
 def same_layout(view: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`view` copied into `like`'s memory format (channels_last or NCHW): a compiled model sees one stride
-    pattern for every TTA view (a reflection pad or a flip may return another layout), so never recompiles."""
+    """`view` in `like`'s dtype and memory format (channels_last or NCHW), so a compiled model sees one input
+    signature for every TTA view and never recompiles: a reflection pad may return another layout (CUDA:
+    contiguous NCHW) or, under CPU autocast, fp32."""
     channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)
+    view = view.to(like.dtype)
     return view.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 

@@ -194,8 +194,8 @@ def warm_up(session: Session, loader, test_loader) -> float:
                 session.criterion(model(inputs), labels).backward()
         model.eval()
         test_inputs = next(iter(test_loader))[0].to(device)
-        views = tta_inputs(test_inputs, config.tta_translate) if config.tta else [test_inputs]
-        with torch.no_grad(), autocast(device, dtype):
+        with torch.no_grad(), autocast(device, dtype):  # the views made as evaluate makes them
+            views = tta_inputs(test_inputs, config.tta_translate) if config.tta else [test_inputs]
             for _ in range(2):
                 for view in views:
                     model(view)
