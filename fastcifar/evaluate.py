@@ -121,6 +121,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("-b", "--batch-size", type=int, default=500)
     parser.add_argument("--device", default="auto", help="auto, cpu, mps, cuda or cuda:N")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--amp-dtype", choices=("auto", "bf16", "fp16"), default="auto",
+                        help="auto = bf16 where the device computes in it natively, else fp16")
     parser.add_argument("--json", action="store_true",
                         help="print the results as one JSON object (accuracies as fractions) instead of a table")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, info = load_model(args.checkpoint, device)
     model = model.to(memory_format=torch.channels_last)
     data = load_cifar10(args.data_dir)
-    dtype = amp_dtype(device, args.amp)
+    dtype = amp_dtype(device, args.amp, args.amp_dtype)
     loader = DeviceLoader(data.test_images, data.test_labels, mean=info.mean, std=info.std,
                           batch_size=args.batch_size, train=False, pad_last=True, device=device,
                           dtype=dtype or torch.float32)

@@ -45,12 +45,27 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 where the device supports it (no loss scaling needed), fp16 otherwise, None without AMP."""
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device computes in bf16 itself (compute capability >= 8.0). A bare
+    torch.cuda.is_bf16_supported() also says True where bf16 is only emulated, which is slower than fp16."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def amp_dtype(device: torch.device, amp: bool, choice: str = "auto") -> torch.dtype | None:
+    """The autocast dtype: None without AMP; `choice` bf16 or fp16 as asked; auto = bf16 where the device
+    computes in it (no loss scaling needed: CUDA with native support, the CPU), fp16 (+ GradScaler) elsewhere."""
     if not amp:
         return None
+    if choice != "auto":
+        return AMP_DTYPES[choice]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return torch.bfloat16 if device.type == "cpu" else torch.float16
 
 

@@ -221,7 +221,7 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device,
     if dist.is_main:
         create_out_dir(out)
         write_json(out / "config.json", to_dict(config))
-    dtype = amp_dtype(device, config.amp)
+    dtype = amp_dtype(device, config.amp, config.amp_dtype)
     model_without_ddp = build_model(config, len(data.classes), device)
     if dist.is_main:
         print(model_summary(model_without_ddp))
