@@ -123,7 +123,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         state.steps += 1
         if progress is not None:
             progress.update(1)
-        if guard is not None and guard.stop_requested(state.steps):
+        if guard is not None and guard.stop_requested():
             raise StopRequested
     return state
 

@@ -71,3 +71,65 @@ def test_amp_dtype_flag_reaches_training_fp16_through_a_grad_scaler(tmp_path, mo
     assert json.loads((out / "config.json").read_text())["amp_dtype"] == "fp16"
     with pytest.raises(UserError, match="--amp-dtype"):
         parse_config(["--amp-dtype", "fp8"])
+
+
+def _guarded_steps(rank: int, world_size: int, init_file: str, results: str) -> None:
+    """One rank of a 2-process gloo group: steps until the guard stops it; rank 1 gets SIGTERM at step 5."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from fastcifar.distributed import Dist
+    from fastcifar.runtime import SignalGuard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        with SignalGuard(Dist(rank=rank, world_size=world_size), every=4) as guard:
+            for step in range(1, 200):
+                grads = torch.ones(1)
+                dist.all_reduce(grads)  # what DDP does each step: the ranks move together
+                if rank == 1 and step == 5:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                if guard.stop_requested():
+                    break
+        Path(results, f"rank{rank}.json").write_text(json.dumps({"step": step, "signum": guard.signum}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
+    import signal
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_guarded_steps, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    stopped = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert stopped[0]["step"] == stopped[1]["step"]
+    assert 5 < stopped[0]["step"] <= 5 + 2 * 4  # the vote started at step 8 is read at step 12
+    assert stopped[1]["signum"] == signal.SIGTERM and stopped[0]["signum"] == signal.SIGTERM
+
+
+def test_each_vote_is_read_one_period_after_it_started(monkeypatch):
+    """Under torchrun the flag is voted on asynchronously: started at one check, read at the next."""
+    from fastcifar import distributed
+
+    started = []
+
+    class RecordingVote:
+        def __init__(self, flag, group=None):
+            self.flag = flag
+            started.append(flag)
+
+        def result(self):
+            return self.flag
+
+    monkeypatch.setattr(runtime, "FlagVote", RecordingVote)
+    monkeypatch.setattr(runtime, "host_group", lambda device: None)
+    guard = runtime.SignalGuard(distributed.Dist(rank=0, world_size=2), every=3)
+    with guard:
+        results = [guard.stop_requested() for _ in range(6)]
+        guard.signum = 15  # signalled after step 6
+        results += [guard.stop_requested() for _ in range(6)]
+    assert started == [False, False, True]  # votes started at steps 3, 6, 9
+    assert results.index(True) == 11 and results.count(True) == 1  # the step-9 vote, read at step 12
