@@ -55,7 +55,8 @@ def test_nothing_compiles_after_warm_up_and_nothing_breaks_the_graph(tmp_path, m
 
     monkeypatch.setattr(train_mod, "warm_up", recording_warm_up)
     made = []  # the TTA translations warm-up made views for
-    monkeypatch.setattr(train_mod, "tta_inputs", lambda x, translate=0: made.append(translate) or tta_inputs(x, translate))
+    monkeypatch.setattr(train_mod, "tta_inputs",
+                        lambda x, translate=0: made.append(translate) or tta_inputs(x, translate))
     # 10,000 test images in batches of 64: the last one holds 16 (padded to 64)
     monkeypatch.setattr(data_mod, "load_cifar10", lambda *a, **k: random_cifar(320, 10_000))
     torch._dynamo.reset()
