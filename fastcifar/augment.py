@@ -1,11 +1,14 @@
 """The fast path: the whole data set resident on the device, augmented there in batches.
 
-Images are uploaded once as uint8, normalized once into the compute dtype and stored NHWC (that is
-channels_last memory), padded by `translate` pixels, together with a mirrored copy when flipping is on.
+Images are uploaded once as uint8 (`upload_seconds`), normalized once into the compute dtype and stored NHWC (that is
+channels_last memory), padded by `translate` pixels, together with a mirrored copy when flipping is on
+(`prep_seconds`: that on-device preparation alone, which airbench's clock counts and the upload it does not).
 Each epoch then draws every random number it needs at once (a permutation, crop offsets, flips, cutout
 squares: an `EpochPlan`), and each batch is ONE row gather: every output row of 32 pixels is a contiguous
 run of the padded (possibly mirrored) source, so shuffle + random crop + flip cost a single memcpy-like
 `index_select`. Cutout is a broadcast mask fill. No per-image Python, no host-device sync inside an epoch.
+An evaluation loader can pad its short last batch (`pad_last`), so every batch has one shape and a compiled
+model never recompiles for it: the filler images are real ones, labelled IGNORE_LABEL.
 
 The same code runs on CPU tensors, which is how the tests and the CPU trainer use it.
 """
@@ -19,7 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastcifar.runtime import Timer
+
 PAD_MODES = ("reflect", "zeros")
+IGNORE_LABEL = -100  # labels of the filler images of a padded last batch: cross_entropy's ignore_index
 
 
 def normalize_images(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float],
@@ -124,6 +130,8 @@ class DeviceLoader:
         alt_flip: flip each image in every other epoch instead, with a random per-image phase (airbench).
         cutout: side of the square zeroed per image (0 disables).
         drop_last: drop the last partial batch (keeps shapes static for torch.compile).
+        pad_last: evaluation only: fill the last partial batch up to `batch_size` with the shard's first
+            images, labelled IGNORE_LABEL (every image is served, in batches of one shape for torch.compile).
         seed: seeds this loader's generator; the same seed gives the same batches.
         device, dtype: where and in which dtype images live; use the autocast dtype.
         channels_last: serve channels_last tensors (free: that is the storage layout); else contiguous.
@@ -133,7 +141,7 @@ class DeviceLoader:
     def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, *,
                  mean: Sequence[float], std: Sequence[float], batch_size: int, train: bool = True,
                  translate: int = 4, pad_mode: str = "reflect", flip: bool = True, alt_flip: bool = False,
-                 cutout: int = 8, drop_last: bool = False, seed: int = 0,
+                 cutout: int = 8, drop_last: bool = False, pad_last: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  channels_last: bool = True, rank: int = 0, world_size: int = 1):
         if pad_mode not in PAD_MODES:
@@ -146,19 +154,25 @@ class DeviceLoader:
         self.alt_flip = alt_flip and self.flip
         self.cutout = cutout if train else 0
         self.drop_last = drop_last
+        self.pad_last = pad_last and not train and not drop_last
         self.channels_last = channels_last
         self.rank, self.world_size = rank, world_size
         self.size = int(images.shape[1])
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(self.device)
+        with Timer(self.device) as upload:
+            raw = torch.as_tensor(np.asarray(images)).to(self.device)
+            self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(self.device)
         self.num_images = len(self.labels)
         self.generator = torch.Generator(device=self.device)
-        normalized = normalize_images(images, mean, std, self.device, dtype)
-        # The mirrored copy doubles memory (~0.5 GB per copy in bf16 for CIFAR-10 with padding) and turns
-        # every flip into a choice of source rows, fused with the crop gather.
-        self.source = pad_images(normalized, self.translate, pad_mode)
-        del normalized
-        if self.flip:
-            self.source = torch.cat([self.source, self.source.flip(2)])
+        with Timer(self.device) as prep:
+            normalized = normalize_images(raw, mean, std, self.device, dtype)
+            del raw
+            # The mirrored copy doubles memory (~0.5 GB per copy in bf16 for CIFAR-10 with padding) and turns
+            # every flip into a choice of source rows, fused with the crop gather.
+            self.source = pad_images(normalized, self.translate, pad_mode)
+            del normalized
+            if self.flip:
+                self.source = torch.cat([self.source, self.source.flip(2)])
+        self.upload_seconds, self.prep_seconds = upload.seconds, prep.seconds
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -178,7 +192,7 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         n, b = self.samples_per_epoch, self.batch_size
-        return n // b if self.drop_last else -(-n // b)
+        return n // b if self.drop_last else -(-n // b)  # a padded last batch is still one batch
 
     # -- randomness ---------------------------------------------------------------------------------
     def _randint(self, high: int, n: int, low: int = 0) -> torch.Tensor:
@@ -225,14 +239,20 @@ class DeviceLoader:
         for first in range(start * self.batch_size, count, self.batch_size):
             sl = slice(first, first + self.batch_size)
             order = plan.order[sl]
+            labels = self.labels[order]
+            short = self.batch_size - len(order) if self.pad_last else 0
+            if short:
+                filler = plan.order[torch.arange(short, device=self.device) % len(plan.order)]
+                order = torch.cat([order, filler])
+                labels = torch.cat([labels, torch.full_like(filler, IGNORE_LABEL)])
             if self.train:
                 x = gather_crops(self.source, order + plan.flip[sl] * self.num_images,
                                  plan.dy[sl], plan.dx[sl], self.size)
                 x = batch_cutout(x, plan.cy[sl], plan.cx[sl], self.cutout)
             else:
-                x = self.source[sl] if self.world_size == 1 else self.source[order]
+                x = self.source[sl] if self.world_size == 1 and not short else self.source[order]
             x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last
-            yield (x if self.channels_last else x.contiguous()), self.labels[order]
+            yield (x if self.channels_last else x.contiguous()), labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches(self.plan_epoch())

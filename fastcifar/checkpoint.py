@@ -135,7 +135,10 @@ class RunState:
 
     run_index: int = 0            # which of the --runs seeds is in progress
     epoch: int = 0                # completed epochs of that run
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0   # the training steps of this run so far
+    init_seconds: float = 0.0    # its fresh init + whitening
+    eval_seconds: float = 0.0    # its per-epoch evaluations (outside run_seconds)
+    wall_seconds: float = 0.0    # its wall clock up to the last checkpoint (a resumed run adds on)
     images: int = 0               # training samples processed (all ranks)
     step_in_epoch: int = 0        # > 0 when stopped mid-epoch: steps of epoch `epoch` already done
     partial: dict[str, Any] = field(default_factory=dict)         # StepState of that partial epoch

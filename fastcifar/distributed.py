@@ -80,9 +80,21 @@ def gather_interleaved(t: torch.Tensor, d: Dist, n: int) -> torch.Tensor:
     return out
 
 
-def broadcast_flag(flag: bool, d: Dist, device: torch.device) -> bool:
-    """True on every rank if it is True on any: ranks must agree on when to stop."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    return bool(all_reduce_max(t, d).item())
+def host_group(device: torch.device) -> Any:
+    """A process group for small host-side collectives: the default one under gloo (the CPU), a gloo group
+    next to nccl, so a CPU tensor is reduced without touching (or waiting for) the GPU. Call on every rank."""
+    return None if device.type == "cpu" else dist.new_group(backend="gloo")
+
+
+class FlagVote:
+    """Whether a flag is set on any rank, agreed without blocking: an asynchronous all-reduce (MAX) of a CPU
+    tensor, started now and read later (`result`), when it has long finished. Every rank must start its
+    votes at the same points, and then reads the same answer."""
+
+    def __init__(self, flag: bool, group: Any = None):
+        self.tensor = torch.tensor([int(flag)])
+        self.work = dist.all_reduce(self.tensor, op=dist.ReduceOp.MAX, group=group, async_op=True)
+
+    def result(self) -> bool:
+        self.work.wait()  # host-side: waits for the other ranks' vote, never for the device
+        return bool(self.tensor.item())

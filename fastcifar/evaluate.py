@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcifar.augment import IGNORE_LABEL
 from fastcifar.config import ArgumentParser
 from fastcifar.distributed import Dist, all_reduce_sum, gather_interleaved
 from fastcifar.errors import run_cli
@@ -34,15 +35,37 @@ def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
 
 
+def same_layout(view: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`view` in `like`'s dtype and memory format (channels_last or NCHW), so a compiled model sees one input
+    signature for every TTA view and never recompiles: a reflection pad may return another layout (CUDA:
+    contiguous NCHW) or, under CPU autocast, fp32."""
+    channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)
+    view = view.to(like.dtype)
+    return view.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def tta_inputs(x: torch.Tensor, translate: int = 0) -> list[torch.Tensor]:
+    """The batches tta_logits runs the model on, all in `x`'s layout: x, its mirror and, with `translate`,
+    each of them shifted by +translate and -translate pixels (the views tta_views names)."""
+    views = [x, same_layout(x.flip(3), x)]
+    shifts = (translate, -translate) if translate else ()
+    return views + [same_layout(shift(v, t, t), x) for v in views for t in shifts]
+
+
+def owned_float(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 logits that the model's next call cannot overwrite: with --compile-mode reduce-overhead each
+    CUDA-graph replay writes into the same output buffer, and `.float()` of fp32 logits is that buffer."""
+    return logits.float() if logits.dtype != torch.float32 else logits.clone()
+
+
 def tta_logits(model: nn.Module, x: torch.Tensor, translate: int = 0) -> torch.Tensor:
     """Mean logits of the image and its mirror; with `translate`, averaged 1:1 with the mean over both
     views shifted by +translate and -translate pixels in each direction (airbench's TTA level 2)."""
-    views = [x, x.flip(3)]
-    logits = torch.stack([model(v).float() for v in views]).mean(0)
+    logits = [owned_float(model(v)) for v in tta_inputs(x, translate)]
+    mean = torch.stack(logits[:2]).mean(0)
     if translate:
-        moved = [shift(v, t, t) for v in views for t in (translate, -translate)]
-        logits = 0.5 * logits + 0.5 * torch.stack([model(v).float() for v in moved]).mean(0)
-    return logits
+        mean = 0.5 * mean + 0.5 * torch.stack(logits[2:]).mean(0)
+    return mean
 
 
 def tta_views(flip: bool, translate: int) -> list[str]:
@@ -66,6 +89,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
              tta: bool = False, dist: Dist = Dist(), tta_translate: int = 0) -> dict[str, Any]:
     """Loss, accuracy and predictions on `loader`; with `tta`, logits averaged with the mirrored images
     (and, with `tta_translate` > 0, half weight on both views shifted by +-tta_translate pixels).
+    Images labelled IGNORE_LABEL (the filler of a padded last batch) count nowhere.
     Under torchrun each rank evaluates its shard and the sums (and predictions) are gathered."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
@@ -73,11 +97,13 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
     for inputs, labels in loader:
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, dtype):
-            logits = tta_logits(model, inputs, tta_translate) if tta else model(inputs).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+            logits = tta_logits(model, inputs, tta_translate) if tta else owned_float(model(inputs))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE_LABEL)
         preds.append(logits.argmax(1))
         labels_all.append(labels)
     preds_t, labels_t = torch.cat(preds), torch.cat(labels_all)
+    served = labels_t != IGNORE_LABEL  # one mask (and one sync) for the whole pass, not one per batch
+    preds_t, labels_t = preds_t[served], labels_t[served]
     counts = torch.stack([loss_sum, (preds_t == labels_t).sum().float(),
                           torch.tensor(len(labels_t), device=device, dtype=torch.float32)])
     loss, correct, total = all_reduce_sum(counts, dist).tolist()
@@ -95,6 +121,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("-b", "--batch-size", type=int, default=500)
     parser.add_argument("--device", default="auto", help="auto, cpu, mps, cuda or cuda:N")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--amp-dtype", choices=("auto", "bf16", "fp16"), default="auto",
+                        help="auto = bf16 where the device computes in it natively, else fp16")
     parser.add_argument("--json", action="store_true",
                         help="print the results as one JSON object (accuracies as fractions) instead of a table")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -112,9 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, info = load_model(args.checkpoint, device)
     model = model.to(memory_format=torch.channels_last)
     data = load_cifar10(args.data_dir)
-    dtype = amp_dtype(device, args.amp)
+    dtype = amp_dtype(device, args.amp, args.amp_dtype)
     loader = DeviceLoader(data.test_images, data.test_labels, mean=info.mean, std=info.std,
-                          batch_size=args.batch_size, train=False, device=device, dtype=dtype or torch.float32)
+                          batch_size=args.batch_size, train=False, pad_last=True, device=device,
+                          dtype=dtype or torch.float32)
     records = []
     for flip, translate in ((False, 0), (True, 0), (True, args.tta_translate)):
         result = evaluate(model, loader, device, dtype, tta=flip, tta_translate=translate)

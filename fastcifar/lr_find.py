@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_backends(device)
     data = load_cifar10(config.data_dir, download=config.download or None)
     check_batch_size(config, len(data.train_labels), Dist())
-    dtype = amp_dtype(device, config.amp)
+    dtype = amp_dtype(device, config.amp, config.amp_dtype)
     seed_everything(config.seed)
     train_loader, _ = build_loaders(replace(config, pipeline="gpu"), data, device, dtype, config.seed)
     batches = cycle_epochs(train_loader)

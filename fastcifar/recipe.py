@@ -54,8 +54,18 @@ def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.
                   world_size=dist.world_size)
     train = DeviceLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip,
                          drop_last=True, seed=seed, **common, **aug)
-    test = DeviceLoader(data.test_images, data.test_labels, train=False, **common)
+    # one batch shape for the whole test set (the short last batch padded), so evaluation never recompiles
+    test = DeviceLoader(data.test_images, data.test_labels, train=False, pad_last=True, **common)
     return train, test
+
+
+def loader_seconds(*loaders) -> tuple[float, float]:
+    """(host-to-device upload, on-device preparation) seconds of the device-resident loaders among
+    `loaders`; (0, 0) for the albumentations one, which prepares every batch on the host while training."""
+    from fastcifar.augment import DeviceLoader
+
+    resident = [loader for loader in loaders if isinstance(loader, DeviceLoader)]
+    return sum(loader.upload_seconds for loader in resident), sum(loader.prep_seconds for loader in resident)
 
 
 def check_batch_size(config: TrainConfig, num_train: int, dist: Dist) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fastcifar.config import DEVICE_PATTERN
-from fastcifar.distributed import Dist, broadcast_flag
+from fastcifar.distributed import Dist, FlagVote, host_group
 from fastcifar.errors import UserError
 
 def select_device(name: str) -> torch.device:
@@ -45,12 +45,27 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 where the device supports it (no loss scaling needed), fp16 otherwise, None without AMP."""
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device computes in bf16 itself (compute capability >= 8.0). A bare
+    torch.cuda.is_bf16_supported() also says True where bf16 is only emulated, which is slower than fp16."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def amp_dtype(device: torch.device, amp: bool, choice: str = "auto") -> torch.dtype | None:
+    """The autocast dtype: None without AMP; `choice` bf16 or fp16 as asked; auto = bf16 where the device
+    computes in it (no loss scaling needed: CUDA with native support, the CPU), fp16 (+ GradScaler) elsewhere."""
     if not amp:
         return None
+    if choice != "auto":
+        return AMP_DTYPES[choice]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return torch.bfloat16 if device.type == "cpu" else torch.float16
 
 
@@ -110,26 +125,37 @@ class StopRequested(Exception):
 class SignalGuard:
     """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half.
 
-    Under torchrun the ranks must stop after the same step (or the next all-reduce would hang), so there
-    the flag is agreed on every `every` steps with one tiny all-reduce; alone it costs nothing.
+    Under torchrun the ranks must stop after the same step (or the next all-reduce would hang). Every
+    `every` steps each rank reads the vote it started `every` steps before (an asynchronous host-side
+    all-reduce, long finished: no device sync, no wait) and starts the next one; all ranks stop at the
+    step where a vote says some rank was signalled, at most 2 * `every` steps after the signal. Alone it
+    costs nothing.
     """
 
     def __init__(self, dist: Dist = Dist(), device: torch.device = torch.device("cpu"), every: int = 8):
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
         self.dist, self.device, self.every = dist, device, every
+        self.steps = 0                      # steps checked in this process: the same count on every rank
+        self._vote: FlagVote | None = None  # the vote in flight
+        self._group: Any = None
 
-    def stop_requested(self, step: int) -> bool:
+    def stop_requested(self) -> bool:
+        """Called once after every step, on every rank."""
         if not self.dist.enabled:
             return self.signum is not None
-        if step % self.every:
+        self.steps += 1
+        if self.steps % self.every:
             return False
-        if broadcast_flag(self.signum is not None, self.dist, self.device):
+        agreed = self._vote is not None and self._vote.result()
+        self._vote = None if agreed else FlagVote(self.signum is not None, self._group)
+        if agreed:
             self.signum = self.signum or signal.SIGTERM
-            return True
-        return False
+        return agreed
 
     def __enter__(self) -> "SignalGuard":
+        if self.dist.enabled:
+            self._group = host_group(self.device)
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[s] = signal.signal(s, self._handle)
@@ -143,5 +169,8 @@ class SignalGuard:
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
+        if self._vote is not None:  # every rank started it: finish it before the process group goes
+            self._vote.result()
+            self._vote = None
         for s, h in self._old.items():
             signal.signal(s, h)

@@ -37,11 +37,11 @@ from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE, ModelInfo, RunStat
 from fastcifar.config import TrainConfig, parse_config, resume_config, to_dict
 from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, from_env, process_group
 from fastcifar.errors import UserError, run_cli
-from fastcifar.evaluate import evaluate, evaluation_record
+from fastcifar.evaluate import evaluate, evaluation_record, tta_inputs
 from fastcifar.lookahead import Lookahead
 from fastcifar.model import ResNet9, count_parameters, summary as model_summary
 from fastcifar.recipe import ResumableLoader, build_criterion, build_loaders, build_model, build_optimizer, \
-    build_scheduler, check_batch_size, epoch_steps, init_weights, seed_everything, total_steps
+    build_scheduler, check_batch_size, epoch_steps, init_weights, loader_seconds, seed_everything, total_steps
 from fastcifar.report import METRICS_FILE, check_out_dir, create_out_dir, epoch_row, format_summary, \
     run_summary, seed_line, write_metrics, write_summary
 from fastcifar.runtime import SignalGuard, StopRequested, Timer, amp_dtype, autocast, configure_backends, \
@@ -123,7 +123,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         state.steps += 1
         if progress is not None:
             progress.update(1)
-        if guard is not None and guard.stop_requested(state.steps):
+        if guard is not None and guard.stop_requested():
             raise StopRequested
     return state
 
@@ -149,6 +149,8 @@ class Session:
     data_seconds: float
     on_epoch: EpochCallback | None = None
     compile_seconds: float | None = None
+    upload_seconds: float = 0.0   # uint8 images host -> device, once per invocation (outside run_seconds)
+    prep_seconds: float = 0.0     # their on-device normalize/pad/mirror, once: added to every seed's run_seconds
 
 
 @dataclass
@@ -175,11 +177,14 @@ class Fit:
                                       train_loader=self.train_loader, device=session.device)
 
 
-def warm_up(session: Session, loader) -> float:
-    """Trigger compilation (train and eval graphs) outside the timed region; weights are restored after."""
+def warm_up(session: Session, loader, test_loader) -> float:
+    """Every compilation of the run, outside the timed regions and counted in compile_seconds: the training
+    step, and the evaluation forwards on a test batch (all test batches have its shape) in each view the
+    configured TTA uses (plain, flipped, shifted), twice, so CUDA graphs are recorded too. Weights are
+    restored after."""
     saved = {k: v.clone() for k, v in session.model_without_ddp.state_dict().items()}
     loader_state = loader.state_dict() if isinstance(loader, ResumableLoader) else None
-    device, dtype, model = session.device, session.dtype, session.model
+    device, dtype, model, config = session.device, session.dtype, session.model, session.config
     with Timer(device) as timer:
         inputs, labels = next(iter(loader))
         inputs, labels = inputs.to(device), labels.to(device)
@@ -188,9 +193,12 @@ def warm_up(session: Session, loader) -> float:
             with autocast(device, dtype):
                 session.criterion(model(inputs), labels).backward()
         model.eval()
-        with torch.no_grad(), autocast(device, dtype):
-            model(inputs)
-            model(inputs.flip(3))
+        test_inputs = next(iter(test_loader))[0].to(device)
+        with torch.no_grad(), autocast(device, dtype):  # the views made as evaluate makes them
+            views = tta_inputs(test_inputs, config.tta_translate) if config.tta else [test_inputs]
+            for _ in range(2):
+                for view in views:
+                    model(view)
     session.model_without_ddp.load_state_dict(saved)
     session.model_without_ddp.zero_grad(set_to_none=True)
     if loader_state is not None:  # the warm-up must not shift the run's random choices
@@ -213,7 +221,7 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device,
     if dist.is_main:
         create_out_dir(out)
         write_json(out / "config.json", to_dict(config))
-    dtype = amp_dtype(device, config.amp)
+    dtype = amp_dtype(device, config.amp, config.amp_dtype)
     model_without_ddp = build_model(config, len(data.classes), device)
     if dist.is_main:
         print(model_summary(model_without_ddp))
@@ -248,6 +256,7 @@ def train_all(session: Session, ckpt: dict[str, Any] | None) -> dict[str, Any]:
     train_loader = test_loader = None
     with session.guard:
         for run_index in range(run.run_index, config.runs):
+            started = time.perf_counter()  # this seed's wall clock starts here
             seed = config.seed + run_index
             seed_everything(seed)
             if isinstance(train_loader, ResumableLoader):  # device-resident data is uploaded once per invocation
@@ -255,10 +264,12 @@ def train_all(session: Session, ckpt: dict[str, Any] | None) -> dict[str, Any]:
             else:
                 train_loader, test_loader = build_loaders(config, session.data, session.device, session.dtype,
                                                           seed, session.dist)
+                session.upload_seconds, session.prep_seconds = loader_seconds(train_loader, test_loader)
             if session.compile_seconds is None and (session.compile_model or session.device.type == "cuda"):
-                session.compile_seconds = warm_up(session, train_loader)
+                session.compile_seconds = warm_up(session, train_loader, test_loader)
                 print(f"warm-up and compile: {session.compile_seconds:.1f}s (not counted as training time)")
-            init_weights(session.model_without_ddp, config, session.data, seed)
+            with Timer(session.device) as init:
+                init_weights(session.model_without_ddp, config, session.data, seed)
             optimizer = build_optimizer(config, session.model_without_ddp, session.device)
             scheduler = build_scheduler(config, optimizer, len(train_loader))
             scaler = torch.amp.GradScaler(session.device.type) if session.dtype == torch.float16 else None
@@ -269,8 +280,8 @@ def train_all(session: Session, ckpt: dict[str, Any] | None) -> dict[str, Any]:
                 run = fit.restore(session, ckpt)
                 print(f"resumed seed {seed} at epoch {run.epoch + 1}, step {run.step_in_epoch + 1}")
             else:
-                run = RunState(run_index=run_index, rows=run.rows, finished=results)
-            results.append(train_seed(session, fit, seed, run))
+                run = RunState(run_index=run_index, rows=run.rows, finished=results, init_seconds=init.seconds)
+            results.append(train_seed(session, fit, seed, run, started))
             summary = summarize(session, results)
             if session.dist.is_main:
                 write_summary(session.out, summary)
@@ -286,9 +297,11 @@ def reduce_epoch(state: StepState, session: Session) -> tuple[float, float, int,
     return loss_sum / seen, correct / seen, int(seen), bad
 
 
-def train_seed(session: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
-    """Train one seed from where `run` stands to the end; write checkpoints, metrics and artifacts."""
+def train_seed(session: Session, fit: Fit, seed: int, run: RunState, started: float) -> dict[str, Any]:
+    """Train one seed from where `run` stands to the end; write checkpoints, metrics and artifacts.
+    `started` is this process's perf_counter at the seed's start (a resumed seed adds the checkpoint's)."""
     config, loader = session.config, fit.train_loader
+    origin = started - run.wall_seconds  # perf_counter() - origin = the seed's wall seconds so far
     if run.epoch == 0 and run.step_in_epoch == 0:
         print(epoch_row({}, header=True))
     resumable = isinstance(loader, ResumableLoader)
@@ -313,6 +326,7 @@ def train_seed(session: Session, fit: Fit, seed: int, run: RunState) -> dict[str
             state.seconds += time.perf_counter() - timer.start_wall
             run.step_in_epoch, run.partial = state.steps, state.to_dict()
             run.lrs.extend(lrs)
+            run.wall_seconds = time.perf_counter() - origin
             fit.save(session, run, loader_start)
             code = 130 if session.guard.signum == signal.SIGINT else 143
             print(f"\nstopped by signal {session.guard.signum} at step {state.steps} of epoch {epoch + 1}; "
@@ -336,7 +350,9 @@ def train_seed(session: Session, fit: Fit, seed: int, run: RunState) -> dict[str
                "epoch_seconds": seconds, "total_seconds": run.train_seconds}
         last = epoch + 1 == len(steps)
         if last or (epoch + 1) % config.eval_every == 0:
-            result = evaluate(session.model, fit.test_loader, session.device, session.dtype, dist=session.dist)
+            with Timer(session.device) as eval_timer:
+                result = evaluate(session.model, fit.test_loader, session.device, session.dtype, dist=session.dist)
+            run.eval_seconds += eval_timer.seconds
             row.update(test_loss=result["loss"], test_acc=result["acc"])
         print(epoch_row(row), flush=True)
         run.rows.append(row)
@@ -344,25 +360,34 @@ def train_seed(session: Session, fit: Fit, seed: int, run: RunState) -> dict[str
         if session.dist.is_main:
             write_metrics(session.out / METRICS_FILE, run.rows)
         if config.checkpoint_every and (run.epoch % config.checkpoint_every == 0 or last):
+            run.wall_seconds = time.perf_counter() - origin
             fit.save(session, run, loader.state_dict() if resumable else {})
         if session.on_epoch is not None and session.dist.is_main:  # after the files: a raise keeps them
             session.on_epoch(dict(row))
-    return finish_seed(session, fit, seed, run)
+    return finish_seed(session, fit, seed, run, origin)
 
 
-def finish_seed(session: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
-    """Final evaluation (plain and, with --tta, flip (+ translate) TTA), model.safetensors and the plots."""
+def finish_seed(session: Session, fit: Fit, seed: int, run: RunState, origin: float) -> dict[str, Any]:
+    """Final evaluation (plain and, with --tta, flip (+ translate) TTA), model.safetensors and the plots.
+    The seed's clocks (report.run_summary says what each covers): run_seconds counts the evaluation whose
+    accuracy is the recipe's own (the TTA one with --tta, else the plain one); wall_seconds ends here."""
     config = session.config
-    final = evaluate(session.model, fit.test_loader, session.device, session.dtype, dist=session.dist)
+    with Timer(session.device) as own_eval:
+        final = evaluate(session.model, fit.test_loader, session.device, session.dtype, dist=session.dist)
     evaluations = [evaluation_record(final, flip=False, translate=0)]
     if config.tta:
-        tta = evaluate(session.model, fit.test_loader, session.device, session.dtype, tta=True,
-                       dist=session.dist, tta_translate=config.tta_translate)
+        with Timer(session.device) as own_eval:
+            tta = evaluate(session.model, fit.test_loader, session.device, session.dtype, tta=True,
+                           dist=session.dist, tta_translate=config.tta_translate)
         evaluations.append(evaluation_record(tta, flip=True, translate=config.tta_translate))
+    # airbench's convention; the loaders' one preparation per invocation is added to every seed
+    run_seconds = session.prep_seconds + run.init_seconds + run.train_seconds + own_eval.seconds
     result = {"seed": seed, "test_acc": final["acc"], "test_loss": final["loss"],
               "test_acc_tta": evaluations[1]["test_acc"] if config.tta else None,
-              "evaluations": evaluations, "train_seconds": run.train_seconds, "images": run.images,
-              "epochs": config.epochs}
+              "evaluations": evaluations, "run_seconds": run_seconds, "train_seconds": run.train_seconds,
+              "prep_seconds": session.prep_seconds, "init_seconds": run.init_seconds,
+              "final_eval_seconds": own_eval.seconds, "eval_seconds": run.eval_seconds,
+              "images": run.images, "epochs": config.epochs}
     if session.dist.is_main:
         data = session.data
         info = ModelInfo(config=session.model_without_ddp.config, classes=list(data.classes), mean=list(data.mean),
@@ -374,6 +399,7 @@ def finish_seed(session: Session, fit: Fit, seed: int, run: RunState) -> dict[st
 
             save_run_plots(session.out, [r for r in run.rows if r["seed"] == seed], run.lrs,
                            len(fit.train_loader), final, data)
+    result["wall_seconds"] = time.perf_counter() - origin
     print(seed_line(result))
     return result
 
@@ -390,7 +416,8 @@ def progress_bar(total: int, desc: str):
 def summarize(session: Session, results: list[dict[str, Any]]) -> dict[str, Any]:
     return run_summary(session.config, results, params=count_parameters(session.model_without_ddp),
                        world_size=session.dist.world_size, environment=environment(session.device),
-                       compile_seconds=session.compile_seconds, data_seconds=session.data_seconds)
+                       compile_seconds=session.compile_seconds, data_seconds=session.data_seconds,
+                       upload_seconds=session.upload_seconds)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -76,3 +76,53 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tmp_path, m
     loader = DeviceLoader(cifar.test_images, cifar.test_labels, mean=info.mean, std=info.std, batch_size=64,
                        train=False)
     assert evaluate(model, loader, torch.device("cpu"), None)["acc"] == pytest.approx(summary["test_acc"])
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (Linux /proc)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def local_rank(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    values = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"LOCAL_RANK=")]
+    return int(values[0]) if values else None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists() or
+                    (shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists()),
+                    reason="needs torchrun and Linux /proc")
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+    import re
+    import signal
+    import time
+
+    from fastcifar.checkpoint import load_checkpoint
+
+    data = write_learnable_dataset(tmp_path / "data", train_per_class=16, test_per_class=2)
+    env = {**os.environ, "FASTCIFAR_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                             "-m", "fastcifar.train", "--data-dir", str(data), *COMMON, "--epochs", "200",
+                             "--batch-size", "16", "--out-dir", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)  # an epoch has finished: both ranks are in the loop
+        ranks = {local_rank(pid): pid for pid in child_pids(proc.pid)}
+        os.kill(ranks[1], signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    stops = re.findall(r"stopped by signal (\d+) at step (\d+) of epoch (\d+)", stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-2000:]  # both ranks, the same step
+    assert stops[0][0] == str(int(signal.SIGTERM))
+    run = load_checkpoint(out / "checkpoint.pt")["run"]
+    assert (run["epoch"], run["step_in_epoch"]) == (int(stops[0][2]) - 1, int(stops[0][1]))

@@ -1,0 +1,135 @@
+"""runtime: the AMP dtype (native bf16 only, --amp-dtype) and the signal guard under torchrun.
+
+    pytest -q tests/test_runtime.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcifar import runtime
+from fastcifar.runtime import amp_dtype
+
+CUDA = torch.device("cuda", 0)
+
+
+def emulating_gpu(monkeypatch, major: int, with_argument: bool = True) -> None:
+    """A CUDA device of compute capability `major`.x that (like torch) reports emulated bf16 as supported."""
+    def is_bf16_supported(including_emulation: bool = True):
+        return major >= 8 or including_emulation
+
+    def old_is_bf16_supported():  # a torch without including_emulation
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported if with_argument else old_is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+
+
+@pytest.mark.parametrize("with_argument", [True, False])
+@pytest.mark.parametrize("major, expected", [(7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)])
+def test_auto_picks_bf16_only_where_the_gpu_computes_in_it(monkeypatch, major, expected, with_argument):
+    emulating_gpu(monkeypatch, major, with_argument)
+    assert amp_dtype(CUDA, True) == amp_dtype(CUDA, True, "auto") == expected
+
+
+def test_an_explicit_amp_dtype_wins_and_no_amp_means_none(monkeypatch):
+    emulating_gpu(monkeypatch, 9)
+    assert amp_dtype(CUDA, True, "fp16") == torch.float16
+    assert amp_dtype(CUDA, True, "bf16") == torch.bfloat16
+    assert amp_dtype(torch.device("cpu"), True, "fp16") == torch.float16
+    assert amp_dtype(torch.device("cpu"), True) == torch.bfloat16
+    assert amp_dtype(CUDA, False, "fp16") is None
+
+
+def test_amp_dtype_flag_reaches_training_fp16_through_a_grad_scaler(tmp_path, monkeypatch):
+    from synthetic import write_learnable_dataset
+
+    from fastcifar.config import parse_config
+    from fastcifar.errors import UserError
+    from fastcifar.train import main
+
+    steps = []
+
+    class CountingScaler(torch.amp.GradScaler):
+        def step(self, optimizer, *args, **kwargs):
+            steps.append(self.get_scale())
+            return super().step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", CountingScaler)
+    autocasts = []
+    monkeypatch.setattr("fastcifar.train.autocast", lambda device, dtype: (autocasts.append(dtype),
+                                                                           runtime.autocast(device, dtype))[1])
+    data = write_learnable_dataset(tmp_path / "data", train_per_class=8, test_per_class=2)
+    out = tmp_path / "run"
+    assert main(["--data-dir", str(data), "--out-dir", str(out), "--device", "cpu", "--width", "4", "--batch-size",
+                 "16", "--epochs", "1", "--no-plots", "--amp-dtype", "fp16"]) == 0
+    assert steps and set(autocasts) == {torch.float16}
+    assert json.loads((out / "config.json").read_text())["amp_dtype"] == "fp16"
+    with pytest.raises(UserError, match="--amp-dtype"):
+        parse_config(["--amp-dtype", "fp8"])
+
+
+def _guarded_steps(rank: int, world_size: int, init_file: str, results: str) -> None:
+    """One rank of a 2-process gloo group: steps until the guard stops it; rank 1 gets SIGTERM at step 5."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from fastcifar.distributed import Dist
+    from fastcifar.runtime import SignalGuard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        with SignalGuard(Dist(rank=rank, world_size=world_size), every=4) as guard:
+            for step in range(1, 200):
+                grads = torch.ones(1)
+                dist.all_reduce(grads)  # what DDP does each step: the ranks move together
+                if rank == 1 and step == 5:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                if guard.stop_requested():
+                    break
+        Path(results, f"rank{rank}.json").write_text(json.dumps({"step": step, "signum": guard.signum}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
+    import signal
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_guarded_steps, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    stopped = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert stopped[0]["step"] == stopped[1]["step"]
+    assert 5 < stopped[0]["step"] <= 5 + 2 * 4  # the vote started at step 8 is read at step 12
+    assert stopped[1]["signum"] == signal.SIGTERM and stopped[0]["signum"] == signal.SIGTERM
+
+
+def test_each_vote_is_read_one_period_after_it_started(monkeypatch):
+    """Under torchrun the flag is voted on asynchronously: started at one check, read at the next."""
+    from fastcifar import distributed
+
+    started = []
+
+    class RecordingVote:
+        def __init__(self, flag, group=None):
+            self.flag = flag
+            started.append(flag)
+
+        def result(self):
+            return self.flag
+
+    monkeypatch.setattr(runtime, "FlagVote", RecordingVote)
+    monkeypatch.setattr(runtime, "host_group", lambda device: None)
+    guard = runtime.SignalGuard(distributed.Dist(rank=0, world_size=2), every=3)
+    with guard:
+        results = [guard.stop_requested() for _ in range(6)]
+        guard.signum = 15  # signalled after step 6
+        results += [guard.stop_requested() for _ in range(6)]
+    assert started == [False, False, True]  # votes started at steps 3, 6, 9
+    assert results.index(True) == 11 and results.count(True) == 1  # the step-9 vote, read at step 12
