@@ -83,7 +83,8 @@ class TrainConfig:
     device: str = option("auto", 'auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N', environment=True)
     amp: bool = option(True, 'autocast in --amp-dtype (fp16 adds a GradScaler)')
     amp_dtype: Literal["auto", "bf16", "fp16"] = option(
-        "auto", 'auto = bf16 where the device computes in it natively (CUDA capability >= 8.0, CPU), else fp16')
+        "auto", 'auto = bf16 where the device computes in it natively (CUDA capability >= 8.0, a CPU with '
+        'AVX-512 BF16/AMX/Arm BF16); else fp16 on a GPU, fp32 (no autocast) on a CPU')
     channels_last: bool = option(True, 'channels_last memory format for images and weights')
     compile: bool | None = option(
         None, 'torch.compile; None = on for CUDA only (compiling costs minutes on a CPU)', environment=True)

@@ -41,8 +41,26 @@ def test_an_explicit_amp_dtype_wins_and_no_amp_means_none(monkeypatch):
     assert amp_dtype(CUDA, True, "fp16") == torch.float16
     assert amp_dtype(CUDA, True, "bf16") == torch.bfloat16
     assert amp_dtype(torch.device("cpu"), True, "fp16") == torch.float16
-    assert amp_dtype(torch.device("cpu"), True) == torch.bfloat16
+    assert amp_dtype(torch.device("cpu"), True, "bf16") == torch.bfloat16
     assert amp_dtype(CUDA, False, "fp16") is None
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("flags\t\t: fpu avx2 avx512f avx512_vnni", None),           # AVX-512 without BF16: fp32 is faster
+    ("flags\t\t: fpu avx512f avx512_bf16 avx512_vnni", torch.bfloat16),
+    ("flags\t\t: fpu avx512f amx_bf16 amx_tile", torch.bfloat16),
+    ("Features\t: fp asimd bf16 i8mm", torch.bfloat16),            # Arm
+    ("model name\t: bf16 in the name only", None),
+])
+def test_auto_on_the_cpu_uses_bf16_only_with_bf16_instructions(tmp_path, monkeypatch, flags, expected):
+    from fastcifar import runtime
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\n{flags}\n")
+    monkeypatch.setattr(runtime, "CPUINFO", str(cpuinfo))
+    assert runtime.cpu_native_bf16() is (expected is not None)
+    assert amp_dtype(torch.device("cpu"), True) == expected
+    assert runtime.cpu_native_bf16(str(tmp_path / "missing")) is False
 
 
 def test_amp_dtype_flag_reaches_training_fp16_through_a_grad_scaler(tmp_path, monkeypatch):

@@ -240,7 +240,9 @@ def test_label_smoothing_amp_compile_and_download_reach_the_session(tiny_dir, tm
     """Sabotage: CrossEntropyLoss() without label_smoothing; amp_dtype(device, False) in setup; the compile
     mode or the compile flag ignored; download=None passed to load_cifar10."""
     import fastcifar.data
+    import fastcifar.runtime
 
+    monkeypatch.setattr(fastcifar.runtime, "cpu_native_bf16", lambda: True)  # as on a CPU with AVX-512 BF16
     compiled, downloads = [], []
     monkeypatch.setattr(ResNet9, "compile", lambda self, mode=None, **kw: compiled.append(mode), raising=False)
     load = fastcifar.data.load_cifar10
