@@ -1,4 +1,5 @@
-"""ONNX export and the torch-free predictor, on tiny models and a tiny image-folder data set.
+"""ONNX export and the torch-free predictor, on a tiny model trained for a few steps on learnable data (and
+random tiny models where no data is involved).
 
     python -m pytest tests/test_export.py
 """
@@ -19,12 +20,13 @@ from PIL import Image
 from torch import nn
 
 from export import onnx as export_onnx_cli
-from export.onnx import fold_batchnorm, int8_path, main, torch_logits
+from export.onnx import fold_batchnorm, int8_path, main, reference_logits
 from export.predict import make_session, read_image, run_batches, to_input
 from fastcifar.checkpoint import ModelInfo, load_model, save_model
 from fastcifar.data import CLASSES
 from fastcifar.errors import run_cli
 from fastcifar.model import resnet9
+from synthetic import write_learnable_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
@@ -85,31 +87,34 @@ def private_cache(workdir):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(workdir) -> Path:
-    path, model = workdir / "model.safetensors", tiny_model()
-    save_model(path, model, ModelInfo(model.config, list(CLASSES), MEAN, STD, test_acc=0.5))
-    return path
+def tiny_data(workdir) -> Path:
+    """Learnable image folders (class = colour + noise): 10 classes x 20 train and 10 test PNGs."""
+    return write_learnable_dataset(workdir / "data", train_per_class=20, test_per_class=10)
 
 
 @pytest.fixture(scope="module")
-def tiny_data(workdir) -> Path:
-    """An image-folder tree: 10 classes x 4 train and 2 test PNGs, 32x32."""
-    root = workdir / "data"
-    for c, name in enumerate(CLASSES):
-        for i in range(4):
-            write_png(root / "train" / name / f"{i}.png", 32, seed=100 * c + i)
-        for i in range(2):
-            write_png(root / "test" / name / f"{i}.png", 32, seed=100 * c + 50 + i)
-    return root
+def checkpoint(workdir, tiny_data) -> Path:
+    """A width-8 model trained by fastcifar.train for a few steps on `tiny_data`, its test accuracy stored
+    (fp32 evaluation: --no-amp, so the stored figure and the ONNX one may agree to the image)."""
+    from fastcifar.train import main as train_main
+
+    run = workdir / "run"
+    assert train_main(["--data-dir", str(tiny_data), "--out-dir", str(run), "--width", "8", "--batch-size", "20",
+                       "--epochs", "2", "--device", "cpu", "--no-amp", "--no-plots", "--no-tta"]) == 0
+    return run / "model.safetensors"
+
+
+def export_argv(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return ["--checkpoint", str(checkpoint), "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
 def exported(workdir, checkpoint, tiny_data) -> Path:
-    """fp32 and int8 exports of the tiny model, calibrated on the tiny data set."""
+    """fp32 and int8 exports of the trained model, calibrated on the tiny data set."""
     out = workdir / "out" / "model.onnx"
     out.parent.mkdir()
-    assert run_cli(main, ["--checkpoint", str(checkpoint), "--out", str(out), "--int8",
-                          "--data-dir", str(tiny_data), "--calib-images", "16"], prog="export.onnx") == 0
+    assert run_cli(main, export_argv(checkpoint, out, "--int8", "--data-dir", str(tiny_data), "--calib-images", "16"),
+                   prog="export.onnx") == 0
     return out
 
 
@@ -132,7 +137,7 @@ def test_parity_at_batch_1_7_256(exported, checkpoint):
     images = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
     for n in (1, 7, 256):
         got = run_batches(session, images[:n], batch_size=n)
-        expected = torch_logits(model, info, images[:n])
+        expected = reference_logits(model, info, images[:n])
         assert got.shape == (n, 10)
         assert np.abs(got - expected).max() <= 1e-3
         assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.999
@@ -148,7 +153,7 @@ def test_graph_interface_and_metadata(exported, checkpoint):
     assert inp.type.tensor_type.shape.dim[0].dim_param  # symbolic batch
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["classes"]) == list(CLASSES)
-    assert json.loads(meta["mean"]) == pytest.approx(MEAN) and json.loads(meta["std"]) == pytest.approx(STD)
+    assert json.loads(meta["mean"]) == pytest.approx(info.mean) and json.loads(meta["std"]) == pytest.approx(info.std)
     assert meta["input_format"].startswith("NCHW float32 RGB [0,1]")
     assert json.loads(meta["test_acc"]) == info.test_acc
     assert meta["fastcifar_version"] and meta["exporter"].startswith("torch.onnx")
@@ -162,7 +167,7 @@ def test_int8_export(exported, tiny_data):
     proto = onnx.load(str(path))
     assert {n.op_type for n in proto.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert json.loads(meta["classes"]) == list(CLASSES) and "16 training images" in meta["quantization"]
+    assert json.loads(meta["classes"]) == list(CLASSES) and "on 16 images (training split" in meta["quantization"]
     logits = run_batches(make_session(path), np.zeros((3, 32, 32, 3), dtype=np.uint8))
     assert logits.shape == (3, 10) and np.isfinite(logits).all()
 
@@ -172,8 +177,10 @@ def test_export_reports_accuracy(workdir, checkpoint, tiny_data, capsys):
     code, stdout, _ = cli(["--checkpoint", str(checkpoint), "--out", str(out), "--data-dir", str(tiny_data)],
                           capsys)
     assert code == 0
-    assert "on 20 images" in stdout  # parity on the (whole, tiny) test split
-    assert "accuracy on the 20 test images: onnx fp32" in stdout and "checkpoint 50.00%" in stdout
+    _, info = load_model(checkpoint)
+    assert "on 100 images" in stdout  # parity on the (whole, tiny) test split
+    assert "accuracy on the 100 test images: onnx fp32" in stdout
+    assert f"of the checkpoint's {100 * info.test_acc:.2f}% (limit 0.3, no TTA)" in stdout
 
 
 def test_unreachable_opset_falls_back_to_torchscript(workdir, checkpoint, capsys):
@@ -225,8 +232,8 @@ def test_failed_check_keeps_the_previous_file(workdir, checkpoint, exported, cap
     out.parent.mkdir()
     out.write_bytes(exported.read_bytes())
     before = out.read_bytes()
-    real = export_onnx_cli.torch_logits
-    monkeypatch.setattr(export_onnx_cli, "torch_logits", lambda *a, **k: real(*a, **k) + 0.01)
+    real = export_onnx_cli.reference_logits
+    monkeypatch.setattr(export_onnx_cli, "reference_logits", lambda *a, **k: real(*a, **k) + 0.01)
     code, _, stderr = cli(["--checkpoint", str(checkpoint), "--out", str(out)], capsys)
     assert code == 2 and "does not match PyTorch" in stderr and stderr.count("\n") == 1
     assert "max |logit difference| 1.00e-02" in stderr
