@@ -41,12 +41,12 @@ RECORD_SUFFIX = ".verified.json"
 
 
 def openvino_version() -> str | None:
-    """The installed OpenVINO's version, None when it cannot be imported."""
+    """The installed OpenVINO's release ("2026.4.1"), None when it cannot be imported."""
     try:
         import openvino
     except ImportError:
         return None
-    return openvino.get_version()
+    return openvino.get_version().split("-")[0]
 
 
 def installed_backends() -> list[str]:

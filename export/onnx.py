@@ -339,7 +339,7 @@ def check_backends(path: Path, ort_acc: float | None, ort_check_logits: np.ndarr
 
     checks = [BackendCheck("onnxruntime", ort.__version__, "f32", True,
                            "passed the export's gates" if ort_acc is not None else "parity only (no --data-dir)",
-                           ort_acc, 1.0)]
+                           ort_acc)]
     reference = info.test_acc if info.test_acc is not None else ort_acc
     for backend in backends:
         if backend != "onnxruntime":
