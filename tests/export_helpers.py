@@ -1,14 +1,17 @@
 """What the export tests share: a tiny model trained for a few steps on learnable data, and the export
 command run in-process with its output captured.
 
-    from export_helpers import train_tiny, run_export
+    from export_helpers import shared_export, run_export
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from fastcifar.errors import run_cli
 from synthetic import write_learnable_dataset
@@ -37,3 +40,30 @@ def run_export(*argv: str) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = run_cli(main, list(argv), prog="export.onnx")
     return code, out.getvalue(), err.getvalue()
+
+
+@dataclass
+class SharedExport:
+    data: Path        # the learnable image folders
+    checkpoint: Path  # the trained model.safetensors
+    onnx: Path        # model.onnx, with model.int8.onnx (16 calibration images) and their records next to it
+    stdout: str       # what the export printed
+
+
+def shared_export(tmp_path_factory) -> SharedExport:
+    """Data, trained model and export made once per test session (test_export.py and test_openvino.py share
+    them: training and exporting are most of their time). Read-only for the tests."""
+    root = tmp_path_factory.getbasetemp() / "export-shared"
+    log = root / "export-stdout.txt"
+    if not log.exists():
+        root.mkdir(exist_ok=True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FASTCIFAR_HOME", str(root / "home"))
+            data = learnable_data(root / "data")
+            checkpoint = train_tiny(root / "run", data)
+            (root / "out").mkdir()
+            code, stdout, stderr = run_export("--checkpoint", str(checkpoint), "--out", str(root / "out" / "model.onnx"),
+                                              "--int8", "--data-dir", str(data), "--calib-images", "16")
+        assert code == 0, stderr
+        log.write_text(stdout)
+    return SharedExport(root / "data", root / "run" / "model.safetensors", root / "out" / "model.onnx", log.read_text())

@@ -22,7 +22,7 @@ from export.backends import Runner, choose_backend, make_runner, openvino_versio
 from export.onnx import int8_path
 from export.predict import main as predict_main
 from export.predict import run_batches
-from export_helpers import learnable_data, run_export, train_tiny
+from export_helpers import run_export, shared_export
 from fastcifar.errors import run_cli
 from synthetic import learnable_images
 
@@ -32,32 +32,29 @@ needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO is not in
 
 
 @pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return shared_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("openvino")
-    with pytest.MonkeyPatch.context() as mp:  # module scope: before the per-test private cache
-        mp.setenv("FASTCIFAR_HOME", str(root / "home"))
-        yield root
+    return tmp_path_factory.mktemp("openvino")
 
 
 @pytest.fixture(scope="module")
-def tiny_data(workdir) -> Path:
-    return learnable_data(workdir / "data")
+def tiny_data(shared) -> Path:
+    return shared.data
 
 
 @pytest.fixture(scope="module")
-def checkpoint(workdir, tiny_data) -> Path:
-    return train_tiny(workdir / "run", tiny_data)
+def checkpoint(shared) -> Path:
+    return shared.checkpoint
 
 
 @pytest.fixture(scope="module")
-def export_output(workdir, checkpoint, tiny_data) -> tuple[Path, str]:
+def export_output(shared) -> tuple[Path, str]:
     """fp32 + int8 export with every installed backend checked."""
-    out = workdir / "out" / "model.onnx"
-    out.parent.mkdir()
-    code, stdout, stderr = run_export("--checkpoint", str(checkpoint), "--out", str(out), "--int8",
-                                      "--data-dir", str(tiny_data), "--calib-images", "64")
-    assert code == 0, stderr
-    return out, stdout
+    return shared.onnx, shared.stdout
 
 
 @pytest.fixture
@@ -113,7 +110,7 @@ def test_export_verifies_both_files_under_openvino(export_output):
         assert ov["version"] == openvino_version() and ov["precision"] in ("f32", "bf16")
         assert abs(ov["accuracy"] - ort["accuracy"]) <= 0.02 and ov["agreement_with_onnxruntime"] >= 0.95
     assert f"openvino {openvino_version()} (" in stdout and "test accuracy" in stdout
-    assert json.loads(record_path(int8_path(out)).read_text())["calibration"]["images"] == 64
+    assert json.loads(record_path(int8_path(out)).read_text())["calibration"]["images"] == 16
 
 
 @needs_openvino
