@@ -27,7 +27,7 @@ from fastcifar.checkpoint import ModelInfo, load_model, save_model
 from fastcifar.data import CLASSES
 from fastcifar.errors import run_cli
 from fastcifar.model import resnet9
-from export_helpers import run_export, shared_export
+from export_helpers import checkpoint, export_output, run_export, shared, tiny_data  # noqa: F401 (fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
@@ -85,28 +85,6 @@ def private_cache(workdir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTCIFAR_HOME", str(workdir / "home"))
         yield
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return shared_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(shared) -> Path:
-    return shared.data
-
-
-@pytest.fixture(scope="module")
-def checkpoint(shared) -> Path:
-    return shared.checkpoint
-
-
-@pytest.fixture(scope="module")
-def export_output(shared) -> tuple[Path, str]:
-    """fp32 and int8 exports of the trained model, calibrated on 16 images of the tiny data set, and what
-    the export printed."""
-    return shared.onnx, shared.stdout
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from export.backends import Runner, choose_backend, make_runner, openvino_versio
 from export.onnx import int8_path
 from export.predict import main as predict_main
 from export.predict import run_batches
-from export_helpers import run_export, shared_export
+from export_helpers import checkpoint, export_output, run_export, shared, tiny_data  # noqa: F401 (fixtures)
 from fastcifar.errors import run_cli
 from synthetic import learnable_images
 
@@ -32,29 +32,8 @@ needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO is not in
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return shared_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("openvino")
-
-
-@pytest.fixture(scope="module")
-def tiny_data(shared) -> Path:
-    return shared.data
-
-
-@pytest.fixture(scope="module")
-def checkpoint(shared) -> Path:
-    return shared.checkpoint
-
-
-@pytest.fixture(scope="module")
-def export_output(shared) -> tuple[Path, str]:
-    """fp32 + int8 export with every installed backend checked."""
-    return shared.onnx, shared.stdout
 
 
 @pytest.fixture
