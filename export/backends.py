@@ -79,7 +79,8 @@ class Runner:
 
 def make_runner(path: str | os.PathLike, backend: str = "onnxruntime", mode: str = "latency",
                 threads: int | None = None, precision: str = "auto") -> Runner:
-    """A Runner for the model at `path`. UserError for an unknown or missing backend or an unreadable file."""
+    """A Runner for the model at `path`. UserError for an unknown or uninstalled backend; an unreadable file
+    raises the runtime's own error (`runner_for` turns it into a UserError)."""
     if backend not in BACKENDS or mode not in MODES or precision not in PRECISIONS:
         raise UserError(f"unknown backend/mode/precision {backend!r}/{mode!r}/{precision!r}: choose from "
                         f"{', '.join(BACKENDS)} / {', '.join(MODES)} / {', '.join(PRECISIONS)}")
