@@ -1,16 +1,21 @@
-"""Classify image files with an exported model: onnxruntime, Pillow and numpy only (no torch).
+"""Classify image files with an exported model: onnxruntime or OpenVINO, Pillow and numpy only (no torch).
 
     python -m export.predict model.onnx cat.png dog.jpg
-    python -m export.predict model.int8.onnx photos/*.jpg --top 3
+    python -m export.predict model.int8.onnx photos/ --top 3          # every image in a folder
+    python -m export.predict model.int8.onnx photos/ --backend openvino --mode throughput --threads 2
 
 One line per file: `file<TAB>class<TAB>probability` (softmax), or with `--top K` the K best as
 `class probability` pairs. Class names come from the model's metadata (written by `export.onnx`). Images
 that are not 32x32 are resized (bilinear, as a note on stderr); a file that cannot be read is reported on
 stderr and the others are still classified. Exit code: 0, 1 if any file failed, 2 for usage errors (a
-missing or invalid model file).
+missing or invalid model file, a bad flag).
 
-The helpers here (`make_session`, `to_input`, `run_batches`) are also what `export.onnx` verifies with, so
-the checked path and the deployed path are the same code.
+`--backend auto` (the default) runs OpenVINO when it is installed and `export.onnx` verified it on this file
+(the `<file>.verified.json` record, see `export.backends`), onnxruntime otherwise; stderr names the runtime
+used and why. `--mode auto` is latency for one image, throughput for more.
+
+The helpers here (`to_input`, `run_batches`) are also what `export.onnx` verifies with, so the checked path
+and the deployed path are the same code.
 """
 
 from __future__ import annotations
@@ -23,24 +28,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from export.backends import BACKENDS, MODES, PRECISIONS, Runner, ort_session, runner_for
 # fastcifar.errors is torch-free; tests/test_export.py checks this module stays so
 from fastcifar.errors import UserError, first_line, run_cli
 
 IMAGE_SIZE = 32
 EXIT_SOME_FAILED = 1
-
-
-def make_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU InferenceSession with all graph optimizations; `threads` sets intra-op threads (None: ORT's
-    default, one per physical core)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+make_session = ort_session  # the onnxruntime session both commands and the benchmark use
 
 
 def to_input(images: np.ndarray) -> np.ndarray:
@@ -48,12 +44,15 @@ def to_input(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
 
 
-def run_batches(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits (N, classes) for uint8 (N, H, W, 3) images, in batches to bound memory."""
-    name = session.get_inputs()[0].name
-    parts = [session.run(None, {name: to_input(images[i:i + batch_size])})[0]
-             for i in range(0, len(images), batch_size)]
-    return np.concatenate(parts)
+def run_batches(runner, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits (N, classes) for uint8 (N, H, W, 3) images, in batches to bound memory. `runner` is a
+    `Runner` or an onnxruntime session."""
+    if not isinstance(runner, Runner):
+        session, name = runner, runner.get_inputs()[0].name
+        infer = lambda x: session.run(None, {name: x})[0]  # noqa: E731
+    else:
+        infer = runner.infer
+    return np.concatenate([infer(to_input(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -61,21 +60,47 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def load_classifier(path: str | os.PathLike) -> tuple[ort.InferenceSession, list[str]]:
-    """Session and class names of an exported model; UserError when missing or not one of ours."""
+def read_classes(path: str | os.PathLike) -> list[str]:
+    """Class names from the metadata of an exported model; UserError when missing or not one of ours."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model not found ({path}): pass the .onnx file written by `python -m export.onnx`")
+    import onnx
+    from google.protobuf.message import DecodeError
+
     try:
-        session = make_session(path)
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types for unreadable files
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError) as e:
         raise UserError(f"invalid ONNX model ({path}): {first_line(e)}") from e
-    meta = session.get_modelmeta().custom_metadata_map
+    meta = {p.key: p.value for p in proto.metadata_props}
     try:
         classes = json.loads(meta["classes"])
     except (KeyError, ValueError) as e:
         raise UserError(f"no class names in the metadata of {path}: export it with `python -m export.onnx`") from e
-    return session, [str(c) for c in classes]
+    return [str(c) for c in classes]
+
+
+def load_classifier(path: str | os.PathLike, backend: str = "onnxruntime", mode: str = "latency",
+                    threads: int | None = None, precision: str = "auto") -> tuple[Runner, list[str], str]:
+    """(runner, class names, why this backend) for an exported model; UserError when missing or not ours."""
+    classes = read_classes(path)
+    runner, why = runner_for(path, backend, mode, threads, precision)
+    return runner, classes, why
+
+
+def expand_images(names: Sequence[str]) -> list[str]:
+    """Files as given; a folder stands for its image files (by suffix, sorted, not recursive)."""
+    files: list[str] = []
+    for name in names:
+        folder = Path(name)
+        if folder.is_dir():
+            found = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"no image files in the folder {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
+        else:
+            files.append(name)
+    return files
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -108,28 +133,44 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.predict",
                                 description="Classify image files with an ONNX model exported by export.onnx.")
     p.add_argument("model", help="the .onnx file (fp32 or int8)")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size; resized to 32x32)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of them (any size; resized "
+                   "to 32x32)")
     p.add_argument("--top", type=int, default=1, metavar="K", help="print the K most likely classes (default: 1)")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                   help="runtime (default: auto = OpenVINO when installed and verified for this file by export.onnx)")
+    p.add_argument("--mode", choices=("auto", *MODES), default="auto",
+                   help="latency or throughput settings (default: auto = latency for one image, throughput for more)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per inference call (default: 256)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: one per core)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="OpenVINO: f32 forbids its bf16 inference on CPUs that have bf16 (default: auto)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    session, classes = load_classifier(args.model)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    names = expand_images(args.images)
+    mode = args.mode if args.mode != "auto" else ("latency" if len(names) == 1 else "throughput")
+    runner, classes, why = load_classifier(args.model, args.backend, mode, args.threads, args.precision)
     if not 1 <= args.top <= len(classes):
         raise UserError(f"--top must be between 1 and {len(classes)}, got {args.top}")
+    print(f"note: {runner.describe()}: {why}", file=sys.stderr)
     loaded: list[tuple[str, np.ndarray]] = []
-    for name in args.images:
+    for name in names:
         try:
             loaded.append((name, read_image(name)))
         except OSError as e:
             print(f"export.predict: error: {name}: {e}", file=sys.stderr)
     if loaded:
-        probs = softmax(run_batches(session, np.stack([image for _, image in loaded])))
+        probs = softmax(run_batches(runner, np.stack([image for _, image in loaded]), args.batch_size))
         for (name, _), p in zip(loaded, probs):
             print(format_prediction(name, p, classes, args.top))
-    return EXIT_SOME_FAILED if len(loaded) < len(args.images) else 0
+    return EXIT_SOME_FAILED if len(loaded) < len(names) else 0
 
 
 if __name__ == "__main__":

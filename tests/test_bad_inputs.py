@@ -154,6 +154,10 @@ CASES: list[Case] = [
     ("export-checkpoint-of-another-width", export_main, lambda t, d, r: (["--checkpoint", str(relabel_width(r, t)), "--out", str(t / "m.onnx")], t / "m.onnx"), "width"),
     ("export-out-dir-missing", export_main, lambda t, d, r: (["--checkpoint", str(r), "--out", str(t / "no" / "m.onnx")], t / "no" / "m.onnx"), "no"),
     ("export-int8-without-data", export_main, lambda t, d, r: (["--checkpoint", str(r), "--out", str(t / "m.onnx"), "--int8"], t / "m.onnx"), "--int8"),
+    ("export-negative-max-int8-drop", export_main, lambda t, d, r: (["--checkpoint", str(r), "--out", str(t / "m.onnx"), "--max-int8-drop", "-1"], t / "m.onnx"), "--max-int8-drop"),
+    ("predict-batch-size-zero", predict_main, lambda t, d, r: ([str(t / "m.onnx"), str(t / "a.png"), "--batch-size", "0"], None), "--batch-size"),
+    ("predict-threads-zero", predict_main, lambda t, d, r: ([str(t / "m.onnx"), str(t / "a.png"), "--threads", "0"], None), "--threads"),
+    ("predict-empty-folder", predict_main, lambda t, d, r: ([str(t / "m.onnx"), str(folder(t / "no-images"))], None), "no-images"),
     ("predict-missing-model", predict_main, lambda t, d, r: ([str(t / "none.onnx"), str(t / "a.png")], None), "none.onnx"),
     ("predict-not-onnx", predict_main, lambda t, d, r: ([str(made(t / "fake.onnx", "hello")), str(t / "a.png")], None), "fake.onnx"),
 ]

@@ -1,4 +1,5 @@
-"""ONNX export and the torch-free predictor, on tiny models and a tiny image-folder data set.
+"""ONNX export and the torch-free predictor, on a tiny model trained for a few steps on learnable data (and
+random tiny models where no data is involved).
 
     python -m pytest tests/test_export.py
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +21,13 @@ from PIL import Image
 from torch import nn
 
 from export import onnx as export_onnx_cli
-from export.onnx import fold_batchnorm, int8_path, main, torch_logits
+from export.onnx import fold_batchnorm, int8_path, main, reference_logits
 from export.predict import make_session, read_image, run_batches, to_input
 from fastcifar.checkpoint import ModelInfo, load_model, save_model
 from fastcifar.data import CLASSES
 from fastcifar.errors import run_cli
 from fastcifar.model import resnet9
+from export_helpers import checkpoint, export_output, run_export, shared, tiny_data  # noqa: F401 (fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
@@ -85,32 +88,15 @@ def private_cache(workdir):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(workdir) -> Path:
-    path, model = workdir / "model.safetensors", tiny_model()
-    save_model(path, model, ModelInfo(model.config, list(CLASSES), MEAN, STD, test_acc=0.5))
-    return path
+def exported(export_output) -> Path:
+    return export_output[0]
 
 
 @pytest.fixture(scope="module")
-def tiny_data(workdir) -> Path:
-    """An image-folder tree: 10 classes x 4 train and 2 test PNGs, 32x32."""
-    root = workdir / "data"
-    for c, name in enumerate(CLASSES):
-        for i in range(4):
-            write_png(root / "train" / name / f"{i}.png", 32, seed=100 * c + i)
-        for i in range(2):
-            write_png(root / "test" / name / f"{i}.png", 32, seed=100 * c + 50 + i)
-    return root
+def test_split(tiny_data):
+    from fastcifar.data import load_cifar10
 
-
-@pytest.fixture(scope="module")
-def exported(workdir, checkpoint, tiny_data) -> Path:
-    """fp32 and int8 exports of the tiny model, calibrated on the tiny data set."""
-    out = workdir / "out" / "model.onnx"
-    out.parent.mkdir()
-    assert run_cli(main, ["--checkpoint", str(checkpoint), "--out", str(out), "--int8",
-                          "--data-dir", str(tiny_data), "--calib-images", "16"], prog="export.onnx") == 0
-    return out
+    return load_cifar10(tiny_data, download=False)
 
 
 # --- the export itself -----------------------------------------------------------------------------------
@@ -132,7 +118,7 @@ def test_parity_at_batch_1_7_256(exported, checkpoint):
     images = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
     for n in (1, 7, 256):
         got = run_batches(session, images[:n], batch_size=n)
-        expected = torch_logits(model, info, images[:n])
+        expected = reference_logits(model, info, images[:n])
         assert got.shape == (n, 10)
         assert np.abs(got - expected).max() <= 1e-3
         assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.999
@@ -148,7 +134,7 @@ def test_graph_interface_and_metadata(exported, checkpoint):
     assert inp.type.tensor_type.shape.dim[0].dim_param  # symbolic batch
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["classes"]) == list(CLASSES)
-    assert json.loads(meta["mean"]) == pytest.approx(MEAN) and json.loads(meta["std"]) == pytest.approx(STD)
+    assert json.loads(meta["mean"]) == pytest.approx(info.mean) and json.loads(meta["std"]) == pytest.approx(info.std)
     assert meta["input_format"].startswith("NCHW float32 RGB [0,1]")
     assert json.loads(meta["test_acc"]) == info.test_acc
     assert meta["fastcifar_version"] and meta["exporter"].startswith("torch.onnx")
@@ -162,18 +148,18 @@ def test_int8_export(exported, tiny_data):
     proto = onnx.load(str(path))
     assert {n.op_type for n in proto.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert json.loads(meta["classes"]) == list(CLASSES) and "16 training images" in meta["quantization"]
+    assert json.loads(meta["classes"]) == list(CLASSES) and "on 16 images (training split" in meta["quantization"]
     logits = run_batches(make_session(path), np.zeros((3, 32, 32, 3), dtype=np.uint8))
     assert logits.shape == (3, 10) and np.isfinite(logits).all()
 
 
-def test_export_reports_accuracy(workdir, checkpoint, tiny_data, capsys):
-    out = workdir / "report.onnx"
-    code, stdout, _ = cli(["--checkpoint", str(checkpoint), "--out", str(out), "--data-dir", str(tiny_data)],
-                          capsys)
-    assert code == 0
-    assert "on 20 images" in stdout  # parity on the (whole, tiny) test split
-    assert "accuracy on the 20 test images: onnx fp32" in stdout and "checkpoint 50.00%" in stdout
+def test_export_reports_accuracy(export_output, checkpoint):
+    _, stdout = export_output
+    _, info = load_model(checkpoint)
+    assert info.test_acc > 0.5  # the few steps did learn: the gates below compare real accuracies
+    assert "on 100 images" in stdout  # parity on the (whole, tiny) test split
+    assert "accuracy on the 100 test images: onnx fp32" in stdout
+    assert f"of the checkpoint's {100 * info.test_acc:.2f}% (limit 0.3, no TTA)" in stdout
 
 
 def test_unreachable_opset_falls_back_to_torchscript(workdir, checkpoint, capsys):
@@ -220,18 +206,128 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, checkpoint, capsys, 
     assert list(out_dir.rglob("*")) == []
 
 
-def test_failed_check_keeps_the_previous_file(workdir, checkpoint, exported, capsys, monkeypatch):
+def test_failed_check_keeps_the_previous_file(workdir, checkpoint, exported, capsys, monkeypatch, reuse_export):
     out = workdir / "keep" / "model.onnx"
     out.parent.mkdir()
     out.write_bytes(exported.read_bytes())
     before = out.read_bytes()
-    real = export_onnx_cli.torch_logits
-    monkeypatch.setattr(export_onnx_cli, "torch_logits", lambda *a, **k: real(*a, **k) + 0.01)
+    real = export_onnx_cli.reference_logits
+    monkeypatch.setattr(export_onnx_cli, "reference_logits", lambda *a, **k: real(*a, **k) + 0.01)
     code, _, stderr = cli(["--checkpoint", str(checkpoint), "--out", str(out)], capsys)
     assert code == 2 and "does not match PyTorch" in stderr and stderr.count("\n") == 1
     assert "max |logit difference| 1.00e-02" in stderr
     assert out.read_bytes() == before
     assert [p.name for p in out.parent.iterdir()] == ["model.onnx"]
+
+
+# --- the export refuses a wrong model: each gate, and the sabotage it catches ------------------------------
+
+@pytest.fixture
+def reuse_export(monkeypatch, exported) -> None:
+    """The gates after the exporter see the module's fp32 export again: the same graph, without the
+    exporter's seconds."""
+    def copy(model, info, path, opset=None):
+        shutil.copyfile(exported, path)
+        return "a copy of the module's export"
+    monkeypatch.setattr(export_onnx_cli, "export_onnx", copy)
+
+
+def previous_file(path: Path) -> bytes:
+    """A stand-in for an earlier good export at `path`, which a failed export must leave alone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"previous export")
+    return path.read_bytes()
+
+
+def assert_refused(code: int, stderr: str, message: str, files: dict[Path, bytes]) -> None:
+    assert code == 2 and stderr.startswith("export.onnx: error: ") and stderr.count("\n") == 1, stderr
+    assert message in stderr, stderr
+    for path, before in files.items():
+        assert path.read_bytes() == before
+    folder = next(iter(files)).parent
+    assert not list(folder.glob(".*.tmp")) and not list(folder.glob("*.verified.json"))
+
+
+@pytest.mark.parametrize("normalization", ["none", "swapped mean and std"])
+def test_a_graph_with_wrong_normalization_fails_the_export(workdir, checkpoint, tiny_data, monkeypatch,
+                                                           normalization):
+    """The parity reference normalizes on its own, so a graph that skips or garbles it cannot pass."""
+    wrong = {"none": lambda self, x: self.model(x),
+             "swapped mean and std": lambda self, x: self.model((x - self.std) / self.mean)}[normalization]
+    monkeypatch.setattr(export_onnx_cli.InferenceGraph, "forward", wrong)
+    out = workdir / f"wrong-norm-{normalization.replace(' ', '-')}" / "model.onnx"
+    before = previous_file(out)
+    code, _, stderr = run_export("--checkpoint", str(checkpoint), "--out", str(out), "--data-dir", str(tiny_data))
+    assert_refused(code, stderr, "ONNX output does not match PyTorch", {out: before})
+
+
+def with_stored_accuracy(checkpoint: Path, test_acc: float, path: Path) -> Path:
+    model, info = load_model(checkpoint)
+    info.test_acc = test_acc
+    save_model(path, model, info)
+    return path
+
+
+@pytest.mark.parametrize("offset, passes", [(+0.002, True), (-0.0025, True), (+0.004, False), (-0.2, False)])
+def test_accuracy_must_match_the_checkpoint_within_0_3_points(workdir, exported, checkpoint, tiny_data,
+                                                              test_split, reuse_export, offset, passes):
+    """A stored accuracy 0.2-0.25 points off passes, 0.4 points off fails and keeps the previous file."""
+    onnx_acc = float((run_batches(make_session(exported), test_split.test_images).argmax(1)
+                      == test_split.test_labels).mean())
+    folder = workdir / f"acc-gate{offset:+}"
+    folder.mkdir()
+    edited = with_stored_accuracy(checkpoint, onnx_acc + offset, folder / "model.safetensors")
+    out = folder / "model.onnx"
+    before = previous_file(out)
+    code, stdout, stderr = run_export("--checkpoint", str(edited), "--out", str(out), "--data-dir", str(tiny_data),
+                                      "--backend", "onnxruntime")
+    if passes:
+        assert code == 0, stderr
+        assert f"within {100 * abs(offset):.2f} points of the checkpoint's" in stdout
+    else:
+        assert_refused(code, stderr, f"by {100 * abs(offset):.2f} points (limit 0.3)", {out: before})
+
+
+def zero_calibration(monkeypatch) -> None:
+    """Sabotage: calibration sees black images only."""
+    real = export_onnx_cli.quantize_int8
+    monkeypatch.setattr(export_onnx_cli, "quantize_int8",
+                        lambda fp32, out, calib, **kw: real(fp32, out, np.zeros_like(calib), **kw))
+
+
+def test_int8_drop_above_the_limit_fails_and_replaces_nothing(workdir, checkpoint, tiny_data, monkeypatch,
+                                                              reuse_export):
+    zero_calibration(monkeypatch)
+    out = workdir / "int8-gate" / "model.onnx"
+    before = {out: previous_file(out), int8_path(out): previous_file(int8_path(out))}
+    code, _, stderr = run_export("--checkpoint", str(checkpoint), "--out", str(out), "--data-dir", str(tiny_data),
+                                 "--int8", "--calib-images", "16", "--backend", "onnxruntime")
+    assert_refused(code, stderr, "points below fp32", before)
+    assert "(limit --max-int8-drop 1.0)" in stderr
+
+
+def test_max_int8_drop_is_the_limit_and_metadata_says_what_calibration_saw(workdir, checkpoint, tiny_data,
+                                                                         monkeypatch, reuse_export):
+    zero_calibration(monkeypatch)
+    out = workdir / "int8-lenient" / "model.onnx"
+    out.parent.mkdir()
+    code, stdout, stderr = run_export("--checkpoint", str(checkpoint), "--out", str(out), "--data-dir",
+                                      str(tiny_data), "--int8", "--calib-images", "10000", "--max-int8-drop", "100",
+                                      "--backend", "onnxruntime")
+    assert code == 0, stderr
+    assert "only 200 training images: calibrating on all of them, not 10000" in stdout
+    meta = {p.key: p.value for p in onnx.load(str(int8_path(out))).metadata_props}
+    calibration = json.loads(meta["calibration"])
+    assert calibration["images"] == 200 and calibration["pixel_mean"] == 0.0  # the zeros, not the request
+    assert "training split of" in calibration["source"]
+
+
+def test_calibration_metadata_of_a_normal_export(exported, test_split):
+    meta = {p.key: p.value for p in onnx.load(str(int8_path(exported))).metadata_props}
+    calibration = json.loads(meta["calibration"])
+    assert calibration["images"] == 16 and calibration["method"] == "MinMax"
+    train_mean = float(test_split.train_images.mean()) / 255
+    assert abs(calibration["pixel_mean"] - train_mean) < 0.1  # real training images, not zeros
 
 
 # --- export.predict --------------------------------------------------------------------------------------

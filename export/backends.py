@@ -1,0 +1,229 @@
+"""Runtimes for an exported model: onnxruntime (always) and OpenVINO (`pip install fastcifar[openvino]`).
+
+    python -m export.predict model.int8.onnx photos/ --backend openvino --mode throughput
+
+torch-free, like `export.predict`. A `Runner` turns float32 NCHW [0, 1] batches into logits; `make_runner`
+builds one for a file, backend, mode and thread count:
+
+* onnxruntime: latency mode is one session using `threads` intra-op threads; throughput mode is one
+  session with one intra-op thread run from `threads` Python threads on slices of the batch (onnxruntime
+  releases the GIL), the analogue of OpenVINO's streams.
+* openvino: the CPU plugin with the LATENCY or THROUGHPUT performance hint; throughput mode runs the
+  slices through the plugin's optimal number of infer requests, started together. On CPUs with bf16
+  (AVX512_BF16 or AMX) OpenVINO runs an fp32 model in bf16 unless `precision="f32"`; `Runner.precision`
+  names what the compiled model really uses.
+
+`export.onnx` writes what it verified for each backend next to the model (`<file>.verified.json`, see
+`record_path`); `choose_backend` reads it: `auto` takes OpenVINO only when that record says OpenVINO was
+verified on this very file (same SHA-256) with the same OpenVINO version, onnxruntime otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastcifar.errors import UserError, first_line
+
+BACKENDS = ("onnxruntime", "openvino")
+MODES = ("latency", "throughput")
+PRECISIONS = ("auto", "f32")  # auto: the runtime's choice (OpenVINO: bf16 where the CPU has it)
+INSTALL_OPENVINO = "pip install 'fastcifar[openvino]'"
+RECORD_SUFFIX = ".verified.json"
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's release ("2026.4.1"), None when it cannot be imported."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino.get_version().split("-")[0]
+
+
+def installed_backends() -> list[str]:
+    return [b for b in BACKENDS if b == "onnxruntime" or openvino_version() is not None]
+
+
+def physical_cores() -> int:
+    """Cores of this machine that we may use (one thread per core is what both runtimes default to)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Runner:
+    """`infer(x)`: logits for float32 (N, 3, 32, 32) inputs in [0, 1], all N at once, as `mode` says."""
+
+    backend: str
+    mode: str
+    threads: int
+    precision: str  # the precision the runtime computes the float parts in ("f32", "bf16")
+    version: str
+    infer: Callable[[np.ndarray], np.ndarray]
+
+    def describe(self) -> str:
+        return f"{self.backend} {self.version} ({self.mode}, {self.threads} threads, {self.precision})"
+
+
+def make_runner(path: str | os.PathLike, backend: str = "onnxruntime", mode: str = "latency",
+                threads: int | None = None, precision: str = "auto") -> Runner:
+    """A Runner for the model at `path`. UserError for an unknown or uninstalled backend; an unreadable file
+    raises the runtime's own error (`runner_for` turns it into a UserError)."""
+    if backend not in BACKENDS or mode not in MODES or precision not in PRECISIONS:
+        raise UserError(f"unknown backend/mode/precision {backend!r}/{mode!r}/{precision!r}: choose from "
+                        f"{', '.join(BACKENDS)} / {', '.join(MODES)} / {', '.join(PRECISIONS)}")
+    threads = threads or physical_cores()
+    if backend == "openvino":
+        return _openvino_runner(path, mode, threads, precision)
+    return _onnxruntime_runner(path, mode, threads)
+
+
+def _slices(n: int, parts: int) -> list[slice]:
+    bounds = np.linspace(0, n, min(parts, n) + 1).astype(int)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    """A CPU InferenceSession with all graph optimizations; `threads` intra-op threads (None: ORT's
+    default, one per physical core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _onnxruntime_runner(path: str | os.PathLike, mode: str, threads: int) -> Runner:
+    import onnxruntime as ort
+
+    session = ort_session(path, threads=1 if mode == "throughput" else threads)
+    name = session.get_inputs()[0].name
+    if mode == "latency" or threads == 1:
+        def infer(x: np.ndarray) -> np.ndarray:
+            return session.run(None, {name: x})[0]
+    else:
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="fastcifar-ort")
+
+        def infer(x: np.ndarray) -> np.ndarray:
+            parts = pool.map(lambda s: session.run(None, {name: x[s]})[0], _slices(len(x), threads))
+            return np.concatenate(list(parts))
+    return Runner("onnxruntime", mode, threads, "f32", ort.__version__, infer)
+
+
+@functools.lru_cache(maxsize=1)
+def _openvino_core():
+    """One Core per process, kept: its CPU plugin stays loaded for the life of the process."""
+    import openvino as ov
+
+    return ov.Core()
+
+
+def _openvino_runner(path: str | os.PathLike, mode: str, threads: int, precision: str) -> Runner:
+    version = openvino_version()
+    if version is None:
+        raise UserError(f"--backend openvino: OpenVINO is not installed; {INSTALL_OPENVINO} or use "
+                        "--backend onnxruntime")
+    import openvino as ov
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    config: dict[Any, Any] = {
+        hints.performance_mode: hints.PerformanceMode.THROUGHPUT if mode == "throughput" else
+        hints.PerformanceMode.LATENCY,
+        props.inference_num_threads: threads}
+    if precision == "f32":
+        config[hints.inference_precision] = ov.Type.f32
+    compiled = _openvino_core().compile_model(str(path), "CPU", config)
+    used = compiled.get_property(hints.inference_precision).get_type_name()  # "f32", "bf16", "f16"
+    if mode == "latency":
+        request = compiled.create_infer_request()
+
+        def infer(x: np.ndarray) -> np.ndarray:
+            return request.infer({0: x})[0].copy()
+    else:
+        count = max(1, int(compiled.get_property(props.optimal_number_of_infer_requests)))
+        requests = [compiled.create_infer_request() for _ in range(count)]
+
+        def infer(x: np.ndarray) -> np.ndarray:
+            # plain requests, no Python callbacks: with an AsyncInferQueue callback and a Core per runner,
+            # a later SIGINT in the same process crashed it (the test suite's resume tests); not with these
+            running = list(zip(requests, _slices(len(x), count)))
+            for request, part in running:
+                request.start_async({0: x[part]})
+            for request, _ in running:
+                request.wait()
+            return np.concatenate([request.get_output_tensor(0).data.copy() for request, _ in running])
+    return Runner("openvino", mode, threads, used, version, infer)
+
+
+# --- the verification record -----------------------------------------------------------------------------
+
+def record_path(model: str | os.PathLike) -> Path:
+    """model.onnx -> model.onnx.verified.json, next to it."""
+    model = Path(model)
+    return model.with_name(model.name + RECORD_SUFFIX)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_record(model: str | os.PathLike) -> dict[str, Any] | None:
+    """The export's verification record of `model`, None when absent, unreadable or for other bytes."""
+    try:
+        record = json.loads(record_path(model).read_text())
+        return record if record.get("sha256") == file_digest(model) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def choose_backend(model: str | os.PathLike) -> tuple[str, str]:
+    """(backend, why) for `--backend auto`: OpenVINO when installed and verified for this file by the
+    export with this OpenVINO version; onnxruntime otherwise."""
+    version = openvino_version()
+    if version is None:
+        return "onnxruntime", f"OpenVINO is not installed ({INSTALL_OPENVINO} for the faster runtime)"
+    record = read_record(model)
+    if record is None:
+        return "onnxruntime", (f"no verification record for this file ({record_path(model).name}): export it "
+                               "with `python -m export.onnx --data-dir ...` to verify OpenVINO")
+    result = record.get("backends", {}).get("openvino", {})
+    if not result.get("verified"):
+        return "onnxruntime", f"OpenVINO not verified by the export: {result.get('reason', 'not checked')}"
+    if result.get("version") != version:
+        return "onnxruntime", (f"OpenVINO was verified with version {result.get('version')}, this is {version}: "
+                               "export again to verify it")
+    return "openvino", f"verified by the export: test accuracy {100 * result['accuracy']:.2f}%"
+
+
+def runner_for(model: str | os.PathLike, backend: str, mode: str, threads: int | None,
+               precision: str = "auto") -> tuple[Runner, str]:
+    """(runner, why) for a backend choice including `auto`; UserError for an unreadable model."""
+    why = "asked for"
+    if backend == "auto":
+        backend, why = choose_backend(model)
+    try:
+        return make_runner(model, backend, mode, threads, precision), why
+    except UserError:
+        raise
+    except Exception as e:  # each runtime raises its own types for unreadable files
+        raise UserError(f"invalid ONNX model ({model}) for {backend}: {first_line(e)}") from e

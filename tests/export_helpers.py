@@ -1,0 +1,90 @@
+"""What the export tests share: a tiny model trained for a few steps on learnable data, and the export
+command run in-process with its output captured.
+
+    from export_helpers import checkpoint, export_output, shared, tiny_data  # the fixtures below
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fastcifar.errors import run_cli
+from synthetic import write_learnable_dataset
+
+
+def learnable_data(root: Path) -> Path:
+    """Image folders whose class is a colour plus noise: 10 classes x 20 train and 10 test PNGs."""
+    return write_learnable_dataset(root, train_per_class=20, test_per_class=10)
+
+
+def train_tiny(run: Path, data: Path) -> Path:
+    """model.safetensors of a width-8 model trained by fastcifar.train for 40 steps on `data`, its test
+    accuracy stored from an fp32 evaluation (--no-amp), so the ONNX figure may agree with it to the image."""
+    from fastcifar.train import main as train_main
+
+    assert train_main(["--data-dir", str(data), "--out-dir", str(run), "--width", "8", "--batch-size", "20",
+                       "--epochs", "4", "--device", "cpu", "--no-amp", "--no-plots", "--no-tta"]) == 0
+    return run / "model.safetensors"
+
+
+def run_export(*argv: str) -> tuple[int, str, str]:
+    """`python -m export.onnx argv` in-process: (exit code, stdout, stderr)."""
+    from export.onnx import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_cli(main, list(argv), prog="export.onnx")
+    return code, out.getvalue(), err.getvalue()
+
+
+@dataclass
+class SharedExport:
+    data: Path        # the learnable image folders
+    checkpoint: Path  # the trained model.safetensors
+    onnx: Path        # model.onnx, with model.int8.onnx (16 calibration images) and their records next to it
+    stdout: str       # what the export printed
+
+
+def shared_export(tmp_path_factory) -> SharedExport:
+    """Data, trained model and export made once per test session (test_export.py and test_openvino.py share
+    them: training and exporting are most of their time). Read-only for the tests."""
+    root = tmp_path_factory.getbasetemp() / "export-shared"
+    log = root / "export-stdout.txt"
+    if not log.exists():
+        root.mkdir(exist_ok=True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FASTCIFAR_HOME", str(root / "home"))
+            data = learnable_data(root / "data")
+            checkpoint = train_tiny(root / "run", data)
+            (root / "out").mkdir()
+            code, stdout, stderr = run_export("--checkpoint", str(checkpoint), "--out", str(root / "out" / "model.onnx"),
+                                              "--int8", "--data-dir", str(data), "--calib-images", "16")
+        assert code == 0, stderr
+        log.write_text(stdout)
+    return SharedExport(root / "data", root / "run" / "model.safetensors", root / "out" / "model.onnx", log.read_text())
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> SharedExport:
+    return shared_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(shared) -> Path:
+    return shared.data
+
+
+@pytest.fixture(scope="module")
+def checkpoint(shared) -> Path:
+    return shared.checkpoint
+
+
+@pytest.fixture(scope="module")
+def export_output(shared) -> tuple[Path, str]:
+    """model.onnx (fp32; model.int8.onnx next to it, calibrated on 16 images) and what the export printed."""
+    return shared.onnx, shared.stdout
