@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastcifar.runtime import cpu_native_bf16
+
 ROUNDS = {1: 50, 256: 5}  # eager fp32 takes ~1.3 s per batch of 256 on 2 cores
 # (backend, mode, batch); torch has no modes: "latency" stands for its one way of running
 CASES = [(b, "latency", 1) for b in ("torch-fp32", "torch-best", "torch-compile", "ort-fp32", "ort-int8",
@@ -74,10 +76,6 @@ def cpu_peak(info: dict | None = None) -> dict[str, float]:
             "int8 AVX-512 VNNI": "avx512_vnni" in flags, "bf16 AMX": "amx_bf16" in flags,
             "int8 AMX": "amx_int8" in flags}
     return {isa: MACS_PER_CYCLE[isa] * info["cores"] * ghz * 1e9 for isa, ok in have.items() if ok}
-
-
-def has_native_bf16() -> bool:
-    return bool(cpu_info()["flags"] & {"avx512_bf16", "amx_bf16"})
 
 
 def threads() -> int:
@@ -147,7 +145,7 @@ def torch_runner(backend: str, model, x: np.ndarray) -> tuple[Callable[[], objec
         return run_fp32, "f32"
     net = fold_batchnorm(model).to(memory_format=torch.channels_last)
     tensor = tensor.contiguous(memory_format=torch.channels_last)
-    bf16 = has_native_bf16()
+    bf16 = cpu_native_bf16()
     if backend == "torch-compile":
         if os.environ.get("FASTCIFAR_BENCH_COMPILE") == "0":
             pytest.skip("FASTCIFAR_BENCH_COMPILE=0")
@@ -171,7 +169,7 @@ def make_runner(backend: str, mode: str, batch: int, model, onnx_files: dict[str
     runtime, file, *forced = backend.split("-")
     if runtime == "ov" and openvino_version() is None:
         pytest.skip("OpenVINO is not installed (pip install 'fastcifar[openvino]')")
-    if forced and not has_native_bf16():
+    if forced and not cpu_native_bf16():
         pytest.skip("no bf16 on this CPU: ov-fp32 already runs in f32")
     runner = runtime_runner(onnx_files[file], "openvino" if runtime == "ov" else "onnxruntime", mode,
                             threads=threads(), precision="f32" if forced else "auto")
