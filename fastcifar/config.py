@@ -31,6 +31,8 @@ class TrainConfig:
     overwrite: bool = False            # allow replacing an existing run directory's results
     pipeline: str = "gpu"              # gpu = device-resident fast loader; albumentations = the reference
     workers: int = 2                   # DataLoader workers for the albumentations pipeline
+    val_split: int = 0                 # hold out N training images (stratified) and evaluate on them, not the test set
+    split_seed: int = 0                # which N images --val-split holds out
     # model
     width: int = 64                    # prep-layer channels; stages are width x (1, 2, 4, 8)
     logit_scale: float = 0.125         # logits multiplier (Page); 1.0 = plain net
@@ -205,6 +207,7 @@ def validate(c: TrainConfig) -> None:
         (c.eval_every >= 1, "eval_every", "must be >= 1"),
         (c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0"),
         (c.workers >= 0, "workers", "must be >= 0"),
+        (c.val_split >= 0, "val_split", "must be >= 0 (0: evaluate on the test set)"),
         (c.logit_scale > 0, "logit_scale", "must be > 0"),
     ]
     for name, choices in CHOICES.items():

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from torch import nn
 from fastcifar import __version__
 from fastcifar.atomic import write_json, write_text
 from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE, ModelInfo, load_checkpoint, save_checkpoint, save_model
-from fastcifar.config import TrainConfig, parse_config, to_dict
+from fastcifar.config import TrainConfig, parse_config, to_dict, validate
 from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, broadcast_flag, from_env, \
     gather_interleaved, process_group
 from fastcifar.errors import UserError, run_cli
@@ -495,6 +495,7 @@ class Session:
     compile_model: bool
     data_seconds: float
     compile_seconds: float | None = None
+    on_epoch: Callable[[dict[str, Any]], None] | None = None  # called with each epoch's metrics row
 
 
 @dataclass
@@ -588,6 +589,10 @@ def setup(config: TrainConfig, resume: bool, d: Dist, device: torch.device) -> S
 
     t0 = time.perf_counter()
     data = load_cifar10(config.data_dir, download=config.download or None)
+    if config.val_split:  # from here on the "test" arrays are the held-out training images
+        from fastcifar.data import validation_split
+
+        data = validation_split(data, config.val_split, config.split_seed)
     data_seconds = time.perf_counter() - t0
     check_batch_size(config, len(data.train_labels), d)
     if d.is_main:
@@ -622,6 +627,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt = None
     if args.resume:
         config, ckpt = load_resume(args.resume)
+    run_training(config, ckpt)
+    return 0
+
+
+def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train `config` in this process and return the summary (what summary.json holds).
+
+    `on_epoch(row)` gets each epoch's metrics row after its evaluation; an exception it raises (a pruner's)
+    propagates out of train().
+    """
+    validate(config)
+    return run_training(config, None, on_epoch)
+
+
+def run_training(config: TrainConfig, ckpt: dict[str, Any] | None,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     d = from_env()
     device = select_device(config.device)
     if d.enabled and device.type == "cuda":
@@ -631,6 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
     with process_group(d, device):
         s = setup(config, ckpt is not None, d, device)
+        s.on_epoch = on_epoch
         try:
             results = train_all(s, ckpt)
         except torch.cuda.OutOfMemoryError:
@@ -641,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if d.is_main:
             write_json(s.out / "summary.json", summary_data)
         print(format_summary(summary_data))
-    return 0
+    return summary_data
 
 
 def train_all(s: Session, ckpt: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -741,6 +763,8 @@ def train_run(s: Session, fit: Fit, seed: int, run: RunState) -> dict[str, Any]:
             write_metrics(s.out / "metrics.csv", run.rows)
         if config.checkpoint_every and (run.epoch % config.checkpoint_every == 0 or last):
             fit.save(s, run, loader.state_dict() if resumable else {})
+        if s.on_epoch is not None:
+            s.on_epoch(dict(row))
     return finish_run(s, fit, seed, run)
 
 
@@ -785,6 +809,7 @@ def summarize(s: Session, results: list[dict]) -> dict:
         "train_seconds": float(last["train_seconds"]), "compile_seconds": s.compile_seconds,
         "data_seconds": s.data_seconds, "images_per_second": float(last["images"] / last["train_seconds"]),
         "tta": tta_name(s.config) if s.config.tta else None,
+        "eval_split": "val" if s.config.val_split else "test",  # what the test_* figures were measured on
         "epochs": s.config.epochs, "params": count_parameters(s.model), "device": _device_name(s.device),
         "world_size": s.dist.world_size, "torch": torch.__version__, "fastcifar": __version__,
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
