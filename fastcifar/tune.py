@@ -17,7 +17,7 @@ The study lives in --storage (an SQLite file by default): running the command ag
 or MySQL URL) can work on one study at the same time. Results are written as they happen:
 OUT/trials/NNNN/ (the trial's run directory, train.log and trial.json), OUT/trials.csv, OUT/study.json and
 OUT/best.toml (the best configuration, accepted by `python -m fastcifar.train --config`); at the end the
-plots history.png, importances.png and slice.png.
+plots history.png, importances.png and slice.png (not with --no-plots).
 
 Needs the `tune` extra: pip install -e ".[tune]".
 """
@@ -322,16 +322,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_data(base)
     out = Path(base.out_dir or f"runs/tune/{args.study}")
     out.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(storage=open_storage(args.storage), study_name=args.study, direction="maximize",
-                                load_if_exists=True,
-                                sampler=make_sampler(args.sampler, space, base.seed, args.startup_trials),
-                                pruner=make_pruner(args.pruner, args.prune_after))
-    if args.enqueue_base and args.sampler != "grid":
+    study_args = dict(storage=open_storage(args.storage), study_name=args.study, direction="maximize",
+                      sampler=make_sampler(args.sampler, space, base.seed, args.startup_trials),
+                      pruner=make_pruner(args.pruner, args.prune_after))
+    try:  # creating the study is atomic in the storage: of several processes starting together, one does
+        study = optuna.create_study(**study_args)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study, created = optuna.load_study(**{k: v for k, v in study_args.items() if k != "direction"}), False
+    if args.enqueue_base and args.sampler != "grid" and created:
         params = base_params(space, base)
         if params is None:
             print("base configuration lies outside the search space: not enqueued", file=sys.stderr)
-        elif not study.get_trials(deepcopy=False):
-            study.enqueue_trial(params, user_attrs={"base": True}, skip_if_exists=True)
+        else:
+            study.enqueue_trial(params, user_attrs={"base": True})
 
     finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                        optuna.trial.TrialState.FAIL)
@@ -361,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if done < args.trials:
         study.optimize(objective, n_trials=args.trials - done, catch=(UserError,), callbacks=[after_trial])
     summary = write_outputs(study, out, args, base)
-    save_plots(study, out)
+    if base.plots:  # --no-plots skips them (each trial's own plots are always off)
+        save_plots(study, out)
     best, base_trial = summary["best"], summary["base"]
     if best:
         print(f"best: trial {best['number']}, validation accuracy {best['value']:.4f}, {best['params']}"
