@@ -106,20 +106,26 @@ def make_pruner(name: str, prune_after: int = 5):
 
 
 def open_storage(url: str):
-    """An Optuna storage for `url`; SQLite files get their folder created and a patient lock timeout, so
-    several processes can share one file."""
+    """An Optuna database storage for `url` (sqlite:///FILE, postgresql://..., mysql+pymysql://...; the
+    last two need their driver). SQLite files get their folder created and a patient lock timeout, so
+    several processes can share one file. Every running trial sends a heartbeat: the trial of a process
+    that was killed is marked failed by the next process after `grace_period` seconds."""
     optuna = import_optuna()
-    if not url.startswith("sqlite:"):
-        return url  # postgresql://, mysql://...: Optuna opens it (the database driver must be installed)
-    path = url.split("///", 1)[1] if "///" in url else ""
-    if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 120}}
     last: Exception | None = None
     for attempt in range(5):  # two processes creating the tables at the same moment: one retries
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
-        except Exception as e:  # noqa: BLE001 - sqlalchemy errors vary by version
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
+                                              grace_period=300)
+        except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a locked or unreachable database
             last = e
+            if "OperationalError" not in type(e).__name__:
+                break
             time.sleep(0.5 + attempt)
     raise UserError(f"cannot open --storage {url}: {first_line(last)}")
 
