@@ -364,6 +364,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             trial.set_user_attr("error", str(e))
             print(f"trial {trial.number} failed: {e}", file=sys.stderr)
             raise
+        except SystemExit as e:  # Ctrl-C or SIGTERM during training: Optuna records an interrupt as a failure
+            trial.set_user_attr("error", "interrupted")
+            print(f"trial {trial.number} interrupted; run the same command again to continue the study",
+                  file=sys.stderr)
+            raise KeyboardInterrupt from e
 
     done = len(study.get_trials(deepcopy=False, states=finished_states))
     print(f"study '{args.study}' in {args.storage}: {done} finished trial(s), running until {args.trials}; "

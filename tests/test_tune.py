@@ -184,3 +184,20 @@ def test_recipe_toml_round_trips_through_train_config(tmp_path):
     for name, value in loaded.items():
         assert getattr(again, name) == getattr(config, name), name
     assert again.lr == 1e-05 and again.whiten and again.epochs == 10
+
+
+def test_an_interrupted_trial_is_recorded_as_failed_and_the_study_continues(tmp_path, data, monkeypatch, capsys):
+    import fastcifar.train
+
+    def stopped(config, **kw):  # what train() does on Ctrl-C: checkpoint, then SystemExit(130)
+        raise SystemExit(130)
+
+    space = space_file(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(fastcifar.train, "train", stopped)
+        code = run_cli(main, ["--space", str(space), "--data-dir", str(data), *TINY, "--out-dir", str(tmp_path / "s"),
+                              "--storage", f"sqlite:///{tmp_path / 'tune.db'}", "--study", "s", "--trials", "2"])
+    assert code == 130 and "run the same command again" in capsys.readouterr().err
+    tune(tmp_path, data, space, "--trials", "2")
+    rows = list(csv.DictReader((tmp_path / "s" / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["FAIL", "COMPLETE"]  # the failure counts towards --trials
