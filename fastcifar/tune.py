@@ -287,7 +287,8 @@ def save_plots(study, out: Path) -> list[str]:
                 warnings.simplefilter("ignore")
                 axes = plot(study)
             figure = np.ravel(axes)[0].figure
-            figure.set_size_inches(max(6.4, figure.get_size_inches()[0]), 4.8)
+            panels = len(np.ravel(axes)) if name == "slice" else 1
+            figure.set_size_inches(max(6.4, figure.get_size_inches()[0], 3.2 * panels), 4.8)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 figure.tight_layout()
