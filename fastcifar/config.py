@@ -49,6 +49,9 @@ class TrainConfig:
         "gpu", 'gpu = the device-resident fast loader (on any --device); albumentations = the reference')
     workers: int = option(
         2, 'DataLoader workers for the albumentations pipeline', aliases=("-j",), environment=True)
+    val_split: int = option(
+        0, 'hold out N training images (stratified) and evaluate on them instead of the test set', environment=False)
+    split_seed: int = option(0, 'which N images --val-split holds out')
     # model
     width: int = option(64, 'prep-layer channels; stages are width x (1, 2, 4, 8)')
     logit_scale: float = option(0.125, 'logits multiplier (Page); 1.0 = plain net')
@@ -270,6 +273,7 @@ def validate(c: TrainConfig) -> None:
         (c.eval_every >= 1, "eval_every", "must be >= 1"),
         (c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0"),
         (c.workers >= 0, "workers", "must be >= 0"),
+        (c.val_split >= 0, "val_split", "must be >= 0 (0: evaluate on the test set)"),
         (c.logit_scale > 0, "logit_scale", "must be > 0"),
     ]
     for f in fields(TrainConfig):

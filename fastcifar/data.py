@@ -123,6 +123,35 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool | 
     return data
 
 
+def validation_split(data: CifarData, size: int, seed: int = 0) -> CifarData:
+    """`data` with `size` training images held out as the evaluation set (in the test arrays), stratified.
+
+    Each class gives `size` x its share of the training set (largest remainders round), picked by a
+    permutation seeded with `seed`; the rest, in their original order, are the training set. Mean and std
+    are recomputed from those remaining training images, so nothing about the held-out images (and
+    nothing about the real test set, which is dropped) reaches training. `source` says so.
+    """
+    num_train = len(data.train_labels)
+    if not 0 < size < num_train:
+        raise UserError(f"invalid --val-split ({size}): must be between 1 and {num_train - 1}, fewer than the "
+                        f"{num_train} training images; lower --val-split")
+    counts = np.bincount(data.train_labels, minlength=len(data.classes))
+    exact = size * counts / num_train
+    quota = np.floor(exact).astype(np.int64)
+    for c in np.argsort(-(exact - quota), kind="stable")[:size - int(quota.sum())]:
+        quota[c] += 1
+    order = np.random.default_rng(seed).permutation(num_train)
+    held = np.zeros(num_train, dtype=bool)
+    for c, n in enumerate(quota):
+        held[order[data.train_labels[order] == c][:n]] = True
+    train_x, val_x = data.train_images[~held], data.train_images[held]
+    mean, std = channel_stats(train_x)
+    return CifarData(np.ascontiguousarray(train_x), data.train_labels[~held], np.ascontiguousarray(val_x),
+                     data.train_labels[held], list(data.classes), mean, std,
+                     f"{data.source}, validation split: {size} training images held out (split seed {seed}), "
+                     "test set unused")
+
+
 # --- locating the source ---------------------------------------------------------------------------------
 
 def _source_path(data_dir: str | os.PathLike) -> Path:

@@ -135,6 +135,7 @@ def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, param
     last = results[-1]
     return {
         "accuracy_unit": ACCURACY_UNIT, "complete": len(results) == config.runs,
+        "eval_split": "val" if config.val_split else "test",  # what every test_* figure was measured on
         "test_acc": float(last["test_acc"]), "test_acc_tta": last["test_acc_tta"],
         "evaluations": last.get("evaluations", []), "tta": tta_settings(config),
         **{key: values[-1] for key, values in clocks.items()},

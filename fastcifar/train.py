@@ -34,7 +34,7 @@ from torch import nn
 from fastcifar.atomic import write_json
 from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE, ModelInfo, RunState, load_resume, \
     restore_training_state, save_checkpoint, save_model, training_state
-from fastcifar.config import TrainConfig, parse_config, resume_config, to_dict
+from fastcifar.config import TrainConfig, parse_config, resume_config, to_dict, validate
 from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, from_env, process_group
 from fastcifar.errors import UserError, run_cli
 from fastcifar.evaluate import evaluate, evaluation_record, tta_inputs
@@ -216,6 +216,10 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device,
 
     start = time.perf_counter()
     data = load_cifar10(config.data_dir, download=config.download or None)
+    if config.val_split:  # from here on the "test" arrays are the held-out training images
+        from fastcifar.data import validation_split
+
+        data = validation_split(data, config.val_split, config.split_seed)
     data_seconds = time.perf_counter() - start
     check_batch_size(config, len(data.train_labels), dist)
     if dist.is_main:
@@ -433,6 +437,7 @@ def train(config: TrainConfig, *, on_epoch: EpochCallback | None = None,
     `resume_from` (a run directory or its checkpoint.pt) continues that run; every recipe field of
     `config` must then equal the checkpoint's (environment fields may differ).
     """
+    validate(config)  # as the command line does: a bad value fails before anything is loaded
     ckpt = None
     if resume_from is not None:
         run_dir, ckpt = load_resume(resume_from)

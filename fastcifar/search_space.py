@@ -1,0 +1,175 @@
+"""A hyperparameter search space read from TOML: which training fields to vary, over what values.
+
+    python -m fastcifar.tune --space bench/tune_space.toml --val-split 5000 --data-dir ...
+
+One table per training field (the flag name with underscores), holding a range or a list of choices; a
+plain value fixes the field for every trial:
+
+    [lr]                  # a float range; log = true samples its logarithm (use it for rates and decays)
+    low = 0.1
+    high = 1.0
+    log = true
+
+    [epochs]              # a range with a step is discrete (and is what --sampler grid needs)
+    low = 1.0
+    high = 2.0
+    step = 0.5
+
+    [batch_size]          # choices, for any field (the only way to vary a string or a boolean)
+    choices = [256, 512]
+
+    width = 16            # fixed
+
+Integer fields get integer ranges. Every value is checked against the training validation up front, so
+a bad bound fails before the first trial, naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fastcifar.config import TrainConfig, tomllib, validate
+from fastcifar.errors import UserError
+
+# Fields a search must not vary: where data and results live, the seed and the split (a search compares
+# configurations on one fixed split and seed), and run plumbing.
+NOT_SEARCHABLE = frozenset({"data_dir", "download", "out_dir", "overwrite", "runs", "seed", "val_split",
+                            "split_seed", "checkpoint_every", "plots", "device", "workers"})
+_RANGE_KEYS = {"low", "high", "log", "step"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched field: a range (low, high, optional step or log scale) or a list of choices."""
+
+    name: str
+    kind: str                       # "int", "float" or "choice"
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial) -> Any:
+        """Ask an Optuna trial for this field's value."""
+        if self.kind == "choice":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def grid_values(self, source: str) -> list[Any]:
+        """Every value, for the grid sampler: the choices, or the range walked by its step."""
+        if self.kind == "choice":
+            return list(self.choices)
+        if self.step is None and self.kind == "float":
+            raise UserError(f"--sampler grid needs a finite set of values for '{self.name}' in {source}: "
+                            "give it choices = [...] or a step")
+        step = self.step or 1
+        count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
+        values = [self.low + i * step for i in range(count)]
+        return [int(v) for v in values] if self.kind == "int" else [round(v, 12) for v in values]
+
+
+@dataclass
+class SearchSpace:
+    params: list[Param]
+    fixed: dict[str, Any]
+    source: str
+
+    def grid(self) -> dict[str, list[Any]]:
+        return {p.name: p.grid_values(self.source) for p in self.params}
+
+    def apply(self, base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+        """`base` with the fixed fields and then `values` (a trial's suggestions) replaced."""
+        return dataclasses.replace(base, **self.fixed, **values)
+
+
+def _field_kinds() -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(TrainConfig)}
+
+
+def load_search_space(path: str | Path, base: TrainConfig) -> SearchSpace:
+    """Parse and check the TOML search space at `path` against `base` (the configuration it modifies)."""
+    source = str(path)
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"search space file not found ({source}): check the --space path") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"search space is not valid TOML ({source}): {e}") from None
+    if not data:
+        raise UserError(f"search space is empty ({source}): add a table such as [lr] low = 0.1 high = 1.0")
+    kinds = _field_kinds()
+    params, fixed = [], {}
+    for name, spec in data.items():
+        if name not in kinds:
+            raise UserError(f"unknown field '{name}' in search space ({source}): keys are the training flag "
+                            "names with underscores, see python -m fastcifar.train --help")
+        if name in NOT_SEARCHABLE:
+            raise UserError(f"'{name}' cannot be searched ({source}): set it with --{name.replace('_', '-')} "
+                            "on the command line instead")
+        if isinstance(spec, dict):
+            params.append(_param(name, spec, kinds[name], source))
+        else:
+            fixed[name] = _checked_value(name, spec, kinds[name], source)
+    space = SearchSpace(params, fixed, source)
+    _check_values(space, base)
+    return space
+
+
+def _param(name: str, spec: dict[str, Any], kind: str, source: str) -> Param:
+    where = f"[{name}] in {source}"
+    if "choices" in spec:
+        extra = sorted(set(spec) - {"choices"})
+        choices = spec["choices"]
+        if extra or not isinstance(choices, list) or not choices:
+            raise UserError(f"{where}: use either a non-empty choices = [...] list or low/high, not both")
+        return Param(name, "choice", choices=tuple(_checked_value(name, c, kind, source) for c in choices))
+    unknown = sorted(set(spec) - _RANGE_KEYS)
+    if unknown or "low" not in spec or "high" not in spec:
+        raise UserError(f"{where}: a range needs low and high (and optionally log or step), "
+                        f"got {', '.join(sorted(spec)) or 'nothing'}")
+    if kind not in ("int", "float"):
+        raise UserError(f"{where}: '{name}' is a {kind} field, so it takes choices = [...], not a range")
+    low, high = (_checked_value(name, spec[k], kind, source) for k in ("low", "high"))
+    step = _checked_value(name, spec["step"], kind, source) if "step" in spec else None
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise UserError(f"{where}: log must be true or false")
+    if not low < high:
+        raise UserError(f"{where}: low ({low}) must be below high ({high})")
+    if log and (low <= 0 or step not in (None, 1)):
+        raise UserError(f"{where}: a log range needs low > 0 and no step")
+    if step is not None and step <= 0:
+        raise UserError(f"{where}: step must be > 0")
+    return Param(name, kind, low=low, high=high, log=log, step=step)
+
+
+def _checked_value(name: str, value: Any, kind: str, source: str) -> Any:
+    """`value` as the field's type (an int is accepted for a float field), or a UserError."""
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "bool": isinstance(value, bool), "bool | None": isinstance(value, bool)}.get(kind, isinstance(value, str))
+    if not ok:
+        raise UserError(f"'{name}' in {source} must be {kind.replace(' | None', '')} values, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+def _check_values(space: SearchSpace, base: TrainConfig) -> None:
+    """Validate the configuration at every end of every range and at every choice, one field at a time."""
+    for p in space.params:
+        values = p.choices if p.kind == "choice" else (p.low, p.high)
+        for value in values:
+            try:
+                validate(space.apply(base, {p.name: value}))
+            except UserError as e:
+                raise UserError(f"search space value {p.name} = {value!r} in {space.source} is invalid: {e}") from None
+    try:
+        validate(space.apply(base, {}))
+    except UserError as e:
+        raise UserError(f"fixed values in {space.source} are invalid: {e}") from None
