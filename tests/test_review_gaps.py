@@ -1,0 +1,172 @@
+"""Promises that no other test pinned down, each observed directly in a few milliseconds (found by one-line
+sabotages of the library that the rest of the suite let through).
+
+    pytest -q tests/test_review_gaps.py
+
+Each test's docstring names the sabotage it catches.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastcifar import runtime
+from fastcifar.config import TrainConfig, environment_fields, resume_config
+
+CPU = torch.device("cpu")
+
+
+def test_tta_views_keep_the_input_dtype_and_channels_last_layout_under_cpu_autocast():
+    """Sabotage: same_layout returning the view as it is (a shifted view is a strided slice, and fp32 under CPU
+    autocast, so a compiled model would recompile for it)."""
+    from fastcifar.evaluate import tta_inputs
+
+    x = torch.randn(4, 3, 32, 32).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        views = tta_inputs(x, translate=1)
+    assert len(views) == 6
+    for view in views:
+        assert view.dtype == x.dtype and view.shape == x.shape
+        assert view.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_mps_auto_amp_is_fp16():
+    """Sabotage: amp_dtype's last line returning bf16 (auto on MPS and other devices is fp16)."""
+    mps = torch.device("mps")
+    assert runtime.amp_dtype(mps, True) == torch.float16
+    assert runtime.amp_dtype(mps, True, "bf16") == torch.bfloat16
+    assert runtime.amp_dtype(mps, False) is None
+
+
+def test_adam_applies_the_configured_weight_decay():
+    """Sabotage: Adam's weight_decay a constant in build_optimizer (SGD's is covered by test_settings)."""
+    from fastcifar.recipe import build_optimizer
+
+    moved = {}
+    for wd in (0.0, 0.05):
+        param = nn.Parameter(torch.ones(3))
+        opt = build_optimizer(TrainConfig(optimizer="adam", lr=0.1, weight_decay=wd), nn.ParameterList([param]), CPU)
+        assert opt.param_groups[0]["weight_decay"] == wd
+        opt.zero_grad()
+        (0 * param.sum()).backward()  # a zero gradient: only weight decay moves the weights
+        opt.step()
+        moved[wd] = float((param.detach() - 1).abs().max())
+    assert moved[0.0] == 0 and moved[0.05] > 0.05  # Adam's first step is ~lr
+
+
+@pytest.mark.parametrize("name, saved, requested", [
+    ("data_dir", "a", "b"), ("device", "cpu", "cuda:1"), ("compile", False, True), ("plots", True, False),
+    ("eval_every", 1, 3), ("checkpoint_every", 1, 0), ("workers", 2, 7), ("compile_mode", "default", "reduce-overhead"),
+    ("download", False, True)])
+def test_resume_honours_every_environment_flag(name, saved, requested):
+    """Sabotage: environment=True dropped from --compile or --checkpoint-every (or any listed flag): --resume
+    would then refuse it as a recipe conflict."""
+    assert name in environment_fields()
+    config = resume_config(vars(TrainConfig(**{name: saved})), TrainConfig(**{name: requested}), {name}, "runs/x")
+    assert getattr(config, name) == requested
+
+
+def test_warm_up_leaves_the_loaders_random_choices_where_they_were():
+    """Sabotage: warm_up not restoring the training loader's state (the compiled run's first seed would draw
+    other batches than an uncompiled one); warm_up not restoring the weights (BatchNorm statistics)."""
+    from fastcifar.augment import DeviceLoader
+    from fastcifar.train import warm_up
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 10
+    common = dict(mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=16)
+    train, test = DeviceLoader(images, labels, seed=3, **common), DeviceLoader(images, labels, train=False, **common)
+    fresh = DeviceLoader(images, labels, seed=3, **common)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 32 * 32, 10))  # BN: train steps move it
+    session = SimpleNamespace(model_without_ddp=model, model=model, device=CPU, dtype=None,
+                              config=TrainConfig(tta=True, tta_translate=1), criterion=nn.CrossEntropyLoss())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    warm_up(session, train, test)
+    assert torch.equal(train.plan_epoch().order, fresh.plan_epoch().order)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_guard_finishes_its_vote_in_flight_before_the_process_group_goes(monkeypatch):
+    """Sabotage: SignalGuard.__exit__ not waiting for the vote it started (every rank started it; a process
+    group destroyed under it can hang or abort)."""
+    from fastcifar.distributed import Dist
+
+    read = []
+
+    class Vote:
+        def __init__(self, flag, group=None):
+            self.flag = flag
+
+        def result(self):
+            read.append(self.flag)
+            return self.flag
+
+    monkeypatch.setattr(runtime, "FlagVote", Vote)
+    monkeypatch.setattr(runtime, "host_group", lambda device: None)
+    with runtime.SignalGuard(Dist(rank=0, world_size=2), every=1) as guard:
+        assert guard.stop_requested() is False  # starts a vote, reads none
+        assert read == []
+    assert read == [False]
+
+
+def test_gathered_predictions_come_back_in_test_set_order(monkeypatch):
+    """Sabotage: gather_interleaved concatenating the ranks' shards instead of interleaving them (the confusion
+    matrix and misclassified images would pair predictions with the wrong labels)."""
+    from fastcifar import distributed
+    from fastcifar.distributed import Dist, gather_interleaved
+
+    full = torch.arange(7) * 10
+    shards = [full[r::2] for r in range(2)]
+
+    def all_gather_object(parts, obj):
+        parts[:] = [s.clone() for s in shards]
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    assert torch.equal(gather_interleaved(shards[0], Dist(rank=0, world_size=2), 7), full)
+
+
+def test_resume_restores_the_grad_scaler():
+    """Sabotage: restore_training_state skipping the GradScaler (an fp16 run would resume at the initial loss
+    scale, not the one it had reached)."""
+    from fastcifar.checkpoint import RunState, restore_training_state, training_state
+
+    def parts(scale: float):
+        model = nn.Linear(2, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        return model, opt, sched, torch.amp.GradScaler("cpu", init_scale=scale)
+
+    model, opt, sched, scaler = parts(8.0)
+    ckpt = training_state(config={}, run=RunState(), model=model, optimizer=opt, scheduler=sched, scaler=scaler,
+                          lookahead=None, loader_state={}, device=CPU)
+    model, opt, sched, fresh = parts(65536.0)
+    restore_training_state(ckpt, model=model, optimizer=opt, scheduler=sched, scaler=fresh, lookahead=None,
+                           train_loader=None, device=CPU)
+    assert fresh.get_scale() == 8.0
+
+
+def test_evaluate_command_uses_the_amp_dtype_flag(tmp_path, monkeypatch, capsys):
+    """Sabotage: fastcifar.evaluate.main calling amp_dtype without --amp-dtype (always auto)."""
+    import fastcifar.evaluate as evaluate_mod
+    from fastcifar.checkpoint import ModelInfo, save_model
+    from fastcifar.model import ModelConfig, ResNet9
+    from synthetic import CLASSES, write_learnable_dataset
+
+    data = write_learnable_dataset(tmp_path / "data", train_per_class=1, test_per_class=1)
+    save_model(tmp_path / "model.safetensors", ResNet9(ModelConfig(width=4)),
+               ModelInfo(ModelConfig(width=4), list(CLASSES), [0.5] * 3, [0.25] * 3))
+    monkeypatch.setattr(runtime, "cpu_native_bf16", lambda cpuinfo=None: False)  # auto = fp32 on this CPU
+    dtypes = []
+    monkeypatch.setattr(evaluate_mod, "evaluate",
+                        lambda model, loader, device, dtype, **k: dtypes.append(dtype) or {"acc": 0.5, "loss": 1.0})
+    assert evaluate_mod.main(["--checkpoint", str(tmp_path / "model.safetensors"), "--data-dir", str(data),
+                              "--device", "cpu", "--amp-dtype", "fp16", "--json"]) == 0
+    assert dtypes == [torch.float16] * 3
+    assert len(json.loads(capsys.readouterr().out)["evaluations"]) == 3
