@@ -170,3 +170,34 @@ def test_evaluate_command_uses_the_amp_dtype_flag(tmp_path, monkeypatch, capsys)
                               "--device", "cpu", "--amp-dtype", "fp16", "--json"]) == 0
     assert dtypes == [torch.float16] * 3
     assert len(json.loads(capsys.readouterr().out)["evaluations"]) == 3
+
+
+def test_keys_of_a_config_file_count_as_given_for_resume(tmp_path):
+    """Sabotage: parse_config not adding the --config file's keys to args.explicit (a --resume with a TOML file
+    that changes the recipe would be silently ignored instead of refused)."""
+    from fastcifar.config import parse_config
+    from fastcifar.errors import UserError
+
+    toml = tmp_path / "c.toml"
+    toml.write_text("lr = 0.5\nwidth = 8\n")
+    config, args = parse_config(["--config", str(toml), "--epochs", "3"])
+    assert args.explicit == {"lr", "width", "epochs"}
+    with pytest.raises(UserError, match="--lr 0.5 conflicts"):
+        resume_config(vars(TrainConfig(lr=0.2, width=8, epochs=3)), config, args.explicit, "runs/x")
+
+
+def test_each_seed_of_a_multi_seed_run_trains_as_that_seed_alone(tmp_path):
+    """Sabotage: train_all reseeding the reused device loader with the first seed (or not at all), so seeds
+    after the first would not see their own data order and augmentations."""
+    from safetensors.torch import load_file
+
+    from fastcifar.train import main
+    from synthetic import write_learnable_dataset
+
+    data = write_learnable_dataset(tmp_path / "data", train_per_class=8, test_per_class=1)
+    common = ["--data-dir", str(data), "--width", "4", "--batch-size", "16", "--device", "cpu", "--epochs", "1",
+              "--no-plots", "--no-tta", "--checkpoint-every", "0"]
+    assert main([*common, "--seed", "0", "--runs", "2", "--out-dir", str(tmp_path / "both")]) == 0
+    assert main([*common, "--seed", "1", "--out-dir", str(tmp_path / "one")]) == 0
+    both, one = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("both", "one"))
+    assert all(torch.equal(both[k], one[k]) for k in one)  # the last seed's model, bit-exact on the CPU
