@@ -201,3 +201,31 @@ def test_each_seed_of_a_multi_seed_run_trains_as_that_seed_alone(tmp_path):
     assert main([*common, "--seed", "1", "--out-dir", str(tmp_path / "one")]) == 0
     both, one = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("both", "one"))
     assert all(torch.equal(both[k], one[k]) for k in one)  # the last seed's model, bit-exact on the CPU
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--epochs", "0"), ("--batch-size", "0"), ("--width", "0"), ("--lr", "0"), ("--pct-start", "0"),
+    ("--div-factor", "0"), ("--final-div-factor", "0"), ("--momentum", "1"), ("--weight-decay", "-1"),
+    ("--bias-lr", "0"), ("--label-smoothing", "1"), ("--translate", "17"), ("--translate", "-1"), ("--cutout", "33"),
+    ("--tta-translate", "5"), ("--tta-translate", "-1"), ("--runs", "0"), ("--eval-every", "0"),
+    ("--checkpoint-every", "-1"), ("--workers", "-1"), ("--logit-scale", "0")])
+def test_every_range_check_refuses_its_bad_value_up_front(flag, value):
+    """Sabotage: any one line of config.validate's checks deleted (e.g. --eval-every 0 would crash with a
+    ZeroDivisionError after the first epoch, --tta-translate 5 would pad past what TTA supports)."""
+    from fastcifar.config import parse_config
+    from fastcifar.errors import UserError
+
+    name = "--div-factor" if flag == "--final-div-factor" else flag  # both div factors share one message
+    with pytest.raises(UserError, match=f"^invalid {name} "):
+        parse_config([flag, value])
+
+
+def test_images_per_second_is_the_last_seeds_images_over_its_training_seconds():
+    """Sabotage: images_per_second not divided by train_seconds in report.run_summary."""
+    from fastcifar.report import run_summary
+
+    result = {"seed": 0, "test_acc": 0.5, "test_acc_tta": None, "images": 1000, "train_seconds": 4.0,
+              "run_seconds": 5.0}
+    summary = run_summary(TrainConfig(tta=False), [result], params=1, world_size=1, environment={"device": "cpu"},
+                          compile_seconds=None, data_seconds=0.0)
+    assert summary["images_per_second"] == 250.0
