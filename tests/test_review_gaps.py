@@ -229,3 +229,15 @@ def test_images_per_second_is_the_last_seeds_images_over_its_training_seconds():
     summary = run_summary(TrainConfig(tta=False), [result], params=1, world_size=1, environment={"device": "cpu"},
                           compile_seconds=None, data_seconds=0.0)
     assert summary["images_per_second"] == 250.0
+
+
+def test_the_batch_size_check_counts_the_images_of_one_process():
+    """Sabotage: check_batch_size comparing with all training images instead of one rank's share (under torchrun
+    a rank would then get no full batch and train zero steps)."""
+    from fastcifar.distributed import Dist
+    from fastcifar.errors import UserError
+    from fastcifar.recipe import check_batch_size
+
+    check_batch_size(TrainConfig(batch_size=50), 100, Dist(world_size=2))
+    with pytest.raises(UserError, match="--batch-size"):
+        check_batch_size(TrainConfig(batch_size=51), 100, Dist(world_size=2))
