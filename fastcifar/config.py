@@ -251,6 +251,9 @@ def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: froze
     return config
 
 
+MAX_TTA_TRANSLATE = 4  # pixels: a reflection pad wider than this shows more mirror than image
+
+
 def validate(c: TrainConfig) -> None:
     """Check every value up front, so a run never fails an hour in because of a typo."""
     checks = [
@@ -268,7 +271,8 @@ def validate(c: TrainConfig) -> None:
         (0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
         (0 <= c.translate <= 16, "translate", "must be between 0 and 16 pixels"),
         (0 <= c.cutout <= 32, "cutout", "must be between 0 and 32 pixels"),
-        (0 <= c.tta_translate <= 4, "tta_translate", "must be between 0 and 4 pixels"),
+        (0 <= c.tta_translate <= MAX_TTA_TRANSLATE, "tta_translate",
+         f"must be between 0 and {MAX_TTA_TRANSLATE} pixels"),
         (c.runs >= 1, "runs", "must be >= 1"),
         (c.eval_every >= 1, "eval_every", "must be >= 1"),
         (c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0"),

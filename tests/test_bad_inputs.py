@@ -113,6 +113,12 @@ def predict_main(argv):
     return main(argv)
 
 
+def evaluate_main(argv):
+    from fastcifar.evaluate import main
+
+    return main(argv)
+
+
 def lr_find_main(argv):
     from fastcifar.lr_find import main
 
@@ -155,6 +161,9 @@ CASES: list[Case] = [
     ("export-out-dir-missing", export_main, lambda t, d, r: (["--checkpoint", str(r), "--out", str(t / "no" / "m.onnx")], t / "no" / "m.onnx"), "no"),
     ("export-int8-without-data", export_main, lambda t, d, r: (["--checkpoint", str(r), "--out", str(t / "m.onnx"), "--int8"], t / "m.onnx"), "--int8"),
     ("export-negative-max-int8-drop", export_main, lambda t, d, r: (["--checkpoint", str(r), "--out", str(t / "m.onnx"), "--max-int8-drop", "-1"], t / "m.onnx"), "--max-int8-drop"),
+    ("evaluate-batch-size-zero", evaluate_main, lambda t, d, r: (["--checkpoint", str(r), "--data-dir", str(d), "--device", "cpu", "-b", "0"], None), "--batch-size"),
+    ("evaluate-tta-translate-too-wide", evaluate_main, lambda t, d, r: (["--checkpoint", str(r), "--data-dir", str(d), "--device", "cpu", "--tta-translate", "40"], None), "--tta-translate"),
+    ("evaluate-tta-translate-negative", evaluate_main, lambda t, d, r: (["--checkpoint", str(r), "--data-dir", str(d), "--device", "cpu", "--tta-translate", "-1"], None), "--tta-translate"),
     ("predict-batch-size-zero", predict_main, lambda t, d, r: ([str(t / "m.onnx"), str(t / "a.png"), "--batch-size", "0"], None), "--batch-size"),
     ("predict-threads-zero", predict_main, lambda t, d, r: ([str(t / "m.onnx"), str(t / "a.png"), "--threads", "0"], None), "--threads"),
     ("predict-empty-folder", predict_main, lambda t, d, r: ([str(t / "m.onnx"), str(folder(t / "no-images"))], None), "no-images"),
