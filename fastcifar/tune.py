@@ -118,13 +118,15 @@ def open_storage(url: str):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 120}}
     last: Exception | None = None
-    for attempt in range(5):  # two processes creating the tables at the same moment: one retries
+    # two processes creating the tables of a new file at the same moment: the loser sees "table already
+    # exists" (OperationalError) or a duplicate alembic version (IntegrityError), and retries
+    for attempt in range(5):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
                                               grace_period=300)
         except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a locked or unreachable database
             last = e
-            if "OperationalError" not in type(e).__name__:
+            if type(e).__name__ not in ("OperationalError", "IntegrityError"):
                 break
             time.sleep(0.5 + attempt)
     raise UserError(f"cannot open --storage {url}: {first_line(last)}")
