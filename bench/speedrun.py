@@ -59,6 +59,7 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/speedrun.py` from anywhere
 
 import numpy as np  # noqa: E402 (after the sys.path line)
 
+from fastcifar.config import split_at_double_dash  # noqa: E402
 from fastcifar.errors import UserError, first_line, run_cli  # noqa: E402
 from fastcifar.stats import describe  # noqa: E402
 
@@ -117,17 +118,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(our flags, fastcifar.train flags): everything after the first `--` belongs to the trainer."""
-    argv = list(argv)
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], argv[i + 1:]
-    return argv, []
-
-
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    ours, train_flags = split_argv(argv)
+    ours, train_flags = split_at_double_dash(argv)
     args = get_args_parser().parse_args(ours)
     from fastcifar.config import PRESETS
 

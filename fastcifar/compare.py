@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fastcifar.atomic import write_json, write_text
-from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, parse_config, to_dict
+from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, parse_config, split_at_double_dash, to_dict
 from fastcifar.errors import UserError, run_cli
 from fastcifar.stats import describe, paired_comparison
 
@@ -77,14 +77,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
-
-
-def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    argv = list(argv)
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], argv[i + 1:]
-    return argv, []
 
 
 def arm_config(arm: Arm, common: list[str], seed: int, run_dir: Path) -> TrainConfig:
@@ -210,7 +202,7 @@ def save_strip_plot(path: Path, arms: list[Arm], runs: dict[str, dict[str, dict]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    own, common = split_argv(sys.argv[1:] if argv is None else argv)
+    own, common = split_at_double_dash(sys.argv[1:] if argv is None else argv)
     args = get_args_parser().parse_args(own)
     if args.seeds < 1:
         raise UserError(f"invalid --seeds ({args.seeds}): must be >= 1")

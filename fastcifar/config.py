@@ -146,6 +146,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+def split_at_double_dash(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(a wrapper's own flags, the training flags): everything after the first `--` goes to training, as
+    `python -m fastcifar.compare ... -- --width 16` and `bench/speedrun.py ... -- --epochs 2` use it."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
 def get_args_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The parser; with `suppress_defaults`, flags not given are absent from the namespace (which ones
     the user typed is what --resume checks)."""

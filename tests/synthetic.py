@@ -32,12 +32,16 @@ def write_image_folder(root: Path, split: str, images: np.ndarray, labels: np.nd
 
 
 def write_learnable_dataset(root: Path, train_per_class: int = 40, test_per_class: int = 10,
-                            shuffle_train_labels: bool = False) -> Path:
-    """An image-folder tree train/<class>/*.png, test/<class>/*.png of `learnable_images`."""
+                            shuffle_train_labels: bool = False, other_test_set: bool = False) -> Path:
+    """An image-folder tree train/<class>/*.png, test/<class>/*.png of `learnable_images`. With
+    `other_test_set`, the same training split beside other test images with shuffled labels: what a
+    validation-split run must give the same results on, since it never reads the test set."""
     images, labels = learnable_images(train_per_class, seed=0)
     if shuffle_train_labels:
         labels = np.random.default_rng(7).permutation(labels)
     write_image_folder(root, "train", images, labels)
-    images, labels = learnable_images(test_per_class, seed=1)
+    images, labels = learnable_images(test_per_class, seed=2 if other_test_set else 1)
+    if other_test_set:
+        labels = np.random.default_rng(5).permutation(labels)
     write_image_folder(root, "test", images, labels)
     return root

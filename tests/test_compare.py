@@ -13,24 +13,14 @@ pytest.importorskip("scipy")
 import fastcifar.train  # noqa: E402
 from fastcifar.compare import main, parse_arm  # noqa: E402
 from fastcifar.errors import run_cli  # noqa: E402
-from synthetic import learnable_images, write_image_folder  # noqa: E402
+from synthetic import write_learnable_dataset  # noqa: E402
 
 COMMON = ["--width", "4", "--batch-size", "32", "--device", "cpu", "--epochs", "0.5", "--no-plots"]
 
 
-def write_tree(root: Path, shuffle_test_labels: bool = False) -> Path:
-    images, labels = learnable_images(20, seed=0)
-    write_image_folder(root, "train", images, labels)
-    images, labels = learnable_images(5, seed=1)
-    if shuffle_test_labels:
-        labels = np.random.default_rng(5).permutation(labels)
-    write_image_folder(root, "test", images, labels)
-    return root
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_tree(tmp_path_factory.mktemp("data"))
+    return write_learnable_dataset(tmp_path_factory.mktemp("data"), 20, 5)
 
 
 def compare(out: Path, data: Path, *arms: str, seeds: int = 2, common=()) -> dict:
@@ -70,7 +60,7 @@ def test_two_arms_paired_statistics_outputs_and_resume(tmp_path, data, monkeypat
 
 
 def test_validation_split_never_reads_the_test_set(tmp_path, data):
-    shuffled = write_tree(tmp_path / "shuffled", shuffle_test_labels=True)
+    shuffled = write_learnable_dataset(tmp_path / "shuffled", 20, 5, other_test_set=True)
     arms = ("default", "b=--lr 0.2")
     a = compare(tmp_path / "a", data, *arms, seeds=1, common=["--val-split", "50"])
     b = compare(tmp_path / "b", shuffled, *arms, seeds=1, common=["--val-split", "50"])

@@ -72,8 +72,9 @@ def trainer_summary(seed_result: dict, translate: int = 0) -> dict:
 
 
 def test_split_argv_gives_everything_after_the_double_dash_to_the_trainer():
-    assert speedrun.split_argv(["--runs", "2", "--", "--width", "8", "--"]) == (["--runs", "2"], ["--width", "8", "--"])
-    assert speedrun.split_argv(["--runs", "2"]) == (["--runs", "2"], [])
+    assert speedrun.split_at_double_dash(["--runs", "2", "--", "--width", "8", "--"]) == (["--runs", "2"],
+                                                                                         ["--width", "8", "--"])
+    assert speedrun.split_at_double_dash(["--runs", "2"]) == (["--runs", "2"], [])
 
 
 def record(seed, acc, tta=None, run=None, steps=None, wall=1.0, **extra):

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("optuna")
@@ -19,7 +18,7 @@ from fastcifar.config import TrainConfig, load_toml, parse_config  # noqa: E402
 from fastcifar.errors import run_cli  # noqa: E402
 from fastcifar.search_space import load_search_space  # noqa: E402
 from fastcifar.tune import main, recipe_toml  # noqa: E402
-from synthetic import learnable_images, write_image_folder  # noqa: E402
+from synthetic import write_learnable_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--width", "4", "--batch-size", "32", "--device", "cpu", "--val-split", "100", "--epochs", "1", "--no-plots"]
@@ -34,19 +33,9 @@ choices = [0.0, 0.2]
 """
 
 
-def write_tree(root: Path, shuffle_test_labels: bool = False) -> Path:
-    images, labels = learnable_images(40, seed=0)
-    write_image_folder(root, "train", images, labels)
-    images, labels = learnable_images(10, seed=1 + shuffle_test_labels)
-    if shuffle_test_labels:
-        labels = np.random.default_rng(5).permutation(labels)
-    write_image_folder(root, "test", images, labels)
-    return root
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_tree(tmp_path_factory.mktemp("data"))
+    return write_learnable_dataset(tmp_path_factory.mktemp("data"), 40, 10)
 
 
 def space_file(tmp_path: Path, text: str = SPACE, name: str = "space.toml") -> Path:
@@ -70,7 +59,7 @@ def trials(out: Path) -> list[dict]:
 def test_search_ignores_the_test_set_and_is_reproducible_by_seed(tmp_path, data):
     """The same seeded study on a tree whose test set is different and wrongly labelled gives the same
     trials, value for value; another --seed samples other values."""
-    shuffled = write_tree(tmp_path / "shuffled", shuffle_test_labels=True)
+    shuffled = write_learnable_dataset(tmp_path / "shuffled", 40, 10, other_test_set=True)
     space = space_file(tmp_path)
     args = ("--trials", "3", "--sampler", "random", "--pruner", "none")
     a = tune(tmp_path, data, space, *args, study="a")
