@@ -429,8 +429,8 @@ def build_report(env: dict, args: argparse.Namespace, data_info: dict, results: 
     if fast_stats and fast_stats["run_seconds_missing"]:
         report["notes"].append(
             f"fastcifar's summary.json has no run_seconds for {fast_stats['run_seconds_missing']} of "
-            f"{fast_stats['finished']} finished seeds (the trainer does not report airbench's clock yet, issue "
-            "#11): 'run s' and the run ratio are left empty; 'steps s' (train_seconds) is not comparable to "
+            f"{fast_stats['finished']} finished seeds (a summary written before the trainer reported airbench's "
+            "clock): 'run s' and the run ratio are left empty; 'steps s' (train_seconds) is not comparable to "
             "airbench94's total_time_seconds")
     medians = [_median(s["run_seconds"]) for s in names.values()]
     report["time_ratio_fastcifar_over_airbench"] = (

@@ -508,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             records[path] = _export_int8(tmp, path, data, acc, logits, args, info, backends, check_images)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     for path, record in records.items():  # after the models: a record names its file's SHA-256
+        record["file"] = path.name  # it was checked under its temporary name
         write_json(record_path(path), record)
         print(f"wrote {record_path(path)}")
     return 0

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 from fastcifar.atomic import write_json, write_text
 from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, parse_config, split_at_double_dash, to_dict
 from fastcifar.errors import UserError, run_cli
+from fastcifar.report import reported_accuracy
 from fastcifar.stats import describe, paired_comparison
 
 # Fields that differ between the runs of one arm, or do not change what is measured.
@@ -88,10 +89,6 @@ def arm_config(arm: Arm, common: list[str], seed: int, run_dir: Path) -> TrainCo
 
 def recipe(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(config).items() if k not in RUN_FIELDS}
-
-
-def reported_acc(summary: dict[str, Any]) -> float:
-    return float(summary["test_acc_tta"] if summary["test_acc_tta"] is not None else summary["test_acc"])
 
 
 def load_results(path: Path) -> dict[str, Any] | None:
@@ -254,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):
                 summary = train(config)
-            runs[arm.name][str(seed)] = {"acc": reported_acc(summary), "acc_plain": summary["test_acc"],
+            runs[arm.name][str(seed)] = {"acc": reported_accuracy(summary), "acc_plain": summary["test_acc"],
                                          "acc_tta": summary["test_acc_tta"], "train_seconds": summary["train_seconds"],
                                          "eval_split": summary.get("eval_split", split)}
             r = runs[arm.name][str(seed)]

@@ -190,14 +190,22 @@ def get_args_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
+def read_toml(path: str | Path, what: str, flag: str) -> dict[str, Any]:
+    """The TOML file at `path` (a `what` given by `flag`), or a one-line UserError saying what is wrong."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"config file not found ({path}): check the --config path") from None
+        raise UserError(f"{what} not found ({path}): check the {flag} path") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise UserError(f"cannot read {what} ({path}): {e.strerror}; check the {flag} path") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"config file is not valid TOML ({path}): {e}") from None
+        raise UserError(f"{what} is not valid TOML ({path}): {e}") from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    data = read_toml(path, "config file", "--config")
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -154,7 +154,9 @@ def save_augment_grid(data, path: str | Path, seed: int = 0, count: int = 8) -> 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fastcifar.plots",
+    from fastcifar.config import ArgumentParser  # flag errors as one line, exit 2
+
+    parser = ArgumentParser(prog="python -m fastcifar.plots",
                                      description="Draw the same training images original, through the fast "
                                                  "path and through the albumentations reference.")
     parser.add_argument("--data-dir", metavar="PATH", help="as for python -m fastcifar.data (default: the cache)")

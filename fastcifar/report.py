@@ -151,6 +151,11 @@ def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, param
     }
 
 
+def reported_accuracy(summary: dict[str, Any]) -> float:
+    """The accuracy a run reports as its own: with its TTA when it has one, else plain (a fraction)."""
+    return float(summary["test_acc_tta"] if summary["test_acc_tta"] is not None else summary["test_acc"])
+
+
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     write_json(out / SUMMARY_FILE, summary)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fastcifar.config import TrainConfig, tomllib, validate
+from fastcifar.config import TrainConfig, read_toml, validate
 from fastcifar.errors import UserError
 
 # Fields a search must not vary: where data and results live, the seed and the split (a search compares
@@ -96,12 +96,7 @@ def _field_kinds() -> dict[str, str]:
 def load_search_space(path: str | Path, base: TrainConfig) -> SearchSpace:
     """Parse and check the TOML search space at `path` against `base` (the configuration it modifies)."""
     source = str(path)
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"search space file not found ({source}): check the --space path") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"search space is not valid TOML ({source}): {e}") from None
+    data = read_toml(path, "search space file", "--space")
     if not data:
         raise UserError(f"search space is empty ({source}): add a table such as [lr] low = 0.1 high = 1.0")
     kinds = _field_kinds()

@@ -327,22 +327,27 @@ def train_seed(session: Session, fit: Fit, seed: int, run: RunState, started: fl
                                 fit.scaler, session.device, session.dtype, state, lrs, session.guard, progress,
                                 fit.lookahead)
         except StopRequested:
-            state.seconds += time.perf_counter() - timer.start_wall
+            state.seconds += timer.seconds  # the timer's own clock (CUDA events on a GPU), as for whole epochs
             run.step_in_epoch, run.partial = state.steps, state.to_dict()
             run.lrs.extend(lrs)
             run.wall_seconds = time.perf_counter() - origin
-            fit.save(session, run, loader_start)
+            diverged = int(state.first_bad_step.item()) >= 0  # one sync, at the stop only
+            if not diverged:  # never replace the last good checkpoint with non-finite weights
+                fit.save(session, run, loader_start)
             code = 130 if session.guard.signum == signal.SIGINT else 143
+            saved = ("the loss had become non-finite, so the last good checkpoint is kept" if diverged
+                     else "checkpoint saved")
             print(f"\nstopped by signal {session.guard.signum} at step {state.steps} of epoch {epoch + 1}; "
-                  f"checkpoint saved. Resume with: python -m fastcifar.train --resume {session.out}",
-                  file=sys.stderr)
+                  f"{saved}. Resume with: python -m fastcifar.train --resume {session.out}", file=sys.stderr)
             raise SystemExit(code)
         finally:
             if progress is not None:
                 progress.close()
         loss, acc, seen, bad = reduce_epoch(state, session)
         if bad >= 0:
-            lr = lrs[bad - (state.steps - len(lrs))]
+            # run.lrs ends with the steps of this epoch done before a resume, lrs holds the rest
+            epoch_lrs = run.lrs + lrs
+            lr = epoch_lrs[len(epoch_lrs) - state.steps + bad]
             raise UserError(f"loss became non-finite at step {bad + 1} of epoch {epoch + 1} (lr {lr:.4g}); the last "
                             f"good checkpoint is kept in {session.out}: lower --lr and --resume, or start again")
         seconds = state.seconds + timer.seconds

@@ -41,6 +41,7 @@ from fastcifar.atomic import write_json, write_text
 from fastcifar.config import TrainConfig, config_from_args, get_args_parser as train_args_parser, layered_args, \
     to_dict, validate
 from fastcifar.errors import UserError, first_line, run_cli
+from fastcifar.report import reported_accuracy
 from fastcifar.search_space import SearchSpace, load_search_space
 
 # Fields left out of best.toml: where data and results live and how this machine runs, not the recipe.
@@ -199,12 +200,7 @@ class Objective:
         trial.set_user_attr("val_acc", summary["test_acc"])
         trial.set_user_attr("val_acc_tta", summary["test_acc_tta"])
         trial.set_user_attr("train_seconds", summary["train_seconds"])
-        return objective_value(summary)
-
-
-def objective_value(summary: dict[str, Any]) -> float:
-    """The run's reported validation accuracy: with its TTA when it has one, else plain."""
-    return float(summary["test_acc_tta"] if summary["test_acc_tta"] is not None else summary["test_acc"])
+        return reported_accuracy(summary)
 
 
 def trial_dir(out: Path, number: int) -> Path:

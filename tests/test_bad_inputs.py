@@ -164,6 +164,7 @@ CASES: list[Case] = [
     ("evaluate-batch-size-zero", evaluate_main, lambda t, d, r: (["--checkpoint", str(r), "--data-dir", str(d), "--device", "cpu", "-b", "0"], None), "--batch-size"),
     ("evaluate-tta-translate-too-wide", evaluate_main, lambda t, d, r: (["--checkpoint", str(r), "--data-dir", str(d), "--device", "cpu", "--tta-translate", "40"], None), "--tta-translate"),
     ("evaluate-tta-translate-negative", evaluate_main, lambda t, d, r: (["--checkpoint", str(r), "--data-dir", str(d), "--device", "cpu", "--tta-translate", "-1"], None), "--tta-translate"),
+    ("train-config-is-a-directory", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--config", str(folder(t / "conf")), "--out-dir", str(t / "o")], t / "o"), "--config"),
     ("predict-batch-size-zero", predict_main, lambda t, d, r: ([str(t / "m.onnx"), str(t / "a.png"), "--batch-size", "0"], None), "--batch-size"),
     ("predict-threads-zero", predict_main, lambda t, d, r: ([str(t / "m.onnx"), str(t / "a.png"), "--threads", "0"], None), "--threads"),
     ("predict-empty-folder", predict_main, lambda t, d, r: ([str(t / "m.onnx"), str(folder(t / "no-images"))], None), "no-images"),
