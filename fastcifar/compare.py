@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fastcifar.atomic import write_json, write_text
-from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, parse_config, split_at_double_dash, to_dict
+from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, non_recipe_fields, parse_config, \
+    split_at_double_dash, to_dict
 from fastcifar.errors import UserError, run_cli
 from fastcifar.report import reported_accuracy
 from fastcifar.stats import describe, paired_comparison
 
 # Fields that differ between the runs of one arm, or do not change what is measured.
-RUN_FIELDS = ("out_dir", "overwrite", "seed", "runs", "plots", "checkpoint_every", "data_dir", "download",
-              "workers")
 
 
 @dataclasses.dataclass
@@ -88,7 +87,8 @@ def arm_config(arm: Arm, common: list[str], seed: int, run_dir: Path) -> TrainCo
 
 
 def recipe(config: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in to_dict(config).items() if k not in RUN_FIELDS}
+    """What identifies an arm: every field but the environment and the run bookkeeping (config.py)."""
+    return {k: v for k, v in to_dict(config).items() if k not in non_recipe_fields()}
 
 
 def load_results(path: Path) -> dict[str, Any] | None:

@@ -135,6 +135,12 @@ def environment_fields() -> frozenset[str]:
     return frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("environment"))
 
 
+def non_recipe_fields() -> frozenset[str]:
+    """Fields that are not the recipe: the environment plus where results go and which seeds run. compare
+    identifies an arm by the other fields; tune neither searches these nor writes them to best.toml."""
+    return environment_fields() | {"out_dir", "overwrite", "seed", "runs"}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

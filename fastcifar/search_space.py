@@ -32,13 +32,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fastcifar.config import TrainConfig, read_toml, validate
+from fastcifar.config import TrainConfig, non_recipe_fields, read_toml, validate
 from fastcifar.errors import UserError
 
 # Fields a search must not vary: where data and results live, the seed and the split (a search compares
 # configurations on one fixed split and seed), and run plumbing.
-NOT_SEARCHABLE = frozenset({"data_dir", "download", "out_dir", "overwrite", "runs", "seed", "val_split",
-                            "split_seed", "checkpoint_every", "plots", "device", "workers"})
+NOT_SEARCHABLE = non_recipe_fields() | {"val_split", "split_seed"}  # where and how a trial runs, not what
 _RANGE_KEYS = {"low", "high", "log", "step"}
 
 

@@ -39,14 +39,13 @@ from typing import Any, Sequence
 
 from fastcifar.atomic import write_json, write_text
 from fastcifar.config import TrainConfig, config_from_args, get_args_parser as train_args_parser, layered_args, \
-    to_dict, validate
+    non_recipe_fields, to_dict, validate
 from fastcifar.errors import UserError, first_line, run_cli
 from fastcifar.report import reported_accuracy
 from fastcifar.search_space import SearchSpace, load_search_space
 
 # Fields left out of best.toml: where data and results live and how this machine runs, not the recipe.
-NOT_IN_RECIPE = ("data_dir", "download", "out_dir", "overwrite", "val_split", "split_seed", "seed", "runs", "device",
-                 "workers", "checkpoint_every", "plots", "compile")
+NOT_IN_RECIPE = non_recipe_fields() | {"val_split", "split_seed"}  # best.toml trains on all images
 DEFAULT_STORAGE = "sqlite:///runs/tune.db"
 
 

@@ -99,3 +99,14 @@ def test_changed_arm_configuration_is_refused_in_the_same_out_dir(tmp_path, data
     code = run_cli(main, ["default", "b=--lr 0.3", "--seeds", "1", "--out-dir", str(tmp_path / "cmp"), "--",
                           "--data-dir", str(data), *COMMON])
     assert code == 2 and "arm 'b'" in capsys.readouterr().err
+
+
+def test_an_arm_is_its_recipe_not_its_environment():
+    """A rerun with another --eval-every, --device or --compile is the same arm (its finished seeds count);
+    another --lr or --val-split is not. Sabotage: an environment field left in compare.recipe."""
+    from fastcifar.compare import recipe
+    from fastcifar.config import TrainConfig
+
+    base = recipe(TrainConfig())
+    assert recipe(TrainConfig(eval_every=3, device="cpu", compile=True, plots=False, seed=7)) == base
+    assert recipe(TrainConfig(lr=0.5)) != base and recipe(TrainConfig(val_split=100)) != base
