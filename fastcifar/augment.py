@@ -264,6 +264,3 @@ class DeviceLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self.generator.set_state(state["generator"])
-
-
-GpuLoader = DeviceLoader  # the old name, for code written before the rename; use DeviceLoader

@@ -293,12 +293,19 @@ def train_all(session: Session, ckpt: dict[str, Any] | None) -> dict[str, Any]:
     return summarize(session, results)
 
 
+def lr_of_step(all_lrs: list[float], steps_in_epoch: int, step: int) -> float:
+    """The lr of step `step` of the current epoch, from the lrs of the whole run so far, which end with the
+    `steps_in_epoch` steps of this epoch (those before a resume included)."""
+    return all_lrs[len(all_lrs) - steps_in_epoch + step]
+
+
 def reduce_epoch(state: StepState, session: Session) -> tuple[float, float, int, int]:
     """(mean loss, accuracy, samples, first bad step) over all ranks; the epoch's one host sync."""
     sums = torch.stack([state.loss_sum, state.correct, torch.tensor(float(state.seen), device=session.device)])
-    loss_sum, correct, seen = all_reduce_sum(sums, session.dist).tolist()
-    bad = int(all_reduce_max(state.first_bad_step.clone(), session.dist).item())
-    return loss_sum / seen, correct / seen, int(seen), bad
+    sums = all_reduce_sum(sums, session.dist)
+    bad = all_reduce_max(state.first_bad_step.clone(), session.dist).to(sums.dtype)
+    loss_sum, correct, seen, first_bad = torch.cat([sums, bad.view(1)]).tolist()  # one read of both
+    return loss_sum / seen, correct / seen, int(seen), int(first_bad)
 
 
 def train_seed(session: Session, fit: Fit, seed: int, run: RunState, started: float) -> dict[str, Any]:
@@ -314,15 +321,15 @@ def train_seed(session: Session, fit: Fit, seed: int, run: RunState, started: fl
         state = (StepState.from_dict(run.partial, session.device) if run.step_in_epoch
                  else StepState.zeros(session.device))
         loader_start = loader.state_dict() if resumable else {}
-        if resumable:
-            batches = itertools.islice(loader.batches(loader.plan_epoch(), start=state.steps),
-                                       steps[epoch] - state.steps)
-        else:
-            batches = itertools.islice(iter(loader), state.steps, steps[epoch])
         lrs: list[float] = []
         progress = progress_bar(steps[epoch] - state.steps, f"epoch {epoch + 1}")
         try:
-            with Timer(session.device) as timer:
+            with Timer(session.device) as timer:  # the epoch's random draws are training time, on both paths
+                if resumable:
+                    batches = itertools.islice(loader.batches(loader.plan_epoch(), start=state.steps),
+                                               steps[epoch] - state.steps)
+                else:
+                    batches = itertools.islice(iter(loader), state.steps, steps[epoch])
                 train_one_epoch(session.model, batches, fit.optimizer, fit.scheduler, session.criterion,
                                 fit.scaler, session.device, session.dtype, state, lrs, session.guard, progress,
                                 fit.lookahead)
@@ -345,9 +352,7 @@ def train_seed(session: Session, fit: Fit, seed: int, run: RunState, started: fl
                 progress.close()
         loss, acc, seen, bad = reduce_epoch(state, session)
         if bad >= 0:
-            # run.lrs ends with the steps of this epoch done before a resume, lrs holds the rest
-            epoch_lrs = run.lrs + lrs
-            lr = epoch_lrs[len(epoch_lrs) - state.steps + bad]
+            lr = lr_of_step(run.lrs + lrs, state.steps, bad)
             raise UserError(f"loss became non-finite at step {bad + 1} of epoch {epoch + 1} (lr {lr:.4g}); the last "
                             f"good checkpoint is kept in {session.out}: lower --lr and --resume, or start again")
         seconds = state.seconds + timer.seconds

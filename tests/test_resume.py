@@ -160,3 +160,12 @@ def test_a_stop_after_a_non_finite_loss_keeps_the_last_good_checkpoint(learnable
         train_mod.main(["--data-dir", str(learnable), "--out-dir", str(out), *FAST, "--epochs", "3"])
     assert (out / "checkpoint.pt").read_bytes() == good[0]  # the one written after epoch 1, untouched
     assert "last good checkpoint is kept" in capsys.readouterr().err
+
+
+def test_the_lr_named_for_a_non_finite_step_counts_the_steps_before_a_resume():
+    """Sabotage: indexing only the lrs since the resume (step 2 of an epoch resumed at step 50)."""
+    from fastcifar.train import lr_of_step
+
+    earlier_epochs, before_stop, after_resume = [0.1] * 10, [0.2 + i / 1000 for i in range(50)], [0.3] * 47
+    assert lr_of_step(earlier_epochs + before_stop + after_resume, 97, 2) == before_stop[2]
+    assert lr_of_step(earlier_epochs + before_stop + after_resume, 97, 60) == 0.3
