@@ -195,6 +195,7 @@ def method_stats(records: Sequence[dict[str, Any]], threshold: float, own_tta: s
         "acc_tta": describe(own), "tta": own_tta if own else None,
         "at_least_threshold": {"threshold": threshold, "acc": at_least(acc, threshold),
                                "acc_tta": at_least(own, threshold), "primary": "acc_tta" if own else "acc"},
+        "flops_per_run": column("flops")[0] if column("flops") else None,
         "run_seconds": describe(column("run_seconds")), "train_seconds": describe(column("train_seconds")),
         "wall_seconds": describe(column("wall_seconds")),
         "run_seconds_missing": sum(r.get("run_seconds") is None for r in done),
@@ -217,7 +218,8 @@ def format_table(rows: list[tuple[str, dict[str, Any]]], reference: str | None =
     ref_s = _median(dict(rows)[reference]["run_seconds"]) if reference in dict(rows) else None
     thr_pct = f">={100 * rows[0][1]['at_least_threshold']['threshold']:g}%" if rows else ">=thr"
     head = (f"{'method':<24} {'runs':>5}  {'acc %':>15}  {'flip TTA %':>15}  {'own TTA %':>15}  "
-            f"{thr_pct:>7}  {thr_pct + ' TTA':>11}  {'run s':>8}  {'steps s':>8}  {'wall s':>8}  {'run ratio':>9}")
+            f"{thr_pct:>7}  {thr_pct + ' TTA':>11}  {'PFLOP':>6}  {'run s':>8}  {'steps s':>8}  {'wall s':>8}  "
+            f"{'run ratio':>9}")
     lines = [head, "-" * len(head)]
     for name, s in rows:
         thr = s["at_least_threshold"]
@@ -225,8 +227,9 @@ def format_table(rows: list[tuple[str, dict[str, Any]]], reference: str | None =
         run_s, steps_s, wall_s = (_median(s[k]) for k in ("run_seconds", "train_seconds", "wall_seconds"))
         ratio = f"{run_s / ref_s:8.2f}x" if (run_s and ref_s) else f"{'-':>9}"
         secs = "  ".join(f"{v:8.2f}" if v is not None else f"{'-':>8}" for v in (run_s, steps_s, wall_s))
+        pflop = f"{s['flops_per_run'] / 1e15:6.3f}" if s.get("flops_per_run") else f"{'-':>6}"
         lines.append(f"{name:<24} {s['finished']:>2}/{s['runs']:<2}  {_pm(s['acc'])}  {_pm(s['acc_flip_tta'])}  "
-                     f"{_pm(s['acc_tta'])}  {plain:>7}  {tta:>11}  {secs}  {ratio}")
+                     f"{_pm(s['acc_tta'])}  {plain:>7}  {tta:>11}  {pflop}  {secs}  {ratio}")
     return "\n".join(lines)
 
 
@@ -250,7 +253,7 @@ def fastcifar_record(summary: dict[str, Any]) -> dict[str, Any]:
             "acc_flip_tta": own if name == "flip" else None, "tta": name,
             "run_seconds": run.get("run_seconds"), "train_seconds": run.get("train_seconds"),
             "trainer_wall_seconds": run.get("wall_seconds"), "compile_seconds": summary.get("compile_seconds"),
-            "data_seconds": summary.get("data_seconds")}
+            "data_seconds": summary.get("data_seconds"), "flops": (summary.get("flops") or {}).get("per_run")}
 
 
 def run_fastcifar_seed(argv: list[str], out_dir: Path) -> dict[str, Any]:
@@ -367,6 +370,26 @@ def working_dir(path: Path):
         os.chdir(old)
 
 
+def airbench_flops(airbench, num_train: int, num_test: int) -> int:
+    """airbench94's work per run, counted as fastcifar.flops counts ours: one image's training step (its
+    whitening filters frozen) x the images its 9.9 epochs of batch-1024 steps see, plus one image's forward
+    x 6 TTA views (tta_level 2) x the test images."""
+    import math
+
+    import torch
+
+    from fastcifar.flops import forward_flops, train_step_flops
+
+    hyp = airbench.lib_airbench94.hyp
+    batch = hyp["opt"]["batch_size"]
+    steps = math.ceil((num_train // batch) * hyp["opt"]["train_epochs"])  # drop_last, as its loader does
+    net = airbench.make_net94()
+    with torch.autocast("cuda", torch.float16):  # its half weights take half inputs
+        per_image_train = train_step_flops(net)
+        per_image_forward = forward_flops(net)
+    return per_image_train * steps * batch + per_image_forward * 6 * num_test
+
+
 class Airbench:
     """airbench94 on our images, one seed at a time: `prepare()` writes its data files and runs its one-step
     warm-up (cuDNN autotuning, lazy init: outside every timing); `run_seed()` trains and evaluates one seed.
@@ -380,6 +403,8 @@ class Airbench:
 
     def prepare(self) -> None:
         write_airbench_data(self.data, self.work_dir)
+        self.out["flops_per_run"] = airbench_flops(self.airbench, len(self.data.train_labels),
+                                                   len(self.data.test_labels))
         with working_dir(self.work_dir):
             _, self.out["warmup_seconds"] = timed_call(self.airbench.warmup94)
             self.test_loader = self.airbench.CifarLoader("cifar10", train=False, batch_size=2000)
@@ -396,7 +421,8 @@ class Airbench:
         logged = parse_airbench_log(tee.buffer_text.getvalue())
         accs = [self.airbench.evaluate(model, self.test_loader, tta_level=level) for level in (0, 1, 2)]
         return {"seed": seed, "acc": accs[0], "acc_flip_tta": accs[1], "acc_tta": accs[2],
-                "tta": "flip+translate (tta_level 2)", "run_seconds": logged["total_time_seconds"],
+                "tta": "flip+translate (tta_level 2)", "flops": self.out.get("flops_per_run"),
+                "run_seconds": logged["total_time_seconds"],
                 "train_seconds": None, "wall_seconds": wall, "logged": logged}
 
 

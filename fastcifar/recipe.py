@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastcifar.config import TrainConfig
+from fastcifar.config import TrainConfig, model_options
 from fastcifar.distributed import Dist
 from fastcifar.errors import UserError
 from fastcifar.model import ModelConfig, ResNet9
@@ -76,14 +76,28 @@ def check_batch_size(config: TrainConfig, num_train: int, dist: Dist) -> None:
 
 
 def build_model(config: TrainConfig, num_classes: int, device: torch.device) -> ResNet9:
-    model = ResNet9(ModelConfig(width=config.width, num_classes=num_classes, logit_scale=config.logit_scale))
+    model = ResNet9(ModelConfig(num_classes=num_classes, **model_options(config)))
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if not config.bn_weight:  # scales stay 1: with the next conv free to scale, they are redundant
-        for bn in batch_norms(model):
-            bn.weight.requires_grad_(False)
+    frozen = frozen_parameter_names(config)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
     return model
+
+
+def frozen_parameter_names(config: TrainConfig) -> tuple[str, ...]:
+    """Parameters the recipe never trains: with --no-bn-weight the BatchNorm scales stay 1 (the next conv is
+    free to scale, so they are redundant); with --whiten-bias-epochs the whitening filters, which are data
+    statistics, not learned."""
+    with torch.device("meta"):  # the names only: no memory at any width
+        model = ResNet9(ModelConfig(**model_options(config)))
+    names = [f"{name}.weight" for name, module in model.named_modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm)] if not config.bn_weight else []
+    if config.whiten_bias_epochs:
+        names.append("prep.0.weight")
+    return tuple(names)
 
 
 def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -93,14 +107,35 @@ def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def param_groups(config: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
     """Trainable parameters; with --bias-lr the BatchNorm biases form a second group whose lr is scaled
     up and whose weight decay coefficient is scaled down, so they decay by the same amount per step.
-    Each group's `lr_scale` tells the scheduler (and lr_find) its multiple of the base lr."""
+    With --whiten-bias-epochs the first BatchNorm's bias gets a group of its own (named "whiten_bias"),
+    which `stop_whitening_bias` freezes later. Each group's `lr_scale` tells the scheduler (and lr_find)
+    its multiple of the base lr."""
+    prep_bias = model.prep[1].bias if config.whiten_bias_epochs else None
     biases = {id(bn.bias) for bn in batch_norms(model) if bn.bias is not None and bn.bias.requires_grad}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if config.bias_lr == 1.0 or not biases:
-        return [dict(params=trainable, lr_scale=1.0)]
-    return [dict(params=[p for p in trainable if id(p) not in biases], lr_scale=1.0),
-            dict(params=[p for p in trainable if id(p) in biases], lr_scale=config.bias_lr,
-                 lr=config.lr * config.bias_lr, weight_decay=config.weight_decay / config.bias_lr)]
+    trainable = [p for p in model.parameters() if p.requires_grad and p is not prep_bias]
+    bias_scale = config.bias_lr if biases else 1.0
+    bias_group = dict(lr_scale=bias_scale, lr=config.lr * bias_scale, weight_decay=config.weight_decay / bias_scale)
+    if bias_scale == 1.0:
+        groups = [dict(params=trainable, lr_scale=1.0)]
+    else:
+        groups = [dict(params=[p for p in trainable if id(p) not in biases], lr_scale=1.0),
+                  dict(params=[p for p in trainable if id(p) in biases], **bias_group)]
+    if prep_bias is not None:
+        groups.append(dict(params=[prep_bias], name="whiten_bias", **bias_group))
+    return groups
+
+
+def stop_whitening_bias(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> None:
+    """From epoch `config.whiten_bias_epochs` on (0-based `epoch`), the "whiten_bias" group's scheduled lr
+    is zero, so the first layer stays as trained so far. Zeroing the schedule rather than requires_grad
+    keeps the compiled graphs valid."""
+    if not config.whiten_bias_epochs or epoch < config.whiten_bias_epochs:
+        return
+    for group in optimizer.param_groups:
+        if group.get("name") == "whiten_bias":
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                if key in group:
+                    group[key] = 0.0
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:

@@ -102,7 +102,7 @@ SEED_CLOCKS = ("run_seconds", "train_seconds", "wall_seconds", "prep_seconds", "
 
 def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, params: int, world_size: int,
                 environment: dict[str, Any], compile_seconds: float | None, data_seconds: float,
-                upload_seconds: float = 0.0) -> dict[str, Any]:
+                upload_seconds: float = 0.0, flops: dict[str, Any] | None = None) -> dict[str, Any]:
     """What summary.json holds: the last seed's numbers at the top (as before), every seed under `runs`
     with their description (stats.describe) and the per-seed results with each evaluation's fields.
 
@@ -126,6 +126,8 @@ def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, param
     compile_seconds (warm_up: every compilation, None when nothing is compiled or warmed up) and
     data_seconds (reading and decoding the data set). A seed trained before these fields existed (an old
     checkpoint resumed) has None for the clocks it lacks.
+    `flops` (fastcifar.flops.recipe_flops) is the work of one seed: training steps + the final evaluation
+    with the recipe's TTA; its `total` covers every seed so far.
     """
     accs = [r["test_acc"] for r in results]
     ttas = [r["test_acc_tta"] for r in results if r["test_acc_tta"] is not None]
@@ -142,6 +144,7 @@ def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, param
         "compile_seconds": compile_seconds, "data_seconds": data_seconds, "upload_seconds": upload_seconds,
         "images_per_second": float(last["images"] / last["train_seconds"]),
         "epochs": config.epochs, "params": params, "world_size": world_size, **environment,
+        "flops": {**flops, "total": flops["per_run"] * len(results)} if flops else None,
         "runs": {"seeds": [r["seed"] for r in results], "test_acc": accs, "test_acc_tta": ttas,
                  **clocks, "planned": config.runs,
                  "mean": acc_stats["mean"], "std": acc_stats["std"],
@@ -169,4 +172,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"{100 * runs['std_tta']:.2f}")
     run = runs.get("median_run_seconds")
     line += f"; median train {runs['median_train_seconds']:.1f}s"
-    return line + (f", run {run:.1f}s" if run is not None else "") + f" on {summary['device']}"
+    line += (f", run {run:.1f}s" if run is not None else "") + f" on {summary['device']}"
+    if summary.get("flops"):
+        line += f"; {summary['flops']['per_run'] / 1e15:.4f} PFLOP per run"
+    return line

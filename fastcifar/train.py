@@ -38,10 +38,12 @@ from fastcifar.config import TrainConfig, parse_config, resume_config, to_dict, 
 from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, from_env, process_group
 from fastcifar.errors import UserError, run_cli
 from fastcifar.evaluate import evaluate, evaluation_record, tta_inputs
+from fastcifar.flops import recipe_flops
 from fastcifar.lookahead import Lookahead
 from fastcifar.model import ResNet9, count_parameters, summary as model_summary
 from fastcifar.recipe import ResumableLoader, build_criterion, build_loaders, build_model, build_optimizer, \
-    build_scheduler, check_batch_size, epoch_steps, init_weights, loader_seconds, seed_everything, total_steps
+    build_scheduler, check_batch_size, epoch_steps, init_weights, loader_seconds, seed_everything, \
+    stop_whitening_bias, total_steps
 from fastcifar.report import METRICS_FILE, check_out_dir, create_out_dir, epoch_row, format_summary, \
     run_summary, seed_line, write_metrics, write_summary
 from fastcifar.runtime import SignalGuard, StopRequested, Timer, amp_dtype, autocast, configure_backends, \
@@ -151,6 +153,7 @@ class Session:
     compile_seconds: float | None = None
     upload_seconds: float = 0.0   # uint8 images host -> device, once per invocation (outside run_seconds)
     prep_seconds: float = 0.0     # their on-device normalize/pad/mirror, once: added to every seed's run_seconds
+    flops: dict[str, Any] | None = None  # flops.recipe_flops: the work of one seed
 
 
 @dataclass
@@ -178,14 +181,16 @@ class Fit:
 
 
 def warm_up(session: Session, loader, test_loader) -> float:
-    """Every compilation of the run, outside the timed regions and counted in compile_seconds: the training
-    step, and the evaluation forwards on a test batch (all test batches have its shape) in each view the
+    """Every compilation and one-time device cost of the run, outside the timed regions and counted in
+    compile_seconds: the whitening init's solver, the training step, and the evaluation forwards on a test batch (all test batches have its shape) in each view the
     configured TTA uses (plain, flipped, shifted), twice, so CUDA graphs are recorded too. Weights are
     restored after."""
     saved = {k: v.clone() for k, v in session.model_without_ddp.state_dict().items()}
     loader_state = loader.state_dict() if isinstance(loader, ResumableLoader) else None
     device, dtype, model, config = session.device, session.dtype, session.model, session.config
     with Timer(device) as timer:
+        if config.whiten:  # the first eigh on a GPU loads its solver: a one-time cost outside the seeds' init
+            init_weights(session.model_without_ddp, config, session.data, seed=0)
         inputs, labels = next(iter(loader))
         inputs, labels = inputs.to(device), labels.to(device)
         model.train()
@@ -244,8 +249,11 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device,
     print(f"device {device}  world {dist.world_size}  amp {dtype}  compile {compile_model}  "
           f"pipeline {config.pipeline}  data {data.source} ({len(data.train_labels)} train, "
           f"{len(data.test_labels)} test) loaded in {data_seconds:.1f}s")
+    flops = recipe_flops(config, len(data.train_labels), len(data.test_labels), len(data.classes), dist.world_size)
+    print(f"work per run: {flops['per_run'] / 1e15:.4f} PFLOP (training {flops['train'] / 1e15:.4f}, final "
+          f"evaluation {flops['eval'] / 1e15:.4f}; {flops['per_image_forward'] / 1e6:.1f} MFLOP per image forward)")
     return Session(config, device, dtype, dist, out, data, model_without_ddp, model, build_criterion(config),
-                   SignalGuard(dist, device), compile_model, data_seconds, on_epoch)
+                   SignalGuard(dist, device), compile_model, data_seconds, on_epoch, flops=flops)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -321,6 +329,7 @@ def train_seed(session: Session, fit: Fit, seed: int, run: RunState, started: fl
         state = (StepState.from_dict(run.partial, session.device) if run.step_in_epoch
                  else StepState.zeros(session.device))
         loader_start = loader.state_dict() if resumable else {}
+        stop_whitening_bias(fit.optimizer, config, epoch)
         lrs: list[float] = []
         progress = progress_bar(steps[epoch] - state.steps, f"epoch {epoch + 1}")
         try:
@@ -431,7 +440,7 @@ def summarize(session: Session, results: list[dict[str, Any]]) -> dict[str, Any]
     return run_summary(session.config, results, params=count_parameters(session.model_without_ddp),
                        world_size=session.dist.world_size, environment=environment(session.device),
                        compile_seconds=session.compile_seconds, data_seconds=session.data_seconds,
-                       upload_seconds=session.upload_seconds)
+                       upload_seconds=session.upload_seconds, flops=session.flops)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from test_speedrun import needs_bash, run_gpu_script
 
 @needs_bash
 def test_a_failing_part_is_recorded_and_makes_the_script_exit_non_zero(tmp_path):
-    proc = run_gpu_script(tmp_path, tmp_path / "no-such-data.tar.gz", FASTCIFAR_GPU_SWEEP_EPOCHS="")
+    proc = run_gpu_script(tmp_path, tmp_path / "no-such-data.tar.gz", FASTCIFAR_GPU_ARMS="")
     out = tmp_path / "out"
     parts = json.loads((out / "parts.json").read_text())["parts"]
     failed = [p for p in parts if p["name"] != "cuda-tests"]

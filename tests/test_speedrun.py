@@ -404,25 +404,29 @@ def test_gpu_script_smoke_mode_runs_every_part_on_the_cpu(tiny_data, tmp_path):
     proc = run_gpu_script(tmp_path, tiny_data, FASTCIFAR_GPU_AIRBENCH="1")  # asked for, but no wheel
     out = tmp_path / "out"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["default.json", "env.txt", "log.txt", "parts.json",
-                                                     "speedrun.json", "summary.txt", "sweep.json"]
-    for name, runs in (("speedrun", 2), ("default", 1), ("sweep", 2)):
+    assert sorted(p.name for p in out.iterdir()) == ["ablations.json", "default.json", "env.txt", "log.txt",
+                                                     "parts.json", "speedrun.json", "summary.txt"]
+    for name, runs in (("speedrun", 2), ("default", 1)):
         report = json.loads((out / f"{name}.json").read_text())
         (stats,) = report["methods"].values()
         assert stats["runs"] == runs and report["errors"] == [] and report["airbench"] is None
         assert stats["tta"] == ("flip + translate 1" if name != "default" else "flip")  # the preset's own TTA
+        assert stats["flops_per_run"] > 0  # the work of a run sits next to its seconds
+    ablations = json.loads((out / "ablations.json").read_text())
+    assert list(ablations["arms"]) == ["base", "lr"] and ablations["seeds"] == [0, 1]
+    assert all(len(arm["runs"]) == 2 for arm in ablations["arms"].values())
     parts = json.loads((out / "parts.json").read_text())
     assert [(p["name"], p["exit_code"], p["status"]) for p in parts["parts"]] == [
-        ("cuda-tests", 0, "ok"), ("speedrun", 0, "ok"), ("default", 0, "ok"), ("sweep", 0, "ok")]
+        ("speedrun", 0, "ok"), ("ablations", 0, "ok"), ("cuda-tests", 0, "ok"), ("default", 0, "ok")]
     assert parts["notes"] and parts["notes"][0].startswith("airbench skipped: no airbench-*.whl")
     summary = (out / "summary.txt").read_text()
-    assert "speedrun: ok, exit 0" in summary and "sweep: ok, exit 0" in summary and "run s" in summary
+    assert "speedrun: ok, exit 0" in summary and "ablations: ok, exit 0" in summary and "run s" in summary
+    assert "base: " in summary and "lr: " in summary and "PFLOP per run" in summary
     assert "note: airbench skipped" in summary
     log = (out / "log.txt").read_text()
     rewrites = [line for line in log.splitlines() if line.startswith("=== summary.txt and parts.json rewritten")]
-    assert [r.split("(")[1].split()[0] for r in rewrites] == ["1", "2", "3", "4"]  # after every part
+    assert [r.split("(")[1].split()[0] for r in rewrites] == ["1", "2", "2", "3", "4"]  # after every part
     assert "skipped" in log and "needs a CUDA GPU" in log  # the cuda part ran, and skipped for the right reason
-    assert json.loads((out / "sweep.json").read_text())["command"].endswith("--epochs 0.5")
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
     assert not list(tmp_path.glob("fastcifar-gpu.*")), "scratch directory left behind"
 
@@ -433,7 +437,7 @@ def test_gpu_script_skips_what_its_budget_cannot_fit_and_still_writes_the_summar
     out = tmp_path / "out"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     parts = json.loads((out / "parts.json").read_text())["parts"]
-    assert [p["name"] for p in parts] == ["cuda-tests", "speedrun", "default", "sweep"]
+    assert [p["name"] for p in parts] == ["speedrun", "ablations", "cuda-tests", "default"]
     assert all(p["status"].startswith("skipped") and p["exit_code"] is None for p in parts)
     assert "speedrun: skipped" in (out / "summary.txt").read_text()
 

@@ -1,0 +1,98 @@
+"""The work of a run in floating-point operations, counted with `torch.utils.flop_counter`, not by hand.
+
+    python -m fastcifar.model --width 16          # prints FLOPs per image next to the parameters
+    python -c "from fastcifar.config import TrainConfig; from fastcifar.flops import recipe_flops; \\
+        print(recipe_flops(TrainConfig(), 50000, 10000))"
+
+One image's forward pass, and one training step's forward + backward (with the recipe's frozen
+parameters, which need no weight gradient), are counted once on the meta device, so counting costs no
+memory and no time; a run's work is then the training images it steps through times the per-image training
+count, plus the final evaluation: test images x the views of the recipe's TTA x the per-image forward
+count. FlopCounterMode counts matrix multiplications and convolutions (2 FLOPs per multiply-add), the
+convention airbench's 0.36 PFLOP uses; BatchNorm, activations, pooling and the optimizer are not counted.
+Per-epoch evaluations are outside the run's work, as they are outside its clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastcifar.model import ModelConfig, ResNet9
+
+COUNT_BATCH = 2  # BatchNorm in training mode needs more than one value per channel
+
+
+def _counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def forward_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
+    """FLOPs of one image's forward pass through `model` (a module on the meta device, or any device)."""
+    device = next(model.parameters()).device
+    inputs = torch.zeros((COUNT_BATCH, *image_shape), device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _counted(lambda: model(inputs)) // COUNT_BATCH
+    finally:
+        model.train(was_training)
+
+
+def train_step_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
+    """FLOPs of one image's forward + backward pass in training mode (gradients for the parameters that
+    require them; none for the input)."""
+    device = next(model.parameters()).device
+    inputs = torch.zeros((COUNT_BATCH, *image_shape), device=device)
+    was_training = model.training
+    model.train()
+    try:
+        return _counted(lambda: model(inputs).float().sum().backward()) // COUNT_BATCH
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+
+
+def meta_model(model_config: ModelConfig, frozen: tuple[str, ...] = ()) -> ResNet9:
+    """The model on the meta device (no memory), with the parameters named in `frozen` not trainable."""
+    with torch.device("meta"):
+        model = ResNet9(model_config)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return model
+
+
+def tta_view_count(tta: bool, tta_translate: int) -> int:
+    """Forward passes per test image in the final evaluation: 1 plain, 2 with flip, 6 with translate."""
+    if not tta:
+        return 1
+    return 6 if tta_translate else 2
+
+
+def recipe_flops(config, num_train: int, num_test: int, num_classes: int = 10, world_size: int = 1) -> dict[str, Any]:
+    """The work of one run (one seed) of the TrainConfig `config` on `num_train` training and `num_test`
+    test images: {"train", "eval", "per_run"} in FLOPs, and the per-image counts they come from."""
+    from fastcifar.config import model_options
+    from fastcifar.recipe import frozen_parameter_names, total_steps
+
+    model = meta_model(ModelConfig(num_classes=num_classes, **model_options(config)), frozen_parameter_names(config))
+    per_image_train, per_image_forward = train_step_flops(model), forward_flops(model)
+    global_batch = config.batch_size * world_size
+    steps = total_steps(config, num_train // global_batch)
+    views = tta_view_count(config.tta, config.tta_translate)
+    train = per_image_train * steps * global_batch
+    evaluation = per_image_forward * views * num_test
+    return {"train": train, "eval": evaluation, "per_run": train + evaluation,
+            "per_image_forward": per_image_forward, "per_image_train": per_image_train,
+            "train_images": steps * global_batch, "eval_views": views}
+
+
+def pflop(flops: float) -> str:
+    return f"{flops / 1e15:.3f} PFLOP"

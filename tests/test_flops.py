@@ -1,0 +1,84 @@
+"""fastcifar.flops: the work of a run, counted with torch.utils.flop_counter.
+
+    pytest -q tests/test_flops.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from fastcifar.config import PRESETS, TrainConfig
+from fastcifar.flops import forward_flops, meta_model, recipe_flops, train_step_flops, tta_view_count
+from fastcifar.model import ModelConfig
+
+
+def test_a_small_known_network_counts_as_by_hand():
+    """conv 3->4 (3x3, padded) on 8x8, then linear 256->5: multiply-adds counted by hand, 2 FLOPs each."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    conv_macs = 8 * 8 * 4 * 3 * 3 * 3
+    linear_macs = 256 * 5
+    assert forward_flops(net, (3, 8, 8)) == 2 * (conv_macs + linear_macs)
+    # backward: the weight gradients of both layers and the linear layer's input gradient; the conv's input
+    # (the image) needs none
+    assert train_step_flops(net, (3, 8, 8)) == 2 * (conv_macs + linear_macs) + 2 * (conv_macs + 2 * linear_macs)
+
+
+def test_the_classic_net_is_759_mflop_per_image_forward():
+    """The ResNet-9 at width 64, by hand: prep 3->64 at 32x32, layer1 64->128 at 32x32, residual 2 x 128->128 at
+    16x16, layer2 128->256 at 16x16, layer3 256->512 at 8x8, residual 2 x 512->512 at 4x4, linear 512->10."""
+    macs = 9 * (3 * 64 * 32 * 32 + 64 * 128 * 32 * 32 + 2 * 128 * 128 * 16 * 16 + 128 * 256 * 16 * 16
+                + 256 * 512 * 8 * 8 + 2 * 512 * 512 * 4 * 4) + 512 * 10
+    assert forward_flops(meta_model(ModelConfig())) == 2 * macs
+
+
+def test_the_family_options_change_the_count_as_their_shapes_say():
+    """A 2x2 unpadded first conv works on 31x31; a residual block after layer 2 adds two convs at 7x7."""
+    base = ModelConfig(widths=(24, 64, 256, 256), prep_kernel=2)
+    macs = (12 * 24 * 31 * 31 + 9 * (24 * 64 * 31 * 31 + 2 * 64 * 64 * 15 * 15 + 64 * 256 * 15 * 15
+                                    + 256 * 256 * 7 * 7 + 2 * 256 * 256 * 3 * 3) + 256 * 10)
+    assert forward_flops(meta_model(base)) == 2 * macs
+    deeper = dataclasses.replace(base, residual=(1, 2, 3))
+    assert forward_flops(meta_model(deeper)) == 2 * macs + 2 * 9 * 2 * 256 * 256 * 7 * 7
+
+
+def test_frozen_parameters_need_no_weight_gradient():
+    config = ModelConfig(width=4)
+    trained, frozen = meta_model(config), meta_model(config, frozen=("prep.0.weight",))
+    prep_weight_grad = 2 * 3 * 4 * 9 * 32 * 32
+    assert train_step_flops(trained) - train_step_flops(frozen) == prep_weight_grad
+
+
+@pytest.mark.parametrize("change", [dict(epochs=5), dict(width=16), dict(tta_translate=1), dict(tta=False),
+                                    dict(batch_size=256)])
+def test_a_recipe_change_that_changes_the_work_changes_the_count(change):
+    base = TrainConfig(width=8, epochs=4, tta=True, tta_translate=0, batch_size=500)
+    before, after = recipe_flops(base, 5000, 1000), recipe_flops(dataclasses.replace(base, **change), 5000, 1000)
+    assert after["per_run"] != before["per_run"]
+    assert before["per_run"] == before["train"] + before["eval"]
+
+
+def test_the_run_count_is_steps_times_the_batch_and_test_images_times_the_views():
+    config = TrainConfig(width=8, epochs=2.5, batch_size=100, tta=True, tta_translate=1)
+    work = recipe_flops(config, 1050, 200)
+    assert work["train_images"] == round(2.5 * (1050 // 100)) * 100  # full batches only, as the loader
+    assert work["train"] == work["per_image_train"] * work["train_images"]
+    assert work["eval"] == work["per_image_forward"] * 6 * 200
+    assert tta_view_count(True, 0) == 2 and tta_view_count(False, 3) == 1
+
+
+def test_the_speedrun_preset_fits_airbench94s_budget():
+    work = recipe_flops(TrainConfig(**PRESETS["speedrun"]), 50000, 10000)
+    assert work["per_run"] <= 0.36e15
+    assert recipe_flops(TrainConfig(), 50000, 10000)["per_run"] > 2.5e15  # the 24-epoch classic net
+
+
+def test_counting_leaves_no_memory_behind():
+    model = meta_model(ModelConfig(width=64))
+    assert all(p.device.type == "meta" for p in model.parameters())
+    train_step_flops(model)
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.tensor(0).device.type == "cpu"  # the meta device context did not leak
