@@ -4,6 +4,8 @@
     python bench/speedrun.py --data-dir .gpu/cifar10-gpu.tar.gz --preset speedrun --runs 5 \\
         --airbench --airbench-runs 5 --json /tmp/speedrun.json
     python bench/speedrun.py --data-dir DIR --preset default --runs 2 -- --width 16 --epochs 2 --device cpu
+    python bench/speedrun.py --data-dir ../shared/data/cifar10-png.tar.gz --preset speedrun --runs 5 --airbench \\
+        --json cpu.json -- --device cpu        # both methods on the CPU, same threads and precision
 
 Everything after `--` is passed to `fastcifar.train` unchanged (it overrides the preset; --runs, --seed,
 --out-dir and --resume are ours). Each seed is its own in-process `fastcifar.train.main` call (`--runs 1`,
@@ -107,7 +109,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="seeds to train (seed .. seed+runs-1)")
     p.add_argument("--seed", type=int, default=0, help="first seed (fastcifar and airbench)")
     p.add_argument("--out-dir", metavar="DIR", help="fastcifar run directory (default: runs/speedrun-<preset>-<time>)")
-    p.add_argument("--airbench", action="store_true", help="also run airbench94 (needs CUDA and airbench==0.1.8)")
+    p.add_argument("--airbench", action="store_true", help="also run airbench94 (airbench==0.1.8) on the trainer's "
+                   "device: CUDA, or the CPU (`-- --device cpu`) in the trainer's precision")
     p.add_argument("--airbench-runs", type=int, default=None, help="airbench seeds (default: --runs), interleaved "
                    "with fastcifar's seed by seed")
     p.add_argument("--work-dir", metavar="DIR", help="scratch directory for airbench's cifar10/*.pt "
@@ -136,7 +139,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         "for each seed itself; use speedrun's own --runs, --seed and --out-dir")
     from fastcifar.config import parse_config
 
-    parse_config(train_argv(args, args.seed, Path("unused"), train_flags))  # bad trainer flags fail now
+    args.train_config, _ = parse_config(train_argv(args, args.seed, Path("unused"), train_flags))  # fails now
     return args, train_flags
 
 
@@ -279,14 +282,14 @@ class AirbenchOutputError(Exception):
     """airbench's printed table did not give its total_time_seconds (another version, or a changed format)."""
 
 
-def require_airbench():
-    """Import airbench, or raise UserError saying why it cannot run here (no CUDA, not installed)."""
+def require_airbench(device: str):
+    """Import airbench, or raise UserError saying why it cannot run on `device` (a device type) here."""
     import torch
 
-    if not torch.cuda.is_available():
-        raise UserError("--airbench needs a CUDA GPU: airbench 0.1.8 builds its net with .cuda(), loads its data "
-                        "with map_location=cuda and times with CUDA events, and this machine has none; run "
-                        "without --airbench here")
+    if device not in ("cuda", "cpu") or (device == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"--airbench runs on CUDA or on the CPU, not on {device}: airbench 0.1.8 builds its net with "
+                        ".cuda(), loads its data with map_location=cuda and times with CUDA events (patched to the "
+                        "host on the CPU); pass `-- --device cpu` to run both methods on the CPU")
     try:
         import airbench
     except ImportError as e:
@@ -370,13 +373,48 @@ def working_dir(path: Path):
         os.chdir(old)
 
 
+class HostClockEvent:
+    """torch.cuda.Event for airbench on the CPU: record() reads the host clock, elapsed_time() in ms."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.seconds: float | None = None
+
+    def record(self, stream=None) -> None:
+        self.seconds = time.perf_counter()
+
+    def elapsed_time(self, end: "HostClockEvent") -> float:
+        return 1000.0 * (end.seconds - self.seconds)
+
+
+@contextlib.contextmanager
+def airbench_on_cpu(airbench, dtype):
+    """airbench 0.1.8's own code on the CPU, with only what ties it to CUDA patched: its .cuda() calls stay on
+    the CPU, its loader loads there, its CUDA events read the host clock (synchronize has nothing to wait
+    for), and its half precision becomes fastcifar's on this CPU: fp32 weights and images, computing under
+    autocast in `dtype` (bf16 where the CPU computes in it natively; None = fp32, no autocast). Its lookahead
+    averages fp16 and fp32 tensors only, so fp32 weights keep it working."""
+    import torch
+    from unittest import mock
+
+    loader_init = airbench.utils.CifarLoader.__init__
+    keep = lambda self, *args, **kwargs: self  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(torch.cuda, "Event", HostClockEvent))
+        stack.enter_context(mock.patch.object(torch.cuda, "synchronize", lambda *args, **kwargs: None))
+        stack.enter_context(mock.patch.object(torch.nn.Module, "cuda", keep))
+        stack.enter_context(mock.patch.object(torch.nn.Module, "half", lambda self: self.float()))
+        stack.enter_context(mock.patch.object(torch.Tensor, "half", lambda self, *args, **kwargs: self.float()))
+        stack.enter_context(mock.patch.object(loader_init, "__defaults__", loader_init.__defaults__[:-1] + ("cpu",)))
+        if dtype is not None:
+            stack.enter_context(torch.autocast("cpu", dtype=dtype))
+        yield
+
+
 def airbench_flops(airbench, num_train: int, num_test: int) -> int:
     """airbench94's work per run, counted as fastcifar.flops counts ours: one image's training step (its
     whitening filters frozen) x the images its 9.9 epochs of batch-1024 steps see, plus one image's forward
     x 6 TTA views (tta_level 2) x the test images."""
     import math
-
-    import torch
 
     from fastcifar.flops import forward_flops, train_step_flops
 
@@ -384,10 +422,7 @@ def airbench_flops(airbench, num_train: int, num_test: int) -> int:
     batch = hyp["opt"]["batch_size"]
     steps = math.ceil((num_train // batch) * hyp["opt"]["train_epochs"])  # drop_last, as its loader does
     net = airbench.make_net94()
-    with torch.autocast("cuda", torch.float16):  # its half weights take half inputs
-        per_image_train = train_step_flops(net)
-        per_image_forward = forward_flops(net)
-    return per_image_train * steps * batch + per_image_forward * 6 * num_test
+    return train_step_flops(net) * steps * batch + forward_flops(net) * 6 * num_test
 
 
 class Airbench:
@@ -396,16 +431,18 @@ class Airbench:
 
     `out` holds the version, the warm-up seconds and the scratch directory."""
 
-    def __init__(self, airbench, data, work_dir: Path, out: dict[str, Any]):
+    def __init__(self, airbench, data, work_dir: Path, out: dict[str, Any], context=contextlib.nullcontext):
         self.airbench, self.data, self.work_dir, self.out = airbench, data, work_dir, out
+        self.context = context  # entered around every call into airbench: airbench_on_cpu on the CPU
         self.test_loader = None
         out.update(version=airbench_version(), work_dir=str(work_dir))
 
     def prepare(self) -> None:
         write_airbench_data(self.data, self.work_dir)
-        self.out["flops_per_run"] = airbench_flops(self.airbench, len(self.data.train_labels),
-                                                   len(self.data.test_labels))
-        with working_dir(self.work_dir):
+        with self.context():
+            self.out["flops_per_run"] = airbench_flops(self.airbench, len(self.data.train_labels),
+                                                       len(self.data.test_labels))
+        with working_dir(self.work_dir), self.context():
             _, self.out["warmup_seconds"] = timed_call(self.airbench.warmup94)
             self.test_loader = self.airbench.CifarLoader("cifar10", train=False, batch_size=2000)
 
@@ -416,10 +453,10 @@ class Airbench:
             self.prepare()
         torch.manual_seed(seed)  # airbench draws from the global generators and seeds nothing
         tee = _Tee(sys.stdout)
-        with working_dir(self.work_dir), contextlib.redirect_stdout(tee):
+        with working_dir(self.work_dir), contextlib.redirect_stdout(tee), self.context():
             model, wall = timed_call(lambda: self.airbench.train94(run=index, verbose=True))
+            accs = [self.airbench.evaluate(model, self.test_loader, tta_level=level) for level in (0, 1, 2)]
         logged = parse_airbench_log(tee.buffer_text.getvalue())
-        accs = [self.airbench.evaluate(model, self.test_loader, tta_level=level) for level in (0, 1, 2)]
         return {"seed": seed, "acc": accs[0], "acc_flip_tta": accs[1], "acc_tta": accs[2],
                 "tta": "flip+translate (tta_level 2)", "flops": self.out.get("flops_per_run"),
                 "run_seconds": logged["total_time_seconds"],
@@ -495,7 +532,11 @@ def _raise_stopped(signum, frame):
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse_args(argv)
-    airbench = require_airbench() if args.airbench else None  # fail before any training
+    from fastcifar.runtime import amp_dtype, select_device
+
+    config = args.train_config
+    device = select_device(config.device)  # the trainer's; airbench runs on the same device
+    airbench = require_airbench(device.type) if args.airbench else None  # fail before any training
     env = environment(argv)
     out_dir = Path(args.out_dir or f"runs/speedrun-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -513,7 +554,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if airbench is not None:
         scratch = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="airbench-"))
         results[AIRBENCH] = {"runs": []}
-        runner = Airbench(airbench, data, scratch, results[AIRBENCH])
+        context = contextlib.nullcontext
+        if device.type == "cpu":  # in fastcifar's precision on this CPU, as the comparison needs
+            dtype = amp_dtype(device, config.amp, config.amp_dtype)
+            results[AIRBENCH]["cpu_precision"] = str(dtype or torch.float32)
+            context = lambda: airbench_on_cpu(airbench, dtype)  # noqa: E731
+        runner = Airbench(airbench, data, scratch, results[AIRBENCH], context)
     errors: list[str] = []
     seed_errors = (UserError, torch.cuda.OutOfMemoryError)  # this seed only; anything else stops its method
 

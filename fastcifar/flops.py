@@ -32,10 +32,15 @@ def _counted(fn) -> int:
     return int(counter.get_total_flops())
 
 
+def _inputs(model: nn.Module, image_shape: tuple[int, int, int]) -> torch.Tensor:
+    """A batch of zeros on the model's device in the dtype of its first weights (half for a half net)."""
+    first = next(model.parameters())
+    return torch.zeros((COUNT_BATCH, *image_shape), device=first.device, dtype=first.dtype)
+
+
 def forward_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
     """FLOPs of one image's forward pass through `model` (a module on the meta device, or any device)."""
-    device = next(model.parameters()).device
-    inputs = torch.zeros((COUNT_BATCH, *image_shape), device=device)
+    inputs = _inputs(model, image_shape)
     was_training = model.training
     model.eval()
     try:
@@ -48,8 +53,7 @@ def forward_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 32, 
 def train_step_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
     """FLOPs of one image's forward + backward pass in training mode (gradients for the parameters that
     require them; none for the input)."""
-    device = next(model.parameters()).device
-    inputs = torch.zeros((COUNT_BATCH, *image_shape), device=device)
+    inputs = _inputs(model, image_shape)
     was_training = model.training
     model.train()
     try:

@@ -3,6 +3,8 @@ fake airbench: the real one needs CUDA), a tiny end-to-end run, and the GPU scri
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import json
 import os
@@ -136,16 +138,9 @@ def test_parse_airbench_log_reads_the_final_eval_row_and_fails_loudly_without_on
             speedrun.parse_airbench_log(text)
 
 
-def test_airbench_without_cuda_fails_before_training_with_a_clear_message(capsys):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    code = speedrun.run_cli(speedrun.main, ["--airbench", "--preset", "default", "--data-dir", "/nonexistent"],
-                            prog="speedrun")
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "--airbench needs a CUDA GPU" in err and "without --airbench" in err
+def test_airbench_refuses_a_device_it_cannot_run_on_with_a_clear_message():
+    with pytest.raises(speedrun.UserError, match="not on mps.*--device cpu"):
+        speedrun.require_airbench("mps")
 
 
 def test_unknown_preset_and_bad_trainer_flags_fail_up_front(capsys):
@@ -235,6 +230,16 @@ class FakeAirbench:
             assert len(data["classes"]) == 10
             self.images, self.labels = data["images"], data["labels"]
 
+    class lib_airbench94:  # noqa: N801 (airbench's module name)
+        hyp = {"opt": {"batch_size": 10, "train_epochs": 2}}
+
+    @staticmethod
+    def make_net94():
+        import torch
+
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, bias=False), torch.nn.Flatten(),
+                                   torch.nn.Linear(2 * 30 * 30, 10, bias=False))
+
     def warmup94(self):
         self.CifarLoader("cifar10")
         self.calls.append("warmup")
@@ -257,6 +262,11 @@ def test_airbench_runner_writes_its_data_files_and_reads_its_own_clock(tmp_path)
     runs = [runner.run_seed(i, 5 + i) for i in range(2)]
     assert os.getcwd() == cwd and fake.calls == ["warmup", "train0", "train1"]
     assert [r["seed"] for r in runs] == [5, 6] and out["warmup_seconds"] >= 0
+    # its work counted as ours: (forward + backward) x 2 epochs of 4 batches of 10 images, + 6 TTA views of 20
+    conv, linear = 30 * 30 * 2 * 27, 1800 * 10
+    per_image_train = 2 * (conv + linear) + 2 * (conv + 2 * linear)
+    assert out["flops_per_run"] == per_image_train * 2 * 4 * 10 + 2 * (conv + linear) * 6 * 20
+    assert all(r["flops"] == out["flops_per_run"] for r in runs)
     assert [r["run_seconds"] for r in runs] == [3.0, 4.0]  # its printed total_time_seconds, not our clock
     assert all(r["wall_seconds"] > 0 for r in runs)
     assert runs[0]["acc_tta"] == 0.945 and runs[0]["acc_flip_tta"] == 0.94
@@ -275,7 +285,8 @@ def interleaved_main(tmp_path, monkeypatch, airbench, runs=2, airbench_runs=2):
             {"seed": seed, "test_acc": 0.9, "test_acc_tta": 0.95, "train_seconds": 5.0, "run_seconds": 6.0}))
 
     monkeypatch.setattr(speedrun, "run_fastcifar_seed", fake_seed)
-    monkeypatch.setattr(speedrun, "require_airbench", lambda: airbench)
+    monkeypatch.setattr(speedrun, "require_airbench", lambda device: airbench)
+    monkeypatch.setattr(speedrun, "airbench_on_cpu", lambda airbench, dtype: contextlib.nullcontext())
     original = airbench.train94
 
     def train94(run=0, verbose=True):
@@ -362,6 +373,36 @@ def test_real_airbench_94_on_the_cpu_reports_its_own_event_clock(tmp_path, monke
     assert result["run_seconds"] == pytest.approx(0.25 * 12)
     assert result["logged"]["total_time_seconds"] == result["run_seconds"]
     assert 0 <= result["acc_tta"] <= 1 and result["wall_seconds"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype_name", [None, "bfloat16"])
+def test_real_airbench_runs_on_the_cpu_under_our_patch_with_the_host_clock(tmp_path, monkeypatch, dtype_name):
+    """airbench 0.1.8's own code through airbench_on_cpu (what `-- --device cpu` uses), a tiny net and set for
+    a few steps: no CUDA call escapes, its clock is the host's (within the wall time of the call), and with
+    bf16 its convolutions compute in bf16 while its weights stay fp32."""
+    airbench = pytest.importorskip("airbench")
+    import airbench.lib_airbench94 as lib94
+    import torch
+
+    for block in ("block1", "block2", "block3"):
+        monkeypatch.setitem(lib94.hyp["net"]["widths"], block, 8)
+    monkeypatch.setitem(lib94.hyp["opt"], "batch_size", 20)
+    monkeypatch.setitem(lib94.hyp["opt"], "train_epochs", 2)
+    dtype = getattr(torch, dtype_name) if dtype_name else None
+    conv_dtypes = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: conv_dtypes.add(output.dtype) if isinstance(module, torch.nn.Conv2d) else None)
+    try:
+        runner = speedrun.Airbench(airbench, synthetic_data(), tmp_path, {},
+                                   context=lambda: speedrun.airbench_on_cpu(airbench, dtype))
+        result = runner.run_seed(0, 0)
+    finally:
+        hook.remove()
+    assert 0 < result["run_seconds"] <= result["wall_seconds"]
+    assert 0 <= result["acc_tta"] <= 1 and runner.out["flops_per_run"] > 0
+    assert conv_dtypes == {dtype or torch.float32}
+    assert torch.nn.Module.cuda is not None and not hasattr(torch.cuda.Event, "seconds")  # patches undone
 
 
 def test_real_airbench_loader_reads_our_files_on_the_cpu(tmp_path):
