@@ -43,3 +43,34 @@ def test_summary_lists_layers_and_total(capsys):
     out = capsys.readouterr().out
     assert "412,954" in out and ("Linear" in out or "fc" in out)
     assert "412,954" in summary(resnet9(width=16))
+
+
+def test_the_default_family_options_are_the_classic_net_with_its_parameter_names():
+    """Sabotage caught: a residual block added after layer 2 by default, or layer 2 wrapped in a Sequential
+    (its weights would load under other names from every existing checkpoint)."""
+    names = list(ResNet9(ModelConfig(width=4)).state_dict())
+    assert "layer2.0.weight" in names and not any(n.startswith("layer2.1.body") for n in names)
+    assert "layer1.1.body.0.0.weight" in names and "layer3.1.body.1.0.weight" in names
+
+
+@pytest.mark.parametrize("prep_kernel, side", [(3, 32), (2, 31)])
+def test_stage_widths_residual_placement_and_the_first_conv_shape_the_net(prep_kernel, side):
+    import torch
+
+    model = ResNet9(ModelConfig(widths=(6, 8, 12, 16), residual=(2,), prep_kernel=prep_kernel,
+                                activation="gelu", bn_momentum=0.4)).eval()
+    assert model.prep[0].weight.shape == (6, 3, prep_kernel, prep_kernel)
+    assert model.prep(torch.zeros(2, 3, 32, 32)).shape[-1] == side
+    assert model.layer2[1].body[0][0].weight.shape == (12, 12, 3, 3)  # the residual block after layer 2
+    assert isinstance(model.layer1[-1], torch.nn.GELU) and isinstance(model.layer3[-1], torch.nn.GELU)
+    assert all(m.momentum == 0.4 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10) and model.fc.in_features == 16
+
+
+def test_a_family_config_survives_the_json_header_that_export_reads():
+    from fastcifar.checkpoint import ModelInfo
+
+    config = ModelConfig(widths=(24, 64, 256, 256), residual=(3, 1), prep_kernel=2, activation="gelu",
+                         bn_momentum=0.4)
+    info = ModelInfo.from_json(ModelInfo(config, ["a"] * 10, [0.5] * 3, [0.25] * 3).to_json())
+    assert info.config == config and info.config.residual == (1, 3)

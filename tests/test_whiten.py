@@ -73,3 +73,76 @@ def test_training_init_whitens_on_images_from_every_class(monkeypatch):
     model = resnet9(width=4)
     init_weights(model, TrainConfig(width=4, whiten=True), data, seed=0, whiten_sample=50)
     assert len(seen["images"]) == 50 and set(seen["images"][:, 0, 0, 0].tolist()) == set(range(10))
+
+
+def test_init_weights_with_whiten_leaves_a_whitening_first_layer():
+    """Sabotage caught: the init_whitening call in recipe.init_weights replaced by `pass`."""
+    from fastcifar.augment import normalize_images
+    from fastcifar.config import TrainConfig
+    from fastcifar.data import CLASSES, CifarData
+    from fastcifar.recipe import build_model, init_weights
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    images[..., 1] = (0.8 * images[..., 0] + 0.2 * images[..., 1]).astype(np.uint8)  # correlated channels
+    data = CifarData(images, np.arange(200) % 10, images[:20], np.arange(20) % 10, list(CLASSES),
+                     (0.5,) * 3, (0.25,) * 3, "synthetic")
+    for prep_kernel in (3, 2):
+        config = TrainConfig(widths="64,8,8,8", whiten=True, prep_kernel=prep_kernel, channels_last=False)
+        model = build_model(config, 10, torch.device("cpu"))
+        init_weights(model, config, data, seed=0, whiten_sample=200)
+        x = normalize_images(images, data.mean, data.std, torch.device("cpu")).permute(0, 3, 1, 2)
+        dims = 3 * prep_kernel ** 2
+        out = F.conv2d(x, model.prep[0].weight[0:2 * dims:2].float()).permute(1, 0, 2, 3).reshape(dims, -1)
+        torch.testing.assert_close(torch.cov(out), torch.eye(dims), atol=0.02, rtol=0)
+
+
+def test_whiten_bias_epochs_freezes_the_whitened_conv_and_stops_its_bias_after_n_epochs():
+    """The first BatchNorm's bias moves in epoch 0 and not from epoch 1 on, while the rest trains on; the
+    whitened conv never moves. Sabotage caught: stop_whitening_bias a no-op, or the conv left trainable."""
+    from fastcifar.config import TrainConfig
+    from fastcifar.recipe import build_model, build_optimizer, build_scheduler, stop_whitening_bias
+
+    torch.manual_seed(0)
+    config = TrainConfig(width=4, whiten=True, whiten_bias_epochs=1, bias_lr=4.0, lr=0.1, epochs=3,
+                         channels_last=False)
+    cpu = torch.device("cpu")
+    model = build_model(config, 10, cpu)
+    assert not model.prep[0].weight.requires_grad
+    optimizer = build_optimizer(config, model, cpu)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch=2)
+    conv, bias, later = model.prep[0].weight, model.prep[1].bias, model.layer1[0][0].weight
+
+    def step():
+        optimizer.zero_grad()
+        (model(torch.randn(8, 3, 32, 32)) ** 2).mean().backward()
+        optimizer.step()
+        scheduler.step()
+
+    conv_before = conv.clone()
+    for epoch in range(3):
+        stop_whitening_bias(optimizer, config, epoch)
+        bias_before, later_before = bias.clone(), later.clone()
+        step()
+        step()
+        assert torch.equal(bias, bias_before) == (epoch >= 1), epoch
+        assert not torch.equal(later, later_before)
+    assert torch.equal(conv, conv_before)
+
+
+def test_the_training_loop_stops_the_whitening_bias(tmp_path):
+    """Sabotage caught: the stop_whitening_bias call dropped from the loop in fastcifar.train."""
+    from synthetic import write_learnable_dataset
+
+    from fastcifar.checkpoint import load_resume
+    from fastcifar.config import TrainConfig
+    from fastcifar.train import train
+
+    data = write_learnable_dataset(tmp_path / "data", train_per_class=4, test_per_class=1)
+    out = tmp_path / "run"
+    biases = []
+    config = TrainConfig(data_dir=str(data), out_dir=str(out), width=4, batch_size=10, epochs=3, device="cpu",
+                         whiten=True, whiten_bias_epochs=1, bias_lr=8.0, plots=False, tta=False, amp=False)
+    train(config, on_epoch=lambda row: biases.append(load_resume(out)[1]["model"]["prep.1.bias"].clone()))
+    assert not torch.equal(biases[0], torch.zeros_like(biases[0]))  # trained in epoch 1
+    assert torch.equal(biases[0], biases[1]) and torch.equal(biases[1], biases[2])  # then frozen
