@@ -64,12 +64,15 @@ class TrainConfig:
     epochs: float = option(24, 'passes over the data; a fraction ends the last one early (airbench: 9.9)')
     batch_size: int = option(
         512, 'per process; with torchrun the global batch is this x world size', aliases=("-b",))
-    optimizer: Literal["sgd", "adam"] = option("sgd", 'sgd (Nesterov) or adam')
+    optimizer: Literal["sgd", "adam", "muon"] = option(
+        "sgd", 'sgd (Nesterov), adam, or muon: torch.optim.Muon for the conv filters, SGD for the rest')
     lr: float = option(0.4, 'peak learning rate of the one cycle')
     pct_start: float = option(0.21, 'fraction of steps spent warming up (5 of 24 epochs)')
     div_factor: float = option(20.0, 'initial lr = lr / div_factor')
     final_div_factor: float = option(200.0, 'final lr = initial lr / final_div_factor')
     anneal: Literal["linear", "cos"] = option("linear", 'lr annealing after the peak')
+    muon_lr: float = option(0.05, '--optimizer muon: peak lr of the conv filters (scheduled like --lr)')
+    muon_momentum: float = option(0.6, "--optimizer muon: Muon's Nesterov momentum (airbench94_muon: 0.6)")
     momentum: float = option(0.9, 'SGD momentum / Adam beta1 at the ends of the cycle')
     min_momentum: float = option(0.85, '... cycled down to this at the peak lr (set equal to disable)')
     weight_decay: float = option(
@@ -324,6 +327,8 @@ def validate(c: TrainConfig) -> None:
         (_int_list(c.residual) is not None and set(_int_list(c.residual)) <= {1, 2, 3}, "residual",
          "must list layers among 1,2,3 (comma-separated), or be empty"),
         (0 < c.bn_momentum <= 1, "bn_momentum", "must be in (0, 1]"),
+        (c.muon_lr > 0, "muon_lr", "must be > 0"),
+        (0 <= c.muon_momentum < 1, "muon_momentum", "must be in [0, 1)"),
         (c.whiten_bias_epochs >= 0 and (c.whiten or not c.whiten_bias_epochs), "whiten_bias_epochs",
          "must be >= 0, and needs --whiten"),
     ]

@@ -144,6 +144,16 @@ def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device)
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, betas=(config.momentum, 0.999),
                                 weight_decay=config.weight_decay, **fused)
+    if config.optimizer == "muon":
+        if not hasattr(torch.optim, "Muon"):
+            raise UserError(f"--optimizer muon needs torch.optim.Muon (torch >= 2.9; this is {torch.__version__}): "
+                            "upgrade torch or use --optimizer sgd")
+        from fastcifar.muon import MuonWithSGD, split_for_muon
+
+        matrices, rest = split_for_muon(params)
+        return MuonWithSGD(matrices, rest, lr=config.lr, muon_lr=config.muon_lr, momentum=config.momentum,
+                           muon_momentum=config.muon_momentum, weight_decay=config.weight_decay,
+                           fused=device.type == "cuda")
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
                            weight_decay=config.weight_decay, **fused)
 

@@ -215,6 +215,9 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device,
           on_epoch: EpochCallback | None = None) -> Session:
     """Output directory, data, model (compiled, wrapped), loss and signal guard."""
     configure_backends(device)
+    if config.optimizer == "muon" and amp_dtype(device, config.amp, config.amp_dtype) == torch.float16:
+        raise UserError("invalid --optimizer muon with fp16 (a GradScaler cannot unscale Muon's matrices): train "
+                        "in bf16 (--amp-dtype bf16) or fp32 (--no-amp)")
     compile_model = config.compile if config.compile is not None else device.type == "cuda"
     out = check_out_dir(config, resume=resume)
     from fastcifar.data import load_cifar10
