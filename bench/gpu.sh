@@ -70,7 +70,7 @@ DEFAULT_ARMS='base=--preset speedrun
 lr1.0=--preset speedrun --lr 1.0
 lr2.0=--preset speedrun --lr 2.0
 res123-e7=--preset speedrun --residual 1,2,3 --epochs 7
-relu=--preset speedrun --activation relu'
+muon=--preset speedrun --optimizer muon'
 if [ "$SMOKE" = 1 ]; then
     SITE=${FASTCIFAR_GPU_SITE:-$SCRATCH/site}
     RUNS=${FASTCIFAR_GPU_RUNS:-2}
