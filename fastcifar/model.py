@@ -15,7 +15,8 @@ The family around it, for budgets smaller than the classic net's (every default 
 per-stage widths (`widths`), which layers carry a residual block (`residual`), a 2x2 unpadded first conv
 (`prep_kernel=2`: airbench's whitening patch, 31x31 after it), GELU instead of ReLU, BatchNorm momentum.
 
-    python -m fastcifar.model --width 16      # layer table, output shapes, parameter counts
+    python -m fastcifar.model --width 16           # layer table, output shapes, parameters, FLOPs per image
+    python -m fastcifar.model --preset speedrun    # the speedrun recipe's net
 """
 
 from __future__ import annotations
@@ -161,13 +162,18 @@ def _plain_summary(model: nn.Module, shape: tuple[int, ...]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastcifar.model", description="Print the model summary.")
-    parser.add_argument("--width", type=int, default=64, help="channels of the prep layer (default: 64)")
+    from fastcifar.config import PRESETS, TrainConfig, model_options
+
+    parser = argparse.ArgumentParser(prog="python -m fastcifar.model",
+                                     description="Print the model summary, parameters and FLOPs per image.")
+    parser.add_argument("--width", type=int, default=None, help="channels of the prep layer (default: the preset's)")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="the net of this recipe")
     parser.add_argument("--num-classes", type=int, default=10)
     args = parser.parse_args(argv)
-    if args.width < 1 or args.num_classes < 1:
+    if (args.width is not None and args.width < 1) or args.num_classes < 1:
         parser.error("--width and --num-classes must be >= 1")
-    model = resnet9(width=args.width, num_classes=args.num_classes)
+    recipe = TrainConfig(**{**PRESETS[args.preset], **({"width": args.width} if args.width else {})})
+    model = ResNet9(ModelConfig(num_classes=args.num_classes, **model_options(recipe)))
     print(summary(model))
     from fastcifar.flops import forward_flops, meta_model, train_step_flops
 

@@ -43,6 +43,13 @@ def test_summary_lists_layers_and_total(capsys):
     out = capsys.readouterr().out
     assert "412,954" in out and ("Linear" in out or "fc" in out)
     assert "412,954" in summary(resnet9(width=16))
+    assert "FLOPs per image: 48.1 M forward" in out  # 2 x the multiply-adds, see tests/test_flops.py
+
+
+def test_the_model_command_shows_a_presets_net(capsys):
+    assert main(["--preset", "speedrun"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 2,009,818" in out and "FLOPs per image: 205.7 M forward" in out
 
 
 def test_the_default_family_options_are_the_classic_net_with_its_parameter_names():
