@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +106,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), info
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """`state` must hold only tensors, numbers, strings, lists and dicts (loadable with weights_only)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -126,84 +120,89 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------
 # Resumable training state
 # ------------------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
 class RunState:
-    """Where training stands; saved in every checkpoint, so a resumed run continues exactly."""
+    """Where training stands after the last finished epoch; saved in every checkpoint."""
 
     run_index: int = 0            # which of the --runs seeds is in progress
-    epoch: int = 0                # completed epochs of that run
-    train_seconds: float = 0.0   # the training steps of this run so far
-    init_seconds: float = 0.0    # its fresh init + whitening
-    eval_seconds: float = 0.0    # its per-epoch evaluations (outside run_seconds)
-    wall_seconds: float = 0.0    # its wall clock up to the last checkpoint (a resumed run adds on)
+    epoch: int = 0                # its finished epochs
+    train_seconds: float = 0.0    # its training steps so far
+    init_seconds: float = 0.0     # its fresh init + whitening
+    eval_seconds: float = 0.0     # its per-epoch evaluations (outside run_seconds)
+    wall_seconds: float = 0.0     # its wall clock up to the last checkpoint (a resumed seed adds on)
     images: int = 0               # training samples processed (all ranks)
-    step_in_epoch: int = 0        # > 0 when stopped mid-epoch: steps of epoch `epoch` already done
-    partial: dict[str, Any] = field(default_factory=dict)         # StepState of that partial epoch
-    lrs: list[float] = field(default_factory=list)                # lr of every step of this run
-    rows: list[dict[str, Any]] = field(default_factory=list)      # metrics of every epoch so far
-    finished: list[dict[str, Any]] = field(default_factory=list)  # results of completed runs
+    lrs: list[float] = field(default_factory=list)                # lr of every step of this seed
+    rows: list[dict[str, Any]] = field(default_factory=list)      # metrics of every epoch of every seed
+    finished: list[dict[str, Any]] = field(default_factory=list)  # results of the finished seeds
 
 
-def numpy_rng_state() -> dict[str, Any]:
-    """numpy's global RNG state as tensors and numbers (loadable with weights_only=True)."""
-    import numpy as np
+@dataclass
+class Training:
+    """One seed in training: everything a checkpoint holds, with `save` and `restore` side by side.
 
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-            "gauss": float(gauss)}
+    A checkpoint is written after an epoch (every --checkpoint-every); a resumed run restores it and goes on
+    as if never stopped: the weights, the optimizer, the schedule, the loss scaler, the lookahead, the
+    loader's random generator and the global ones are those the uninterrupted run had.
+    """
 
+    model: nn.Module                 # the plain module: not DDP, compiled in place or not
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler     # disabled unless training in fp16
+    lookahead: Any                   # a Lookahead, or None
+    loader: Any                      # the training loader; one with state_dict() is restored exactly
+    run: RunState
+    origin: float = 0.0              # perf_counter() - origin = the seed's wall seconds (not saved)
 
-def set_numpy_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
+    def save(self, path: str | os.PathLike, config: dict[str, Any], device: torch.device) -> None:
+        """Write the checkpoint atomically, as plain containers of tensors, numbers and strings only, so
+        `torch.load(weights_only=True)` reads it."""
+        state = {"format": CHECKPOINT_FORMAT, "config": config, "run": asdict(self.run),
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "lookahead": self.lookahead.state_dict() if self.lookahead else {},
+                 "loader": self.loader.state_dict() if hasattr(self.loader, "state_dict") else {},
+                 "rng": rng_state(device)}
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
 
-    np.random.set_state(("MT19937", state["keys"].numpy().astype(np.uint32), state["pos"],
-                         state["has_gauss"], state["gauss"]))
+    def restore(self, ckpt: dict[str, Any], device: torch.device) -> None:
+        """Load what `save` wrote into these objects, in place (`run` is the checkpoint's already)."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["scaler"]:  # empty when saved by a disabled scaler
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(ckpt["lookahead"])
+        if ckpt["loader"]:  # the albumentations DataLoader has none: it starts its draws afresh
+            self.loader.load_state_dict(ckpt["loader"])
+        set_rng_state(ckpt["rng"], device)
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    """torch's, numpy's and (on CUDA) the device's global generators."""
-    return {"torch": torch.get_rng_state(), "numpy": numpy_rng_state(),
+    """torch's, numpy's and (on CUDA) the device's global generators, as tensors and numbers."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                   "gauss": float(gauss)}
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state,
             **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
 
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    import numpy as np
+
     torch.set_rng_state(state["torch"])
-    set_numpy_rng_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def training_state(*, config: dict[str, Any], run: RunState, model: nn.Module, optimizer, scheduler, scaler,
-                   lookahead, loader_state: dict, device: torch.device) -> dict[str, Any]:
-    """Everything `--resume` needs, as plain containers only (tensors, numbers, strings), so
-    `torch.load(weights_only=True)` reads it."""
-    from dataclasses import asdict
-
-    return {
-        "format": CHECKPOINT_FORMAT, "config": config, "run": asdict(run), "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler else {}, "loader": loader_state,
-        "lookahead": lookahead.state_dict() if lookahead else {}, "rng": rng_state(device),
-    }
-
-
-def restore_training_state(ckpt: dict[str, Any], *, model: nn.Module, optimizer, scheduler, scaler, lookahead,
-                           train_loader, device: torch.device) -> RunState:
-    """The inverse of `training_state`: loads every object in place; returns where training stood."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt["scaler"]:
-        scaler.load_state_dict(ckpt["scaler"])
-    if lookahead is not None:
-        lookahead.load_state_dict(ckpt["lookahead"])
-    if ckpt["loader"]:  # saved by a ResumableLoader only; {} for the albumentations DataLoader
-        train_loader.load_state_dict(ckpt["loader"])
-    set_rng_state(ckpt["rng"], device)
-    return RunState(**ckpt["run"])
 
 
 def resolve_run_dir(path: str | os.PathLike) -> Path:

@@ -39,6 +39,14 @@ def from_env() -> Dist:
                 local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def local_device(device: torch.device, d: Dist) -> torch.device:
+    """This process's device: under torchrun on CUDA the GPU of its LOCAL_RANK (made current), else `device`."""
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
 @contextlib.contextmanager
 def process_group(d: Dist, device: torch.device) -> Iterator[None]:
     """nccl on CUDA, gloo on the CPU; always destroyed on the way out (success, error or interrupt)."""

@@ -71,7 +71,6 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
     train/eval mode and the optimizer's state and hyperparameters are restored afterwards, even on error.
     """
     from fastcifar.runtime import autocast
-    from fastcifar.train import backward_and_step
 
     if not 0 < start_lr < end_lr or steps < 2 or diverge <= 1:
         raise ValueError(f"need 0 < start_lr < end_lr, steps >= 2 and diverge > 1; got {start_lr}, {end_lr}, "
@@ -82,7 +81,7 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
     saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in plain.parameters()]
     saved_opt = copy.deepcopy(optimizer.state_dict())
     was_training = plain.training
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     lrs: list[float] = []
     losses: list[float] = []
     smoothed: list[float] = []
@@ -100,7 +99,10 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
             if not math.isfinite(value):
                 reason = "non-finite"
                 break
-            backward_and_step(loss, optimizer, scaler)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             avg = BETA * avg + (1 - BETA) * value
             smooth = avg / (1 - BETA ** (i + 1))
             lrs.append(lr)

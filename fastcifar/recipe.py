@@ -7,7 +7,7 @@ and the fresh initialization of each seed.
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,19 +17,6 @@ from fastcifar.config import TrainConfig, model_options
 from fastcifar.distributed import Dist
 from fastcifar.errors import UserError
 from fastcifar.model import ModelConfig, ResNet9
-
-
-@runtime_checkable
-class ResumableLoader(Protocol):
-    """A loader that can resume mid-epoch and be reseeded in place (the device-resident one); the
-    albumentations DataLoader is not one, and is rebuilt for each seed and replayed to resume."""
-
-    def __len__(self) -> int: ...
-    def reseed(self, seed: int) -> None: ...
-    def plan_epoch(self) -> Any: ...
-    def batches(self, plan: Any, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.dtype | None, seed: int,

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from fastcifar.config import DEVICE_PATTERN
 from fastcifar.distributed import Dist, FlagVote, host_group
 from fastcifar.errors import UserError
 
@@ -25,9 +24,7 @@ CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 
 def select_device(name: str) -> torch.device:
-    """`auto` (cuda, then mps, then cpu), `cpu`, `mps`, `cuda` or `cuda:N`."""
-    if not DEVICE_PATTERN.fullmatch(name):
-        raise UserError(f"invalid --device ({name}): use auto, cpu, mps, cuda or cuda:N")
+    """`auto` (cuda, then mps, then cpu), `cpu`, `mps`, `cuda` or `cuda:N` (a name config.validate accepted)."""
     available = {"cuda": torch.cuda.is_available(),
                  "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
                  "cpu": True}
@@ -64,8 +61,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def cpu_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes in bf16 (Linux's flags; False where they cannot be read). Without it bf16
-    autocast is emulated: on a 2-core Xeon with AVX-512 but no BF16 a width-16 training step ran 2.5-4.5x
-    slower in bf16 than in fp32 (2026-11-29), so auto AMP stays in fp32 there."""
+    autocast is emulated, which is slower than fp32 (bench/RESULTS.md), so auto AMP stays in fp32 there."""
     try:
         with open(cpuinfo or CPUINFO) as f:
             lines = [line for line in f if line.startswith(("flags", "Features"))]
@@ -139,7 +135,8 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
 
 
 class StopRequested(Exception):
-    """Raised inside an epoch after SIGINT/SIGTERM, once the current step has finished."""
+    """Raised inside an epoch after SIGINT/SIGTERM, once the current step has finished: the epoch is
+    abandoned and the checkpoint of the last finished one is kept."""
 
 
 class SignalGuard:
@@ -156,15 +153,15 @@ class SignalGuard:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
         self.dist, self.device, self.every = dist, device, every
-        self.steps = 0                      # steps checked in this process: the same count on every rank
+        self.steps = 0                      # steps checked so far: the same count on every rank
         self._vote: FlagVote | None = None  # the vote in flight
         self._group: Any = None
 
     def stop_requested(self) -> bool:
         """Called once after every step, on every rank."""
+        self.steps += 1
         if not self.dist.enabled:
             return self.signum is not None
-        self.steps += 1
         if self.steps % self.every:
             return False
         agreed = self._vote is not None and self._vote.result()

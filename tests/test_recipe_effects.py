@@ -24,7 +24,7 @@ import fastcifar.evaluate
 from fastcifar.augment import DeviceLoader
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.evaluate import evaluate, shift
-from fastcifar.train import StepState, main, train_one_epoch
+from fastcifar.train import main, train_one_epoch
 from synthetic import write_learnable_dataset
 
 CPU = torch.device("cpu")
@@ -78,7 +78,8 @@ def test_amp_runs_the_training_step_under_bf16_autocast_on_the_cpu():
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
         batches = [(torch.randn(4, 3, 32, 32), torch.arange(4))] * 2
-        train_one_epoch(model, batches, opt, sched, nn.CrossEntropyLoss(), None, CPU, dtype, StepState.zeros(CPU), [])
+        no_scaling = torch.amp.GradScaler("cpu", enabled=False)
+        train_one_epoch(model, nn.CrossEntropyLoss(), opt, sched, no_scaling, batches, CPU, dtype)
         assert [enabled for enabled, _ in model.autocast] == [want, want]
         if want:
             assert all(seen == torch.bfloat16 for _, seen in model.autocast)
@@ -91,8 +92,8 @@ def learnable(tmp_path_factory) -> Path:
 
 def test_lookahead_steps_and_ends_on_the_slow_weights_and_final_tta_uses_the_translate(learnable, tmp_path,
                                                                                          monkeypatch):
-    """Sabotage: lookahead.step() not called in train_one_epoch; Lookahead not built in train_all; the final
-    TTA in finish_run evaluated with tta_translate=0."""
+    """Sabotage: lookahead.step() not called in train_one_epoch; Lookahead not built in start_seed; the final
+    TTA in finish_seed evaluated with tta_translate=0."""
     translates = []
     tta_logits = fastcifar.evaluate.tta_logits
     monkeypatch.setattr(fastcifar.evaluate, "tta_logits",

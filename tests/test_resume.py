@@ -1,4 +1,8 @@
-"""Nothing lost: exact resume, interrupts, kill -9, non-finite loss."""
+"""Nothing lost: a stop keeps the last finished epoch's checkpoint, a resume from it equals the run that
+never stopped (bit-exact on the CPU), kill -9 leaves a complete checkpoint, a non-finite loss is one line.
+
+    pytest -q tests/test_resume.py
+"""
 
 from __future__ import annotations
 
@@ -53,8 +57,8 @@ class SignalAtCall(torch.nn.CrossEntropyLoss):
 
 @pytest.mark.parametrize("signum, code, extra", [(signal.SIGINT, 130, []), (signal.SIGTERM, 143, []),
                                                  (signal.SIGINT, 130, ["--lookahead"])])
-def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(learnable, tmp_path, monkeypatch, capsys,
-                                                                 signum, code, extra):
+def test_a_stop_mid_epoch_then_resume_equals_the_uninterrupted_run(learnable, tmp_path, monkeypatch, capsys,
+                                                                   signum, code, extra):
     args = ["--data-dir", str(learnable), *FAST, "--epochs", "3", *extra]
     assert train_mod.main([*args, "--out-dir", str(tmp_path / "a")]) == 0
 
@@ -65,8 +69,7 @@ def test_interrupted_mid_epoch_then_resumed_equals_uninterrupted(learnable, tmp_
         train_mod.main([*args, "--out-dir", str(tmp_path / "b")])
     assert stop.value.code == code
     assert "--resume" in capsys.readouterr().err
-    ckpt = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
-    assert ckpt["run"]["epoch"] == 1 and ckpt["run"]["step_in_epoch"] == 4
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["run"]["epoch"] == 1  # the epoch finished last
     assert not (tmp_path / "b" / "model.safetensors").exists()
 
     assert train_mod.main(["--resume", str(tmp_path / "b")]) == 0
@@ -97,8 +100,7 @@ def test_resume_inside_a_fractional_last_epoch(learnable, tmp_path, monkeypatch)
     with monkeypatch.context() as patch, pytest.raises(SystemExit):
         patch.setattr(train_mod.nn, "CrossEntropyLoss", SignalAtCall)
         train_mod.main([*args, "--out-dir", str(tmp_path / "b")])
-    ckpt = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
-    assert ckpt["run"]["epoch"] == 2 and ckpt["run"]["step_in_epoch"] == 2
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["run"]["epoch"] == 2
     assert train_mod.main(["--resume", str(tmp_path / "b")]) == 0
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -140,32 +142,33 @@ def test_non_finite_loss_stops_with_step_and_lr(learnable, tmp_path, capsys):
     assert not (out / "model.safetensors").exists()
 
 
-def test_a_stop_after_a_non_finite_loss_keeps_the_last_good_checkpoint(learnable, tmp_path, monkeypatch, capsys):
-    """Sabotage: the signal path saving checkpoint.pt although a step of the epoch went non-finite."""
+def test_a_stop_leaves_the_last_finished_epochs_checkpoint_byte_for_byte(learnable, tmp_path, monkeypatch, capsys):
+    """Sabotage: the stop path writing checkpoint.pt (with the abandoned epoch's half-trained weights, or after a
+    non-finite loss) instead of keeping the one written after the last finished epoch."""
     real = train_mod.train_one_epoch
     epochs, good = [], []
     out = tmp_path / "run"
 
-    def diverge_then_stop(*args, **kwargs):
+    def diverge_then_stop(model, criterion, optimizer, *args, **kwargs):
         epochs.append(1)
         if len(epochs) < 2:
-            return real(*args, **kwargs)
+            return real(model, criterion, optimizer, *args, **kwargs)
         good.append((out / "checkpoint.pt").read_bytes())
-        state = args[8]  # the StepState: step 0 of this epoch went non-finite, then a signal arrived
-        state.first_bad_step = torch.zeros_like(state.first_bad_step)
+        with torch.no_grad():  # a step of this epoch went non-finite, then a signal arrived
+            next(model.parameters()).fill_(float("nan"))
         raise train_mod.StopRequested
 
     monkeypatch.setattr(train_mod, "train_one_epoch", diverge_then_stop)
     with pytest.raises(SystemExit):
         train_mod.main(["--data-dir", str(learnable), "--out-dir", str(out), *FAST, "--epochs", "3"])
     assert (out / "checkpoint.pt").read_bytes() == good[0]  # the one written after epoch 1, untouched
-    assert "last good checkpoint is kept" in capsys.readouterr().err
+    assert "checkpoint of the last finished epoch is kept" in capsys.readouterr().err
 
 
-def test_the_lr_named_for_a_non_finite_step_counts_the_steps_before_a_resume():
-    """Sabotage: indexing only the lrs since the resume (step 2 of an epoch resumed at step 50)."""
-    from fastcifar.train import lr_of_step
-
-    earlier_epochs, before_stop, after_resume = [0.1] * 10, [0.2 + i / 1000 for i in range(50)], [0.3] * 47
-    assert lr_of_step(earlier_epochs + before_stop + after_resume, 97, 2) == before_stop[2]
-    assert lr_of_step(earlier_epochs + before_stop + after_resume, 97, 60) == 0.3
+def test_a_stop_before_the_first_checkpoint_says_there_is_none(learnable, tmp_path, monkeypatch, capsys):
+    SignalAtCall.calls, SignalAtCall.signum, SignalAtCall.at = 0, signal.SIGTERM, 3
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stop:
+        patch.setattr(train_mod.nn, "CrossEntropyLoss", SignalAtCall)
+        train_mod.main(["--data-dir", str(learnable), "--out-dir", str(tmp_path / "run"), *FAST, "--epochs", "2"])
+    assert stop.value.code == 143 and not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert "no checkpoint was written yet" in capsys.readouterr().err

@@ -1,11 +1,11 @@
-"""The clocks of a run stopped mid-epoch and resumed: train_seconds keeps the steps done before the stop and
-wall_seconds continues from the checkpoint's, so a resumed run reports the same kind of numbers as one
+"""The clocks of a run stopped mid-epoch and resumed: train_seconds keeps the epochs finished before the stop
+and wall_seconds continues from the checkpoint's, so a resumed run reports the same kind of numbers as one
 that never stopped.
 
     pytest -q tests/test_resume_timing.py
 
-Sabotages that fail here: the partial epoch's seconds (StepState.seconds) dropped from the epoch's time
-after a resume; train_seed's wall-clock origin ignoring the checkpoint's wall_seconds.
+Sabotages that fail here: the checkpoint's train_seconds not restored; start_seed's wall-clock origin
+ignoring the checkpoint's wall_seconds.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ def test_a_resumed_run_keeps_the_seconds_before_the_stop(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         train_mod.main(["--data-dir", str(data), "--out-dir", str(out), *FAST])
     assert stop.value.code == 130
-    assert load_checkpoint(out / "checkpoint.pt")["run"]["step_in_epoch"] == 5
+    assert load_checkpoint(out / "checkpoint.pt")["run"]["epoch"] == 1  # epoch 2 is trained again
     SlowLoss.at = 0
     assert train_mod.main(["--resume", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     steps = 2 * 7
-    assert summary["train_seconds"] >= steps * NAP          # the 5 steps before the stop are counted
+    assert summary["train_seconds"] >= steps * NAP          # epoch 1, trained before the stop, is counted
     assert summary["wall_seconds"] >= summary["run_seconds"] >= steps * NAP
     assert sum(summary["runs"]["train_seconds"]) == summary["train_seconds"]

@@ -84,10 +84,11 @@ def test_warm_up_leaves_the_loaders_random_choices_where_they_were():
     train, test = DeviceLoader(images, labels, seed=3, **common), DeviceLoader(images, labels, train=False, **common)
     fresh = DeviceLoader(images, labels, seed=3, **common)
     model = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 32 * 32, 10))  # BN: train steps move it
-    session = SimpleNamespace(model_without_ddp=model, model=model, device=CPU, dtype=None,
-                              config=TrainConfig(tta=True, tta_translate=1), criterion=nn.CrossEntropyLoss())
+    session = SimpleNamespace(model_without_ddp=model, model=model, device=CPU, dtype=None, train_loader=train,
+                              test_loader=test, config=TrainConfig(tta=True, tta_translate=1),
+                              criterion=nn.CrossEntropyLoss())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    warm_up(session, train, test)
+    warm_up(session)
     assert torch.equal(train.plan_epoch().order, fresh.plan_epoch().order)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -132,24 +133,21 @@ def test_gathered_predictions_come_back_in_test_set_order(monkeypatch):
     assert torch.equal(gather_interleaved(shards[0], Dist(rank=0, world_size=2), 7), full)
 
 
-def test_resume_restores_the_grad_scaler():
-    """Sabotage: restore_training_state skipping the GradScaler (an fp16 run would resume at the initial loss
-    scale, not the one it had reached)."""
-    from fastcifar.checkpoint import RunState, restore_training_state, training_state
+def test_resume_restores_the_grad_scaler(tmp_path):
+    """Sabotage: Training.restore skipping the GradScaler (an fp16 run would resume at the initial loss scale,
+    not the one it had reached)."""
+    from fastcifar.checkpoint import RunState, Training, load_checkpoint
 
-    def parts(scale: float):
+    def training(scale: float) -> Training:
         model = nn.Linear(2, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-        return model, opt, sched, torch.amp.GradScaler("cpu", init_scale=scale)
+        return Training(model, opt, sched, torch.amp.GradScaler("cpu", init_scale=scale), None, [], RunState())
 
-    model, opt, sched, scaler = parts(8.0)
-    ckpt = training_state(config={}, run=RunState(), model=model, optimizer=opt, scheduler=sched, scaler=scaler,
-                          lookahead=None, loader_state={}, device=CPU)
-    model, opt, sched, fresh = parts(65536.0)
-    restore_training_state(ckpt, model=model, optimizer=opt, scheduler=sched, scaler=fresh, lookahead=None,
-                           train_loader=None, device=CPU)
-    assert fresh.get_scale() == 8.0
+    training(8.0).save(tmp_path / "checkpoint.pt", {}, CPU)
+    fresh = training(65536.0)
+    fresh.restore(load_checkpoint(tmp_path / "checkpoint.pt"), CPU)
+    assert fresh.scaler.get_scale() == 8.0
 
 
 def test_evaluate_command_uses_the_amp_dtype_flag(tmp_path, monkeypatch, capsys):
@@ -187,7 +185,7 @@ def test_keys_of_a_config_file_count_as_given_for_resume(tmp_path):
 
 
 def test_each_seed_of_a_multi_seed_run_trains_as_that_seed_alone(tmp_path):
-    """Sabotage: train_all reseeding the reused device loader with the first seed (or not at all), so seeds
+    """Sabotage: start_seed reseeding the reused device loader with the first seed (or not at all), so seeds
     after the first would not see their own data order and augmentations."""
     from safetensors.torch import load_file
 
