@@ -1,7 +1,7 @@
 """Classify image files with an exported model: onnxruntime or OpenVINO, Pillow and numpy only (no torch).
 
     python -m export.predict model.onnx cat.png dog.jpg
-    python -m export.predict model.int8.onnx photos/ --top 3          # every image in a folder
+    python -m export.predict model.int8.onnx photos/ --top 3          # every image in a folder tree
     python -m export.predict model.int8.onnx photos/ --backend openvino --mode throughput --threads 2
 
 One line per file: `file<TAB>class<TAB>probability` (softmax), or with `--top K` the K best as
@@ -29,14 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from export.backends import BACKENDS, MODES, PRECISIONS, Runner, ort_session, runner_for
+from export.backends import BACKENDS, MODES, PRECISIONS, Runner, runner_for
 # fastcifar.errors is torch-free; tests/test_export.py checks this module stays so
 from fastcifar.errors import UserError, first_line, run_cli
 
 IMAGE_SIZE = 32
 EXIT_SOME_FAILED = 1
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-make_session = ort_session  # the onnxruntime session both commands and the benchmark use
 
 
 def to_input(images: np.ndarray) -> np.ndarray:
@@ -89,14 +88,16 @@ def load_classifier(path: str | os.PathLike, backend: str = "onnxruntime", mode:
 
 
 def expand_images(names: Sequence[str]) -> list[str]:
-    """Files as given; a folder stands for its image files (by suffix, sorted, not recursive)."""
+    """Files as given; a folder stands for the image files in it and its subfolders (by suffix, sorted), so
+    a folder of class folders (the layout training reads) is classified whole."""
     files: list[str] = []
     for name in names:
         folder = Path(name)
         if folder.is_dir():
-            found = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not found:
-                raise UserError(f"no image files in the folder {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise UserError(f"no image files in the folder {folder} or below it "
+                                f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
             files += found
         else:
             files.append(name)

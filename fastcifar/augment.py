@@ -233,10 +233,10 @@ class DeviceLoader:
         return v[self.rank::self.world_size]
 
     # -- batches ------------------------------------------------------------------------------------
-    def batches(self, plan: EpochPlan, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of `plan`, from batch number `start` on (a resumed epoch skips what it had done)."""
+    def batches(self, plan: EpochPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `plan`."""
         count = len(plan.order) - (len(plan.order) % self.batch_size if self.drop_last else 0)
-        for first in range(start * self.batch_size, count, self.batch_size):
+        for first in range(0, count, self.batch_size):
             sl = slice(first, first + self.batch_size)
             order = plan.order[sl]
             labels = self.labels[order]
@@ -257,7 +257,7 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches(self.plan_epoch())
 
-    # -- exact resume -------------------------------------------------------------------------------
+    # -- exact resume (at an epoch's start) ----------------------------------------------------------
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "generator": self.generator.get_state()}
 

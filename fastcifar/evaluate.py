@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcifar.augment import IGNORE_LABEL
-from fastcifar.config import MAX_TTA_TRANSLATE, ArgumentParser
+from fastcifar.config import ArgumentParser, TrainConfig, validate
 from fastcifar.distributed import Dist, all_reduce_sum, gather_interleaved
-from fastcifar.errors import UserError, run_cli
+from fastcifar.errors import run_cli
 from fastcifar.runtime import autocast
 
 ACCURACY_UNIT = "fraction"  # what every test_acc in the JSON is: correct / total, not a percentage
@@ -136,11 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastcifar.runtime import amp_dtype, environment, select_device
 
     args = get_args_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"invalid --batch-size ({args.batch_size}): must be >= 1")
-    if not 0 <= args.tta_translate <= MAX_TTA_TRANSLATE:
-        raise UserError(f"invalid --tta-translate ({args.tta_translate}): must be between 0 and "
-                        f"{MAX_TTA_TRANSLATE} pixels")
+    # the flags shared with training obey training's checks
+    validate(TrainConfig(batch_size=args.batch_size, tta_translate=args.tta_translate, device=args.device))
     device = select_device(args.device)
     model, info = load_model(args.checkpoint, device)
     model = model.to(memory_format=torch.channels_last)

@@ -158,15 +158,6 @@ def test_state_dict_replays_the_next_epoch():
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-def test_batches_start_skips_done_batches():
-    images, labels = random_images(64)
-    ld = loader(images, labels)
-    plan = ld.plan_epoch()
-    full = list(ld.batches(plan))
-    tail = list(ld.batches(plan, start=2))
-    assert len(tail) == len(full) - 2 and torch.equal(tail[0][0], full[2][0])
-
-
 def test_ranks_get_disjoint_shards_of_one_permutation():
     images, labels = random_images(101)
     orders = [loader(images, labels, rank=r, world_size=2).plan_epoch().order for r in (0, 1)]

@@ -22,7 +22,8 @@ from torch import nn
 
 from export import onnx as export_onnx_cli
 from export.onnx import fold_batchnorm, int8_path, main, reference_logits
-from export.predict import make_session, read_image, run_batches, to_input
+from export.backends import ort_session
+from export.predict import read_image, run_batches, to_input
 from fastcifar.checkpoint import ModelInfo, load_model, save_model
 from fastcifar.data import CLASSES
 from fastcifar.errors import run_cli
@@ -114,7 +115,7 @@ def test_fold_batchnorm_is_exact(negative):
 
 def test_parity_at_batch_1_7_256(exported, checkpoint):
     model, info = load_model(checkpoint)
-    session = make_session(exported)  # one session: the batch axis must really be dynamic
+    session = ort_session(exported)  # one session: the batch axis must really be dynamic
     images = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
     for n in (1, 7, 256):
         got = run_batches(session, images[:n], batch_size=n)
@@ -149,7 +150,7 @@ def test_int8_export(exported, tiny_data):
     assert {n.op_type for n in proto.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["classes"]) == list(CLASSES) and "on 16 images (training split" in meta["quantization"]
-    logits = run_batches(make_session(path), np.zeros((3, 32, 32, 3), dtype=np.uint8))
+    logits = run_batches(ort_session(path), np.zeros((3, 32, 32, 3), dtype=np.uint8))
     assert logits.shape == (3, 10) and np.isfinite(logits).all()
 
 
@@ -272,7 +273,7 @@ def with_stored_accuracy(checkpoint: Path, test_acc: float, path: Path) -> Path:
 def test_accuracy_must_match_the_checkpoint_within_0_3_points(workdir, exported, checkpoint, tiny_data,
                                                               test_split, reuse_export, offset, passes):
     """A stored accuracy 0.2-0.25 points off passes, 0.4 points off fails and keeps the previous file."""
-    onnx_acc = float((run_batches(make_session(exported), test_split.test_images).argmax(1)
+    onnx_acc = float((run_batches(ort_session(exported), test_split.test_images).argmax(1)
                       == test_split.test_labels).mean())
     folder = workdir / f"acc-gate{offset:+}"
     folder.mkdir()
@@ -337,6 +338,15 @@ def test_predict_is_torch_free():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_folder_of_class_folders_stands_for_every_image_below_it(tmp_path):
+    """The layout training reads (test/<class>/*.png): sabotage, a folder read without its subfolders."""
+    from export.predict import expand_images
+
+    cat, dog = (write_png(tmp_path / "test" / name, 32, seed=0) for name in ("cat/1.png", "dog/2.jpg"))
+    (tmp_path / "test" / "notes.txt").write_text("not an image")
+    assert expand_images([str(tmp_path / "test")]) == [str(cat), str(dog)]
 
 
 def test_predict_classifies_resizes_and_reports_failures(exported, tmp_path):
