@@ -30,8 +30,8 @@ renamed only after all checks pass (with `--int8`: both files' checks), so a fai
 partial file or replaces a good one; the records follow the models.
 
 `--int8` adds `<stem>.int8.onnx`: onnxruntime static quantization (QDQ, uint8 activations, per-channel
-int8 weights, MinMax calibration on `--calib-images` training images); `quantize_int8` says what the
-alternatives measured, the `calibration` metadata what was really used.
+int8 weights, MinMax calibration on `--calib-images` training images; bench/RESULTS.md has what the
+alternatives measured); the `calibration` metadata says what was really used.
 """
 
 from __future__ import annotations
@@ -355,16 +355,8 @@ def check_backends(path: Path, ort_acc: float | None, ort_check_logits: np.ndarr
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: np.ndarray, *,
                   source: str = "random images", quant_format: str = "QDQ", activation_type: str = "QUInt8",
                   reduce_range: bool = False, calibrate_method: str = "MinMax", per_channel: bool = True) -> dict:
-    """Static int8 quantization of the fp32 model with onnxruntime, calibrated on uint8 NHWC images.
-
-    The defaults come from measurements on a 2-core AMD EPYC (Zen 4, AVX-512 VNNI), onnxruntime 1.32,
-    width 64, batch 256, 2 threads; accuracy on a width-16 model trained to 87.29% (full test split):
-    QDQ, uint8 activations, per-channel int8 weights, MinMax: 263 ms/batch (3.3x onnxruntime fp32),
-    -0.03 points. int8 activations: 1.9x slower (x86 int8 kernels are u8s8). QOperator, reduce_range and
-    per-tensor weights: the same speed within 3%; per-tensor lost 0.13 points. Percentile and Entropy
-    calibration: within 0.1 points of MinMax, at twice the quantization time. Metadata is copied from the
-    fp32 model.
-    """
+    """Static int8 quantization of the fp32 model with onnxruntime, calibrated on uint8 NHWC images. The
+    defaults are the fastest accurate choice measured (bench/RESULTS.md); metadata is copied from fp32."""
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
 

@@ -220,6 +220,9 @@ def load_resume(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """(run directory, checkpoint) for `--resume`, with the checkpoint's config and run state checked."""
     run_dir = resolve_run_dir(path)
     ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    if isinstance(ckpt, dict) and ckpt.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint of format {ckpt['format']} ({run_dir / CHECKPOINT_FILE}): this version "
+                        f"resumes format {CHECKPOINT_FORMAT}; finish the run with the version that wrote it")
     try:
         if not isinstance(ckpt["config"], dict):
             raise TypeError("config is not a mapping")

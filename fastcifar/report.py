@@ -103,32 +103,11 @@ SEED_CLOCKS = ("run_seconds", "train_seconds", "wall_seconds", "prep_seconds", "
 def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, params: int, world_size: int,
                 environment: dict[str, Any], compile_seconds: float | None, data_seconds: float,
                 upload_seconds: float = 0.0, flops: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What summary.json holds: the last seed's numbers at the top (as before), every seed under `runs`
-    with their description (stats.describe) and the per-seed results with each evaluation's fields.
-
-    The clocks, in seconds (device events on CUDA, perf_counter elsewhere). Per seed, at the top for the
-    last seed, under `runs` as a list per seed and in every `runs.per_seed` entry:
-      run_seconds         airbench94's convention, the speedrun figure: prep_seconds + init_seconds +
-                          train_seconds + final_eval_seconds. Per-epoch evaluations, reading/decoding the
-                          data, the upload and compilation are outside it.
-      prep_seconds        on-device preparation of the uint8 images already on the device (normalize, pad,
-                          mirrored copy; train and test loaders). The loaders are built once per invocation
-                          and reseeded per seed, so this one measurement is added to every seed's
-                          run_seconds; 0 for the albumentations pipeline (it prepares batches while training).
-      init_seconds        the seed's fresh initialization, whitening included.
-      train_seconds       the training steps alone (as before).
-      final_eval_seconds  the final evaluation whose accuracy is the recipe's own: with --tta the TTA one
-                          (flip, + translate with --tta-translate), else the plain one.
-      eval_seconds        the per-epoch evaluations (outside run_seconds).
-      wall_seconds        host wall clock of the whole seed, from its start (warm-up and compilation
-                          included for the first seed of an invocation) to its model and plots written.
-    Once per invocation, at the top: upload_seconds (host-to-device copy of the uint8 images and labels),
-    compile_seconds (warm_up: every compilation, None when nothing is compiled or warmed up) and
-    data_seconds (reading and decoding the data set). A seed trained before these fields existed (an old
-    checkpoint resumed) has None for the clocks it lacks.
+    """What summary.json holds: the last seed's numbers at the top, every seed under `runs` (with
+    stats.describe's mean and std) and the per-seed results. docs/training.md says what each clock covers;
+    run_seconds is airbench94's: prep + init + train + the final evaluation whose accuracy is reported.
     `flops` (fastcifar.flops.recipe_flops) is the work of one seed: training steps + the final evaluation
-    with the recipe's TTA; its `total` covers every seed so far.
-    """
+    with the recipe's TTA; its `total` covers every seed so far."""
     accs = [r["test_acc"] for r in results]
     ttas = [r["test_acc_tta"] for r in results if r["test_acc_tta"] is not None]
     clocks = {key: [r.get(key) for r in results] for key in SEED_CLOCKS}

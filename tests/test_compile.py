@@ -1,4 +1,4 @@
-"""Compilation happens inside warm_up only (issue #11): evaluation batches of one shape (the short last batch
+"""Compilation happens inside warm_up only: evaluation batches of one shape (the short last batch
 padded with ignored images), TTA views in the input's layout, and warm-up runs every evaluation forward.
 
     pytest -q tests/test_compile.py

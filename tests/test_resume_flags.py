@@ -71,6 +71,20 @@ def test_resume_config_keeps_the_recipe_and_takes_the_environment():
         resume_config(saved, TrainConfig(out_dir="runs/other"), {"out_dir"}, "runs/x")
 
 
+def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(finished_run, tmp_path, capsys):
+    """A checkpoint written while mid-epoch stops were saved (format 1: step_in_epoch, partial) names its
+    format instead of failing inside RunState."""
+    import torch
+
+    run = tmp_path / "old"
+    shutil.copytree(finished_run, run)
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    ckpt["format"], ckpt["run"]["step_in_epoch"], ckpt["run"]["partial"] = 1, 0, {}
+    torch.save(ckpt, run / "checkpoint.pt")
+    assert run_cli(main, ["--resume", str(run)]) == 2
+    assert "format 1" in one_line_error(capsys)
+
+
 def test_resume_of_a_missing_directory_names_both_forms(tmp_path, capsys):
     assert run_cli(main, ["--resume", str(tmp_path / "nope")]) == 2
     assert "checkpoint.pt" in one_line_error(capsys)

@@ -1,4 +1,4 @@
-"""The clocks of summary.json (issue #11): run_seconds is airbench94's convention and each part of it
+"""The clocks of summary.json: run_seconds is airbench94's convention and each part of it
 covers what it says; per-epoch evaluations stay outside.
 
     pytest -q tests/test_timing.py
