@@ -13,9 +13,10 @@ import csv
 import io
 import math
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from fastcifar.atomic import write_json, write_text
 from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE
@@ -80,6 +81,15 @@ def epoch_row(row: dict[str, Any], header: bool = False) -> str:
         shown = isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
         out.append(f"{v * scale if scale != 1 else v:>{w}{fmt}}" if shown else f"{'':>{w}}")
     return " ".join(out)
+
+
+def progress_bar(batches: Iterable, total: int, epoch: int) -> Iterable:
+    """`batches` behind a tqdm bar on a terminal; as they are when stdout is a file or pipe."""
+    if not sys.stdout.isatty():
+        return batches
+    from tqdm import tqdm
+
+    return tqdm(batches, total=total, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
 
 
 def seed_line(result: dict[str, Any]) -> str:

@@ -5,12 +5,10 @@
     python -m fastcifar.train --preset speedrun --data-dir ../shared/data/cifar10-png.tar.gz --runs 5
     python -m fastcifar.train --resume runs/default          # continue from the last finished epoch
 
-This file is the loop and `main`: config -> data, model, loaders (`setup`) -> for each seed: fresh weights
-and optimizer (`start_seed`), `for epoch: train_one_epoch; end_epoch` -> final evaluation and artifacts
-(`finish_seed`). The parts live next to it: `runtime` (device, precision, timer, signals), `recipe`
-(what the config builds), `evaluate`, `checkpoint` (artifacts and the resumable state) and `report` (run
-directory, metrics.csv, summary.json, console rows). In a process, `train(config, on_epoch=...)` runs the
-same and returns the run summary. docs/training.md describes the run directory and resuming.
+The loop and `main`: config -> data, model, loaders (`setup`) -> for each seed: fresh weights (`start_seed`),
+`for epoch: train_one_epoch; end_epoch` -> final evaluation and artifacts (`finish_seed`). `runtime` holds
+device, precision, timer and signals, `recipe` what the config builds, `checkpoint` the resumable state,
+`report` the run's files and console rows; docs/training.md describes them.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ from fastcifar.model import ResNet9, count_parameters, summary as model_summary
 from fastcifar.recipe import build_criterion, build_loaders, build_model, build_optimizer, build_scheduler, \
     check_batch_size, epoch_steps, init_weights, loader_seconds, seed_everything, stop_whitening_bias, total_steps
 from fastcifar.report import METRICS_FILE, check_out_dir, create_out_dir, epoch_row, format_summary, \
-    run_summary, seed_line, write_metrics, write_summary
+    progress_bar, run_summary, seed_line, write_metrics, write_summary
 from fastcifar.runtime import SignalGuard, StopRequested, Timer, amp_dtype, autocast, configure_backends, \
     environment, select_device
 
@@ -198,9 +196,8 @@ def warm_up(session: Session) -> float:
 
 
 def start_seed(session: Session, run: RunState, ckpt: dict[str, Any] | None, started: float) -> Training:
-    """The seed `run` stands in, ready for its next epoch: seeded loader, fresh weights, optimizer and
-    schedule, or, from `ckpt`, exactly the state the checkpoint saved. `started` (perf_counter) is where
-    its wall clock starts in this process."""
+    """The seed `run` stands in, ready for its next epoch: seeded loader, fresh weights and optimizer, or
+    the state `ckpt` saved. Its wall clock in this process starts at `started` (perf_counter)."""
     config, device = session.config, session.device
     seed = config.seed + run.run_index
     seed_everything(seed)
@@ -298,15 +295,6 @@ def summarize(session: Session, results: list[dict[str, Any]]) -> dict[str, Any]
                        flops=session.flops, **session.clocks)
 
 
-def progress(batches: Iterable, total: int, epoch: int) -> Iterable:
-    """`batches` behind a tqdm bar on a terminal; as they are when stdout is a file or pipe."""
-    if not sys.stdout.isatty():
-        return batches
-    from tqdm import tqdm
-
-    return tqdm(batches, total=total, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
-
-
 @contextlib.contextmanager
 def stop_keeps_the_checkpoint(guard: SignalGuard, out: Path) -> Iterator[None]:
     """A signal's stop exits 130 (SIGINT) or 143 (SIGTERM), the last finished epoch's checkpoint untouched."""
@@ -330,14 +318,10 @@ def out_of_memory_is_one_line(config: TrainConfig, device: torch.device) -> Iter
 
 def train(config: TrainConfig, *, on_epoch: EpochCallback | None = None,
           resume_from: str | os.PathLike | None = None, explicit: Collection[str] | None = None) -> dict[str, Any]:
-    """Run `config` (under torchrun: this rank's share) and return the run summary (what summary.json holds).
-
-    `on_epoch(row)` is called on rank 0 after each epoch with its metrics row (the metrics.csv keys; test_acc
-    is NaN when the epoch was not evaluated), after metrics.csv and the checkpoint are written: an exception
-    it raises propagates out of `train` and leaves those files intact. `resume_from` (a run directory or its
-    checkpoint.pt) continues that run from its last checkpoint: the fields named in `explicit` (default:
-    all) must then equal the checkpoint's, except the environment ones, which `config` may change.
-    """
+    """Run `config` and return the run summary (what summary.json holds). `on_epoch(row)` gets each epoch's
+    metrics row on rank 0 after metrics.csv and the checkpoint are written (a raise leaves them intact).
+    `resume_from` (a run directory or its checkpoint.pt) continues that run: the fields named in `explicit`
+    (default: all) must equal the checkpoint's, except the environment ones, which `config` may change."""
     validate(config)  # as the command line does: a bad value fails before anything is loaded
     ckpt = None
     if resume_from is not None:
@@ -360,7 +344,7 @@ def train(config: TrainConfig, *, on_epoch: EpochCallback | None = None,
                 for epoch in range(run.epoch, len(steps)):
                     stop_whitening_bias(training.optimizer, config, epoch)
                     with Timer(device) as timer:  # the epoch's random draws (iter(loader)) are training time
-                        batches = progress(itertools.islice(training.loader, steps[epoch]), steps[epoch], epoch)
+                        batches = progress_bar(itertools.islice(training.loader, steps[epoch]), steps[epoch], epoch)
                         sums, lrs = train_one_epoch(session.model, session.criterion, training.optimizer,
                                                     training.scheduler, training.scaler, batches, device,
                                                     session.dtype, training.lookahead, guard)
