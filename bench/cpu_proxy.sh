@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speedrun issue's CPU proxy: at width 16 on the lossless CIFAR-10, `--preset speedrun --epochs 5.5`
+# The CPU proxy of the speedrun recipe: at width 16 on the lossless CIFAR-10, `--preset speedrun --epochs 5.5`
 # against the default recipe's 10-epoch run (the preset's own 10 epochs are meant for the full-width net).
 # Both recipes train at the same time, one thread each (two cores), so their seconds are measured in one
 # sitting under the same load: the default for seeds 0 and 1, the speedrun preset for seeds 0, 1 and 2 (it

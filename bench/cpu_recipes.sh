@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU figures in the README: the default recipe vs the original notebook's (--preset seed) at width 16,
+# The default recipe vs the original notebook's (--preset seed) at width 16,
 # 10 epochs, on the lossless CIFAR-10. The two recipes train side by side (two cores), so their seconds per
 # epoch are measured in one sitting under the same load; then a second seed of the default. One thread per
 # process: the default run is one process, the seed run its trainer plus 2 albumentations DataLoader workers.

@@ -6,6 +6,7 @@ real subprocesses to prove the wiring.
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -89,40 +90,14 @@ def corrupt_file(path: Path, how: str) -> Path:
     return path
 
 
-def train_main(argv):
-    from fastcifar.train import main
-
-    return main(argv)
-
-
-def data_main(argv):
-    from fastcifar.data import main
-
-    return main(argv)
+def command(module: str) -> Callable:
+    """`module`'s main, imported when a case runs, so a module that fails to import fails its cases only."""
+    return lambda argv: importlib.import_module(module).main(argv)
 
 
-def export_main(argv):
-    from export.onnx import main
-
-    return main(argv)
-
-
-def predict_main(argv):
-    from export.predict import main
-
-    return main(argv)
-
-
-def evaluate_main(argv):
-    from fastcifar.evaluate import main
-
-    return main(argv)
-
-
-def lr_find_main(argv):
-    from fastcifar.lr_find import main
-
-    return main(argv)
+train_main, data_main, evaluate_main, lr_find_main = (command(f"fastcifar.{name}")
+                                                      for name in ("train", "data", "evaluate", "lr_find"))
+export_main, predict_main = command("export.onnx"), command("export.predict")
 
 
 # -- the cases: (id, command, argv factory (tmp, data, run) -> (argv, path that must not appear), expected) -------

@@ -138,14 +138,20 @@ def test_resume_restores_the_grad_scaler(tmp_path):
     not the one it had reached)."""
     from fastcifar.checkpoint import RunState, Training, load_checkpoint
 
-    def training(scale: float) -> Training:
+    def training(scale: float, enabled: bool = True) -> Training:
         model = nn.Linear(2, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-        return Training(model, opt, sched, torch.amp.GradScaler("cpu", init_scale=scale), None, [], RunState())
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale, enabled=enabled)
+        return Training(model, opt, sched, scaler, None, [], RunState())
 
     training(8.0).save(tmp_path / "checkpoint.pt", {}, CPU)
     fresh = training(65536.0)
+    fresh.restore(load_checkpoint(tmp_path / "checkpoint.pt"), CPU)
+    assert fresh.scaler.get_scale() == 8.0
+    # --amp-dtype auto resumed on a GPU without native bf16: the bf16 run saved a disabled scaler's empty state,
+    # which an enabled scaler cannot load (torch raises); the fp16 run starts its scale afresh instead
+    training(8.0, enabled=False).save(tmp_path / "checkpoint.pt", {}, CPU)
     fresh.restore(load_checkpoint(tmp_path / "checkpoint.pt"), CPU)
     assert fresh.scaler.get_scale() == 8.0
 

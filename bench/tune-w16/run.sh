@@ -1,5 +1,5 @@
 #!/bin/bash
-# The README's measurement: a 12-trial study at width 16, 0.4 epochs per trial, then best vs default, 3 seeds.
+# A 12-trial study (bench/RESULTS.md) at width 16, 0.4 epochs per trial, then best vs default, 3 seeds.
 set -e
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
