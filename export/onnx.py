@@ -100,8 +100,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     float BatchNormalization nodes that break the int8 graph into DequantizeLinear/BN/QuantizeLinear
     islands. Folding through the max-pool is exact when every BN scale is positive (max commutes with a
     positive per-channel affine map), and ReLU commutes with max-pool, so ReLU moves next to the conv where
-    onnxruntime fuses it. Blocks with a non-positive scale are left as they are. Measured at width 64 on
-    2 cores: int8 6% faster at batch 256 (263 vs 279 ms), fp32 10% faster at batch 1 (5.1 vs 5.7 ms).
+    onnxruntime fuses it. Blocks with a non-positive scale are left as they are (bench/RESULTS.md: the
+    speed it gains).
     """
     model = copy.deepcopy(model).eval()
     for block in model.modules():
