@@ -85,6 +85,31 @@ def test_amp_runs_the_training_step_under_bf16_autocast_on_the_cpu():
             assert all(seen == torch.bfloat16 for _, seen in model.autocast)
 
 
+def test_an_epoch_reads_nothing_from_the_device_until_reduce_epoch_reads_it_once(monkeypatch):
+    """The hot loop never waits for the device: sabotage, a per-step `loss.item()` (say, for the non-finite
+    check) or `float(loss)` in train_one_epoch, or a second read in reduce_epoch."""
+    from fastcifar.distributed import Dist
+    from fastcifar.lookahead import Lookahead
+    from fastcifar.train import reduce_epoch
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 10
+    loader = DeviceLoader(images, labels, mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=16)
+    model = Recorder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=len(loader))
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            reads.append(_name) or _real(self, *a, **k))
+    sums, lrs = train_one_epoch(model, nn.CrossEntropyLoss(), opt, sched, torch.amp.GradScaler("cpu", enabled=False),
+                                iter(loader), CPU, None, Lookahead(model, len(loader)))
+    assert reads == [] and len(lrs) == len(loader)
+    loss, acc, seen, bad = reduce_epoch(sums, Dist())
+    assert reads == ["tolist"] and seen == 64 and bad == -1 and 0 <= acc <= 1
+
+
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory) -> Path:
     return write_learnable_dataset(tmp_path_factory.mktemp("learnable"), train_per_class=10, test_per_class=2)
