@@ -15,7 +15,7 @@ from torch import nn
 class PerSampleNorm(nn.GroupNorm):
     """GroupNorm with one group: each sample normalized over its own channels and pixels, affine per channel."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, momentum: float | None = None):  # momentum: BatchNorm2d's, unused here
         super().__init__(1, channels)
 
 
