@@ -99,6 +99,12 @@ def seed_line(result: dict[str, Any]) -> str:
     return line + (f"  run {result['run_seconds']:.1f}s" if result.get("run_seconds") is not None else "")
 
 
+def work_line(flops: dict[str, Any]) -> str:
+    """The work of one run (flops.recipe_flops) for the console."""
+    return (f"work per run: {flops['per_run'] / 1e15:.4f} PFLOP (training {flops['train'] / 1e15:.4f}, final "
+            f"evaluation {flops['eval'] / 1e15:.4f}; {flops['per_image_forward'] / 1e6:.1f} MFLOP per image forward)")
+
+
 def tta_settings(config: TrainConfig) -> dict[str, Any] | None:
     """The TTA a run reports, as fields: flip, translate pixels and the averaged views; None without TTA."""
     if not config.tta:

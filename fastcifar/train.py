@@ -40,7 +40,7 @@ from fastcifar.model import ResNet9, count_parameters, summary as model_summary
 from fastcifar.recipe import build_criterion, build_loaders, build_model, build_optimizer, build_scheduler, \
     check_batch_size, epoch_steps, init_weights, loader_seconds, seed_everything, stop_whitening_bias, total_steps
 from fastcifar.report import METRICS_FILE, check_out_dir, create_out_dir, epoch_row, format_summary, \
-    progress_bar, run_summary, seed_line, write_metrics, write_summary
+    progress_bar, run_summary, seed_line, work_line, write_metrics, write_summary
 from fastcifar.runtime import SignalGuard, StopRequested, Timer, amp_dtype, autocast, configure_backends, \
     environment, select_device
 
@@ -118,7 +118,8 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device,
     from fastcifar.data import load_cifar10, validation_split
 
     configure_backends(device)
-    if config.optimizer == "muon" and amp_dtype(device, config.amp, config.amp_dtype) == torch.float16:
+    dtype = amp_dtype(device, config.amp, config.amp_dtype)
+    if config.optimizer == "muon" and dtype == torch.float16:
         raise UserError("invalid --optimizer muon with fp16 (a GradScaler cannot unscale Muon's matrices): train "
                         "in bf16 (--amp-dtype bf16) or fp32 (--no-amp)")
     out = check_out_dir(config, resume=resume)
@@ -131,7 +132,6 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device,
     if dist.is_main:
         create_out_dir(out)
         write_json(out / "config.json", to_dict(config))
-    dtype = amp_dtype(device, config.amp, config.amp_dtype)
     model_without_ddp = build_model(config, len(data.classes), device)
     print(model_summary(model_without_ddp))
     if config.sync_bn and dist.enabled:
@@ -159,9 +159,7 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device,
     print(f"device {device}  world {dist.world_size}  amp {dtype}  compile {compile_model}  "
           f"pipeline {config.pipeline}  data {data.source} ({len(data.train_labels)} train, "
           f"{len(data.test_labels)} test) loaded in {data_seconds:.1f}s")
-    flops = session.flops
-    print(f"work per run: {flops['per_run'] / 1e15:.4f} PFLOP (training {flops['train'] / 1e15:.4f}, final "
-          f"evaluation {flops['eval'] / 1e15:.4f}; {flops['per_image_forward'] / 1e6:.1f} MFLOP per image forward)")
+    print(work_line(session.flops))
     return session
 
 
