@@ -14,7 +14,7 @@ seed and the rest continue. Unless overridden after `--`, the runs use `--no-plo
 With `--airbench` the two methods are interleaved seed by seed (fastcifar first on even seeds, airbench
 first on odd ones), so both see the same GPU clocks and temperature.
 
-One clock for both sides (issue #11), airbench94's convention: **run seconds** = on-device data
+One clock for both sides, airbench94's convention: **run seconds** = on-device data
 preparation from uint8 images already on the device + first-layer (whitening) init + every training step +
 the final evaluation with the method's own TTA, timed with device events. Per-epoch evaluations, reading
 and decoding files, the host-to-device upload and compilation are not in it. Per method and seed:

@@ -73,24 +73,18 @@ def meta_model(model_config: ModelConfig, frozen: tuple[str, ...] = ()) -> ResNe
     return model
 
 
-def tta_view_count(tta: bool, tta_translate: int) -> int:
-    """Forward passes per test image in the final evaluation: 1 plain, 2 with flip, 6 with translate."""
-    if not tta:
-        return 1
-    return 6 if tta_translate else 2
-
-
 def recipe_flops(config, num_train: int, num_test: int, num_classes: int = 10, world_size: int = 1) -> dict[str, Any]:
     """The work of one run (one seed) of the TrainConfig `config` on `num_train` training and `num_test`
     test images: {"train", "eval", "per_run"} in FLOPs, and the per-image counts they come from."""
     from fastcifar.config import model_options
+    from fastcifar.evaluate import tta_views
     from fastcifar.recipe import frozen_parameter_names, total_steps
 
     model = meta_model(ModelConfig(num_classes=num_classes, **model_options(config)), frozen_parameter_names(config))
     per_image_train, per_image_forward = train_step_flops(model), forward_flops(model)
     global_batch = config.batch_size * world_size
     steps = total_steps(config, num_train // global_batch)
-    views = tta_view_count(config.tta, config.tta_translate)
+    views = len(tta_views(config.tta, config.tta_translate))  # the recipe's own final evaluation
     train = per_image_train * steps * global_batch
     evaluation = per_image_forward * views * num_test
     return {"train": train, "eval": evaluation, "per_run": train + evaluation,

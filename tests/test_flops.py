@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastcifar.config import PRESETS, TrainConfig
-from fastcifar.flops import forward_flops, meta_model, recipe_flops, train_step_flops, tta_view_count
+from fastcifar.flops import forward_flops, meta_model, recipe_flops, train_step_flops
 from fastcifar.model import ModelConfig
 
 
@@ -67,7 +67,8 @@ def test_the_run_count_is_steps_times_the_batch_and_test_images_times_the_views(
     assert work["train_images"] == round(2.5 * (1050 // 100)) * 100  # full batches only, as the loader
     assert work["train"] == work["per_image_train"] * work["train_images"]
     assert work["eval"] == work["per_image_forward"] * 6 * 200
-    assert tta_view_count(True, 0) == 2 and tta_view_count(False, 3) == 1
+    assert recipe_flops(dataclasses.replace(config, tta_translate=0), 1050, 200)["eval_views"] == 2
+    assert recipe_flops(dataclasses.replace(config, tta=False), 1050, 200)["eval_views"] == 1
 
 
 def test_the_speedrun_preset_fits_airbench94s_budget():

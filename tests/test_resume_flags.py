@@ -124,7 +124,7 @@ def test_help_comes_from_the_fields_not_the_source_file(monkeypatch):
     monkeypatch.setattr(inspect, "getsource", lambda *a: (_ for _ in ()).throw(OSError("no source")))
     text = get_args_parser().format_help()
     assert "peak learning rate" in text and "-b BATCH_SIZE, --batch-size BATCH_SIZE" in text
-    assert "--out-dir OUT_DIR, --output-dir OUT_DIR" in text and "{sgd,adam}" in text
+    assert "--out-dir OUT_DIR, --output-dir OUT_DIR" in text and "{sgd,adam,muon}" in text
 
 
 def test_out_dir_help_names_the_default_it_uses(tmp_path, monkeypatch):
