@@ -1,9 +1,12 @@
 """A hyperparameter search space read from TOML: which training fields to vary, over what values.
 
-    python -m fastcifar.tune --space bench/tune_space.toml --val-split 5000 --data-dir ...
+    python -m fastcifar.tune --space bench/tune_space_cpu.toml --val-split 5000 --data-dir ...
 
 One table per training field (the flag name with underscores), holding a range or a list of choices; a
-plain value fixes the field for every trial:
+plain value fixes the field for every trial. Fixed values come first: TOML puts every key after a
+`[table]` header into that table, so a `width = 16` below `[batch_size]` would be a key of batch_size.
+
+    width = 16            # fixed
 
     [lr]                  # a float range; log = true samples its logarithm (use it for rates and decays)
     low = 0.1
@@ -18,16 +21,16 @@ plain value fixes the field for every trial:
     [batch_size]          # choices, for any field (the only way to vary a string or a boolean)
     choices = [256, 512]
 
-    width = 16            # fixed
-
 Integer fields get integer ranges. Every value is checked against the training validation up front, so
-a bad bound fails before the first trial, naming the file and the field.
+a bad bound fails before the first trial, naming the file and the field. Without --space, fastcifar.tune
+searches DEFAULT_SPACE: the One Cycle schedule and the regularizers of the recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -35,10 +38,52 @@ from typing import Any
 from fastcifar.config import TrainConfig, non_recipe_fields, read_toml, validate
 from fastcifar.errors import UserError
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 # Fields a search must not vary: where data and results live, the seed and the split (a search compares
 # configurations on one fixed split and seed), and run plumbing.
 NOT_SEARCHABLE = non_recipe_fields() | {"val_split", "split_seed"}  # where and how a trial runs, not what
 _RANGE_KEYS = {"low", "high", "log", "step"}
+
+# The search without --space: the One Cycle schedule (peak lr, warm-up fraction, both div factors) and the
+# regularizers, around the default recipe (every range holds its value, so it can run as the first trial;
+# the speedrun preset's lr, batch size and label smoothing too). Rates and factors vary on a log scale.
+DEFAULT_SPACE = """
+[lr]
+low = 0.1
+high = 2.0
+log = true
+
+[pct_start]
+low = 0.1
+high = 0.5
+
+[div_factor]
+low = 5.0
+high = 100.0
+log = true
+
+[final_div_factor]
+low = 10.0
+high = 1000.0
+log = true
+
+[weight_decay]
+low = 5e-5
+high = 5e-3
+log = true
+
+[label_smoothing]
+low = 0.0
+high = 0.3
+
+[batch_size]
+choices = [128, 256, 512]
+"""
+DEFAULT_SOURCE = "the default space (fastcifar.search_space.DEFAULT_SPACE)"
 
 
 @dataclass(frozen=True)
@@ -61,6 +106,10 @@ class Param:
             return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
 
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one of the choices or inside the range."""
+        return value in self.choices if self.kind == "choice" else self.low <= value <= self.high
+
     def grid_values(self, source: str) -> list[Any]:
         """Every value, for the grid sampler: the choices, or the range walked by its step."""
         if self.kind == "choice":
@@ -80,6 +129,13 @@ class SearchSpace:
     fixed: dict[str, Any]
     source: str
 
+    def describe(self) -> dict[str, Any]:
+        """The space as JSON data: what a study records, so a later invocation can tell a changed space."""
+        params = {p.name: {"kind": p.kind, "choices": list(p.choices)} if p.kind == "choice" else
+                  {"kind": p.kind, "low": p.low, "high": p.high, "log": p.log, "step": p.step}
+                  for p in self.params}
+        return {"params": params, "fixed": dict(self.fixed)}
+
     def grid(self) -> dict[str, list[Any]]:
         return {p.name: p.grid_values(self.source) for p in self.params}
 
@@ -92,10 +148,16 @@ def _field_kinds() -> dict[str, str]:
     return {f.name: str(f.type) for f in fields(TrainConfig)}
 
 
-def load_search_space(path: str | Path, base: TrainConfig) -> SearchSpace:
-    """Parse and check the TOML search space at `path` against `base` (the configuration it modifies)."""
-    source = str(path)
-    data = read_toml(path, "search space file", "--space")
+def load_search_space(path: str | Path | None, base: TrainConfig) -> SearchSpace:
+    """Parse and check the TOML search space at `path` (DEFAULT_SPACE when None) against `base`, the
+    configuration it modifies."""
+    if path is None:
+        return parse_search_space(tomllib.loads(DEFAULT_SPACE), DEFAULT_SOURCE, base)
+    return parse_search_space(read_toml(path, "search space file", "--space"), str(path), base)
+
+
+def parse_search_space(data: dict[str, Any], source: str, base: TrainConfig) -> SearchSpace:
+    """A search space from parsed TOML `data` (read from `source`), checked against `base`."""
     if not data:
         raise UserError(f"search space is empty ({source}): add a table such as [lr] low = 0.1 high = 1.0")
     kinds = _field_kinds()
@@ -118,14 +180,19 @@ def load_search_space(path: str | Path, base: TrainConfig) -> SearchSpace:
 
 def _param(name: str, spec: dict[str, Any], kind: str, source: str) -> Param:
     where = f"[{name}] in {source}"
+    unknown = sorted(set(spec) - _RANGE_KEYS - {"choices"})
+    if unknown and unknown[0] in _field_kinds():
+        raise UserError(f"'{unknown[0]}' is inside the table {where}, since TOML puts every key after a [table] "
+                        f"header into it: move '{unknown[0]} = ...' above the first table to fix it")
+    if unknown:
+        raise UserError(f"{where}: unknown key '{unknown[0]}': a table holds choices = [...], or low and high "
+                        "(and optionally log or step)")
     if "choices" in spec:
-        extra = sorted(set(spec) - {"choices"})
         choices = spec["choices"]
-        if extra or not isinstance(choices, list) or not choices:
+        if len(spec) > 1 or not isinstance(choices, list) or not choices:
             raise UserError(f"{where}: use either a non-empty choices = [...] list or low/high, not both")
         return Param(name, "choice", choices=tuple(_checked_value(name, c, kind, source) for c in choices))
-    unknown = sorted(set(spec) - _RANGE_KEYS)
-    if unknown or "low" not in spec or "high" not in spec:
+    if "low" not in spec or "high" not in spec:
         raise UserError(f"{where}: a range needs low and high (and optionally log or step), "
                         f"got {', '.join(sorted(spec)) or 'nothing'}")
     if kind not in ("int", "float"):
