@@ -1,5 +1,6 @@
 """python -m fastcifar.tune on tiny data: the test set is never read, pruning happens, the sampler and the
-seed are honoured, a study continues and is shared by two processes, best.toml trains."""
+seed are honoured, no trial repeats another's draw, a study continues, is shared by two processes and
+refuses incomparable settings, two objectives give a Pareto front, best.toml trains, plots are readable."""
 
 from __future__ import annotations
 
@@ -14,14 +15,21 @@ import pytest
 
 pytest.importorskip("optuna")
 
+import fastcifar.search_space  # noqa: E402
+import fastcifar.train  # noqa: E402
 from fastcifar.config import TrainConfig, load_toml, parse_config  # noqa: E402
 from fastcifar.errors import run_cli  # noqa: E402
-from fastcifar.search_space import load_search_space  # noqa: E402
-from fastcifar.tune import main, recipe_toml  # noqa: E402
+from fastcifar.search_space import DEFAULT_SPACE, load_search_space  # noqa: E402
+from fastcifar.tune import main  # noqa: E402
+from fastcifar.tune_report import draw_plots, recipe_toml  # noqa: E402
+from fastcifar.tune_study import GOALS, display_url  # noqa: E402
 from synthetic import write_learnable_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# Tiny runs in the precision the CPU picks (--amp-dtype auto: bf16 on a CPU with AMX or AVX-512 BF16, else
+# fp32); a test whose assertion depends on the numbers adds FP32.
 TINY = ["--width", "4", "--batch-size", "32", "--device", "cpu", "--val-split", "100", "--epochs", "1", "--no-plots"]
+FP32 = ("--no-amp",)
 SPACE = """
 [lr]
 low = 0.05
@@ -38,24 +46,57 @@ def data(tmp_path_factory) -> Path:
     return write_learnable_dataset(tmp_path_factory.mktemp("data"), 40, 10)
 
 
+@pytest.fixture
+def fake_train(monkeypatch):
+    """fastcifar.train.train replaced by a function of the config: no training, exact values. Returns the
+    list of configs it was called with."""
+    seen: list[TrainConfig] = []
+
+    def train(config, on_epoch=None, **kw):
+        seen.append(config)
+        return {"test_acc": fake_accuracy(config), "test_acc_tta": None, "train_seconds": fake_seconds(config)}
+
+    monkeypatch.setattr(fastcifar.train, "train", train)
+    return seen
+
+
+def fake_accuracy(config: TrainConfig) -> float:
+    return round(1 - abs(config.lr - 0.3), 6)  # best at lr 0.3
+
+
+def fake_seconds(config: TrainConfig) -> float:
+    return round(10 * config.lr + config.label_smoothing, 6)  # a higher lr costs more: a real trade-off
+
+
 def space_file(tmp_path: Path, text: str = SPACE, name: str = "space.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
 
 
-def tune(tmp_path: Path, data: Path, space: Path, *extra: str, study: str = "s") -> list[dict]:
-    out = tmp_path / study
-    code = run_cli(main, ["--space", str(space), "--data-dir", str(data), *TINY, "--out-dir", str(out),
-                          "--storage", f"sqlite:///{tmp_path / 'tune.db'}", "--study", study, *extra])
-    assert code == 0
-    return trials(out)
+def tune_args(tmp_path: Path, data: Path, space: Path | None, *extra: str, study: str = "s") -> list[str]:
+    return [*(["--space", str(space)] if space else []), "--data-dir", str(data), *TINY,
+            "--out-dir", str(tmp_path / study), "--storage", f"sqlite:///{tmp_path / 'tune.db'}", "--study", study,
+            *extra]
+
+
+def tune(tmp_path: Path, data: Path, space: Path | None, *extra: str, study: str = "s") -> list[dict]:
+    assert run_cli(main, tune_args(tmp_path, data, space, *extra, study=study)) == 0
+    return trials(tmp_path / study)
 
 
 def trials(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("trials/*/trial.json"))]
 
 
+def draws(ts: list[dict]) -> list[tuple]:
+    return [tuple(sorted(t["params"].items())) for t in ts]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sampling and seeds
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_search_ignores_the_test_set_and_is_reproducible_by_seed(tmp_path, data):
     """The same seeded study on a tree whose test set is different and wrongly labelled gives the same
     trials, value for value; another --seed samples other values."""
@@ -74,23 +115,79 @@ def test_search_ignores_the_test_set_and_is_reproducible_by_seed(tmp_path, data)
     assert summary["eval_split"] == "val"
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_resumed_study_draws_new_values(tmp_path, data, fake_train, sampler):
+    """Three trials, then three more in a second invocation with the same --seed: six different draws
+    (TPE's first trials are random ones)."""
+    space = space_file(tmp_path)
+    args = ("--sampler", sampler, "--no-enqueue-base", "--startup-trials", "10")
+    tune(tmp_path, data, space, "--trials", "3", *args)
+    ts = tune(tmp_path, data, space, "--trials", "6", *args)
+    assert len(ts) == 6 and len(set(draws(ts))) == 6, draws(ts)
+
+
+def test_every_trial_records_its_training_seed(tmp_path, data, fake_train):
+    ts = tune(tmp_path, data, space_file(tmp_path), "--trials", "2", "--seed", "7")
+    assert [c.seed for c in fake_train] == [7, 7]
+    assert [t["seed"] for t in ts] == [7, 7]
+    rows = list(csv.DictReader((tmp_path / "s" / "trials.csv").open()))
+    assert [r["seed"] for r in rows] == ["7", "7"]
+
+
+@pytest.mark.slow
+def test_a_study_continues_and_two_processes_share_one_storage_without_repeating_a_draw(tmp_path, data):
+    space = space_file(tmp_path)
+    out, db = tmp_path / "s", f"sqlite:///{tmp_path / 'tune.db'}"
+    argv = [sys.executable, "-m", "fastcifar.tune", "--space", str(space), "--data-dir", str(data), *TINY,
+            "--epochs", "0.5", "--out-dir", str(out), "--storage", db, "--study", "s", "--trials", "4",
+            "--sampler", "random", "--pruner", "none"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    first = trials(out)
+    assert 4 <= len(first) <= 5 and all(t["state"] == "COMPLETE" for t in first)  # each may finish one in flight
+    assert all("trial" in log for log in logs)  # both processes ran trials
+    assert sum(t["base"] for t in first) == 1
+    # a later invocation continues the same study up to the new total
+    tune(tmp_path, data, space, "--epochs", "0.5", "--trials", str(len(first) + 1), "--sampler", "random",
+         "--pruner", "none")
+    again = trials(out)
+    assert len(again) == len(first) + 1 and sum(t["base"] for t in again) == 1
+    assert len(set(draws(again))) == len(again), draws(again)  # same --seed everywhere, no repeat
+
+
+# ------------------------------------------------------------------------------------------------------
+# Pruning, the time budget and the grid
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_median_pruner_stops_bad_trials_after_their_first_epoch(tmp_path, data):
     space = space_file(tmp_path, "[lr]\nchoices = [0.4, 0.0001]\n")
     ts = tune(tmp_path, data, space, "--trials", "6", "--sampler", "random", "--prune-after", "1",
-              "--epochs", "2")
+              "--epochs", "2", *FP32)  # fp32: after one bf16 epoch every lr can still be at chance
     pruned = [t for t in ts if t["state"] == "PRUNED"]
     assert pruned, [(t["params"], t["intermediate_val_acc"]) for t in ts]
     assert all(t["params"]["lr"] == 0.0001 and t["epochs_done"] == 1 for t in pruned)
     assert any(t["state"] == "COMPLETE" and t["epochs_done"] == 2 for t in ts)
 
 
-def test_time_budget_stops_trials_that_train_too_long(tmp_path, data):
+def test_time_budget_is_a_constraint_that_stops_and_excludes_slow_trials(tmp_path, data):
+    """Every trial passes 0.001 s: it stops after its first (evaluated) epoch of two, completes as an
+    infeasible trial (Optuna's constraint, which the samplers learn from), and is never the best."""
+    import optuna
+
     ts = tune(tmp_path, data, space_file(tmp_path), "--trials", "2", "--max-train-seconds", "0.001",
-              "--pruner", "none")
-    assert [t["state"] for t in ts] == ["PRUNED", "PRUNED"] and all(t["over_budget"] for t in ts)
+              "--epochs", "2", "--pruner", "none")
+    assert [(t["state"], t["epochs_done"], t["over_budget"], t["feasible"]) for t in ts] == \
+        [("COMPLETE", 1, True, False)] * 2
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'tune.db'}")
+    assert all(t.constraints["train_seconds"] > 0 for t in study.trials)
     assert not (tmp_path / "s" / "best.toml").exists()  # no feasible trial, no best configuration
+    assert json.loads((tmp_path / "s" / "study.json").read_text())["best"] is None
 
 
+@pytest.mark.slow
 def test_grid_sampler_walks_the_grid_and_best_toml_trains(tmp_path, data):
     space = space_file(tmp_path, "[lr]\nlow = 0.2\nhigh = 0.6\nstep = 0.4\n\n[cutout]\nchoices = [0, 8]\n")
     ts = tune(tmp_path, data, space, "--trials", "10", "--sampler", "grid", "--plots")
@@ -113,28 +210,126 @@ def test_grid_sampler_walks_the_grid_and_best_toml_trains(tmp_path, data):
                        "--out-dir", str(tmp_path / "best-run"), "--no-plots"]) == 0
 
 
-def test_a_study_continues_and_two_processes_share_one_storage(tmp_path, data):
+# ------------------------------------------------------------------------------------------------------
+# Comparable trials
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, named", [
+    (["--epochs", "2"], "--epochs 2.0 (the study's: 1.0)"),
+    (["--width", "8"], "--width 8 (the study's: 4)"),
+    (["--val-split", "120"], "--val-split 120 (the study's: 100)"),
+    (["--split-seed", "1"], "--split-seed 1 (the study's: 0)"),
+    (["--preset", "speedrun"], "--preset \"speedrun\" (the study's: \"default\")"),
+    (["--objective", "accuracy-seconds"], "--objective"),
+    (["--max-train-seconds", "60"], "--max-train-seconds 60.0 (the study's: not given)"),
+    (["--space", "OTHER"], "--space: 'lr' is"),
+])
+def test_a_study_refuses_a_command_with_other_settings(tmp_path, data, fake_train, capsys, change, named):
     space = space_file(tmp_path)
-    out, db = tmp_path / "s", f"sqlite:///{tmp_path / 'tune.db'}"
-    argv = [sys.executable, "-m", "fastcifar.tune", "--space", str(space), "--data-dir", str(data), *TINY,
-            "--epochs", "0.5", "--out-dir", str(out), "--storage", db, "--study", "s", "--trials", "4",
-            "--sampler", "random", "--pruner", "none"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]
-    logs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs
-    first = trials(out)
-    assert 4 <= len(first) <= 5 and all(t["state"] == "COMPLETE" for t in first)  # each may finish one in flight
-    assert all("trial" in log for log in logs)  # both processes ran trials
-    assert sum(t["base"] for t in first) == 1
-    # a later invocation continues the same study up to the new total
-    tune(tmp_path, data, space, "--epochs", "0.5", "--trials", str(len(first) + 1), "--sampler", "random",
-         "--pruner", "none")
-    again = trials(out)
-    assert len(again) == len(first) + 1 and sum(t["base"] for t in again) == 1
+    tune(tmp_path, data, space, "--trials", "1")
+    if change[0] == "--space":
+        change = ["--space", str(space_file(tmp_path, SPACE.replace("0.8", "0.9"), "other.toml"))]
+    capsys.readouterr()
+    code = run_cli(main, tune_args(tmp_path, data, space, "--trials", "2", *change))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and named in err and "--new-study" in err, err
+    assert len(trials(tmp_path / "s")) == 1
 
 
+def test_another_seed_or_device_continues_the_study(tmp_path, data, fake_train):
+    """Where and with which seed a trial trains is recorded per trial, not a setting of the study."""
+    space = space_file(tmp_path)
+    tune(tmp_path, data, space, "--trials", "1")
+    ts = tune(tmp_path, data, space, "--trials", "2", "--seed", "3", "--device", "auto", "--eval-every", "2")
+    assert [t["seed"] for t in ts] == [0, 3]
+
+
+def test_new_study_replaces_a_study_of_other_settings_and_continues_one_of_the_same(tmp_path, data, fake_train):
+    space = space_file(tmp_path)
+    tune(tmp_path, data, space, "--trials", "3")
+    (tmp_path / "s" / "best-per-budget").mkdir()
+    ts = tune(tmp_path, data, space, "--trials", "1", "--epochs", "2", "--new-study")
+    assert len(ts) == 1 and ts[0]["base"] and ts[0]["config"]["epochs"] == 2.0  # the old trials' files went
+    summary = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert summary["settings"]["epochs"] == 2.0 and summary["trials"] == {"COMPLETE": 1}
+    assert not (tmp_path / "s" / "best-per-budget").exists()
+    ts = tune(tmp_path, data, space, "--trials", "2", "--epochs", "2", "--new-study")  # same settings: continues
+    assert [t["number"] for t in ts] == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Storage URLs, the default space, two objectives
+# ------------------------------------------------------------------------------------------------------
+def test_storage_password_is_masked_in_everything_printed_or_written(tmp_path, data, fake_train, capsys,
+                                                                     monkeypatch):
+    import fastcifar.tune_study
+
+    url = "postgresql://tuner:s3cret-pw@db.example:5432/studies"
+    assert display_url(url) == "postgresql://tuner:***@db.example:5432/studies"
+    code = run_cli(main, tune_args(tmp_path, data, space_file(tmp_path), "--storage", url))
+    assert code == 2 and "s3cret" not in capsys.readouterr().err  # the driver is missing: the error says so
+    real_open = fastcifar.tune_study.open_storage
+    monkeypatch.setattr(fastcifar.tune_study, "open_storage", lambda _: real_open(f"sqlite:///{tmp_path / 'x.db'}"))
+    tune(tmp_path, data, space_file(tmp_path), "--trials", "2", "--storage", url)
+    printed = "".join(capsys.readouterr())
+    written = [p.read_text() for p in (tmp_path / "s").rglob("*") if p.suffix in (".json", ".toml", ".csv")]
+    assert "tuner:***@db.example" in printed and "s3cret" not in printed
+    assert len(written) > 3 and not any("s3cret" in text for text in written)
+
+
+def test_without_space_the_default_one_cycle_space_is_searched(tmp_path, data, fake_train):
+    ts = tune(tmp_path, data, None, "--trials", "1", "--no-enqueue-base", "--batch-size", "128")
+    assert set(ts[0]["params"]) == {"lr", "pct_start", "div_factor", "final_div_factor", "weight_decay",
+                                    "label_smoothing", "batch_size"}
+    summary = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert "DEFAULT_SPACE" in summary["space"]
+    default = load_search_space(None, TrainConfig())
+    assert all(p.contains(getattr(TrainConfig(), p.name)) for p in default.params)  # the default runs first
+
+
+def pareto_reference(ts: list[dict]) -> list[int]:
+    """Trial numbers no other trial beats on both accuracy (higher) and cost (lower), by brute force."""
+    done = [t for t in ts if t["state"] == "COMPLETE"]
+    beaten = lambda t: any(o["value"] >= t["value"] and o["cost"] <= t["cost"]  # noqa: E731
+                           and (o["value"], o["cost"]) != (t["value"], t["cost"]) for o in done)
+    return sorted(t["number"] for t in done if not beaten(t))
+
+
+def test_two_objectives_write_the_pareto_front_and_the_best_recipe_per_budget(tmp_path, data, fake_train):
+    ts = tune(tmp_path, data, space_file(tmp_path), "--trials", "8", "--objective", "accuracy-seconds",
+              "--sampler", "random", "--plots")
+    out = tmp_path / "s"
+    assert all(t["cost"] == t["train_seconds"] for t in ts)
+    front = list(csv.DictReader((out / "pareto.csv").open()))
+    assert sorted(int(r["number"]) for r in front) == pareto_reference(ts)
+    assert [float(r["cost"]) for r in front] == sorted(float(r["cost"]) for r in front)  # cheapest first
+    for row in front:  # one recipe per point of the front
+        config, _ = parse_config(["--config", str(out / row["toml"])])
+        assert config.lr == float(row["lr"])
+    assert sorted(p.name for p in (out / "best-per-budget").iterdir()) == sorted(
+        Path(r["toml"]).name for r in front)
+    best = json.loads((out / "study.json").read_text())["best"]
+    assert best["value"] == max(float(r["value"]) for r in front)
+    assert (out / "pareto.png").stat().st_size > 0
+    # under a budget: the most accurate trial that costs no more
+    budget = float(front[0]["cost"])
+    tune(tmp_path, data, space_file(tmp_path), "--trials", "8", "--objective", "accuracy-seconds",
+         "--sampler", "random", "--budget", str(budget))
+    config, _ = parse_config(["--config", str(out / "best.toml")])
+    assert config.lr == float(front[0]["lr"])
+
+
+def test_nsga2_searches_two_objectives(tmp_path, data, fake_train):
+    """Generations of two: the base and a random trial, then children of the best."""
+    ts = tune(tmp_path, data, space_file(tmp_path), "--trials", "5", "--objective", "accuracy-seconds",
+              "--sampler", "nsga2", "--startup-trials", "2")
+    assert [t["state"] for t in ts] == ["COMPLETE"] * 5
+    front = list(csv.DictReader((tmp_path / "s" / "pareto.csv").open()))
+    assert sorted(int(r["number"]) for r in front) == pareto_reference(ts)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("space, extra, message", [
     ("[lr]\nlow = 0.1\nhigh = 1.0\n", ["--val-split", "0"], "needs a validation split"),
     ("[lrr]\nlow = 0.1\nhigh = 1.0\n", [], "unknown field 'lrr'"),
@@ -145,6 +340,12 @@ def test_a_study_continues_and_two_processes_share_one_storage(tmp_path, data):
     ("[seed]\nchoices = [0, 1]\n", [], "'seed' cannot be searched"),
     ("[whiten]\nlow = 0\nhigh = 1\n", [], "takes choices"),
     ("[lr]\nlow = 0.1\nhigh = 1.0\n", ["--val-split", "400"], "invalid --val-split (400)"),
+    ("[batch_size]\nchoices = [16, 32]\nwidth = 8\n", [], "'width' is inside the table [batch_size]"),
+    ("[lr]\nlow = 0.1\nhigh = 1.0\nlgo = true\n", [], "unknown key 'lgo'"),
+    ("[lr]\nlow = 0.1\nhigh = 1.0\n", ["--budget", "5"], "--budget needs --objective accuracy-seconds"),
+    ("[lr]\nlow = 0.1\nhigh = 1.0\n", ["--objective", "accuracy-flops", "--pruner", "median"],
+     "--pruner median needs --objective accuracy"),
+    ("[lr]\nlow = 0.1\nhigh = 1.0\n", ["--sampler", "nsga2", "--startup-trials", "1"], "population of >= 2"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, data, capsys, space, extra, message):
     path = space_file(tmp_path, space)
@@ -155,12 +356,26 @@ def test_bad_input_exits_2_with_one_line(tmp_path, data, capsys, space, extra, m
     assert not (tmp_path / "x.db").exists()  # nothing created before the inputs are checked
 
 
+def docstring_example() -> str:
+    """The indented TOML example of fastcifar.search_space's docstring."""
+    doc = fastcifar.search_space.__doc__
+    block = doc[doc.index("    width = 16"):doc.index("Integer fields")]
+    return "\n".join(line[4:] for line in block.splitlines())
+
+
+def test_the_docstring_example_space_loads(tmp_path):
+    space = load_search_space(space_file(tmp_path, docstring_example()), TrainConfig())
+    assert space.fixed == {"width": 16}
+    assert [p.name for p in space.params] == ["lr", "epochs", "batch_size"]
+
+
 def test_space_types_and_grid_values(tmp_path):
     space = load_search_space(space_file(tmp_path, "width = 8\n[epochs]\nlow = 1\nhigh = 2\nstep = 0.5\n\n"
                                                    "[batch_size]\nlow = 128\nhigh = 512\nstep = 128\n"),
                               TrainConfig())
     assert space.grid() == {"epochs": [1.0, 1.5, 2.0], "batch_size": [128, 256, 384, 512]}
     assert space.fixed == {"width": 8} and space.apply(TrainConfig(), {"epochs": 1.5}).width == 8
+    assert "[lr]" in DEFAULT_SPACE and load_search_space(None, TrainConfig()).params
 
 
 def test_recipe_toml_round_trips_through_train_config(tmp_path):
@@ -176,17 +391,47 @@ def test_recipe_toml_round_trips_through_train_config(tmp_path):
 
 
 def test_an_interrupted_trial_is_recorded_as_failed_and_the_study_continues(tmp_path, data, monkeypatch, capsys):
-    import fastcifar.train
-
     def stopped(config, **kw):  # what train() does on Ctrl-C: checkpoint, then SystemExit(130)
         raise SystemExit(130)
 
     space = space_file(tmp_path)
     with monkeypatch.context() as patch:
         patch.setattr(fastcifar.train, "train", stopped)
-        code = run_cli(main, ["--space", str(space), "--data-dir", str(data), *TINY, "--out-dir", str(tmp_path / "s"),
-                              "--storage", f"sqlite:///{tmp_path / 'tune.db'}", "--study", "s", "--trials", "2"])
+        code = run_cli(main, tune_args(tmp_path, data, space, "--trials", "2"))
     assert code == 130 and "run the same command again" in capsys.readouterr().err
     tune(tmp_path, data, space, "--trials", "2")
     rows = list(csv.DictReader((tmp_path / "s" / "trials.csv").open()))
     assert [r["state"] for r in rows] == ["FAIL", "COMPLETE"]  # the failure counts towards --trials
+
+
+# ------------------------------------------------------------------------------------------------------
+# Plots
+# ------------------------------------------------------------------------------------------------------
+def overlapping(boxes: list) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+
+
+def test_slice_plot_panels_colour_bar_and_tick_labels_do_not_overlap():
+    """Seven parameters, two of them on a log scale over two decades: every panel, the colour bar and
+    every tick label of an axis get their own room."""
+    import optuna
+
+    def objective(trial):
+        trial.suggest_float("lr", 0.1, 2.0, log=True)
+        trial.suggest_float("weight_decay", 5e-5, 5e-3, log=True)
+        for name in ("pct_start", "label_smoothing", "div_factor"):
+            trial.suggest_float(name, 0.0, 1.0)
+        trial.suggest_categorical("batch_size", [128, 256, 512])
+        return trial.suggest_categorical("translate", [2, 4]) / 10
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(objective, n_trials=12)
+    figure = dict(draw_plots(study, GOALS["accuracy"]))["slice"]
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)
+    assert len(figure.axes) == 8  # seven panels and the colour bar
+    assert overlapping([ax.get_window_extent(renderer) for ax in figure.axes]) == []
+    for ax in figure.axes[:-1]:
+        labels = [t.get_window_extent(renderer) for t in ax.get_xticklabels(which="both")
+                  if t.get_visible() and t.get_text()]
+        assert overlapping(labels) == [], (ax.get_xlabel(), [t.get_text() for t in ax.get_xticklabels(which="both")])

@@ -1,0 +1,296 @@
+"""What a study leaves in its output directory, rewritten from the storage after every trial.
+
+    python -c "from fastcifar.tune_report import recipe_toml; from fastcifar.config import TrainConfig; \\
+print(recipe_toml(TrainConfig()))"
+
+OUT/trials/NNNN/ (each trial's run directory, train.log and trial.json), OUT/trials.csv (every trial),
+OUT/study.json (the study: its settings, counts, best and base trials, and with two objectives the Pareto
+front) and OUT/best.toml (the best configuration, for `python -m fastcifar.train --config`). With two
+objectives also OUT/pareto.csv (the front, cheapest first) and OUT/best-per-budget/trial-NNNN.toml, one
+recipe per point of the front: the most accurate trial at its cost or below. Plots at the end:
+history.png, importances.png, slice.png and, with two objectives, pareto.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from fastcifar.atomic import write_json, write_text
+from fastcifar.config import TrainConfig, non_recipe_fields, to_dict
+from fastcifar.errors import first_line
+from fastcifar.plots import pyplot, save_figure
+from fastcifar.tune_study import SETTINGS_KEY, Goal
+
+# Fields left out of best.toml: where data and results live and how this machine runs, not the recipe.
+NOT_IN_RECIPE = non_recipe_fields() | {"val_split", "split_seed"}  # best.toml trains on all images
+BUDGET_DIR = "best-per-budget"
+OUTPUT_FILES = ("study.json", "trials.csv", "best.toml", "pareto.csv", "pareto.png", "history.png",
+                "importances.png", "slice.png")
+ACCURACY_LABEL = "validation accuracy"
+
+
+def trial_dir(out: Path, number: int) -> Path:
+    return out / "trials" / f"{number:04d}"
+
+
+def remove_outputs(out: Path) -> None:
+    """Delete what an earlier study left in `out` (its trials' directories and every output file)."""
+    for name in ("trials", BUDGET_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def recipe_toml(config: TrainConfig, header: Sequence[str] = ()) -> str:
+    """`config` as a TOML file for `python -m fastcifar.train --config`: every recipe field, none of the
+    machine's or run's (NOT_IN_RECIPE), so it trains the same recipe under any --preset."""
+    lines = [f"# {line}" for line in header]
+    for name, value in to_dict(config).items():
+        if name in NOT_IN_RECIPE or value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = json.dumps(value)
+        elif isinstance(value, float):
+            text = repr(value) if math.isfinite(value) else None
+        else:
+            text = str(value)
+        if text is not None:
+            lines.append(f"{name} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Trials
+# ------------------------------------------------------------------------------------------------------
+def trial_record(t, goal: Goal) -> dict[str, Any]:
+    """One trial as data (trial.json, a row of trials.csv): `value` is its validation accuracy, `cost` its
+    second objective (two objectives only); `feasible` is False when it broke --max-train-seconds."""
+    intermediate = dict(sorted(t.intermediate_values.items()))
+    values = t.values or [None, None]
+    attrs = t.user_attrs
+    return {"number": t.number, "state": t.state.name, "value": values[0],
+            "cost": values[1] if goal.cost and len(values) > 1 else None, "seed": attrs.get("seed"),
+            "params": t.params, "val_acc": attrs.get("val_acc"), "val_acc_tta": attrs.get("val_acc_tta"),
+            "train_seconds": attrs.get("train_seconds"), "flops": attrs.get("flops"),
+            "epochs_done": attrs.get("epochs_done"),
+            "intermediate_val_acc": {str(k): v for k, v in intermediate.items()},
+            "base": bool(attrs.get("base")), "over_budget": bool(attrs.get("over_budget")),
+            "feasible": all(v <= 0 for v in t.constraints.values()), "error": attrs.get("error"),
+            "seconds": t.duration.total_seconds() if t.duration else None, "config": attrs.get("config")}
+
+
+TRIAL_COLUMNS = ("number", "state", "value", "cost", "val_acc", "val_acc_tta", "train_seconds", "flops",
+                 "epochs_done", "seed", "base", "over_budget", "feasible")
+
+
+def write_csv(path: Path, records: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    """`records` as CSV: `columns`, then the last intermediate accuracy, then every searched parameter."""
+    names = sorted({k for r in records for k in r["params"]})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[*columns, "last_intermediate", *names], lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        last = list(r["intermediate_val_acc"].values())[-1] if r["intermediate_val_acc"] else None
+        writer.writerow({**{c: r.get(c) for c in columns}, "last_intermediate": last,
+                         **{n: r["params"].get(n) for n in names}})
+    write_text(path, buf.getvalue())
+
+
+def _brief(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ("number", "state", "value", "cost", "val_acc", "val_acc_tta", "train_seconds", "flops", "seed",
+            "params")
+    return {k: r[k] for k in keys}
+
+
+# ------------------------------------------------------------------------------------------------------
+# The study's files
+# ------------------------------------------------------------------------------------------------------
+def pareto_front(study, goal: Goal) -> list[dict[str, Any]]:
+    """The feasible trials no other trial beats on both accuracy and cost (Optuna's best_trials),
+    cheapest first; empty with one objective."""
+    if goal.cost is None:
+        return []
+    records = [trial_record(t, goal) for t in study.best_trials]
+    return sorted(records, key=lambda r: (r["cost"], -r["value"], r["number"]))
+
+
+def best_trial(study, goal: Goal, front: list[dict[str, Any]], budget: float | None) -> dict[str, Any] | None:
+    """The most accurate feasible trial; with two objectives the most accurate of the front whose cost is
+    within `budget` (any cost when None)."""
+    if goal.cost is None:
+        try:
+            return trial_record(study.best_trial, goal)
+        except ValueError:  # no complete, feasible trial yet
+            return None
+    within = [r for r in front if budget is None or r["cost"] <= budget]
+    return max(within, key=lambda r: (r["value"], -r["cost"])) if within else None
+
+
+def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: float | None = None
+                  ) -> dict[str, Any]:
+    """trials.csv, study.json, best.toml and with two objectives pareto.csv and best-per-budget/, from
+    everything the storage holds (all processes' trials). `about` describes the invocation (storage,
+    sampler, ...) for study.json; the split and recipe come from the study's own settings."""
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    records = [trial_record(t, goal) for t in trials]
+    write_csv(out / "trials.csv", records, TRIAL_COLUMNS)
+    front = pareto_front(study, goal)
+    best = best_trial(study, goal, front, budget)
+    base_trial = next((r for r in records if r["base"]), None)
+    settings = study.user_attrs.get(SETTINGS_KEY, {})
+    counts = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    summary = {"study": study.study_name, **about, "eval_split": "val", "objective": goal.name,
+               "directions": goal.directions, "cost": goal.cost_label or None, "budget": budget,
+               "settings": settings, "trials": {k: v for k, v in counts.items() if v},
+               "best": best and _brief(best), "base": base_trial and _brief(base_trial)}
+    if goal.cost:
+        summary["pareto"] = [_brief(r) for r in front]
+        write_pareto(out, front, goal, study.study_name)
+    write_json(out / "study.json", summary)
+    if best is not None and best["config"]:
+        header = [f"best of study '{study.study_name}' ({about['storage']}), trial {best['number']}:",
+                  *describe_trial(best, goal, settings),
+                  "train it: python -m fastcifar.train --config THIS_FILE --data-dir ..."]
+        if budget is not None:
+            header.insert(1, f"the most accurate trial with {goal.cost_label} <= {budget:g}")
+        write_text(out / "best.toml", recipe_toml(TrainConfig(**best["config"]), header))
+    return summary
+
+
+def describe_trial(r: dict[str, Any], goal: Goal, settings: dict[str, Any]) -> list[str]:
+    lines = [f"{ACCURACY_LABEL} {r['value']:.4f} on {settings.get('val_split')} held-out training images "
+             f"(split seed {settings.get('split_seed')}), training seed {r['seed']}"]
+    if goal.cost:
+        lines.append(f"{goal.cost_label}: {r['cost']:.4g}")
+    return lines
+
+
+def write_pareto(out: Path, front: list[dict[str, Any]], goal: Goal, study_name: str) -> None:
+    """pareto.csv (with each point's TOML) and best-per-budget/trial-NNNN.toml for the current front;
+    the TOMLs of trials that have left the front are removed."""
+    folder = out / BUDGET_DIR
+    folder.mkdir(exist_ok=True)
+    keep = set()
+    for r in front:
+        name = f"trial-{r['number']:04d}.toml"
+        keep.add(name)
+        r["toml"] = f"{BUDGET_DIR}/{name}"
+        header = [f"trial {r['number']} of study '{study_name}': the most accurate trial with {goal.cost_label} "
+                  f"<= {r['cost']:.4g}", *describe_trial(r, goal, {"val_split": r["config"]["val_split"],
+                                                                       "split_seed": r["config"]["split_seed"]})]
+        write_text(folder / name, recipe_toml(TrainConfig(**r["config"]), header))
+    for stale in folder.glob("trial-*.toml"):
+        if stale.name not in keep:
+            stale.unlink()
+    write_csv(out / "pareto.csv", front, ("number", "value", "cost", "val_acc", "val_acc_tta", "train_seconds",
+                                          "flops", "seed", "toml"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Plots
+# ------------------------------------------------------------------------------------------------------
+def save_plots(study, out: Path, goal: Goal) -> list[str]:
+    """history.png, importances.png, slice.png (the accuracy against each parameter) and, with two
+    objectives, pareto.png; a plot that needs more trials is skipped with a note on stderr."""
+    written = []
+    for name, figure in draw_plots(study, goal):
+        save_figure(figure, out / f"{name}.png")
+        written.append(f"{name}.png")
+    return written
+
+
+def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
+    """(name, matplotlib figure) of each plot save_plots writes, laid out as it will be saved."""
+    import optuna
+    from optuna.visualization import matplotlib as vis
+
+    plt = pyplot()
+    # with one objective Optuna knows the direction and draws the best value so far; with two, the first
+    accuracy: dict[str, Any] = {"target_name": ACCURACY_LABEL}
+    if goal.cost:
+        accuracy["target"] = lambda t: t.values[0]
+    plots = {"history": lambda: _sized(vis.plot_optimization_history(study, **accuracy), 8.5, 4.8),
+             "importances": lambda: vis.plot_param_importances(study, **accuracy),
+             "slice": lambda: readable_slice(vis.plot_slice(study, **accuracy))}
+    if goal.cost:
+        plots["pareto"] = lambda: pareto_plot(study, goal)
+    for name, plot in plots.items():
+        # constrained layout from the figure's creation on: colour bars get room of their own
+        with warnings.catch_warnings(), plt.rc_context({"figure.constrained_layout.use": True}):
+            warnings.simplefilter("ignore")  # "too few trials" notes from optuna
+            try:
+                axes = plot()
+            except (ValueError, RuntimeError, ZeroDivisionError, optuna.exceptions.OptunaError) as e:
+                print(f"skipped {name}.png: {first_line(e)}", file=sys.stderr)
+                continue
+        yield name, _figure(axes)
+
+
+def _sized(axes, width: float, height: float):
+    _figure(axes).set_size_inches(width, height)
+    return axes
+
+
+def _figure(axes):
+    import numpy as np
+
+    return np.ravel(axes)[0].figure
+
+
+def readable_slice(axes):
+    """Optuna's slice plot (log axes for log-scaled parameters) with room for every panel, log axes
+    labelled at 1 and 3 times powers of ten as plain numbers, and tick labels that do not run into each
+    other (matplotlib labels minor log ticks in a way that overlaps on narrow panels)."""
+    import numpy as np
+    from matplotlib.category import StrCategoryLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    panels = np.ravel(axes)
+    panels[0].figure.set_size_inches(2.8 * len(panels) + 1.2, 3.6)
+    for ax in panels:
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        elif not isinstance(ax.xaxis.get_major_locator(), StrCategoryLocator):  # choices keep one tick each
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.tick_params(axis="x", labelrotation=30)
+    return axes
+
+
+def pareto_plot(study, goal: Goal):
+    """Every complete trial's cost against its accuracy (Optuna's Pareto-front plot: the front in red,
+    infeasible trials in grey), the front joined as the best accuracy reachable at each cost, its
+    points numbered; FLOPs on a log axis."""
+    from optuna.visualization import matplotlib as vis
+
+    ax = vis.plot_pareto_front(study, targets=lambda t: (t.values[1], t.values[0]),
+                               target_names=[goal.cost_label, ACCURACY_LABEL])
+    front = pareto_front(study, goal)
+    ax.step([r["cost"] for r in front], [r["value"] for r in front], where="post", color="tab:red", alpha=0.4)
+    if goal.cost == "flops":
+        ax.set_xscale("log")
+    ax.autoscale_view()
+    to_axes = ax.transScale + ax.transLimits  # data -> fractions of the axes, log scale included
+    last = None
+    for r in front:  # the trial numbers, each where the previous one leaves room
+        here = to_axes.transform((r["cost"], r["value"]))
+        if last is None or abs(here[0] - last[0]) > 0.07 or abs(here[1] - last[1]) > 0.045:
+            ax.annotate(f"#{r['number']}", (r["cost"], r["value"]), textcoords="offset points", xytext=(5, -12),
+                        fontsize=8)
+            last = here
+    ax.set_title(f"study '{study.study_name}': {ACCURACY_LABEL} against {goal.cost_label}")
+    ax.figure.set_size_inches(7.5, 5)
+    return ax

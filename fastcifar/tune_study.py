@@ -1,0 +1,248 @@
+"""The Optuna study behind fastcifar.tune: its storage, samplers, pruners, objectives and the settings that
+make its trials comparable.
+
+    python -c "from fastcifar.tune_study import display_url; print(display_url('postgresql://me:pw@db/s'))"
+
+A study is opened by name in a storage (an SQLite file, or a database server shared by several machines).
+It records the settings its trials were made under (study_settings); a later invocation with other
+settings is refused, naming the flag, unless it asks for the old study to be replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+
+from fastcifar.config import TrainConfig, non_recipe_fields, to_dict
+from fastcifar.errors import UserError, first_line
+from fastcifar.search_space import SearchSpace
+
+SETTINGS_KEY = "fastcifar_settings"  # the study's user attribute holding study_settings()
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What a study optimizes: validation accuracy, and with two objectives a cost to minimize as well."""
+
+    name: str
+    cost: str | None = None       # the trial user attribute that is the second objective
+    cost_label: str = ""          # how plots and tables name it
+
+    @property
+    def directions(self) -> list[str]:
+        return ["maximize"] + (["minimize"] if self.cost else [])
+
+
+GOALS = {goal.name: goal for goal in (
+    Goal("accuracy"),
+    Goal("accuracy-seconds", "train_seconds", "training seconds"),
+    Goal("accuracy-flops", "flops", "FLOPs per run (training + evaluation)"),
+)}
+
+
+def quiet_optuna() -> None:
+    """Optuna's per-trial log lines and experimental-feature notes off: fastcifar.tune prints its own rows."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Storage
+# ------------------------------------------------------------------------------------------------------
+def display_url(url: str) -> str:
+    """`url` with its password masked, for everything printed or written (sqlalchemy renders it)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL sqlalchemy can parse: mask anything between user: and @
+        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def open_storage(url: str):
+    """An Optuna database storage for `url` (sqlite:///FILE, postgresql://..., mysql+pymysql://...; the
+    last two need their driver). SQLite files get their folder created and a patient lock timeout, so
+    several processes can share one file. Every running trial sends a heartbeat: the trial of a process
+    that was killed is marked failed by the next process after `grace_period` seconds."""
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    last: Exception | None = None
+    # two processes creating the tables of a new file at the same moment: the loser sees "table already
+    # exists" (OperationalError) or a duplicate alembic version (IntegrityError), and retries
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
+                                              grace_period=300)
+        except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a locked or unreachable database
+            last = e
+            if type(e).__name__ not in ("OperationalError", "IntegrityError"):
+                break
+            time.sleep(0.5 + attempt)
+    reason = first_line(last)
+    password = _password(url)
+    if password:  # a driver may quote the URL back
+        reason = reason.replace(password, "***")
+    raise UserError(f"cannot open --storage {display_url(url)}: {reason}")
+
+
+def _password(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password
+    except ArgumentError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Samplers and pruners
+# ------------------------------------------------------------------------------------------------------
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial `number` of a study run with --seed `seed`: distinct for every trial."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """An Optuna sampler made afresh for each trial, seeded by (seed, trial number).
+
+    A sampler seeded once per process draws the same values in every process given the same --seed, and
+    again in a resumed invocation: duplicate trials. Trial numbers are unique within a study, whichever
+    process runs the trial, so no two trials share a draw; a study run from scratch is still reproducible
+    from its seed. Samplers keep their state in the study's storage (TPE's history, NSGA-II's
+    generations, the grid's visited points), so a fresh one per trial loses nothing."""
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+        self._make, self._seed = make, seed
+        self._samplers: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _of(self, trial) -> optuna.samplers.BaseSampler:
+        if trial.number not in self._samplers:
+            self._samplers[trial.number] = self._make(trial_seed(self._seed, trial.number))
+        return self._samplers[trial.number]
+
+    def before_trial(self, study, trial) -> None:
+        self._of(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._of(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._of(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._of(trial).after_trial(study, trial, state, values)
+        self._samplers.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:
+        """Nothing to do: every trial's seed is its own already."""
+
+
+def make_sampler(name: str, space: SearchSpace, seed: int, startup_trials: int = 10) -> TrialSeededSampler:
+    """The --sampler, seeded per trial. TPE's settings are spelled out because Optuna's defaults change
+    between releases: multivariate TPE, and the constant liar that keeps parallel workers apart."""
+    samplers = optuna.samplers
+
+    def make(trial_seed: int):
+        if name == "grid":
+            return samplers.GridSampler(space.grid(), seed=trial_seed)
+        if name == "random":
+            return samplers.RandomSampler(seed=trial_seed)
+        if name == "nsga2":
+            return samplers.NSGAIISampler(population_size=startup_trials, seed=trial_seed)
+        return samplers.TPESampler(seed=trial_seed, n_startup_trials=startup_trials, multivariate=True,
+                                   constant_liar=True)
+
+    return TrialSeededSampler(make, seed)
+
+
+def make_pruner(name: str, prune_after: int = 5):
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=prune_after)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+# ------------------------------------------------------------------------------------------------------
+# What makes trials comparable
+# ------------------------------------------------------------------------------------------------------
+def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goal,
+                   max_train_seconds: float | None) -> dict[str, Any]:
+    """Everything the trials of one study must share, as JSON data: the preset, the objective and its
+    budget, the space, and every field of the base recipe that no trial varies (epochs, width, the split's
+    size and seed, ...). Not in it: --seed (recorded per trial), and where and how trials run (the
+    device, the data's path, torch.compile), so machines of several kinds can share one study."""
+    searched = {p.name for p in space.params}
+    recipe = {name: value for name, value in to_dict(space.apply(base, {})).items()
+              if name not in non_recipe_fields() and name not in searched}
+    settings = {"preset": preset, "objective": goal.name, "max_train_seconds": max_train_seconds,
+                "space": space.describe(), **recipe}
+    return json.loads(json.dumps(settings))  # as the storage gives it back: tuples become lists
+
+
+def first_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The flag whose value differs between two study_settings(), with both values; None if none."""
+    for key in [*current, *(k for k in stored if k not in current)]:
+        old, new = stored.get(key), current.get(key)
+        if old == new:
+            continue
+        if key == "space":
+            names = [*new["params"], *new["fixed"], *old["params"], *old["fixed"]]
+            name = next(n for n in names if (old["params"].get(n), old["fixed"].get(n))
+                        != (new["params"].get(n), new["fixed"].get(n)))
+            where = lambda s: s["params"].get(name, s["fixed"].get(name, "not searched"))  # noqa: E731
+            return f"--space: '{name}' is {json.dumps(where(new))} here, {json.dumps(where(old))} in the study"
+        return f"--{key.replace('_', '-')} {_shown(new)} (the study's: {_shown(old)})"
+    return None
+
+
+def _shown(value: Any) -> str:
+    return "not given" if value is None else json.dumps(value)
+
+
+def open_study(storage, name: str, goal: Goal, sampler, pruner, settings: dict[str, Any], url: str,
+               replace: bool = False) -> tuple[Any, str]:
+    """(the study `name`, "created", "continued" or "replaced"). A study of that name made under other
+    settings is a UserError naming the first flag that differs; with `replace` it is deleted and made
+    anew. Creating is atomic in the storage: of several processes starting together, one creates."""
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, directions=goal.directions,
+                                    sampler=sampler, pruner=pruner)
+        study.set_user_attr(SETTINGS_KEY, settings)
+        return study, "created"
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner)
+    stored = study.user_attrs.get(SETTINGS_KEY)
+    if stored is None:  # its creator is about to record them, or it predates them: these are its settings
+        study.set_user_attr(SETTINGS_KEY, settings)
+        return study, "continued"
+    difference = first_difference(stored, settings)
+    if difference is None:
+        return study, "continued"
+    if not replace:
+        raise UserError(f"study '{name}' in {display_url(url)} was made with other settings, so its trials are "
+                        f"not comparable with this command's: {difference}; use the study's settings, another "
+                        "--study name, or --new-study to replace it")
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:  # another worker replaced it first
+        pass
+    study, status = open_study(storage, name, goal, sampler, pruner, settings, url)
+    return study, "replaced" if status == "created" else status  # continued: another worker replaced it
