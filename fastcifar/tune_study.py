@@ -123,7 +123,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     again in a resumed invocation: duplicate trials. Trial numbers are unique within a study, whichever
     process runs the trial, so no two trials share a draw; a study run from scratch is still reproducible
     from its seed. Samplers keep their state in the study's storage (TPE's history, NSGA-II's
-    generations, the grid's visited points), so a fresh one per trial loses nothing."""
+    generations), so a fresh one per trial loses nothing."""
 
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
         self._make, self._seed = make, seed
@@ -154,14 +154,15 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         """Nothing to do: every trial's seed is its own already."""
 
 
-def make_sampler(name: str, space: SearchSpace, seed: int, startup_trials: int = 10) -> TrialSeededSampler:
-    """The --sampler, seeded per trial. TPE's settings are spelled out because Optuna's defaults change
-    between releases: multivariate TPE, and the constant liar that keeps parallel workers apart."""
+def make_sampler(name: str, space: SearchSpace, seed: int, startup_trials: int = 10):
+    """The --sampler, seeded per trial; the grid sampler as it is, since it already gives trial N the N-th
+    point of its (seeded) shuffle of the grid. TPE's settings are spelled out because Optuna's defaults
+    change between releases: multivariate TPE, and the constant liar that keeps parallel workers apart."""
     samplers = optuna.samplers
+    if name == "grid":
+        return samplers.GridSampler(space.grid(), seed=seed)
 
     def make(trial_seed: int):
-        if name == "grid":
-            return samplers.GridSampler(space.grid(), seed=trial_seed)
         if name == "random":
             return samplers.RandomSampler(seed=trial_seed)
         if name == "nsga2":

@@ -51,13 +51,16 @@ def fake_train(monkeypatch):
     """fastcifar.train.train replaced by a function of the config: no training, exact values. Returns the
     list of configs it was called with."""
     seen: list[TrainConfig] = []
+    monkeypatch.setattr(fastcifar.train, "train", fake_training(seen))
+    return seen
 
+
+def fake_training(seen: list[TrainConfig]):
     def train(config, on_epoch=None, **kw):
         seen.append(config)
         return {"test_acc": fake_accuracy(config), "test_acc_tta": None, "train_seconds": fake_seconds(config)}
 
-    monkeypatch.setattr(fastcifar.train, "train", train)
-    return seen
+    return train
 
 
 def fake_accuracy(config: TrainConfig) -> float:
@@ -223,16 +226,24 @@ def test_grid_sampler_walks_the_grid_and_best_toml_trains(tmp_path, data):
     (["--max-train-seconds", "60"], "--max-train-seconds 60.0 (the study's: not given)"),
     (["--space", "OTHER"], "--space: 'lr' is"),
 ])
-def test_a_study_refuses_a_command_with_other_settings(tmp_path, data, fake_train, capsys, change, named):
-    space = space_file(tmp_path)
-    tune(tmp_path, data, space, "--trials", "1")
+def test_a_study_refuses_a_command_with_other_settings(one_trial_study, data, capsys, change, named):
+    space = one_trial_study / "space.toml"
     if change[0] == "--space":
-        change = ["--space", str(space_file(tmp_path, SPACE.replace("0.8", "0.9"), "other.toml"))]
-    capsys.readouterr()
-    code = run_cli(main, tune_args(tmp_path, data, space, "--trials", "2", *change))
+        change = ["--space", str(space_file(one_trial_study, SPACE.replace("0.8", "0.9"), "other.toml"))]
+    code = run_cli(main, tune_args(one_trial_study, data, space, "--trials", "2", *change))
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and named in err and "--new-study" in err, err
-    assert len(trials(tmp_path / "s")) == 1
+    assert len(trials(one_trial_study / "s")) == 1
+
+
+@pytest.fixture(scope="module")
+def one_trial_study(tmp_path_factory, data) -> Path:
+    """A study 's' of one trial made with SPACE and TINY, in the returned folder."""
+    folder = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastcifar.train, "train", fake_training([]))
+        tune(folder, data, space_file(folder), "--trials", "1")
+    return folder
 
 
 def test_another_seed_or_device_continues_the_study(tmp_path, data, fake_train):
