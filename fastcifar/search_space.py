@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fastcifar.config import TrainConfig, non_recipe_fields, read_toml, validate
+from fastcifar.config import TrainConfig, field_choices, non_recipe_fields, read_toml, validate
 from fastcifar.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -49,8 +49,8 @@ NOT_SEARCHABLE = non_recipe_fields() | {"val_split", "split_seed"}  # where and 
 _RANGE_KEYS = {"low", "high", "log", "step"}
 
 # The search without --space: the One Cycle schedule (peak lr, warm-up fraction, both div factors) and the
-# regularizers, around the default recipe (every range holds its value, so it can run as the first trial;
-# the speedrun preset's lr, batch size and label smoothing too). Rates and factors vary on a log scale.
+# regularizers, around the recipes (every range holds the default and speedrun presets' values, so either
+# runs as the first trial). Rates and factors vary on a log scale.
 DEFAULT_SPACE = """
 [lr]
 low = 0.1
@@ -67,7 +67,7 @@ high = 100.0
 log = true
 
 [final_div_factor]
-low = 10.0
+low = 2.0
 high = 1000.0
 log = true
 
@@ -81,7 +81,7 @@ low = 0.0
 high = 0.3
 
 [batch_size]
-choices = [128, 256, 512]
+choices = [128, 256, 512, 1024]
 """
 DEFAULT_SOURCE = "the default space (fastcifar.search_space.DEFAULT_SPACE)"
 
@@ -213,6 +213,11 @@ def _param(name: str, spec: dict[str, Any], kind: str, source: str) -> Param:
 
 def _checked_value(name: str, value: Any, kind: str, source: str) -> Any:
     """`value` as the field's type (an int is accepted for a float field), or a UserError."""
+    allowed = field_choices(name)
+    if allowed is not None:  # a Literal[...] field: its own values, whatever their type
+        if value not in allowed:
+            raise UserError(f"'{name}' in {source} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
     ok = {"int": isinstance(value, int) and not isinstance(value, bool),
           "float": isinstance(value, (int, float)) and not isinstance(value, bool),
           "bool": isinstance(value, bool), "bool | None": isinstance(value, bool)}.get(kind, isinstance(value, str))

@@ -137,6 +137,7 @@ class Objective:
     split_sizes: tuple[int, int]      # training and validation images, for the FLOPs of a run
 
     def __call__(self, trial) -> float | tuple[float, float]:
+        from fastcifar.flops import recipe_flops
         from fastcifar.train import train
         from fastcifar.tune_report import trial_dir
 
@@ -146,12 +147,9 @@ class Objective:
                                      runs=1, plots=False, checkpoint_every=0)
         trial.set_user_attr("config", to_dict(config))
         trial.set_user_attr("seed", config.seed)
-        measured: dict[str, float] = {}
-        if self.cost == "flops":  # counted on the meta device: no time, no memory
-            from fastcifar.flops import recipe_flops
-
-            measured["flops"] = recipe_flops(config, *self.split_sizes)["per_run"]
-            trial.set_user_attr("flops", measured["flops"])
+        # counted on the meta device, before training: known for a trial stopped early too
+        measured = {"flops": recipe_flops(config, *self.split_sizes)["per_run"]}
+        trial.set_user_attr("flops", measured["flops"])
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
             with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):

@@ -17,7 +17,7 @@ pytest.importorskip("optuna")
 
 import fastcifar.search_space  # noqa: E402
 import fastcifar.train  # noqa: E402
-from fastcifar.config import TrainConfig, load_toml, parse_config  # noqa: E402
+from fastcifar.config import PRESETS, TrainConfig, load_toml, parse_config  # noqa: E402
 from fastcifar.errors import run_cli  # noqa: E402
 from fastcifar.search_space import DEFAULT_SPACE, load_search_space  # noqa: E402
 from fastcifar.tune import main  # noqa: E402
@@ -293,8 +293,9 @@ def test_without_space_the_default_one_cycle_space_is_searched(tmp_path, data, f
                                     "label_smoothing", "batch_size"}
     summary = json.loads((tmp_path / "s" / "study.json").read_text())
     assert "DEFAULT_SPACE" in summary["space"]
-    default = load_search_space(None, TrainConfig())
-    assert all(p.contains(getattr(TrainConfig(), p.name)) for p in default.params)  # the default runs first
+    for preset in ("default", "speedrun"):  # either recipe can run as the first trial
+        base, _ = parse_config(["--preset", preset])
+        assert all(p.contains(getattr(base, p.name)) for p in load_search_space(None, base).params), preset
 
 
 def pareto_reference(ts: list[dict]) -> list[int]:
@@ -329,6 +330,19 @@ def test_two_objectives_write_the_pareto_front_and_the_best_recipe_per_budget(tm
     assert config.lr == float(front[0]["lr"])
 
 
+def test_accuracy_flops_counts_the_work_of_each_trials_run(tmp_path, data, fake_train):
+    """FLOPs grow with the width and the epochs: 300 training and 100 validation images here."""
+    from fastcifar.flops import recipe_flops
+
+    space = space_file(tmp_path, "[width]\nchoices = [4, 8]\n\n[epochs]\nchoices = [1.0, 2.0]\n")
+    ts = tune(tmp_path, data, space, "--trials", "4", "--objective", "accuracy-flops", "--sampler", "grid")
+    for t in ts:
+        assert t["cost"] == t["flops"] == recipe_flops(TrainConfig(**t["config"]), 300, 100)["per_run"]
+    by_params = {(t["params"]["width"], t["params"]["epochs"]): t["cost"] for t in ts}
+    assert by_params[(8, 1.0)] > by_params[(4, 1.0)] and by_params[(4, 2.0)] > by_params[(4, 1.0)], by_params
+    assert json.loads((tmp_path / "s" / "study.json").read_text())["cost"].startswith("FLOPs")
+
+
 def test_nsga2_searches_two_objectives(tmp_path, data, fake_train):
     """Generations of two: the base and a random trial, then children of the best."""
     ts = tune(tmp_path, data, space_file(tmp_path), "--trials", "5", "--objective", "accuracy-seconds",
@@ -352,6 +366,7 @@ def test_nsga2_searches_two_objectives(tmp_path, data, fake_train):
     ("[whiten]\nlow = 0\nhigh = 1\n", [], "takes choices"),
     ("[lr]\nlow = 0.1\nhigh = 1.0\n", ["--val-split", "400"], "invalid --val-split (400)"),
     ("[batch_size]\nchoices = [16, 32]\nwidth = 8\n", [], "'width' is inside the table [batch_size]"),
+    ("[prep_kernel]\nchoices = [2, 5]\n", [], "'prep_kernel' in"),
     ("[lr]\nlow = 0.1\nhigh = 1.0\nlgo = true\n", [], "unknown key 'lgo'"),
     ("[lr]\nlow = 0.1\nhigh = 1.0\n", ["--budget", "5"], "--budget needs --objective accuracy-seconds"),
     ("[lr]\nlow = 0.1\nhigh = 1.0\n", ["--objective", "accuracy-flops", "--pruner", "median"],
@@ -382,9 +397,9 @@ def test_the_docstring_example_space_loads(tmp_path):
 
 def test_space_types_and_grid_values(tmp_path):
     space = load_search_space(space_file(tmp_path, "width = 8\n[epochs]\nlow = 1\nhigh = 2\nstep = 0.5\n\n"
-                                                   "[batch_size]\nlow = 128\nhigh = 512\nstep = 128\n"),
-                              TrainConfig())
-    assert space.grid() == {"epochs": [1.0, 1.5, 2.0], "batch_size": [128, 256, 384, 512]}
+                                                   "[batch_size]\nlow = 128\nhigh = 512\nstep = 128\n\n"
+                                                   "[prep_kernel]\nchoices = [2, 3]\n"), TrainConfig())
+    assert space.grid() == {"epochs": [1.0, 1.5, 2.0], "batch_size": [128, 256, 384, 512], "prep_kernel": [2, 3]}
     assert space.fixed == {"width": 8} and space.apply(TrainConfig(), {"epochs": 1.5}).width == 8
     assert "[lr]" in DEFAULT_SPACE and load_search_space(None, TrainConfig()).params
 
@@ -398,7 +413,7 @@ def test_recipe_toml_round_trips_through_train_config(tmp_path):
     again, _ = parse_config(["--config", str(path)])
     for name, value in loaded.items():
         assert getattr(again, name) == getattr(config, name), name
-    assert again.lr == 1e-05 and again.whiten and again.epochs == 10
+    assert again.lr == 1e-05 and again.whiten and again.epochs == PRESETS["speedrun"]["epochs"]
 
 
 def test_an_interrupted_trial_is_recorded_as_failed_and_the_study_continues(tmp_path, data, monkeypatch, capsys):
