@@ -62,7 +62,7 @@ def get_args_parser():
                           "output directory.")
     g = parser.add_argument_group("search")
     g.add_argument("--space", metavar="FILE", default=None,
-                   help="TOML search space (see fastcifar.search_space); default: its DEFAULT_SPACE, the One "
+                   help="TOML search space (see fastcifar.search_space); None: its DEFAULT_SPACE, the One "
                         "Cycle schedule (lr, pct_start, div factors), weight decay, label smoothing, batch size")
     g.add_argument("--objective", choices=OBJECTIVES, default="accuracy",
                    help="maximize validation accuracy; accuracy-seconds and accuracy-flops also minimize "
@@ -74,7 +74,7 @@ def get_args_parser():
     g.add_argument("--startup-trials", type=int, default=10,
                    help="TPE: random trials before it models; NSGA-II: its population size")
     g.add_argument("--pruner", choices=("median", "hyperband", "none"), default=None,
-                   help="default: median with --objective accuracy, none with two objectives (Optuna prunes "
+                   help="None: median with --objective accuracy, none with two objectives (Optuna prunes "
                         "single-objective studies only)")
     g.add_argument("--prune-after", type=int, default=5,
                    help="median pruner: finished trials before it stops any (n_startup_trials)")
@@ -83,7 +83,7 @@ def get_args_parser():
                         "evaluated epoch and never the best")
     g.add_argument("--budget", type=float, default=None, metavar="COST",
                    help="two objectives: best.toml is the most accurate trial whose training seconds or FLOPs "
-                        "are <= COST (default: the most accurate of all)")
+                        "are <= COST; None: the most accurate of all")
     g.add_argument("--storage", default=DEFAULT_STORAGE,
                    help="Optuna storage URL: sqlite:///FILE on one machine, postgresql://... or mysql://... across")
     g.add_argument("--study", default="fastcifar", help="study name inside the storage")
