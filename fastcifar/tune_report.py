@@ -157,7 +157,7 @@ def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: f
                "best": best and _brief(best), "base": base_trial and _brief(base_trial)}
     if goal.cost:
         summary["pareto"] = [_brief(r) for r in front]
-        write_pareto(out, front, goal, study.study_name)
+        write_pareto(out, front, goal, study.study_name, settings)
     write_json(out / "study.json", summary)
     if best is not None and best["config"]:
         header = [f"best of study '{study.study_name}' ({about['storage']}), trial {best['number']}:",
@@ -177,7 +177,8 @@ def describe_trial(r: dict[str, Any], goal: Goal, settings: dict[str, Any]) -> l
     return lines
 
 
-def write_pareto(out: Path, front: list[dict[str, Any]], goal: Goal, study_name: str) -> None:
+def write_pareto(out: Path, front: list[dict[str, Any]], goal: Goal, study_name: str,
+                 settings: dict[str, Any]) -> None:
     """pareto.csv (with each point's TOML) and best-per-budget/trial-NNNN.toml for the current front;
     the TOMLs of trials that have left the front are removed."""
     folder = out / BUDGET_DIR
@@ -188,8 +189,7 @@ def write_pareto(out: Path, front: list[dict[str, Any]], goal: Goal, study_name:
         keep.add(name)
         r["toml"] = f"{BUDGET_DIR}/{name}"
         header = [f"trial {r['number']} of study '{study_name}': the most accurate trial with {goal.cost_label} "
-                  f"<= {r['cost']:.4g}", *describe_trial(r, goal, {"val_split": r["config"]["val_split"],
-                                                                       "split_seed": r["config"]["split_seed"]})]
+                  f"<= {r['cost']:.4g}", *describe_trial(r, goal, settings)]
         write_text(folder / name, recipe_toml(TrainConfig(**r["config"]), header))
     for stale in folder.glob("trial-*.toml"):
         if stale.name not in keep:
