@@ -76,6 +76,7 @@ def trial_record(t, goal: Goal) -> dict[str, Any]:
     """One trial as data (trial.json, a row of trials.csv): `value` is its validation accuracy, `cost` its
     second objective (two objectives only); `feasible` is False when it broke --max-train-seconds."""
     intermediate = dict(sorted(t.intermediate_values.items()))
+    last = list(intermediate.values())[-1] if intermediate else None
     values = t.values or [None, None]
     attrs = t.user_attrs
     return {"number": t.number, "state": t.state.name, "value": values[0],
@@ -83,26 +84,24 @@ def trial_record(t, goal: Goal) -> dict[str, Any]:
             "params": t.params, "val_acc": attrs.get("val_acc"), "val_acc_tta": attrs.get("val_acc_tta"),
             "train_seconds": attrs.get("train_seconds"), "flops": attrs.get("flops"),
             "epochs_done": attrs.get("epochs_done"),
-            "intermediate_val_acc": {str(k): v for k, v in intermediate.items()},
+            "intermediate_val_acc": {str(k): v for k, v in intermediate.items()}, "last_intermediate": last,
             "base": bool(attrs.get("base")), "over_budget": bool(attrs.get("over_budget")),
             "feasible": all(v <= 0 for v in t.constraints.values()), "error": attrs.get("error"),
             "seconds": t.duration.total_seconds() if t.duration else None, "config": attrs.get("config")}
 
 
 TRIAL_COLUMNS = ("number", "state", "value", "cost", "val_acc", "val_acc_tta", "train_seconds", "flops",
-                 "epochs_done", "seed", "base", "over_budget", "feasible")
+                 "epochs_done", "seed", "base", "over_budget", "feasible", "last_intermediate")
 
 
 def write_csv(path: Path, records: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    """`records` as CSV: `columns`, then the last intermediate accuracy, then every searched parameter."""
+    """`records` as CSV: `columns`, then every searched parameter."""
     names = sorted({k for r in records for k in r["params"]})
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[*columns, "last_intermediate", *names], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=[*columns, *names], lineterminator="\n")
     writer.writeheader()
     for r in records:
-        last = list(r["intermediate_val_acc"].values())[-1] if r["intermediate_val_acc"] else None
-        writer.writerow({**{c: r.get(c) for c in columns}, "last_intermediate": last,
-                         **{n: r["params"].get(n) for n in names}})
+        writer.writerow({**{c: r.get(c) for c in columns}, **{n: r["params"].get(n) for n in names}})
     write_text(path, buf.getvalue())
 
 
@@ -273,7 +272,8 @@ def readable_slice(axes):
 def pareto_plot(study, goal: Goal):
     """Every complete trial's cost against its accuracy (Optuna's Pareto-front plot: the front in red,
     infeasible trials in grey), the front joined as the best accuracy reachable at each cost, its
-    points numbered; FLOPs on a log axis."""
+    points and the base configuration numbered; FLOPs on a log axis."""
+    import optuna
     from optuna.visualization import matplotlib as vis
 
     ax = vis.plot_pareto_front(study, targets=lambda t: (t.values[1], t.values[0]),
@@ -291,6 +291,11 @@ def pareto_plot(study, goal: Goal):
             ax.annotate(f"#{r['number']}", (r["cost"], r["value"]), textcoords="offset points", xytext=(5, -12),
                         fontsize=8)
             last = here
+    base = next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                 if t.user_attrs.get("base")), None)
+    if base is not None:
+        ax.annotate(f"#{base.number} base", (base.values[1], base.values[0]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
     ax.set_title(f"study '{study.study_name}': {ACCURACY_LABEL} against {goal.cost_label}")
     ax.figure.set_size_inches(7.5, 5)
     return ax
