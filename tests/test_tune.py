@@ -118,6 +118,7 @@ def test_search_ignores_the_test_set_and_is_reproducible_by_seed(tmp_path, data)
     assert summary["eval_split"] == "val"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_a_resumed_study_draws_new_values(tmp_path, data, fake_train, sampler):
     """Three trials, then three more in a second invocation with the same --seed: six different draws
@@ -175,6 +176,7 @@ def test_median_pruner_stops_bad_trials_after_their_first_epoch(tmp_path, data):
     assert any(t["state"] == "COMPLETE" and t["epochs_done"] == 2 for t in ts)
 
 
+@pytest.mark.slow
 def test_time_budget_is_a_constraint_that_stops_and_excludes_slow_trials(tmp_path, data):
     """Every trial passes 0.001 s: it stops after its first (evaluated) epoch of two, completes as an
     infeasible trial (Optuna's constraint, which the samplers learn from), and is never the best."""
@@ -306,6 +308,7 @@ def pareto_reference(ts: list[dict]) -> list[int]:
     return sorted(t["number"] for t in done if not beaten(t))
 
 
+@pytest.mark.slow
 def test_two_objectives_write_the_pareto_front_and_the_best_recipe_per_budget(tmp_path, data, fake_train):
     ts = tune(tmp_path, data, space_file(tmp_path), "--trials", "8", "--objective", "accuracy-seconds",
               "--sampler", "random", "--plots")
