@@ -9,11 +9,22 @@ without a value needs a name: `whiten=--whiten`). Flags after `--` apply to ever
 values. Every arm trains once per seed (seed-major order, so a stopped comparison stays paired), on the
 test set, or with --val-split N on N held-out training images instead.
 
-Reported per arm: mean +- std of the accuracy (with the arm's TTA when it has one, else plain) and of the
-training seconds; per later arm against the first: the paired difference with a 95% t interval and the
-paired t-test's p-value (fastcifar.stats), a verdict, and a markdown row for bench/RESULTS.md. OUT gets
-results.json (rewritten after every run, so a second invocation skips finished runs; --seeds can grow),
-runs/<arm>/seed-<s>/ (each run's directory) and strip.png (per-seed accuracy and time, pairs joined).
+Reported per arm, over the paired seeds (those every arm finished): mean +- std of the accuracy (with the
+arm's TTA when it has one, else plain) and of the training seconds. Per later arm against the first: the
+paired difference with a t interval and the paired t-test's p-value (fastcifar.stats; none from fewer than
+3 paired seeds or from differences without spread). With several later arms the intervals are Bonferroni
+(each at 1 - (1 - --confidence) / m, all m together at --confidence) and the p-values Holm-adjusted. The
+verdict reads the accuracy interval: kept when it lies above zero, or when it lies within --margin points
+(default 0.1) of zero and the arm trains faster (its time interval below zero); rejected when below zero;
+otherwise undecided (or not adopted: equal, not faster). A markdown row for bench/RESULTS.md carries the
+command that reproduces it (arms, --first-seed, --seeds, --confidence, --margin, common flags).
+
+A run that fails (a diverging lr) is recorded with its error in results.json and left out of the pairing;
+the other seeds and arms go on and the report counts the failures. A rerun keeps a recorded failure as it
+is (the same seed and recipe fail the same way) unless --retry-failed trains it again. OUT gets results.json
+(rewritten after every run, so a second invocation skips finished runs; --seeds can grow), runs/<arm>/seed-<s>/
+(each run's directory and train.log) and strip.png (per-seed accuracy and time, pairs joined, means over the
+paired seeds).
 """
 
 from __future__ import annotations
@@ -23,17 +34,19 @@ import contextlib
 import dataclasses
 import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 from fastcifar.atomic import write_json, write_text
 from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, non_recipe_fields, parse_config, \
     split_at_double_dash, to_dict
-from fastcifar.errors import UserError, run_cli
+from fastcifar.errors import UserError, first_line, run_cli
 from fastcifar.report import reported_accuracy
-from fastcifar.stats import describe, paired_comparison
+from fastcifar.stats import bonferroni_confidence, describe, multiple_paired_comparisons
 
-# Fields that differ between the runs of one arm, or do not change what is measured.
+MEASURES = ("acc", "train_seconds")  # what each run records and each comparison compares
+DEFAULT_MARGIN = 0.1  # accuracy points within which two arms count as equally accurate (--margin)
 
 
 @dataclasses.dataclass
@@ -74,7 +87,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=3, help="runs per arm, seeds --first-seed onwards")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--out-dir", default=None, help="results directory (default runs/compare/<arm names>)")
-    parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--confidence", type=float, default=0.95,
+                        help="of the intervals, jointly when several arms are compared with the first")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, metavar="POINTS",
+                        help="equal accuracy: the accuracy interval lies within this many points of zero; an arm "
+                             "is kept for being faster only then")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="train runs recorded as failed again (by default a rerun leaves them failed)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
 
@@ -102,38 +121,70 @@ def load_results(path: Path) -> dict[str, Any] | None:
         raise UserError(f"cannot read earlier results ({path}): {e}; remove it or use another --out-dir") from None
 
 
-def analyse(arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int],
-            confidence: float) -> dict[str, Any]:
-    """Per-arm descriptions over the seeds every arm has finished, and each later arm against the first."""
-    paired = [s for s in seeds if all(str(s) in runs[a.name] for a in arms)]
-    per_arm = {}
-    for arm in arms:
-        rs = [runs[arm.name][str(s)] for s in paired]
-        per_arm[arm.name] = {"acc": describe([r["acc"] for r in rs]),
-                             "train_seconds": describe([r["train_seconds"] for r in rs])}
-    first = arms[0].name
+def finished(run: dict[str, Any] | None) -> bool:
+    """A run that trained to the end (a failed one holds only its error)."""
+    return run is not None and "error" not in run
+
+
+def failed_runs(arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int]) -> list[dict[str, Any]]:
+    """Every recorded failure among `seeds`: arm, seed and error."""
+    return [{"arm": a.name, "seed": s, "error": runs[a.name][str(s)]["error"]} for s in seeds for a in arms
+            if str(s) in runs[a.name] and not finished(runs[a.name][str(s)])]
+
+
+def analyse(arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int], confidence: float,
+            margin: float) -> dict[str, Any]:
+    """Per-arm descriptions over the paired seeds (finished by every arm) and each later arm against the first,
+    corrected for their number (stats.multiple_paired_comparisons), with a verdict each."""
+    paired = [s for s in seeds if all(finished(runs[a.name].get(str(s))) for a in arms)]
+
+    def values(arm: Arm, key: str) -> list[float]:
+        return [runs[arm.name][str(s)][key] for s in paired]
+
+    first, later = arms[0], arms[1:]
+    per_arm = {a.name: {key: describe(values(a, key)) for key in MEASURES} for a in arms}
+    acc, secs = (multiple_paired_comparisons(values(first, key), [values(a, key) for a in later], confidence)
+                 for key in MEASURES)
     comparisons = []
-    for arm in arms[1:]:
-        a = [runs[first][str(s)] for s in paired]
-        b = [runs[arm.name][str(s)] for s in paired]
-        acc = paired_comparison([r["acc"] for r in a], [r["acc"] for r in b], confidence)
-        secs = paired_comparison([r["train_seconds"] for r in a], [r["train_seconds"] for r in b], confidence)
-        comparisons.append({"arm": arm.name, "against": first, "acc": acc, "train_seconds": secs,
-                            "verdict": verdict(acc, secs)})
-    return {"paired_seeds": paired, "arms": per_arm, "comparisons": comparisons}
+    for arm, a, t in zip(later, acc, secs):
+        lost = [s for s in seeds if finished(runs[first.name].get(str(s)))
+                and str(s) in runs[arm.name] and not finished(runs[arm.name][str(s)])]
+        comparisons.append({"arm": arm.name, "against": first.name, "acc": a, "train_seconds": t,
+                            "verdict": verdict(a, t, margin, lost)})
+    failed = failed_runs(arms, runs, seeds)
+    return {"paired_seeds": paired, "failed": len(failed), "failed_runs": failed, "margin_points": margin,
+            "correction": correction(len(later), confidence), "arms": per_arm, "comparisons": comparisons}
 
 
-def verdict(acc: dict[str, Any], secs: dict[str, Any]) -> str:
-    """Kept only when the accuracy interval excludes zero upwards, or time drops at equal accuracy."""
-    if acc["ci_low"] is None:
-        return "undecided: fewer than 2 paired seeds"
-    if acc["ci_low"] > 0:
-        return "kept: better, the interval excludes zero"
-    if acc["ci_high"] < 0:
-        return "rejected: worse, the interval excludes zero"
+def correction(comparisons: int, confidence: float) -> str:
+    """What is corrected for several arms against the first, in words (the JSON's `correction`)."""
+    if comparisons == 1:
+        return "none: one comparison"
+    each = bonferroni_confidence(confidence, comparisons)
+    return (f"{comparisons} comparisons against the first arm: each interval at {100 * each:.4g}% (Bonferroni, "
+            f"{100 * confidence:.4g}% for all together), p-values Holm-adjusted (p_holm); verdicts read the intervals")
+
+
+def verdict(acc: dict[str, Any], secs: dict[str, Any], margin: float, lost_seeds: Sequence[int] = ()) -> str:
+    """Kept only when better (the accuracy interval lies above zero) or faster at equal accuracy (the
+    accuracy interval lies within `margin` points of zero and the time interval below zero); rejected when
+    the accuracy interval lies below zero; otherwise undecided or not adopted. An arm that failed on seeds
+    the first arm finished is never kept."""
+    if acc["untested"]:
+        return f"undecided: {acc['untested']}"
+    low, high = acc["ci_low"], acc["ci_high"]
+    if high < 0:
+        return "rejected: worse, the accuracy interval lies below zero"
+    if lost_seeds:
+        return f"undecided: it failed on seed(s) {', '.join(map(str, lost_seeds))}, which the first arm finished"
+    if low > 0:
+        return "kept: better, the accuracy interval lies above zero"
+    if not (-margin / 100 <= low and high <= margin / 100):
+        return (f"undecided: the accuracy interval includes zero but reaches beyond +-{margin:g} points "
+                "(--margin, equal accuracy): more seeds may decide")
     if secs["ci_high"] is not None and secs["ci_high"] < 0:
-        return "kept: saves time at equal accuracy (the accuracy interval includes zero)"
-    return "not adopted: the interval includes zero"
+        return f"kept: faster at equal accuracy (the accuracy interval lies within +-{margin:g} points of zero)"
+    return f"not adopted: equal accuracy within +-{margin:g} points, and not faster"
 
 
 def _pct(x: float | None) -> str:
@@ -144,50 +195,71 @@ def _diff(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:+.2f}"
 
 
+def _p(c: dict[str, Any]) -> str:
+    """The p-value to show: Holm-adjusted when it differs from the raw one (several comparisons)."""
+    if c["p_value"] is None:
+        return "-"
+    return f"{c['p_value']:.2g}" if c["p_holm"] == c["p_value"] else f"{c['p_holm']:.2g} (Holm)"
+
+
+def reproduce_command(arms: list[Arm], common: list[str], seeds: list[int], confidence: float,
+                      margin: float) -> str | None:
+    """The compare command that gives these results again: every arm (the correction depends on their
+    number), the seed range from the first to the last paired seed (a seed that failed inside it fails and is
+    left out again), the confidence and the margin. None without paired seeds."""
+    if not seeds:
+        return None
+    parts = ["python -m fastcifar.compare", *(shlex.quote(f"{a.name}={a.spec}") for a in arms),
+             f"--first-seed {seeds[0]} --seeds {seeds[-1] - seeds[0] + 1} --confidence {confidence} --margin {margin}"]
+    return " ".join(parts + (["--", *map(shlex.quote, common)] if common else []))
+
+
 def markdown_rows(result: dict[str, Any], arms: list[Arm], common: list[str], split: str) -> list[str]:
     """One bench/RESULTS.md row (trick | setting | result | verdict | command) per later arm."""
     rows = []
     stats = result["analysis"]
     seeds = stats["paired_seeds"]
     first = arms[0]
+    failed = f"; {stats['failed']} failed run(s) left out" if stats["failed"] else ""
     for arm, c in zip(arms[1:], stats["comparisons"]):
         if not seeds:
             continue
         a, b = stats["arms"][first.name], stats["arms"][arm.name]
-        acc, secs = c["acc"], c["train_seconds"]
-        p = "-" if acc["p_value"] is None else f"{acc['p_value']:.2g}"
+        acc = c["acc"]
         text = (f"{_pct(b['acc']['mean'])} +- {_pct(b['acc']['std'])}% vs {_pct(a['acc']['mean'])} +- "
                 f"{_pct(a['acc']['std'])}%: {_diff(acc['mean_diff'])} points "
-                f"[{_pct(acc['ci_low'])}, {_pct(acc['ci_high'])}], p = {p}; training "
-                f"{b['train_seconds']['mean']:.1f} s vs {a['train_seconds']['mean']:.1f} s")
-        command = ("`python -m fastcifar.compare " + " ".join(shlex.quote(f"{x.name}={x.spec}") for x in (first, arm))
-                   + f" --seeds {len(seeds)}" + (" -- " + " ".join(shlex.quote(t) for t in common) if common else "")
-                   + "`")
+                f"[{_pct(acc['ci_low'])}, {_pct(acc['ci_high'])}] ({100 * acc['confidence']:.4g}% CI), "
+                f"p = {_p(acc)}; training {b['train_seconds']['mean']:.1f} s vs {a['train_seconds']['mean']:.1f} s")
         rows.append(f"| {arm.name} vs {first.name} | {' '.join(common) or 'preset values'}; seeds "
-                    f"{', '.join(map(str, seeds))}; {split} set | {text} | {c['verdict']} | {command} |")
+                    f"{', '.join(map(str, seeds))}; {split} set{failed} | {text} | {c['verdict']} | "
+                    f"`{result['command']}` |")
     return rows
 
 
-def save_strip_plot(path: Path, arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int]) -> None:
-    """Per-seed accuracy and training seconds, one column per arm, the runs of one seed joined by a line."""
+def save_strip_plot(path: Path, arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int],
+                    analysis: dict[str, Any]) -> None:
+    """Per-seed accuracy and training seconds, one column per arm, the runs of one seed joined by a line.
+    The bars are the analysis's means over the paired seeds; hollow markers are runs outside them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    paired = set(analysis["paired_seeds"])
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(arms), 4))
     for ax, key, label in ((axes[0], "acc", "accuracy (%)"), (axes[1], "train_seconds", "training seconds")):
         scale = 100 if key == "acc" else 1
         for s in seeds:
-            xs = [i for i, a in enumerate(arms) if str(s) in runs[a.name]]
+            xs = [i for i, a in enumerate(arms) if finished(runs[a.name].get(str(s)))]
             ys = [runs[arms[i].name][str(s)][key] * scale for i in xs]
             ax.plot(xs, ys, "-o", color="0.6", markersize=0, linewidth=0.8)
-            ax.scatter(xs, ys, zorder=3, label=f"seed {s}")
+            points = ax.scatter(xs, ys, zorder=3, label=f"seed {s}" if s in paired else f"seed {s} (unpaired)")
+            if s not in paired:
+                points.set_facecolor("none")
         for i, a in enumerate(arms):
-            values = [r[key] * scale for r in runs[a.name].values()]
-            if values:
-                mean = sum(values) / len(values)
-                ax.hlines(mean, i - 0.25, i + 0.25, color="black", linewidth=2, zorder=4)
+            mean = analysis["arms"][a.name][key]["mean"]
+            if mean is not None:
+                ax.hlines(mean * scale, i - 0.25, i + 0.25, color="black", linewidth=2, zorder=4)
         ax.set_xticks(range(len(arms)), [a.name for a in arms], rotation=15)
         ax.set_xlim(-0.5, len(arms) - 0.5)
         ax.set_ylabel(label)
@@ -198,6 +270,34 @@ def save_strip_plot(path: Path, arms: list[Arm], runs: dict[str, dict[str, dict]
     plt.close(fig)
 
 
+def run_arm(arm: Arm, common: list[str], seed: int, out: Path, debug: bool = False) -> dict[str, Any]:
+    """Train `arm` on `seed` in out/runs/<arm>/seed-<seed>/ (its output in train.log). A run that raises (a
+    diverging lr, a full disk) returns {"error": ...} instead, its traceback in train.log, so the other seeds
+    and arms go on; with `debug` it raises."""
+    from fastcifar.train import train
+
+    run_dir = out / "runs" / arm.name / f"seed-{seed}"
+    config = arm_config(arm, common, seed, run_dir)
+    print(f"{arm.name}, seed {seed}: training in {run_dir}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "w") as log:
+        try:
+            with contextlib.redirect_stdout(log):
+                summary = train(config)
+        except Exception as e:  # any failure of one run is recorded; signals (SystemExit) still stop compare
+            if debug:
+                raise
+            traceback.print_exc(file=log)
+            error = f"{type(e).__name__}: {first_line(e)}"
+            print(f"{arm.name}, seed {seed}: FAILED ({error}); recorded, the comparison goes on", flush=True)
+            return {"error": error}
+    run = {"acc": reported_accuracy(summary), "acc_plain": summary["test_acc"], "acc_tta": summary["test_acc_tta"],
+           "train_seconds": summary["train_seconds"], "eval_split": summary.get("eval_split")}
+    print(f"{arm.name}, seed {seed}: {run['eval_split']} acc {run['acc']:.4f}, train {run['train_seconds']:.1f}s",
+          flush=True)
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     own, common = split_at_double_dash(sys.argv[1:] if argv is None else argv)
     args = get_args_parser().parse_args(own)
@@ -205,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"invalid --seeds ({args.seeds}): must be >= 1")
     if not 0 < args.confidence < 1:
         raise UserError(f"invalid --confidence ({args.confidence}): must be between 0 and 1")
+    if not 0 < args.margin < 100:  # NaN fails too
+        raise UserError(f"invalid --margin ({args.margin}): accuracy points, between 0 and 100")
     arms = [parse_arm(text, i) for i, text in enumerate(args.arms)]
     names = [a.name for a in arms]
     if len(arms) < 2:
@@ -229,13 +331,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UserError(f"arm '{name}' in {results_path} was run with another configuration: "
                                 "use another --out-dir (or remove that file to start again)")
 
-    from fastcifar.train import train
-
     def save() -> dict[str, Any]:
+        analysis = analyse(arms, runs, seeds, args.confidence, args.margin)
         result = {"eval_split": split, "seeds": seeds, "common_flags": common, "confidence": args.confidence,
+                  "margin_points": args.margin,
+                  "command": reproduce_command(arms, common, analysis["paired_seeds"], args.confidence, args.margin),
                   "arms": {a.name: {"spec": a.spec, "argv": a.argv, "config": recipes[a.name],
-                                    "runs": runs[a.name]} for a in arms}}
-        result["analysis"] = analyse(arms, runs, seeds, args.confidence)
+                                    "runs": runs[a.name]} for a in arms},
+                  "analysis": analysis}
         result["markdown"] = markdown_rows(result, arms, common, split)
         write_json(results_path, result)
         return result
@@ -243,22 +346,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         for arm in arms:
-            if str(seed) in runs[arm.name]:
+            earlier = runs[arm.name].get(str(seed))
+            if earlier is not None and (finished(earlier) or not args.retry_failed):
                 continue
-            run_dir = out / "runs" / arm.name / f"seed-{seed}"
-            config = arm_config(arm, common, seed, run_dir)
-            print(f"{arm.name}, seed {seed}: training in {run_dir}", flush=True)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):
-                summary = train(config)
-            runs[arm.name][str(seed)] = {"acc": reported_accuracy(summary), "acc_plain": summary["test_acc"],
-                                         "acc_tta": summary["test_acc_tta"], "train_seconds": summary["train_seconds"],
-                                         "eval_split": summary.get("eval_split", split)}
-            r = runs[arm.name][str(seed)]
-            print(f"{arm.name}, seed {seed}: {split} acc {r['acc']:.4f}, train {r['train_seconds']:.1f}s", flush=True)
+            runs[arm.name][str(seed)] = run_arm(arm, common, seed, out, args.debug)
             save()
     result = save()
-    save_strip_plot(out / "strip.png", arms, runs, seeds)
+    save_strip_plot(out / "strip.png", arms, runs, seeds, result["analysis"])
     write_text(out / "row.md", "\n".join(result["markdown"]) + "\n")
     print(format_report(result, arms))
     return 0
@@ -266,18 +360,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def format_report(result: dict[str, Any], arms: list[Arm]) -> str:
     stats = result["analysis"]
-    lines = [f"{result['eval_split']} accuracy over seeds {stats['paired_seeds']}:"]
+    lines = [f"{result['eval_split']} accuracy over the paired seeds {stats['paired_seeds']}:"]
     for a in arms:
         d, t = stats["arms"][a.name]["acc"], stats["arms"][a.name]["train_seconds"]
         if d["n"]:
             lines.append(f"  {a.name:20s} {_pct(d['mean'])} +- {_pct(d['std'])}%   train {t['mean']:.1f} +- "
                          f"{t['std']:.1f}s")
+    lines += [f"  failed: {f['arm']}, seed {f['seed']}: {f['error']}" for f in stats["failed_runs"]]
     for c in stats["comparisons"]:
         acc = c["acc"]
-        p = "-" if acc["p_value"] is None else f"{acc['p_value']:.3g}"
         lines.append(f"  {c['arm']} - {c['against']}: {_diff(acc['mean_diff'])} points, "
-                     f"{int(100 * result['confidence'])}% CI [{_pct(acc['ci_low'])}, {_pct(acc['ci_high'])}], "
-                     f"p = {p}; {c['verdict']}")
+                     f"{100 * acc['confidence']:.4g}% CI [{_pct(acc['ci_low'])}, {_pct(acc['ci_high'])}], "
+                     f"p = {_p(acc)}; {c['verdict']}")
+    lines.append(f"  correction: {stats['correction']}; {stats['failed']} failed run(s) left out")
     lines += result["markdown"]
     return "\n".join(lines)
 

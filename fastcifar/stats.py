@@ -1,4 +1,5 @@
-"""Statistics over seeds: one description of a sample and one paired comparison, shared by every report.
+"""Statistics over seeds: one description of a sample, one paired comparison and the corrections for several
+comparisons against one baseline, shared by every report.
 
     >>> describe([0.93, 0.94, 0.95])["mean"]
     0.94
@@ -8,10 +9,16 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
+
+# A t interval from two pairs has one degree of freedom (t = 12.7 at 95%) and a standard deviation that is
+# one number's distance from another: too little to decide anything on.
+MIN_PAIRS = 3
+# Differences of floats carry rounding error near 1e-16 of the values; a spread below this fraction of
+# them is rounding, not seed-to-seed variation, and a t statistic divided by it is meaningless (p ~ 1e-32).
+MIN_RELATIVE_SPREAD = 1e-9
 
 
 def describe(values: Sequence[float]) -> dict[str, Any]:
@@ -24,26 +31,68 @@ def describe(values: Sequence[float]) -> dict[str, Any]:
             "min": float(sample.min()), "median": float(np.median(sample)), "max": float(sample.max())}
 
 
+def untestable(a: np.ndarray, b: np.ndarray) -> str | None:
+    """Why paired samples support no interval or p-value (too few pairs, no spread), None when they do."""
+    diff = b - a
+    if diff.size < MIN_PAIRS:
+        return f"fewer than {MIN_PAIRS} paired seeds ({diff.size})"
+    scale = float(np.abs(np.concatenate([a, b])).max())
+    if float(diff.std(ddof=1)) <= MIN_RELATIVE_SPREAD * scale:
+        return "no spread: the paired differences are identical (std 0 or rounding error only)"
+    return None
+
+
 def paired_comparison(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
-    """Difference b - a over paired samples (same seeds): mean, a `confidence` t interval and the paired
-    t-test's two-sided p-value. Fewer than 2 pairs: interval and p are None. Identical differences (no
-    spread): the degenerate interval [d, d], p = 1 when d = 0 and 0 otherwise (scipy would return NaN)."""
+    """Difference b - a over paired samples (same seeds): n, mean, std, a `confidence` t interval and the
+    paired t-test's two-sided p-value (scipy.stats.ttest_rel). Interval and p are None, and `untested` says
+    why, for fewer than MIN_PAIRS pairs or differences without spread (`untestable`)."""
     if len(a) != len(b):
         raise ValueError(f"paired samples need equal lengths, got {len(a)} and {len(b)}")
-    diff = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    first, second = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = second - first
     n = int(diff.size)
-    result: dict[str, Any] = {"n": n, "mean_diff": float(diff.mean()) if n else None, "ci_low": None,
-                              "ci_high": None, "p_value": None, "confidence": confidence}
-    if n < 2:
+    result: dict[str, Any] = {"n": n, "mean_diff": float(diff.mean()) if n else None,
+                              "std_diff": float(diff.std(ddof=1)) if n > 1 else None, "ci_low": None,
+                              "ci_high": None, "p_value": None, "confidence": confidence,
+                              "untested": untestable(first, second)}
+    if result["untested"]:
         return result
     from scipy import stats as scipy_stats
 
-    sd = float(diff.std(ddof=1))
-    if sd == 0.0:
-        d = float(diff.mean())
-        result.update(ci_low=d, ci_high=d, p_value=1.0 if d == 0.0 else 0.0)
-        return result
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * sd / math.sqrt(n)
-    p = float(scipy_stats.ttest_rel(b, a).pvalue)
-    result.update(ci_low=float(diff.mean()) - half, ci_high=float(diff.mean()) + half, p_value=p)
+    test = scipy_stats.ttest_rel(second, first)
+    interval = test.confidence_interval(confidence)
+    result.update(ci_low=float(interval.low), ci_high=float(interval.high), p_value=float(test.pvalue))
     return result
+
+
+def bonferroni_confidence(confidence: float, comparisons: int) -> float:
+    """The confidence of each of `comparisons` intervals so that all of them hold together with probability
+    at least `confidence` (Bonferroni: the error rate split evenly)."""
+    return 1 - (1 - confidence) / max(comparisons, 1)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (statsmodels' `multipletests(method="holm")`), in the input order.
+    A comparison without a p-value (None, kept) still counts in the family, which keeps the correction
+    conservative."""
+    family = len(p_values)
+    adjusted: list[float | None] = [None] * family
+    present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    running = 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (family - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def multiple_paired_comparisons(baseline: Sequence[float], others: Sequence[Sequence[float]],
+                                confidence: float = 0.95) -> list[dict[str, Any]]:
+    """`paired_comparison` of each sample in `others` against `baseline`, corrected for their number m:
+    intervals at the Bonferroni confidence 1 - (1 - confidence) / m (simultaneous at `confidence`),
+    `p_value` the raw paired t-test and `p_holm` Holm's adjustment. With m = 1 nothing changes."""
+    each = bonferroni_confidence(confidence, len(others))
+    results = [paired_comparison(baseline, other, each) for other in others]
+    for result, adjusted in zip(results, holm([r["p_value"] for r in results])):
+        result["p_holm"] = adjusted
+        result["family_confidence"] = confidence
+    return results

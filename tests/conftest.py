@@ -19,6 +19,23 @@ def real_cifar_path() -> Path:
     return Path(os.environ.get("FASTCIFAR_DATA") or REPO_ROOT.parent / "shared/data/cifar10-png.tar.gz")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def cpu_bf16_from_environment(tmp_path_factory):
+    """FASTCIFAR_TEST_CPU_BF16=1: this CPU reports AVX-512 BF16, so `--amp-dtype auto` trains and evaluates in
+    bf16 (emulated where the CPU lacks it: slower, the same rounding) as on Zen 4 or a Xeon with AMX. The suite
+    then sees the numerics of those CPUs on any CPU; tests that set the CPU flags themselves still do."""
+    if os.environ.get("FASTCIFAR_TEST_CPU_BF16") != "1":
+        yield
+        return
+    from fastcifar import runtime
+
+    cpuinfo = tmp_path_factory.mktemp("cpuinfo") / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtime, "CPUINFO", str(cpuinfo))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     """No test reads or writes the user's real cache (~/.cache/fastcifar)."""

@@ -32,11 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(Path(__file__).resolve().parent / "per_sample_norm_train.py")
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 COMMON = ["--width", "4", "--device", "cpu", "--epochs", "2", "--lr", "0.05", "--no-plots", "--no-tta", "--no-amp"]
-# fp32 on the CPU: the two runs differ only in the order in which the 32 per-sample gradients are summed
-# (two means of 16, all-reduced and halved, vs one mean of 32), a few ulps per step. Over the 10 steps here
-# that leaves the weights within ~1e-7 of each other (measured: 1.5e-7; rounding can grow during training,
-# other learning rates gave up to 1e-5), so 1e-4 is the bound. A shard that ignores its rank or a run
-# without DDP moves some weight by more than 1e-3 (measured, see the commit message).
+# fp32, one thread per process, lr 0.05 and 10 steps, all pinned here: the two runs differ only in the order
+# in which the 32 per-sample gradients are summed (two means of 16, all-reduced and halved, vs one mean of
+# 32), a few ulps per step, which leaves the weights ~1e-7 apart on AVX2 and AVX-512 CPUs alike (with two
+# threads too). 1e-4 leaves three orders of magnitude for other rounding; a shard that ignores its rank or
+# a run without DDP moves some weight by more than 1e-3.
 TOLERANCE = 1e-4
 
 
