@@ -42,6 +42,16 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path / "home"))
 
 
+@pytest.fixture
+def one_line_error(capsys):
+    """Call it after a command failed: asserts stderr holds exactly one line and returns that line."""
+    def read() -> str:
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        return err[0]
+    return read
+
+
 @pytest.fixture(scope="session")
 def real_cifar(tmp_path_factory):
     """The real CIFAR-10 as `CifarData`, decoded once per session into a private cache; skips if absent."""

@@ -155,39 +155,6 @@ def test_adam_cycles_beta1():
     assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["betas"][0] == pytest.approx(0.95)
 
 
-def test_help_lists_every_field_with_its_default():
-    text = get_args_parser().format_help()
-    for name in TrainConfig.__dataclass_fields__:
-        assert "--" + name.replace("_", "-") in text
-    assert "--no-amp" in text and "--preset" in text and "--config" in text
-
-
-def test_precedence_defaults_preset_config_flags(tmp_path):
-    assert parse_config([])[0].optimizer == "sgd"
-    assert parse_config(["--preset", "seed"])[0].optimizer == "adam"
-    toml = tmp_path / "c.toml"
-    toml.write_text('epochs = 7\nlr = 0.01\n')
-    c, _ = parse_config(["--preset", "seed", "--config", str(toml), "--lr", "0.02"])
-    assert (c.optimizer, c.epochs, c.lr) == ("adam", 7, 0.02)
-
-
-@pytest.mark.parametrize("argv, flag", [
-    (["--epochs", "0"], "--epochs"), (["--pct-start", "1.5"], "--pct-start"),
-    (["--batch-size", "0"], "--batch-size"), (["--width", "0"], "--width"),
-    (["--cutout", "40"], "--cutout"), (["--translate", "-1"], "--translate"),
-])
-def test_bad_flag_values_are_rejected_up_front(argv, flag):
-    with pytest.raises(UserError, match=flag):
-        parse_config(argv)
-
-
-def test_config_file_with_unknown_key(tmp_path):
-    toml = tmp_path / "c.toml"
-    toml.write_text("epochz = 3\n")
-    with pytest.raises(UserError, match="epochz"):
-        parse_config(["--config", str(toml)])
-
-
 def test_shift_translates_exactly_and_tta_averages_views():
     from fastcifar.evaluate import shift, tta_logits
 

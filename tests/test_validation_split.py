@@ -54,13 +54,6 @@ def test_split_size_out_of_range_is_a_user_error(size):
         validation_split(uneven_data(), size)
 
 
-def test_val_split_is_a_flag_and_a_toml_key(tmp_path):
-    (tmp_path / "c.toml").write_text("val_split = 500\nsplit_seed = 3\n")
-    config, _ = parse_config(["--config", str(tmp_path / "c.toml")])
-    assert (config.val_split, config.split_seed) == (500, 3)
-    assert parse_config(["--val-split", "7"])[0].val_split == 7
-
-
 def test_train_main_with_too_large_val_split_exits_2_naming_the_flag(tmp_path, capsys):
     from fastcifar.train import main
 
