@@ -53,6 +53,24 @@ def one_line_error(capsys):
 
 
 @pytest.fixture(scope="session")
+def smoothed_cross_entropy():
+    """An independent reference for the training loss (numpy, float64): call it with (logits, labels, smoothing)."""
+    import numpy as np
+
+    def smoothed_cross_entropy(logits: np.ndarray, labels: np.ndarray, smoothing: float) -> float:
+        """Label-smoothed cross-entropy written out in float64: the target puts 1 - s + s/K on the label and s/K on
+        every other class, and the loss is the mean over the batch of -sum(target * log_softmax)."""
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        classes = logits.shape[1]
+        target = np.full(logits.shape, smoothing / classes)
+        target[np.arange(len(labels)), labels] += 1 - smoothing
+        return float(-(target * log_probs).sum(axis=1).mean())
+
+    return smoothed_cross_entropy
+
+
+@pytest.fixture(scope="session")
 def real_cifar(tmp_path_factory):
     """The real CIFAR-10 as `CifarData`, decoded once per session into a private cache; skips if absent."""
     from fastcifar.data import load_cifar10

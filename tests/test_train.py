@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fastcifar.checkpoint import load_model
-from fastcifar.config import TrainConfig, get_args_parser, parse_config
+from fastcifar.checkpoint import load_checkpoint, load_model
+from fastcifar.config import TrainConfig
+from fastcifar.distributed import Dist
 from fastcifar.errors import UserError, run_cli
-from fastcifar.checkpoint import load_checkpoint
-from fastcifar.recipe import build_model, build_optimizer, build_scheduler, epoch_steps
-from fastcifar.train import main
+from fastcifar.model import ResNet9
+from fastcifar.train import main, setup
 from synthetic import write_learnable_dataset
 
+
+CPU = torch.device("cpu")
 FAST = ["--width", "8", "--batch-size", "32", "--device", "cpu", "--lr", "0.2"]
 
 
@@ -85,31 +88,6 @@ def test_existing_results_are_not_overwritten_without_flag(learnable, tmp_path, 
     train(learnable, out, "--epochs", "1", "--no-plots", "--overwrite")
 
 
-@pytest.mark.parametrize("anneal", ["linear", "cos"])
-def test_one_cycle_peaks_at_pct_start_and_ends_at_lr_over_both_divs(anneal):
-    config = TrainConfig(epochs=10, lr=0.4, pct_start=0.25, div_factor=20, final_div_factor=200, anneal=anneal)
-    model = torch.nn.Linear(2, 2)
-    opt = build_optimizer(config, model, torch.device("cpu"))
-    sched = build_scheduler(config, opt, steps_per_epoch=10)
-    lrs, moms = [], []
-    for _ in range(100):
-        lrs.append(opt.param_groups[0]["lr"])
-        moms.append(opt.param_groups[0]["momentum"])
-        opt.step()
-        sched.step()
-    peak = int(np.argmax(lrs))
-    assert abs(peak - 0.25 * 100) <= 1 and lrs[peak] == pytest.approx(0.4)
-    assert lrs[0] == pytest.approx(0.4 / 20)
-    assert lrs[-1] == pytest.approx(0.4 / (20 * 200))
-    assert moms[0] == pytest.approx(0.9) and moms[peak] == pytest.approx(0.85)  # momentum cycles inversely
-
-
-@pytest.mark.parametrize("epochs, expected", [(3, [10, 10, 10]), (2.5, [10, 10, 5]), (0.01, [1]), (1.04, [10]),
-                                              (1.06, [10, 1])])
-def test_epoch_steps_end_a_fractional_last_epoch_early(epochs, expected):
-    assert epoch_steps(TrainConfig(epochs=epochs), steps_per_epoch=10) == expected
-
-
 def test_fractional_epochs_train_that_many_steps_and_finish_the_cycle(learnable, tmp_path):
     out = tmp_path / "run"
     s = train(learnable, out, "--epochs", "1.5", "--no-plots", "--no-tta")  # 12 steps per epoch: 12 + 6
@@ -119,40 +97,6 @@ def test_fractional_epochs_train_that_many_steps_and_finish_the_cycle(learnable,
     assert len(run["lrs"]) == 18 and run["images"] == 18 * 32
     assert run["lrs"][-1] == pytest.approx(0.2 / (20 * 200), rel=0.05)  # the one cycle ends where it should
     assert s["epochs"] == 1.5
-
-
-def test_frozen_bn_scales_and_bias_lr_group():
-    config = TrainConfig(width=4, epochs=1, lr=0.4, weight_decay=5e-4, bn_weight=False, bias_lr=64.0)
-    model = build_model(config, 10, torch.device("cpu"))
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert bns and all(not bn.weight.requires_grad and bool((bn.weight == 1).all()) for bn in bns)
-    opt = build_optimizer(config, model, torch.device("cpu"))
-    rest, biases = opt.param_groups
-    assert {id(p) for p in biases["params"]} == {id(bn.bias) for bn in bns}
-    assert all(p.requires_grad for p in rest["params"]) and len(rest["params"]) + len(biases["params"]) == len(
-        [p for p in model.parameters() if p.requires_grad])
-    sched = build_scheduler(config, opt, steps_per_epoch=20)
-    lrs = []
-    for _ in range(20):
-        lrs.append((rest["lr"], biases["lr"]))
-        opt.step()
-        sched.step()
-    assert max(b for _, b in lrs) == pytest.approx(64 * max(r for r, _ in lrs))
-    # the same weight decay per step: lr * weight_decay is equal in both groups
-    assert biases["weight_decay"] * 64 == pytest.approx(rest["weight_decay"])
-
-
-def test_no_bias_lr_means_one_group():
-    model = build_model(TrainConfig(width=4), 10, torch.device("cpu"))
-    opt = build_optimizer(TrainConfig(width=4), model, torch.device("cpu"))
-    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == len(list(model.parameters()))
-
-
-def test_adam_cycles_beta1():
-    config = TrainConfig(optimizer="adam", epochs=1, lr=0.01, momentum=0.95, min_momentum=0.85)
-    opt = build_optimizer(config, torch.nn.Linear(2, 2), torch.device("cpu"))
-    build_scheduler(config, opt, steps_per_epoch=10)
-    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["betas"][0] == pytest.approx(0.95)
 
 
 def test_shift_translates_exactly_and_tta_averages_views():
@@ -198,3 +142,62 @@ def test_evaluate_command_reports_three_views(learnable, tmp_path, capsys, monke
                                                                         for _, acc in calls]
     plain = float(lines[0].split()[-1].rstrip("%")) / 100  # the console shows percent
     assert plain == pytest.approx(json.loads((out / "summary.json").read_text())["test_acc"])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return write_learnable_dataset(tmp_path_factory.mktemp("tiny"), train_per_class=6, test_per_class=2)
+
+
+def test_label_smoothing_amp_compile_and_download_reach_the_session(tiny_dir, tmp_path, monkeypatch,
+                                                                    smoothed_cross_entropy):
+    """Sabotage: CrossEntropyLoss() without label_smoothing; amp_dtype(device, False) in setup; the compile
+    mode or the compile flag ignored; download=None passed to load_cifar10."""
+    import fastcifar.data
+    import fastcifar.runtime
+
+    monkeypatch.setattr(fastcifar.runtime, "cpu_native_bf16", lambda: True)  # as on a CPU with AVX-512 BF16
+    compiled, downloads = [], []
+    monkeypatch.setattr(ResNet9, "compile", lambda self, mode=None, **kw: compiled.append(mode), raising=False)
+    load = fastcifar.data.load_cifar10
+    monkeypatch.setattr(fastcifar.data, "load_cifar10",
+                        lambda path, download=None: downloads.append(download) or load(path, download=download))
+    on = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path / "on"), device="cpu", width=4,
+                     label_smoothing=0.3, amp=True, compile=True, compile_mode="max-autotune", download=True,
+                     batch_size=20)
+    s = setup(on, resume=False, dist=Dist(), device=CPU)
+    logits, labels = torch.randn(6, 10), torch.arange(6)
+    reference = smoothed_cross_entropy(logits.double().numpy(), labels.numpy(), 0.3)
+    assert float(s.criterion(logits, labels)) == pytest.approx(reference, rel=1e-5)
+    assert s.dtype == torch.bfloat16 and s.clocks["compile_seconds"] is not None and compiled == ["max-autotune"]
+    off = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path / "off"), device="cpu", width=4,
+                      label_smoothing=0.0, amp=False, compile=None, batch_size=20)
+    s = setup(off, resume=False, dist=Dist(), device=CPU)
+    reference = smoothed_cross_entropy(logits.double().numpy(), labels.numpy(), 0.0)
+    assert float(s.criterion(logits, labels)) == pytest.approx(reference, rel=1e-5)
+    assert s.dtype is None and s.clocks["compile_seconds"] is None and compiled == ["max-autotune"]  # CPU: off
+    assert downloads == [True, None]  # --no-download means "only when missing and online": None
+
+
+def test_sync_bn_is_refused_on_the_cpu_under_torchrun(tiny_dir, tmp_path):
+    """Sabotage: config.sync_bn ignored in setup (the run would go on with per-rank statistics)."""
+    config = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path / "run"), device="cpu", width=4, sync_bn=True,
+                         batch_size=8)
+    with pytest.raises(UserError, match="--sync-bn"):
+        setup(config, resume=False, dist=Dist(rank=0, world_size=2), device=CPU)
+
+
+def test_seed_runs_eval_every_checkpoint_every_plots_and_tta_shape_the_run(tiny_dir, tmp_path):
+    """Sabotage: seed = run_index in start_seed; eval_every ignored (every epoch); checkpoint_every ignored;
+    plots written regardless; flip TTA run regardless of --no-tta."""
+    out = tmp_path / "run"
+    assert main(["--data-dir", str(tiny_dir), "--out-dir", str(out), "--width", "4", "--batch-size", "20",
+                 "--device", "cpu", "--epochs", "3", "--seed", "3", "--runs", "2", "--eval-every", "2",
+                 "--checkpoint-every", "0", "--no-plots", "--no-tta"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"]["seeds"] == [3, 4] and summary["test_acc_tta"] is None and summary["tta"] is None
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    evaluated = [(r["seed"], r["epoch"]) for r in rows if not math.isnan(float(r["test_acc"]))]
+    assert evaluated == [("3", "2"), ("3", "3"), ("4", "2"), ("4", "3")]  # every 2nd epoch and the last
+    assert not (out / "checkpoint.pt").exists() and not list(out.glob("*.png"))
+    assert (out / "model.safetensors").exists()
