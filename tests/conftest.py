@@ -53,6 +53,19 @@ def one_line_error(capsys):
 
 
 @pytest.fixture(scope="session")
+def napping():
+    """napping(fn, seconds_of) is fn that first sleeps seconds_of(*args, **kwargs): a known delay for a clock to see."""
+    import time
+
+    def napping(fn, seconds_of):
+        def wrapped(*args, **kwargs):
+            time.sleep(seconds_of(*args, **kwargs))
+            return fn(*args, **kwargs)
+        return wrapped
+    return napping
+
+
+@pytest.fixture(scope="session")
 def smoothed_cross_entropy():
     """An independent reference for the training loss (numpy, float64): call it with (logits, labels, smoothing)."""
     import numpy as np

@@ -502,3 +502,33 @@ def test_a_signal_mid_run_keeps_every_finished_seed(tmp_path, monkeypatch):
     assert code == 143 and [r["seed"] for r in report["fastcifar"]["runs"]] == [0]
     assert report["errors"] == ["stopped early (signal 15); results are partial"]
     assert report["methods"]["fastcifar[default]"]["run_seconds"]["median"] == 6.0
+
+
+def test_the_json_report_holds_each_seed_before_the_next_one_starts(tmp_path, monkeypatch):
+    out = tmp_path / "report.json"
+    seen = []
+
+    def fake_seed(argv, out_dir):
+        seed = int(argv[argv.index("--seed") + 1])
+        report = json.loads(out.read_text()) if out.exists() else None
+        seen.append(None if report is None else [r["seed"] for r in report["fastcifar"]["runs"]])
+        return speedrun.fastcifar_record(trainer_summary(
+            {"seed": seed, "test_acc": 0.9, "test_acc_tta": 0.95, "train_seconds": 5.0, "run_seconds": 6.0}))
+
+    monkeypatch.setattr(speedrun, "run_fastcifar_seed", fake_seed)
+    use_synthetic_data(monkeypatch)
+    assert speedrun.main(["--data-dir", "synthetic", "--preset", "default", "--runs", "3",
+                          "--out-dir", str(tmp_path / "run"), "--json", str(out)]) == 0
+    assert seen == [None, [0], [0, 1]]
+    assert [r["seed"] for r in json.loads(out.read_text())["fastcifar"]["runs"]] == [0, 1, 2]
+
+
+@needs_bash
+def test_a_failing_part_is_recorded_and_makes_the_script_exit_non_zero(tmp_path):
+    proc = run_gpu_script(tmp_path, tmp_path / "no-such-data.tar.gz", FASTCIFAR_GPU_ARMS="")
+    out = tmp_path / "out"
+    parts = json.loads((out / "parts.json").read_text())["parts"]
+    failed = [p for p in parts if p["name"] != "cuda-tests"]
+    assert failed and all(p["status"] == "failed" and p["exit_code"] not in (0, None) for p in failed), parts
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "speedrun: failed" in (out / "summary.txt").read_text()

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch import nn
 
+import fastcifar.evaluate
+from fastcifar import augment, train as train_mod
+from fastcifar.augment import DeviceLoader
 from fastcifar.checkpoint import load_checkpoint, load_model
 from fastcifar.config import TrainConfig
 from fastcifar.distributed import Dist
 from fastcifar.errors import UserError, run_cli
+from fastcifar.evaluate import main as evaluate_main
 from fastcifar.model import ResNet9
-from fastcifar.train import main, setup
-from synthetic import write_learnable_dataset
+from fastcifar.train import main, setup, train_one_epoch
+from synthetic import Recorder, write_learnable_dataset
 
 
 CPU = torch.device("cpu")
@@ -97,23 +105,6 @@ def test_fractional_epochs_train_that_many_steps_and_finish_the_cycle(learnable,
     assert len(run["lrs"]) == 18 and run["images"] == 18 * 32
     assert run["lrs"][-1] == pytest.approx(0.2 / (20 * 200), rel=0.05)  # the one cycle ends where it should
     assert s["epochs"] == 1.5
-
-
-def test_shift_translates_exactly_and_tta_averages_views():
-    from fastcifar.evaluate import shift, tta_logits
-
-    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
-    moved = shift(x, 1, 1)
-    assert torch.equal(moved[..., 1:, 1:], x[..., :-1, :-1])  # content moves down-right by one pixel
-    assert torch.equal(shift(x, -1, -1)[..., :-1, :-1], x[..., 1:, 1:])
-
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 4))
-    views = [x, x.flip(3)]
-    want = torch.stack([model(v) for v in views]).mean(0)
-    torch.testing.assert_close(tta_logits(model, x), want)
-    moved = [shift(v, t, t) for v in views for t in (1, -1)]
-    want2 = 0.5 * want + 0.5 * torch.stack([model(v) for v in moved]).mean(0)
-    torch.testing.assert_close(tta_logits(model, x, 1), want2)
 
 
 def test_evaluate_command_reports_three_views(learnable, tmp_path, capsys, monkeypatch):
@@ -201,3 +192,204 @@ def test_seed_runs_eval_every_checkpoint_every_plots_and_tta_shape_the_run(tiny_
     assert evaluated == [("3", "2"), ("3", "3"), ("4", "2"), ("4", "3")]  # every 2nd epoch and the last
     assert not (out / "checkpoint.pt").exists() and not list(out.glob("*.png"))
     assert (out / "model.safetensors").exists()
+
+
+NORMALIZE_NAP, TTA_NAP, PLAIN_NAP = 0.2, 1.0, 0.05
+CLOCKS = ("run_seconds", "train_seconds", "wall_seconds", "prep_seconds", "init_seconds", "final_eval_seconds",
+          "eval_seconds")
+
+
+@pytest.fixture(scope="module")
+def clock_data(tmp_path_factory) -> Path:
+    return write_learnable_dataset(tmp_path_factory.mktemp("clock_data"), train_per_class=16, test_per_class=4)
+
+
+def test_run_seconds_is_prep_init_steps_and_the_final_tta_eval_and_nothing_else(clock_data, tmp_path, monkeypatch, napping):
+    # normalize_images runs once per loader (train + test, built once for both seeds) and once per whitening
+    monkeypatch.setattr(augment, "normalize_images", napping(augment.normalize_images, lambda *a, **k: NORMALIZE_NAP))
+    monkeypatch.setattr(train_mod, "evaluate",
+                        napping(train_mod.evaluate, lambda *a, tta=False, **k: TTA_NAP if tta else PLAIN_NAP))
+    # fp32 on every CPU: bf16 where it is emulated computes several times slower
+    config = TrainConfig(data_dir=str(clock_data), out_dir=str(tmp_path / "run"), width=4, batch_size=32,
+                         device="cpu", epochs=2, runs=2, whiten=True, tta=True, tta_translate=1, plots=False,
+                         checkpoint_every=0, amp=False)
+    summary = train_mod.train(config)
+
+    seeds = summary["runs"]["per_seed"]
+    assert [s["seed"] for s in seeds] == [0, 1]
+    for s in seeds:
+        assert s["prep_seconds"] >= 2 * NORMALIZE_NAP           # train and test loaders, added to every seed
+        assert s["init_seconds"] >= NORMALIZE_NAP               # the whitening is inside
+        assert s["final_eval_seconds"] >= TTA_NAP               # the TTA evaluation, not the plain one
+        assert 2 * PLAIN_NAP <= s["eval_seconds"] < TTA_NAP     # two per-epoch evaluations, no TTA
+        assert s["run_seconds"] == pytest.approx(
+            s["prep_seconds"] + s["init_seconds"] + s["train_seconds"] + s["final_eval_seconds"], rel=1e-12)
+        assert s["run_seconds"] >= s["train_seconds"] + 3 * NORMALIZE_NAP + TTA_NAP
+        # wall: everything of this seed (prep only where the loaders were built: the first seed)
+        assert s["wall_seconds"] >= s["run_seconds"] - s["prep_seconds"] + s["eval_seconds"] + PLAIN_NAP
+    assert seeds[0]["prep_seconds"] == seeds[1]["prep_seconds"]  # one measurement, counted in each seed
+    assert seeds[0]["wall_seconds"] >= seeds[0]["run_seconds"]
+
+    runs = summary["runs"]
+    for key in CLOCKS:  # the last seed at the top, one value per seed under runs
+        assert summary[key] == seeds[-1][key]
+        assert runs[key] == [s[key] for s in seeds]
+    assert runs["median_run_seconds"] == pytest.approx(sum(runs["run_seconds"]) / 2)
+    assert summary["upload_seconds"] >= 0 and summary["data_seconds"] > 0
+    assert summary["upload_seconds"] < NORMALIZE_NAP  # the upload is measured apart from the preparation
+
+
+def test_warm_up_leaves_the_loaders_random_choices_where_they_were():
+    """Sabotage: warm_up not restoring the training loader's state (the compiled run's first seed would draw
+    other batches than an uncompiled one); warm_up not restoring the weights (BatchNorm statistics)."""
+    from fastcifar.augment import DeviceLoader
+    from fastcifar.train import warm_up
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 10
+    common = dict(mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=16)
+    train, test = DeviceLoader(images, labels, seed=3, **common), DeviceLoader(images, labels, train=False, **common)
+    fresh = DeviceLoader(images, labels, seed=3, **common)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 32 * 32, 10))  # BN: train steps move it
+    session = SimpleNamespace(model_without_ddp=model, model=model, device=CPU, dtype=None, train_loader=train,
+                              test_loader=test, config=TrainConfig(tta=True, tta_translate=1),
+                              criterion=nn.CrossEntropyLoss())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    warm_up(session)
+    assert torch.equal(train.plan_epoch().order, fresh.plan_epoch().order)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_each_seed_of_a_multi_seed_run_trains_as_that_seed_alone(tmp_path):
+    """Sabotage: start_seed reseeding the reused device loader with the first seed (or not at all), so seeds
+    after the first would not see their own data order and augmentations."""
+    from safetensors.torch import load_file
+
+    from fastcifar.train import main
+    from synthetic import write_learnable_dataset
+
+    data = write_learnable_dataset(tmp_path / "data", train_per_class=8, test_per_class=1)
+    common = ["--data-dir", str(data), "--width", "4", "--batch-size", "16", "--device", "cpu", "--epochs", "1",
+              "--no-plots", "--no-tta", "--checkpoint-every", "0"]
+    assert main([*common, "--seed", "0", "--runs", "2", "--out-dir", str(tmp_path / "both")]) == 0
+    assert main([*common, "--seed", "1", "--out-dir", str(tmp_path / "one")]) == 0
+    both, one = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("both", "one"))
+    assert all(torch.equal(both[k], one[k]) for k in one)  # the last seed's model, bit-exact on the CPU
+
+
+def test_amp_runs_the_training_step_under_bf16_autocast_on_the_cpu():
+    """Sabotage: train_one_epoch's `autocast(device, dtype)` replaced by a null context."""
+    for dtype, want in [(torch.bfloat16, True), (None, False)]:
+        model = Recorder()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        batches = [(torch.randn(4, 3, 32, 32), torch.arange(4))] * 2
+        no_scaling = torch.amp.GradScaler("cpu", enabled=False)
+        train_one_epoch(model, nn.CrossEntropyLoss(), opt, sched, no_scaling, batches, CPU, dtype)
+        assert [enabled for enabled, _ in model.autocast] == [want, want]
+        if want:
+            assert all(seen == torch.bfloat16 for _, seen in model.autocast)
+
+
+def test_an_epoch_reads_nothing_from_the_device_until_reduce_epoch_reads_it_once(monkeypatch):
+    """The hot loop never waits for the device: sabotage, a per-step `loss.item()` (say, for the non-finite
+    check) or `float(loss)` in train_one_epoch, or a second read in reduce_epoch."""
+    from fastcifar.distributed import Dist
+    from fastcifar.lookahead import Lookahead
+    from fastcifar.train import reduce_epoch
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 10
+    loader = DeviceLoader(images, labels, mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=16)
+    model = Recorder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=len(loader))
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            reads.append(_name) or _real(self, *a, **k))
+    sums, lrs = train_one_epoch(model, nn.CrossEntropyLoss(), opt, sched, torch.amp.GradScaler("cpu", enabled=False),
+                                iter(loader), CPU, None, Lookahead(model, len(loader)))
+    assert reads == [] and len(lrs) == len(loader)
+    loss, acc, seen, bad = reduce_epoch(sums, Dist())
+    assert reads == ["tolist"] and seen == 64 and bad == -1 and 0 <= acc <= 1
+
+
+@pytest.fixture(scope="module")
+def small_learnable(tmp_path_factory) -> Path:
+    return write_learnable_dataset(tmp_path_factory.mktemp("small_learnable"), train_per_class=10, test_per_class=2)
+
+
+def test_lookahead_steps_and_ends_on_the_slow_weights_and_final_tta_uses_the_translate(small_learnable, tmp_path,
+                                                                                         monkeypatch):
+    """Sabotage: lookahead.step() not called in train_one_epoch; Lookahead not built in start_seed; the final
+    TTA in finish_seed evaluated with tta_translate=0."""
+    translates = []
+    tta_logits = fastcifar.evaluate.tta_logits
+    monkeypatch.setattr(fastcifar.evaluate, "tta_logits",
+                        lambda model, x, translate=0: translates.append(translate) or tta_logits(model, x, translate))
+    out = tmp_path / "run"
+    assert main(["--data-dir", str(small_learnable), "--out-dir", str(out), "--width", "4", "--batch-size", "20",
+                 "--device", "cpu", "--epochs", "2", "--lookahead", "--tta-translate", "2", "--no-plots"]) == 0
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["lookahead"]["steps"] == 10  # 2 epochs x 5 steps
+    slow, saved = ckpt["lookahead"]["slow"], load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(saved[k], slow[k]) for k in slow)  # the run ends on the average
+    assert set(translates) == {2}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tta"]["translate"] == 2 and summary["test_acc_tta"] is not None
+
+
+def test_seed_recipe_trains_end_to_end_with_albumentations_and_adam(small_learnable, tmp_path):
+    """The original notebook's recipe: Adam, One Cycle from lr/100, no label smoothing, the albumentations
+    DataLoader (one worker here), fp32, no TTA."""
+    pytest.importorskip("albumentations")
+    out = tmp_path / "seed"
+    assert main(["--preset", "seed", "--data-dir", str(small_learnable), "--out-dir", str(out), "--width", "4",
+                 "--batch-size", "20", "--device", "cpu", "--epochs", "3", "--workers", "1", "--no-plots"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["pipeline"], config["optimizer"], config["amp"], config["tta"]) == ("albumentations", "adam",
+                                                                                      False, False)
+    summary = json.loads((out / "summary.json").read_text())
+    run = load_checkpoint(out / "checkpoint.pt")["run"]
+    assert len(run["lrs"]) == 15 and run["lrs"][0] == pytest.approx(4.79e-2 / 100)
+    first, last = run["rows"][0], run["rows"][-1]
+    assert last["train_loss"] < first["train_loss"] and last["train_acc"] > 0.4  # chance is 0.1
+    assert summary["test_acc_tta"] is None and 0 <= summary["test_acc"] <= 1
+
+
+def test_train_main_with_too_large_val_split_exits_2_naming_the_flag(tmp_path, capsys):
+    from fastcifar.train import main
+
+    data = write_learnable_dataset(tmp_path / "data", 2, 1)
+    code = run_cli(main, ["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), "--val-split", "20",
+                          "--device", "cpu", "--width", "4"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--val-split (20)" in err
+
+
+def test_train_api_reports_each_epoch_on_the_validation_split_and_lets_exceptions_through(tmp_path):
+    from fastcifar.train import train
+
+    data = write_learnable_dataset(tmp_path / "data", 20, 5)
+    config = TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "run"), width=4, batch_size=32, epochs=2,
+                         device="cpu", plots=False, val_split=50, tta=False)
+    rows = []
+    summary = train(config, on_epoch=rows.append)
+    assert [r["epoch"] for r in rows] == [1, 2] and summary["eval_split"] == "val"
+    assert rows[-1]["test_acc"] == summary["test_acc"]
+    assert {"seed", "lr", "train_loss", "train_acc", "test_loss", "epoch_seconds", "total_seconds"} <= set(rows[0])
+    assert summary["test_acc"] * 50 == pytest.approx(round(summary["test_acc"] * 50))  # 50 held-out images
+
+    class Stop(Exception):
+        pass
+
+    def stop(row):
+        raise Stop(row["epoch"])
+
+    with pytest.raises(Stop, match="1"):
+        train(dataclasses.replace(config, overwrite=True), on_epoch=stop)
+    assert train(dataclasses.replace(config, overwrite=True, val_split=0))["eval_split"] == "test"
+    assert not math.isnan(rows[0]["test_acc"])
