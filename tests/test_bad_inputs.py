@@ -188,6 +188,7 @@ def relabel_width(run: Path, tmp: Path) -> Path:
 HIDE_CUDA = {"train-cuda-missing"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, command, build, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_line_and_exit_2(name, command, build, expected, tmp_path, good_data, trained_run, capsys,
                                             monkeypatch):
@@ -212,6 +213,7 @@ def test_bad_input_gives_one_line_and_exit_2(name, command, build, expected, tmp
     assert not leftovers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, argv, expected", [
     ("fastcifar.train", ["--epochs", "0"], "--epochs"),
     ("fastcifar.data", ["--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),

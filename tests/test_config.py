@@ -25,6 +25,7 @@ def test_help_lists_every_field_with_its_default():
     assert "--no-amp" in text and "--preset" in text and "--config" in text
 
 
+@pytest.mark.slow
 def test_precedence_defaults_preset_config_flags(tmp_path):
     assert parse_config([])[0].optimizer == "sgd"
     assert parse_config(["--preset", "seed"])[0].optimizer == "adam"
@@ -34,6 +35,7 @@ def test_precedence_defaults_preset_config_flags(tmp_path):
     assert (c.optimizer, c.epochs, c.lr) == ("adam", 7, 0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, flag", [
     (["--epochs", "0"], "--epochs"), (["--pct-start", "1.5"], "--pct-start"),
     (["--batch-size", "0"], "--batch-size"), (["--width", "0"], "--width"),
@@ -74,6 +76,7 @@ def test_short_flags_output_dir_alias_and_cuda_index():
         select_device("cuda:99")  # no machine has 100 GPUs; without CUDA: not available
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, flag", [(["--optimizer", "rmsprop"], "--optimizer"),
                                         (["--pipeline", "dali"], "--pipeline"),
                                         (["--device", "tpu"], "--device"),
@@ -134,6 +137,7 @@ def test_keys_of_a_config_file_count_as_given_for_resume(tmp_path):
         resume_config(vars(TrainConfig(lr=0.2, width=8, epochs=3)), config, args.explicit, "runs/x")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, value", [
     ("--epochs", "0"), ("--batch-size", "0"), ("--width", "0"), ("--lr", "0"), ("--pct-start", "0"),
     ("--div-factor", "0"), ("--final-div-factor", "0"), ("--momentum", "1"), ("--weight-decay", "-1"),

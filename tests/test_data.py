@@ -414,6 +414,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_a_one_line_user_error(case, tiny, sources, tmp_path, capsys):
     build, expected = BAD_INPUTS[case]
@@ -558,6 +559,7 @@ def test_data_module_does_not_import_plots(sources, tmp_path, monkeypatch):
 
 # --- the real data set ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_real_cifar10(real_cifar):
     d = real_cifar
     assert d.train_images.shape == (50000, 32, 32, 3) and d.test_images.shape == (10000, 32, 32, 3)

@@ -47,6 +47,7 @@ COMMON = ["--width", "4", "--device", "cpu", "--epochs", "2", "--lr", "0.05", "-
 TOLERANCE = 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
     data = write_learnable_dataset(tmp_path / "data", train_per_class=16, test_per_class=5)
@@ -103,6 +104,7 @@ def local_rank(pid: int) -> int | None:
     return int(values[0]) if values else None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists() or
                     (shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists()),
                     reason="needs torchrun and Linux /proc")

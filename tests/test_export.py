@@ -114,6 +114,7 @@ def test_fold_batchnorm_is_exact(negative):
         torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_parity_at_batch_1_7_256(exported, checkpoint):
     """Random images hold near-ties, which logits within the 1e-3 bound may break either way (by the CPU's
     rounding): the classes must agree on every other image."""
@@ -158,6 +159,7 @@ class Bf16Model(nn.Module):
             return self.model(x).float()
 
 
+@pytest.mark.slow
 def test_the_fixture_decides_every_image_the_tests_read_by_a_clear_margin(checkpoint, exported, test_split):
     """Why the export tests may compare classes and accuracies to the image on every CPU (export_helpers,
     CLEAR_MARGIN): the fp32 model leads with its class by CLEAR_MARGIN on every image they read, the int8 file
@@ -211,6 +213,7 @@ def test_export_reports_accuracy(export_output, checkpoint):
     assert f"of the checkpoint's {100 * info.test_acc:.2f}% (limit 0.3, no TTA)" in stdout
 
 
+@pytest.mark.slow
 def test_unreachable_opset_falls_back_to_torchscript(workdir, checkpoint, capsys):
     out = workdir / "opset13.onnx"
     code, stdout, stderr = cli(["--checkpoint", str(checkpoint), "--out", str(out), "--opset", "13"], capsys)
@@ -231,6 +234,7 @@ def _bad_checkpoints(root: Path) -> dict[str, Path]:
     return {"missing": root / "nope", "corrupt": corrupt, "mismatched": mismatched}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("missing", "checkpoint not found"),
     ("corrupt", "corrupt checkpoint"),
@@ -297,6 +301,7 @@ def assert_refused(code: int, stderr: str, message: str, files: dict[Path, bytes
     assert not list(folder.glob(".*.tmp")) and not list(folder.glob("*.verified.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalization", ["none", "swapped mean and std"])
 def test_a_graph_with_wrong_normalization_fails_the_export(workdir, checkpoint, tiny_data, monkeypatch,
                                                            normalization):
@@ -317,6 +322,7 @@ def with_stored_accuracy(checkpoint: Path, test_acc: float, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offset, passes", [(+0.002, True), (-0.0025, True), (+0.004, False), (-0.2, False)])
 def test_accuracy_must_match_the_checkpoint_within_0_3_points(workdir, exported, checkpoint, tiny_data,
                                                               test_split, reuse_export, offset, passes):
@@ -397,6 +403,7 @@ def test_a_folder_of_class_folders_stands_for_every_image_below_it(tmp_path):
     assert expand_images([str(tmp_path / "test")]) == [str(cat), str(dog)]
 
 
+@pytest.mark.slow
 def test_predict_classifies_resizes_and_reports_failures(exported, tmp_path):
     small = write_png(tmp_path / "small.png", 32, seed=1)
     big = write_png(tmp_path / "big.png", 64, seed=2)
@@ -414,6 +421,7 @@ def test_predict_classifies_resizes_and_reports_failures(exported, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_predict_top_k_matches_the_session(exported, tmp_path):
     image = write_png(tmp_path / "a.png", 32, seed=3)
     result = run_predict(str(int8_path(exported)), str(image), "--top", "3")
@@ -436,6 +444,7 @@ def test_documented_input_recipes_match_predict(tmp_path):
     np.testing.assert_allclose(to_tensor(Image.open(path))[None].numpy(), ours, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["missing.onnx", "junk.onnx"])
 def test_predict_bad_model_is_a_usage_error(tmp_path, model):
     (tmp_path / "junk.onnx").write_bytes(b"garbage")

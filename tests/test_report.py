@@ -31,6 +31,7 @@ class Pruned(Exception):
     """What a tuner raises from on_epoch to stop a trial."""
 
 
+@pytest.mark.slow
 def test_summary_json_is_written_after_each_seed_and_on_epoch_can_stop_a_run(learnable, tmp_path):
     out = tmp_path / "run"
     config = TrainConfig(data_dir=str(learnable), out_dir=str(out), epochs=2, runs=3, eval_every=2, **FAST)
@@ -53,6 +54,7 @@ def test_summary_json_is_written_after_each_seed_and_on_epoch_can_stop_a_run(lea
     assert (out / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_summary_records_tta_as_fields_and_matches_evaluate_json(learnable, tmp_path, capsys):
     """The evaluate command repeats the run's evaluation: in fp32 at the run's batch size, the same arithmetic
     on every CPU. (bf16 at another batch size rounds otherwise, and this one-epoch model has near-ties.)"""

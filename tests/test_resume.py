@@ -60,6 +60,7 @@ class SignalAtCall(torch.nn.CrossEntropyLoss):
         return super().forward(logits, labels)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code, extra", [(signal.SIGINT, 130, []), (signal.SIGTERM, 143, []),
                                                  (signal.SIGINT, 130, ["--lookahead"])])
 def test_a_stop_mid_epoch_then_resume_equals_the_uninterrupted_run(learnable, tmp_path, monkeypatch, capsys,
@@ -83,6 +84,7 @@ def test_a_stop_mid_epoch_then_resume_equals_the_uninterrupted_run(learnable, tm
     assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_resume_after_a_finished_epoch_is_exact(learnable, tmp_path, monkeypatch):
     args = ["--data-dir", str(learnable), *FAST, "--epochs", "3", "--runs", "2"]
     assert train_mod.main([*args, "--out-dir", str(tmp_path / "a")]) == 0
@@ -98,6 +100,7 @@ def test_resume_after_a_finished_epoch_is_exact(learnable, tmp_path, monkeypatch
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_inside_a_fractional_last_epoch(learnable, tmp_path, monkeypatch):
     args = ["--data-dir", str(learnable), *FAST, "--epochs", "2.5"]  # 7 + 7 + 4 steps
     assert train_mod.main([*args, "--out-dir", str(tmp_path / "a")]) == 0
@@ -112,6 +115,7 @@ def test_resume_inside_a_fractional_last_epoch(learnable, tmp_path, monkeypatch)
     assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b") and len(metric_rows(tmp_path / "a")) == 3
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_a_resumable_checkpoint(tmp_path):
     data = write_learnable_dataset(tmp_path / "data", train_per_class=30, test_per_class=2)
     out = tmp_path / "run"
@@ -215,6 +219,7 @@ def finished_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, named", [(["--lr", "0.5"], "--lr"), (["--epochs", "3"], "--epochs"),
                                           (["--width", "16"], "--width"), (["-b", "16"], "--batch-size"),
                                           (["--preset", "speedrun"], "--")])
@@ -226,6 +231,7 @@ def test_a_recipe_flag_that_disagrees_with_the_checkpoint_is_a_one_line_error(fi
     assert (finished_run / "summary.json").read_bytes() == before  # nothing ran
 
 
+@pytest.mark.slow
 def test_agreeing_recipe_flags_and_environment_flags_are_accepted(finished_run, tmp_path, capsys):
     run = tmp_path / "copy"
     shutil.copytree(finished_run, run)
@@ -276,6 +282,7 @@ class SlowLoss(torch.nn.CrossEntropyLoss):
         return super().forward(logits, labels)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_seconds_before_the_stop(tmp_path, monkeypatch):
     data = write_learnable_dataset(tmp_path / "data", train_per_class=24, test_per_class=2)  # 7 steps/epoch
     out = tmp_path / "run"

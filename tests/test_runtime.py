@@ -70,6 +70,7 @@ def test_auto_on_the_cpu_uses_bf16_only_with_bf16_instructions(tmp_path, monkeyp
     assert runtime.cpu_native_bf16(str(tmp_path / "missing")) is False
 
 
+@pytest.mark.slow
 def test_amp_dtype_flag_reaches_training_fp16_through_a_grad_scaler(tmp_path, monkeypatch):
     from synthetic import write_learnable_dataset
 
@@ -123,6 +124,7 @@ def _guarded_steps(rank: int, world_size: int, init_file: str, results: str) -> 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
     import signal
 

@@ -156,6 +156,7 @@ def test_unknown_preset_and_bad_trainer_flags_fail_up_front(capsys):
     assert "--seed=3 after `--`" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_run_trains_each_seed_in_its_own_call_and_writes_the_report(tiny_data, tmp_path, capsys):
     out = tmp_path / "report.json"
     code = speedrun.main(["--data-dir", str(tiny_data), "--preset", "default", "--runs", "2", "--seed", "4",
@@ -342,6 +343,7 @@ def test_unreadable_airbench_output_stops_airbench_loudly_and_never_uses_wall_ti
     assert "error: airbench94 stopped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_real_airbench_94_on_the_cpu_reports_its_own_event_clock(tmp_path, monkeypatch):
     """airbench 0.1.8's own train94/train/evaluate/print code, with its CUDA calls sent to the CPU: each CUDA
     event pair it times reads 250 ms, so its clock must read 0.25 s x (whitening + 10 epochs + TTA eval)."""
@@ -440,6 +442,7 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
                                 reason="needs bash and timeout")
 
 
+@pytest.mark.slow
 @needs_bash
 def test_gpu_script_smoke_mode_runs_every_part_on_the_cpu(tiny_data, tmp_path):
     proc = run_gpu_script(tmp_path, tiny_data, FASTCIFAR_GPU_AIRBENCH="1")  # asked for, but no wheel
@@ -472,6 +475,7 @@ def test_gpu_script_smoke_mode_runs_every_part_on_the_cpu(tiny_data, tmp_path):
     assert not list(tmp_path.glob("fastcifar-gpu.*")), "scratch directory left behind"
 
 
+@pytest.mark.slow
 @needs_bash
 def test_gpu_script_skips_what_its_budget_cannot_fit_and_still_writes_the_summary(tiny_data, tmp_path):
     proc = run_gpu_script(tmp_path, tiny_data, FASTCIFAR_GPU_BUDGET="5")
@@ -523,6 +527,7 @@ def test_the_json_report_holds_each_seed_before_the_next_one_starts(tmp_path, mo
     assert [r["seed"] for r in json.loads(out.read_text())["fastcifar"]["runs"]] == [0, 1, 2]
 
 
+@pytest.mark.slow
 @needs_bash
 def test_a_failing_part_is_recorded_and_makes_the_script_exit_non_zero(tmp_path):
     proc = run_gpu_script(tmp_path, tmp_path / "no-such-data.tar.gz", FASTCIFAR_GPU_ARMS="")

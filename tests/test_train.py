@@ -42,6 +42,7 @@ def train(data: Path, out: Path, *extra: str) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_epochs_learn_far_above_chance_and_write_every_artifact(learnable, tmp_path):
     out = tmp_path / "run"
     s = train(learnable, out, "--epochs", "2")
@@ -60,12 +61,14 @@ def test_two_epochs_learn_far_above_chance_and_write_every_artifact(learnable, t
     assert not list(out.glob(".*tmp"))
 
 
+@pytest.mark.slow
 def test_shuffled_training_labels_stay_near_chance(tmp_path):
     data = write_learnable_dataset(tmp_path / "shuffled", 40, 10, shuffle_train_labels=True)
     s = train(data, tmp_path / "run", "--epochs", "3", "--no-plots")
     assert s["test_acc"] < 0.3  # a leak of test data into training would show up here
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_gives_identical_logits(learnable, tmp_path):
     out = tmp_path / "run"
     train(learnable, out, "--epochs", "1", "--no-plots", "--no-tta")
@@ -78,6 +81,7 @@ def test_checkpoint_round_trip_gives_identical_logits(learnable, tmp_path):
     assert info.test_acc == json.loads((out / "summary.json").read_text())["test_acc"]
 
 
+@pytest.mark.slow
 def test_multiple_runs_report_mean_and_std(learnable, tmp_path):
     s = train(learnable, tmp_path / "run", "--epochs", "1", "--runs", "2", "--no-plots")
     runs = s["runs"]
@@ -86,6 +90,7 @@ def test_multiple_runs_report_mean_and_std(learnable, tmp_path):
     assert runs["std"] == pytest.approx(np.std(runs["test_acc"], ddof=1))
 
 
+@pytest.mark.slow
 def test_existing_results_are_not_overwritten_without_flag(learnable, tmp_path, capsys):
     out = tmp_path / "run"
     train(learnable, out, "--epochs", "1", "--no-plots")
@@ -96,6 +101,7 @@ def test_existing_results_are_not_overwritten_without_flag(learnable, tmp_path, 
     train(learnable, out, "--epochs", "1", "--no-plots", "--overwrite")
 
 
+@pytest.mark.slow
 def test_fractional_epochs_train_that_many_steps_and_finish_the_cycle(learnable, tmp_path):
     out = tmp_path / "run"
     s = train(learnable, out, "--epochs", "1.5", "--no-plots", "--no-tta")  # 12 steps per epoch: 12 + 6
@@ -107,6 +113,7 @@ def test_fractional_epochs_train_that_many_steps_and_finish_the_cycle(learnable,
     assert s["epochs"] == 1.5
 
 
+@pytest.mark.slow
 def test_evaluate_command_reports_three_views(learnable, tmp_path, capsys, monkeypatch):
     """Each printed line is the evaluation of its own view: plain, flip TTA, flip + translate TTA. fp32 at the
     run's batch size, so the plain line repeats the run's own evaluation on every CPU."""
@@ -140,6 +147,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     return write_learnable_dataset(tmp_path_factory.mktemp("tiny"), train_per_class=6, test_per_class=2)
 
 
+@pytest.mark.slow
 def test_label_smoothing_amp_compile_and_download_reach_the_session(tiny_dir, tmp_path, monkeypatch,
                                                                     smoothed_cross_entropy):
     """Sabotage: CrossEntropyLoss() without label_smoothing; amp_dtype(device, False) in setup; the compile
@@ -178,6 +186,7 @@ def test_sync_bn_is_refused_on_the_cpu_under_torchrun(tiny_dir, tmp_path):
         setup(config, resume=False, dist=Dist(rank=0, world_size=2), device=CPU)
 
 
+@pytest.mark.slow
 def test_seed_runs_eval_every_checkpoint_every_plots_and_tta_shape_the_run(tiny_dir, tmp_path):
     """Sabotage: seed = run_index in start_seed; eval_every ignored (every epoch); checkpoint_every ignored;
     plots written regardless; flip TTA run regardless of --no-tta."""
@@ -204,6 +213,7 @@ def clock_data(tmp_path_factory) -> Path:
     return write_learnable_dataset(tmp_path_factory.mktemp("clock_data"), train_per_class=16, test_per_class=4)
 
 
+@pytest.mark.slow
 def test_run_seconds_is_prep_init_steps_and_the_final_tta_eval_and_nothing_else(clock_data, tmp_path, monkeypatch, napping):
     # normalize_images runs once per loader (train + test, built once for both seeds) and once per whitening
     monkeypatch.setattr(augment, "normalize_images", napping(augment.normalize_images, lambda *a, **k: NORMALIZE_NAP))
@@ -261,6 +271,7 @@ def test_warm_up_leaves_the_loaders_random_choices_where_they_were():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_each_seed_of_a_multi_seed_run_trains_as_that_seed_alone(tmp_path):
     """Sabotage: start_seed reseeding the reused device loader with the first seed (or not at all), so seeds
     after the first would not see their own data order and augmentations."""
@@ -342,6 +353,7 @@ def test_lookahead_steps_and_ends_on_the_slow_weights_and_final_tta_uses_the_tra
     assert summary["tta"]["translate"] == 2 and summary["test_acc_tta"] is not None
 
 
+@pytest.mark.slow
 def test_seed_recipe_trains_end_to_end_with_albumentations_and_adam(small_learnable, tmp_path):
     """The original notebook's recipe: Adam, One Cycle from lr/100, no label smoothing, the albumentations
     DataLoader (one worker here), fp32, no TTA."""
@@ -370,6 +382,7 @@ def test_train_main_with_too_large_val_split_exits_2_naming_the_flag(tmp_path, c
     assert code == 2 and len(err.splitlines()) == 1 and "--val-split (20)" in err
 
 
+@pytest.mark.slow
 def test_train_api_reports_each_epoch_on_the_validation_split_and_lets_exceptions_through(tmp_path):
     from fastcifar.train import train
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -108,6 +109,7 @@ def test_whiten_bias_epochs_freezes_the_whitened_conv_and_stops_its_bias_after_n
     assert torch.equal(conv, conv_before)
 
 
+@pytest.mark.slow
 def test_the_training_loop_stops_the_whitening_bias(tmp_path):
     """Sabotage caught: the stop_whitening_bias call dropped from the loop in fastcifar.train."""
     from synthetic import write_learnable_dataset
