@@ -20,6 +20,7 @@ from fastcifar import augment, train as train_mod
 from fastcifar.augment import DeviceLoader
 from fastcifar.checkpoint import load_checkpoint, load_model
 from fastcifar.config import TrainConfig
+from fastcifar.data import load_cifar10
 from fastcifar.distributed import Dist
 from fastcifar.errors import UserError, run_cli
 from fastcifar.evaluate import main as evaluate_main
@@ -383,18 +384,22 @@ def test_train_main_with_too_large_val_split_exits_2_naming_the_flag(tmp_path, c
 
 
 @pytest.mark.slow
-def test_train_api_reports_each_epoch_on_the_validation_split_and_lets_exceptions_through(tmp_path):
+def test_train_api_reports_each_epoch_on_the_validation_split_and_lets_exceptions_through(tmp_path, capsys):
+    """The held-out count (30) differs from the test set's (50), so evaluating on the test set shows.
+    Sabotage: the validation_split result not assigned in setup (the run trains on all 200 and evaluates on
+    the test set)."""
     from fastcifar.train import train
 
     data = write_learnable_dataset(tmp_path / "data", 20, 5)
     config = TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "run"), width=4, batch_size=32, epochs=2,
-                         device="cpu", plots=False, val_split=50, tta=False)
+                         device="cpu", plots=False, val_split=30, tta=False)
     rows = []
     summary = train(config, on_epoch=rows.append)
+    assert "(170 train, 30 test)" in capsys.readouterr().out  # 30 held out of 200, the 50 test images unused
     assert [r["epoch"] for r in rows] == [1, 2] and summary["eval_split"] == "val"
     assert rows[-1]["test_acc"] == summary["test_acc"]
     assert {"seed", "lr", "train_loss", "train_acc", "test_loss", "epoch_seconds", "total_seconds"} <= set(rows[0])
-    assert summary["test_acc"] * 50 == pytest.approx(round(summary["test_acc"] * 50))  # 50 held-out images
+    assert summary["test_acc"] * 30 == pytest.approx(round(summary["test_acc"] * 30))  # 30 held-out images
 
     class Stop(Exception):
         pass
@@ -406,3 +411,33 @@ def test_train_api_reports_each_epoch_on_the_validation_split_and_lets_exception
         train(dataclasses.replace(config, overwrite=True), on_epoch=stop)
     assert train(dataclasses.replace(config, overwrite=True, val_split=0))["eval_split"] == "test"
     assert not math.isnan(rows[0]["test_acc"])
+
+
+def test_split_seed_chooses_which_training_images_the_run_holds_out(tmp_path, monkeypatch):
+    """The data that reaches the loaders: the same split seed holds out the same images, another seed others,
+    and the held-out images are training images, never the test set's. Sabotage: config.split_seed not
+    passed to validation_split in setup (every seed holds out seed 0's images)."""
+    from fastcifar.train import train
+
+    class Stop(Exception):
+        pass
+
+    reached = []
+
+    def record_and_stop(config, data, *args, **kwargs):
+        reached.append(data)
+        raise Stop
+
+    monkeypatch.setattr(train_mod, "build_loaders", record_and_stop)
+    source = write_learnable_dataset(tmp_path / "data", 20, 5)
+    for i, seed in enumerate((0, 0, 1)):
+        config = TrainConfig(data_dir=str(source), out_dir=str(tmp_path / f"run{i}"), width=4, device="cpu",
+                             plots=False, val_split=30, split_seed=seed)
+        with pytest.raises(Stop):
+            train(config)
+    held = [{image.tobytes() for image in data.test_images} for data in reached]
+    assert [len(h) for h in held] == [30, 30, 30]
+    assert held[0] == held[1] and held[0] != held[2]
+    everything = load_cifar10(source, download=False)
+    training_images = {image.tobytes() for image in everything.train_images}
+    assert all(h <= training_images for h in held)
