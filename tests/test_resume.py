@@ -223,7 +223,8 @@ def finished_run(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("flags, named", [(["--lr", "0.5"], "--lr"), (["--epochs", "3"], "--epochs"),
                                           (["--width", "16"], "--width"), (["-b", "16"], "--batch-size"),
                                           (["--preset", "speedrun"], "--")])
-def test_a_recipe_flag_that_disagrees_with_the_checkpoint_is_a_one_line_error(finished_run, capsys, flags, named, one_line_error):
+def test_a_recipe_flag_that_disagrees_with_the_checkpoint_is_a_one_line_error(finished_run, capsys, flags, named,
+                                                                              one_line_error):
     before = (finished_run / "summary.json").read_bytes()
     assert run_cli(main, ["--resume", str(finished_run), *flags]) == 2
     line = one_line_error()

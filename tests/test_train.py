@@ -215,7 +215,8 @@ def clock_data(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_run_seconds_is_prep_init_steps_and_the_final_tta_eval_and_nothing_else(clock_data, tmp_path, monkeypatch, napping):
+def test_run_seconds_is_prep_init_steps_and_the_final_tta_eval_and_nothing_else(clock_data, tmp_path, monkeypatch,
+                                                                                 napping):
     # normalize_images runs once per loader (train + test, built once for both seeds) and once per whitening
     monkeypatch.setattr(augment, "normalize_images", napping(augment.normalize_images, lambda *a, **k: NORMALIZE_NAP))
     monkeypatch.setattr(train_mod, "evaluate",
@@ -431,8 +432,8 @@ def test_split_seed_chooses_which_training_images_the_run_holds_out(tmp_path, mo
     monkeypatch.setattr(train_mod, "build_loaders", record_and_stop)
     source = write_learnable_dataset(tmp_path / "data", 20, 5)
     for i, seed in enumerate((0, 0, 1)):
-        config = TrainConfig(data_dir=str(source), out_dir=str(tmp_path / f"run{i}"), width=4, device="cpu",
-                             plots=False, val_split=30, split_seed=seed)
+        config = TrainConfig(data_dir=str(source), out_dir=str(tmp_path / f"run{i}"), width=4, batch_size=32,
+                             device="cpu", plots=False, val_split=30, split_seed=seed)
         with pytest.raises(Stop):
             train(config)
     held = [{image.tobytes() for image in data.test_images} for data in reached]
