@@ -114,3 +114,8 @@ def checkpoint(shared) -> Path:
 def export_output(shared) -> tuple[Path, str]:
     """model.onnx (fp32; model.int8.onnx next to it, calibrated on 16 images) and what the export printed."""
     return shared.onnx, shared.stdout
+
+
+@pytest.fixture(scope="module")
+def exported(export_output) -> Path:
+    return export_output[0]
