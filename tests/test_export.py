@@ -72,7 +72,6 @@ def private_cache(workdir):
         yield
 
 
-@pytest.mark.slow
 @pytest.fixture(scope="module")
 def test_split(tiny_data):
     from fastcifar.data import load_cifar10
