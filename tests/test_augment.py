@@ -222,6 +222,7 @@ def test_reference_pipeline_shapes_and_normalization():
     assert x.shape == (4, 3, 32, 32) and (zeros == 64).all()
 
 
+@pytest.mark.slow
 def test_augment_grid_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     from fastcifar.data import CifarData

@@ -37,6 +37,7 @@ def test_checkpoint_every_2_over_3_epochs_writes_at_epochs_2_and_3_only(tmp_path
     assert checkpoint_epochs_seen_after_each_epoch(tmp_path, checkpoint_every=2) == [None, 2, 3]
 
 
+@pytest.mark.slow
 def test_checkpoint_every_1_writes_each_epoch(tmp_path):
     """Sabotage: checkpoint_every read as 'every N + 1' or the first epoch skipped."""
     assert checkpoint_epochs_seen_after_each_epoch(tmp_path, checkpoint_every=1) == [1, 2, 3]

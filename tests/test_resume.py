@@ -141,6 +141,7 @@ def test_kill_9_leaves_a_resumable_checkpoint(tmp_path):
     assert json.loads((out / "summary.json").read_text())["epochs"] == 6
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_step_and_lr(learnable, tmp_path, capsys):
     out = tmp_path / "run"
     code = run_cli(train_mod.main, ["--data-dir", str(learnable), "--out-dir", str(out), *FAST,
@@ -151,6 +152,7 @@ def test_non_finite_loss_stops_with_step_and_lr(learnable, tmp_path, capsys):
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_stop_leaves_the_last_finished_epochs_checkpoint_byte_for_byte(learnable, tmp_path, monkeypatch, capsys):
     """Sabotage: the stop path writing checkpoint.pt (with the abandoned epoch's half-trained weights, or after a
     non-finite loss) instead of keeping the one written after the last finished epoch."""
@@ -174,6 +176,7 @@ def test_a_stop_leaves_the_last_finished_epochs_checkpoint_byte_for_byte(learnab
     assert "checkpoint of the last finished epoch is kept" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_stop_before_the_first_checkpoint_says_there_is_none(learnable, tmp_path, monkeypatch, capsys):
     SignalAtCall.calls, SignalAtCall.signum, SignalAtCall.at = 0, signal.SIGTERM, 3
     with monkeypatch.context() as patch, pytest.raises(SystemExit) as stop:
@@ -244,6 +247,7 @@ def test_agreeing_recipe_flags_and_environment_flags_are_accepted(finished_run, 
     assert saved["width"] == 8 and saved["lr"] == 0.2
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(finished_run, tmp_path, capsys, one_line_error):
     """A checkpoint written while mid-epoch stops were saved (format 1: step_in_epoch, partial) names its
     format instead of failing inside RunState."""

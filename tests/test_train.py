@@ -335,6 +335,7 @@ def small_learnable(tmp_path_factory) -> Path:
     return write_learnable_dataset(tmp_path_factory.mktemp("small_learnable"), train_per_class=10, test_per_class=2)
 
 
+@pytest.mark.slow
 def test_lookahead_steps_and_ends_on_the_slow_weights_and_final_tta_uses_the_translate(small_learnable, tmp_path,
                                                                                          monkeypatch):
     """Sabotage: lookahead.step() not called in train_one_epoch; Lookahead not built in start_seed; the final
