@@ -279,7 +279,7 @@ def test_adam_cycles_beta1():
 
 
 def test_adam_applies_the_configured_weight_decay():
-    """Sabotage: Adam's weight_decay a constant in build_optimizer (SGD's is covered by test_settings)."""
+    """Sabotage: Adam's weight_decay a constant in build_optimizer (SGD's: test_sgd_steps_are_nesterov_...)."""
     from fastcifar.recipe import build_optimizer
 
     moved = {}

@@ -1,5 +1,5 @@
-"""fastcifar.report: the run directory's files (summary.json, metrics.csv), their refusal to overwrite, and what
-the console shows.
+"""fastcifar.report: summary.json written after each seed with its TTA fields (as the evaluate command reports
+them), the images-per-second figure, and the console's percentages.
 
     pytest -q tests/test_report.py
 """

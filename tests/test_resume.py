@@ -1,5 +1,7 @@
 """Nothing lost: a stop keeps the last finished epoch's checkpoint, a resume from it equals the run that
-never stopped (bit-exact on the CPU), kill -9 leaves a complete checkpoint, a non-finite loss is one line.
+never stopped (bit-exact on the CPU), kill -9 leaves a complete checkpoint, a non-finite loss is one line;
+--resume refuses recipe flags that disagree with the checkpoint, keeps the seconds before the stop and restores
+the grad scaler.
 
     pytest -q tests/test_resume.py
 """
@@ -136,7 +138,8 @@ def test_kill_9_leaves_a_resumable_checkpoint(tmp_path):
     assert 1 <= done < 6
     resumed = subprocess.run([sys.executable, "-m", "fastcifar.train", "--resume", str(out), "--epochs", "6"],
                              env=env, capture_output=True, text=True, timeout=300)
-    # --epochs that agrees with the checkpoint is accepted (a different value is an error: test_resume_flags)
+    # --epochs that agrees with the checkpoint is accepted (a different value is an error:
+    # test_a_recipe_flag_that_disagrees_with_the_checkpoint_is_a_one_line_error)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "summary.json").read_text())["epochs"] == 6
 

@@ -375,16 +375,6 @@ def test_seed_recipe_trains_end_to_end_with_albumentations_and_adam(small_learna
     assert summary["test_acc_tta"] is None and 0 <= summary["test_acc"] <= 1
 
 
-def test_train_main_with_too_large_val_split_exits_2_naming_the_flag(tmp_path, capsys):
-    from fastcifar.train import main
-
-    data = write_learnable_dataset(tmp_path / "data", 2, 1)
-    code = run_cli(main, ["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), "--val-split", "20",
-                          "--device", "cpu", "--width", "4"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "--val-split (20)" in err
-
-
 @pytest.mark.slow
 def test_train_api_reports_each_epoch_on_the_validation_split_and_lets_exceptions_through(tmp_path, capsys):
     """The held-out count (30) differs from the test set's (50), so evaluating on the test set shows.
