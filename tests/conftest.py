@@ -42,6 +42,47 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path / "home"))
 
 
+@pytest.fixture
+def one_line_error(capsys):
+    """Call it after a command failed: asserts stderr holds exactly one line and returns that line."""
+    def read() -> str:
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        return err[0]
+    return read
+
+
+@pytest.fixture(scope="session")
+def napping():
+    """napping(fn, seconds_of) is fn that first sleeps seconds_of(*args, **kwargs): a known delay for a clock to see."""
+    import time
+
+    def napping(fn, seconds_of):
+        def wrapped(*args, **kwargs):
+            time.sleep(seconds_of(*args, **kwargs))
+            return fn(*args, **kwargs)
+        return wrapped
+    return napping
+
+
+@pytest.fixture(scope="session")
+def smoothed_cross_entropy():
+    """An independent reference for the training loss (numpy, float64): call it with (logits, labels, smoothing)."""
+    import numpy as np
+
+    def smoothed_cross_entropy(logits: np.ndarray, labels: np.ndarray, smoothing: float) -> float:
+        """Label-smoothed cross-entropy written out in float64: the target puts 1 - s + s/K on the label and s/K on
+        every other class, and the loss is the mean over the batch of -sum(target * log_softmax)."""
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        classes = logits.shape[1]
+        target = np.full(logits.shape, smoothing / classes)
+        target[np.arange(len(labels)), labels] += 1 - smoothing
+        return float(-(target * log_probs).sum(axis=1).mean())
+
+    return smoothed_cross_entropy
+
+
 @pytest.fixture(scope="session")
 def real_cifar(tmp_path_factory):
     """The real CIFAR-10 as `CifarData`, decoded once per session into a private cache; skips if absent."""

@@ -77,8 +77,8 @@ class SharedExport:
 
 
 def shared_export(tmp_path_factory) -> SharedExport:
-    """Data, trained model and export made once per test session (test_export.py and test_openvino.py share
-    them: training and exporting are most of their time). Read-only for the tests."""
+    """Data, trained model and export made once per test session (test_export.py, test_backends.py and
+    test_predict.py share them: training and exporting are most of their time). Read-only for the tests."""
     root = tmp_path_factory.getbasetemp() / "export-shared"
     log = root / "export-stdout.txt"
     if not log.exists():
@@ -114,3 +114,8 @@ def checkpoint(shared) -> Path:
 def export_output(shared) -> tuple[Path, str]:
     """model.onnx (fp32; model.int8.onnx next to it, calibrated on 16 images) and what the export printed."""
     return shared.onnx, shared.stdout
+
+
+@pytest.fixture(scope="module")
+def exported(export_output) -> Path:
+    return export_output[0]

@@ -1,4 +1,4 @@
-"""Tiny data sets the tests write themselves."""
+"""Tiny data sets the tests write themselves, and a model that records what it is fed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from torch import nn
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -45,3 +47,20 @@ def write_learnable_dataset(root: Path, train_per_class: int = 40, test_per_clas
         labels = np.random.default_rng(5).permutation(labels)
     write_image_folder(root, "test", images, labels)
     return root
+
+
+class Recorder(nn.Module):
+    """A linear classifier that remembers every input it sees and the autocast state it saw it in."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3 * 32 * 32, 10)
+        self.inputs: list[torch.Tensor] = []
+        self.autocast: list[tuple[bool, torch.dtype]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        self.autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        out = self.fc(x.flatten(1))
+        return out

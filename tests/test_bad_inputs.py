@@ -125,6 +125,7 @@ CASES: list[Case] = [
     ("train-not-a-number", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--width", "wide", "--out-dir", str(t / "o")], t / "o"), "--width"),
     ("train-cuda-missing", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--device", "cuda", "--out-dir", str(t / "o")], t / "o"), "--device"),
     ("train-batch-larger-than-data", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--batch-size", "4096", "--out-dir", str(t / "o")], t / "o"), "--batch-size"),
+    ("train-val-split-not-below-the-training-images", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--val-split", "20", "--out-dir", str(t / "o")], t / "o"), "--val-split (20)"),
     ("train-config-unknown-key", train_main, lambda t, d, r: (["--config", str(made(t / "c.toml", "epochz = 1\n")), "--out-dir", str(t / "o")], t / "o"), "epochz"),
     ("train-config-bad-toml", train_main, lambda t, d, r: (["--config", str(made(t / "c.toml", "epochs = [\n")), "--out-dir", str(t / "o")], t / "o"), "c.toml"),
     ("train-out-dir-is-a-file", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--out-dir", str(made(t / "f", "x"))], None), "--out-dir"),
@@ -188,6 +189,7 @@ def relabel_width(run: Path, tmp: Path) -> Path:
 HIDE_CUDA = {"train-cuda-missing"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, command, build, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_line_and_exit_2(name, command, build, expected, tmp_path, good_data, trained_run, capsys,
                                             monkeypatch):
@@ -212,6 +214,7 @@ def test_bad_input_gives_one_line_and_exit_2(name, command, build, expected, tmp
     assert not leftovers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, argv, expected", [
     ("fastcifar.train", ["--epochs", "0"], "--epochs"),
     ("fastcifar.data", ["--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),

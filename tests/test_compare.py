@@ -44,6 +44,7 @@ def counting(monkeypatch, calls: list, fail=lambda config: False):
     monkeypatch.setattr(fastcifar.train, "train", train)
 
 
+@pytest.mark.slow
 def test_two_arms_paired_statistics_outputs_and_resume(tmp_path, data, monkeypatch):
     out = tmp_path / "cmp"
     arms = ("default", "slow=--lr 0.01 --label-smoothing 0")
@@ -76,6 +77,7 @@ def test_two_arms_paired_statistics_outputs_and_resume(tmp_path, data, monkeypat
     assert sorted(calls) == [(4, 0.01), (4, 0.4)] and more["analysis"]["paired_seeds"] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_the_row_carries_the_command_that_reproduces_it(tmp_path, data, monkeypatch):
     """Its seeds, confidence and margin: the command, run in the same directory, trains nothing and gives the
     same analysis. Sabotage: a command with --seeds N only (seeds 0..N-1) trains other seeds."""
@@ -95,6 +97,7 @@ def test_the_row_carries_the_command_that_reproduces_it(tmp_path, data, monkeypa
     assert calls == [] and again["analysis"] == r["analysis"] and again["command"] == command
 
 
+@pytest.mark.slow
 def test_validation_split_never_reads_the_test_set(tmp_path, data):
     shuffled = write_learnable_dataset(tmp_path / "shuffled", 20, 5, other_test_set=True)
     arms = ("default", "b=--lr 0.2")
@@ -139,6 +142,7 @@ def test_bad_margin_exits_2_with_one_line(tmp_path, data, capsys, margin):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_changed_arm_configuration_is_refused_in_the_same_out_dir(tmp_path, data, capsys):
     compare(tmp_path / "cmp", data, "default", "b=--lr 0.2", seeds=1)
     code = run_cli(main, ["default", "b=--lr 0.3", "--seeds", "1", "--out-dir", str(tmp_path / "cmp"), "--",
@@ -157,6 +161,7 @@ def test_an_arm_is_its_recipe_not_its_environment():
     assert recipe(TrainConfig(lr=0.5)) != base and recipe(TrainConfig(val_split=100)) != base
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_recorded_and_the_comparison_goes_on(tmp_path, data, monkeypatch, capsys):
     """Arm b diverges on seed 1 (lr 1e30): recorded with its error, seeds 0 and 2 still trained and paired;
     a rerun keeps the failure without training (or crashing); --retry-failed trains it again."""

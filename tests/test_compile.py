@@ -39,6 +39,7 @@ def dynamo_counts() -> dict:
             "graph_breaks": sum(counters["graph_break"].values())}
 
 
+@pytest.mark.slow
 def test_nothing_compiles_after_warm_up_and_nothing_breaks_the_graph(tmp_path, monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters

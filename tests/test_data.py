@@ -20,8 +20,10 @@ import pytest
 from PIL import Image
 
 from fastcifar import data
-from fastcifar.data import CLASSES, CifarData, channel_stats, load_cifar10, main
+from fastcifar.data import CLASSES, CifarData, channel_stats, load_cifar10, main, validation_split
 from fastcifar.errors import UserError, run_cli
+from synthetic import learnable_images
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = {"train": 3, "test": 2}
@@ -412,6 +414,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_a_one_line_user_error(case, tiny, sources, tmp_path, capsys):
     build, expected = BAD_INPUTS[case]
@@ -556,6 +559,7 @@ def test_data_module_does_not_import_plots(sources, tmp_path, monkeypatch):
 
 # --- the real data set ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_real_cifar10(real_cifar):
     d = real_cifar
     assert d.train_images.shape == (50000, 32, 32, 3) and d.test_images.shape == (10000, 32, 32, 3)
@@ -568,3 +572,43 @@ def test_real_cifar10(real_cifar):
     sample = d.train_images[::10].astype(np.float64)
     np.testing.assert_allclose(channel_stats(d.train_images[::10])[0], sample.mean(axis=(0, 1, 2)) / 255,
                                atol=1e-6)
+
+
+def uneven_data() -> CifarData:
+    """Classes of different sizes (30, 31, ..., 39 images), so stratification has remainders to place."""
+    images, labels = learnable_images(39, seed=3)
+    keep = np.concatenate([np.flatnonzero(labels == c)[:30 + c] for c in range(10)])
+    test_x, test_y = learnable_images(2, seed=4)
+    mean, std = channel_stats(images[keep])
+    return CifarData(images[keep], labels[keep], test_x, test_y, list(CLASSES), mean, std, "synthetic")
+
+
+def test_split_is_stratified_disjoint_and_complete():
+    data = uneven_data()
+    split = validation_split(data, 69, seed=0)
+    counts = np.bincount(data.train_labels)
+    held = np.bincount(split.test_labels, minlength=10)
+    assert held.sum() == 69 and len(split.train_labels) == len(data.train_labels) - 69
+    assert np.all(np.abs(held - 69 * counts / counts.sum()) < 1)  # each class its share, rounded
+    # every training image is in exactly one of the two parts (images are unique: noise)
+    rows = lambda x: {img.tobytes() for img in x}  # noqa: E731
+    assert rows(split.train_images) | rows(split.test_images) == rows(data.train_images)
+    assert not rows(split.train_images) & rows(split.test_images)
+    assert not rows(split.test_images) & rows(data.test_images)  # the test set is dropped
+    assert "validation split: 69" in split.source and "test set unused" in split.source
+
+
+def test_split_is_fixed_by_its_seed_and_stats_come_from_the_remaining_images():
+    data = uneven_data()
+    a, b, c = validation_split(data, 50, 0), validation_split(data, 50, 0), validation_split(data, 50, 1)
+    assert np.array_equal(a.test_images, b.test_images)
+    assert not np.array_equal(a.test_images, c.test_images)
+    assert a.mean == pytest.approx(channel_stats(a.train_images)[0])
+    assert a.std == pytest.approx(channel_stats(a.train_images)[1])
+    assert a.mean != pytest.approx(data.mean, abs=1e-9)
+
+
+@pytest.mark.parametrize("size", [0, 345, 1000])
+def test_split_size_out_of_range_is_a_user_error(size):
+    with pytest.raises(UserError, match=r"invalid --val-split \(\d+\).*lower --val-split"):
+        validation_split(uneven_data(), size)

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,11 +25,15 @@ import torch
 from safetensors.torch import load_file
 
 from fastcifar.augment import DeviceLoader
-from fastcifar.checkpoint import load_model
+from fastcifar.checkpoint import load_checkpoint, load_model
+from fastcifar.config import TrainConfig
 from fastcifar.data import load_cifar10
+from fastcifar.distributed import Dist
+from fastcifar.errors import UserError
 from fastcifar.evaluate import evaluate
 from per_sample_norm_train import PerSampleNorm
 from synthetic import write_learnable_dataset
+
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(Path(__file__).resolve().parent / "per_sample_norm_train.py")
@@ -40,6 +47,7 @@ COMMON = ["--width", "4", "--device", "cpu", "--epochs", "2", "--lr", "0.05", "-
 TOLERANCE = 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
     data = write_learnable_dataset(tmp_path / "data", train_per_class=16, test_per_class=5)
@@ -96,6 +104,7 @@ def local_rank(pid: int) -> int | None:
     return int(values[0]) if values else None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists() or
                     (shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists()),
                     reason="needs torchrun and Linux /proc")
@@ -128,3 +137,15 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_p
     steps_per_epoch = 160 // (2 * 16)
     # the checkpoint of the last epoch finished before the stopped step
     assert load_checkpoint(out / "checkpoint.pt")["run"]["epoch"] == (int(stops[0][1]) - 1) // steps_per_epoch
+
+
+def test_the_batch_size_check_counts_the_images_of_one_process():
+    """Sabotage: check_batch_size comparing with all training images instead of one rank's share (under torchrun
+    a rank would then get no full batch and train zero steps)."""
+    from fastcifar.distributed import Dist
+    from fastcifar.errors import UserError
+    from fastcifar.recipe import check_batch_size
+
+    check_batch_size(TrainConfig(batch_size=50), 100, Dist(world_size=2))
+    with pytest.raises(UserError, match="--batch-size"):
+        check_batch_size(TrainConfig(batch_size=51), 100, Dist(world_size=2))

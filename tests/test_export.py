@@ -7,31 +7,27 @@ random tiny models where no data is involved).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from export import onnx as export_onnx_cli
 from export.backends import ort_session
 from export.onnx import MAX_LOGIT_DIFF, compare, fold_batchnorm, int8_path, main, reference_logits
-from export.predict import read_image, run_batches, to_input
+from export.predict import run_batches
+from export_helpers import CLEAR_MARGIN, label_images, lead, run_export
+from export_helpers import checkpoint, export_output, exported, shared, tiny_data  # noqa: F401 (fixtures)
 from fastcifar.checkpoint import ModelInfo, load_model, save_model
 from fastcifar.data import CLASSES
 from fastcifar.errors import run_cli
 from fastcifar.model import resnet9
-from export_helpers import CLEAR_MARGIN, label_images, lead, run_export
-from export_helpers import checkpoint, export_output, shared, tiny_data  # noqa: F401 (fixtures)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
@@ -63,19 +59,6 @@ def cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def run_predict(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "export.predict", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
-
-
-def write_png(path: Path, size: int, seed: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("export")
@@ -87,11 +70,6 @@ def private_cache(workdir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTCIFAR_HOME", str(workdir / "home"))
         yield
-
-
-@pytest.fixture(scope="module")
-def exported(export_output) -> Path:
-    return export_output[0]
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +92,7 @@ def test_fold_batchnorm_is_exact(negative):
         torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_parity_at_batch_1_7_256(exported, checkpoint):
     """Random images hold near-ties, which logits within the 1e-3 bound may break either way (by the CPU's
     rounding): the classes must agree on every other image."""
@@ -158,6 +137,7 @@ class Bf16Model(nn.Module):
             return self.model(x).float()
 
 
+@pytest.mark.slow
 def test_the_fixture_decides_every_image_the_tests_read_by_a_clear_margin(checkpoint, exported, test_split):
     """Why the export tests may compare classes and accuracies to the image on every CPU (export_helpers,
     CLEAR_MARGIN): the fp32 model leads with its class by CLEAR_MARGIN on every image they read, the int8 file
@@ -173,6 +153,7 @@ def test_the_fixture_decides_every_image_the_tests_read_by_a_clear_margin(checkp
         assert lead(reference_logits(Bf16Model(model), info, images), classes).min() >= CLEAR_MARGIN / 2, name
 
 
+@pytest.mark.slow
 def test_graph_interface_and_metadata(exported, checkpoint):
     _, info = load_model(checkpoint)
     proto = onnx.load(str(exported))
@@ -190,6 +171,7 @@ def test_graph_interface_and_metadata(exported, checkpoint):
     assert not list(exported.parent.glob(".*.tmp"))  # no temporary files left behind
 
 
+@pytest.mark.slow
 def test_int8_export(exported, tiny_data):
     path = int8_path(exported)
     assert path.name == "model.int8.onnx"
@@ -202,6 +184,7 @@ def test_int8_export(exported, tiny_data):
     assert logits.shape == (3, 10) and np.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_export_reports_accuracy(export_output, checkpoint):
     _, stdout = export_output
     _, info = load_model(checkpoint)
@@ -211,6 +194,7 @@ def test_export_reports_accuracy(export_output, checkpoint):
     assert f"of the checkpoint's {100 * info.test_acc:.2f}% (limit 0.3, no TTA)" in stdout
 
 
+@pytest.mark.slow
 def test_unreachable_opset_falls_back_to_torchscript(workdir, checkpoint, capsys):
     out = workdir / "opset13.onnx"
     code, stdout, stderr = cli(["--checkpoint", str(checkpoint), "--out", str(out), "--opset", "13"], capsys)
@@ -231,6 +215,7 @@ def _bad_checkpoints(root: Path) -> dict[str, Path]:
     return {"missing": root / "nope", "corrupt": corrupt, "mismatched": mismatched}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("missing", "checkpoint not found"),
     ("corrupt", "corrupt checkpoint"),
@@ -255,6 +240,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, checkpoint, capsys, 
     assert list(out_dir.rglob("*")) == []
 
 
+@pytest.mark.slow
 def test_failed_check_keeps_the_previous_file(workdir, checkpoint, exported, capsys, monkeypatch, reuse_export):
     out = workdir / "keep" / "model.onnx"
     out.parent.mkdir()
@@ -297,6 +283,7 @@ def assert_refused(code: int, stderr: str, message: str, files: dict[Path, bytes
     assert not list(folder.glob(".*.tmp")) and not list(folder.glob("*.verified.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalization", ["none", "swapped mean and std"])
 def test_a_graph_with_wrong_normalization_fails_the_export(workdir, checkpoint, tiny_data, monkeypatch,
                                                            normalization):
@@ -317,6 +304,7 @@ def with_stored_accuracy(checkpoint: Path, test_acc: float, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offset, passes", [(+0.002, True), (-0.0025, True), (+0.004, False), (-0.2, False)])
 def test_accuracy_must_match_the_checkpoint_within_0_3_points(workdir, exported, checkpoint, tiny_data,
                                                               test_split, reuse_export, offset, passes):
@@ -344,6 +332,7 @@ def zero_calibration(monkeypatch) -> None:
                         lambda fp32, out, calib, **kw: real(fp32, out, np.zeros_like(calib), **kw))
 
 
+@pytest.mark.slow
 def test_int8_drop_above_the_limit_fails_and_replaces_nothing(workdir, checkpoint, tiny_data, monkeypatch,
                                                               reuse_export):
     zero_calibration(monkeypatch)
@@ -355,6 +344,7 @@ def test_int8_drop_above_the_limit_fails_and_replaces_nothing(workdir, checkpoin
     assert "(limit --max-int8-drop 1.0)" in stderr
 
 
+@pytest.mark.slow
 def test_max_int8_drop_is_the_limit_and_metadata_says_what_calibration_saw(workdir, checkpoint, tiny_data,
                                                                          monkeypatch, reuse_export):
     zero_calibration(monkeypatch)
@@ -371,6 +361,7 @@ def test_max_int8_drop_is_the_limit_and_metadata_says_what_calibration_saw(workd
     assert "training split of" in calibration["source"]
 
 
+@pytest.mark.slow
 def test_calibration_metadata_of_a_normal_export(exported, test_split):
     meta = {p.key: p.value for p in onnx.load(str(int8_path(exported))).metadata_props}
     calibration = json.loads(meta["calibration"])
@@ -381,65 +372,4 @@ def test_calibration_metadata_of_a_normal_export(exported, test_split):
 
 # --- export.predict --------------------------------------------------------------------------------------
 
-def test_predict_is_torch_free():
-    code = "import export.predict, sys; assert 'torch' not in sys.modules, 'export.predict imports torch'"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
 
-
-def test_a_folder_of_class_folders_stands_for_every_image_below_it(tmp_path):
-    """The layout training reads (test/<class>/*.png): sabotage, a folder read without its subfolders."""
-    from export.predict import expand_images
-
-    cat, dog = (write_png(tmp_path / "test" / name, 32, seed=0) for name in ("cat/1.png", "dog/2.jpg"))
-    (tmp_path / "test" / "notes.txt").write_text("not an image")
-    assert expand_images([str(tmp_path / "test")]) == [str(cat), str(dog)]
-
-
-def test_predict_classifies_resizes_and_reports_failures(exported, tmp_path):
-    small = write_png(tmp_path / "small.png", 32, seed=1)
-    big = write_png(tmp_path / "big.png", 64, seed=2)
-    junk = tmp_path / "junk.png"
-    junk.write_text("not an image")
-    result = run_predict(str(exported), str(small), str(junk), str(big))
-    assert result.returncode == 1
-    lines = result.stdout.splitlines()
-    assert [line.split("\t")[0] for line in lines] == [str(small), str(big)]
-    for line in lines:
-        _, cls, prob = line.split("\t")
-        assert cls in CLASSES and 0 < float(prob) <= 1
-    assert f"note: {big}: resized 64x64 to 32x32" in result.stderr
-    assert f"error: {junk}: not an image" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_predict_top_k_matches_the_session(exported, tmp_path):
-    image = write_png(tmp_path / "a.png", 32, seed=3)
-    result = run_predict(str(int8_path(exported)), str(image), "--top", "3")
-    assert result.returncode == 0, result.stderr
-    fields = result.stdout.strip().split("\t")
-    assert fields[0] == str(image) and len(fields) == 4
-    probs = [float(f.split()[1]) for f in fields[1:]]
-    assert probs == sorted(probs, reverse=True)
-
-
-def test_documented_input_recipes_match_predict(tmp_path):
-    """The module docstring promises torchvision's to_tensor and cv2.dnn.blobFromImage(img, 1/255,
-    swapRB=True) produce the graph's input; check both against what export.predict feeds."""
-    cv2 = pytest.importorskip("cv2")
-    from torchvision.transforms.functional import to_tensor
-
-    path = write_png(tmp_path / "a.png", 32, seed=5)
-    ours = to_input(read_image(path)[None])
-    np.testing.assert_allclose(cv2.dnn.blobFromImage(cv2.imread(str(path)), 1 / 255, swapRB=True), ours, atol=1e-6)
-    np.testing.assert_allclose(to_tensor(Image.open(path))[None].numpy(), ours, atol=1e-6)
-
-
-@pytest.mark.parametrize("model", ["missing.onnx", "junk.onnx"])
-def test_predict_bad_model_is_a_usage_error(tmp_path, model):
-    (tmp_path / "junk.onnx").write_bytes(b"garbage")
-    image = write_png(tmp_path / "a.png", 32, seed=4)
-    result = run_predict(str(tmp_path / model), str(image))
-    assert result.returncode == 2
-    assert result.stderr.startswith("export.predict: error: ") and result.stderr.count("\n") == 1

@@ -52,6 +52,7 @@ def test_frozen_parameters_need_no_weight_gradient():
     assert train_step_flops(trained) - train_step_flops(frozen) == prep_weight_grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [dict(epochs=5), dict(width=16), dict(tta_translate=1), dict(tta=False),
                                     dict(batch_size=256)])
 def test_a_recipe_change_that_changes_the_work_changes_the_count(change):

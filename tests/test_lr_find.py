@@ -143,6 +143,7 @@ def assert_same(a, b):
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_writes_plot_and_csv_and_prints_both_suggestions(tmp_path, capsys):
     data = write_learnable_dataset(tmp_path / "data", train_per_class=16, test_per_class=1)
     out = tmp_path / "plots" / "lr.png"
@@ -169,6 +170,7 @@ def test_training_flags_and_presets_apply():
     assert "--start-lr" in get_args_parser().format_help() and "--weight-decay" in get_args_parser().format_help()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, flag", [
     (["--steps", "9"], "--steps"),
     (["--start-lr", "1", "--end-lr", "1"], "--end-lr"),

@@ -73,6 +73,7 @@ def test_one_cycle_schedules_muon_at_its_own_peak_and_state_round_trips():
     assert buffers and all(b.abs().sum() > 0 for b in buffers)
 
 
+@pytest.mark.slow
 @muon_available
 def test_muon_trains_end_to_end_and_refuses_fp16(tmp_path):
     from synthetic import write_learnable_dataset

@@ -6,13 +6,20 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastcifar import runtime
+from fastcifar.config import parse_config
+from fastcifar.distributed import Dist
+from fastcifar.errors import UserError
 from fastcifar.runtime import amp_dtype
+from fastcifar.train import main
+from synthetic import write_learnable_dataset
+
 
 CUDA = torch.device("cuda", 0)
 
@@ -63,6 +70,7 @@ def test_auto_on_the_cpu_uses_bf16_only_with_bf16_instructions(tmp_path, monkeyp
     assert runtime.cpu_native_bf16(str(tmp_path / "missing")) is False
 
 
+@pytest.mark.slow
 def test_amp_dtype_flag_reaches_training_fp16_through_a_grad_scaler(tmp_path, monkeypatch):
     from synthetic import write_learnable_dataset
 
@@ -116,6 +124,7 @@ def _guarded_steps(rank: int, world_size: int, init_file: str, results: str) -> 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
     import signal
 
@@ -151,3 +160,34 @@ def test_each_vote_is_read_one_period_after_it_started(monkeypatch):
         results += [guard.stop_requested() for _ in range(6)]
     assert started == [False, False, True]  # votes started at steps 3, 6, 9
     assert results.index(True) == 11 and results.count(True) == 1  # the step-9 vote, read at step 12
+
+
+def test_mps_auto_amp_is_fp16():
+    """Sabotage: amp_dtype's last line returning bf16 (auto on MPS and other devices is fp16)."""
+    mps = torch.device("mps")
+    assert runtime.amp_dtype(mps, True) == torch.float16
+    assert runtime.amp_dtype(mps, True, "bf16") == torch.bfloat16
+    assert runtime.amp_dtype(mps, False) is None
+
+
+def test_the_guard_finishes_its_vote_in_flight_before_the_process_group_goes(monkeypatch):
+    """Sabotage: SignalGuard.__exit__ not waiting for the vote it started (every rank started it; a process
+    group destroyed under it can hang or abort)."""
+    from fastcifar.distributed import Dist
+
+    read = []
+
+    class Vote:
+        def __init__(self, flag, group=None):
+            self.flag = flag
+
+        def result(self):
+            read.append(self.flag)
+            return self.flag
+
+    monkeypatch.setattr(runtime, "FlagVote", Vote)
+    monkeypatch.setattr(runtime, "host_group", lambda device: None)
+    with runtime.SignalGuard(Dist(rank=0, world_size=2), every=1) as guard:
+        assert guard.stop_requested() is False  # starts a vote, reads none
+        assert read == []
+    assert read == [False]

@@ -156,6 +156,7 @@ def test_unknown_preset_and_bad_trainer_flags_fail_up_front(capsys):
     assert "--seed=3 after `--`" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_run_trains_each_seed_in_its_own_call_and_writes_the_report(tiny_data, tmp_path, capsys):
     out = tmp_path / "report.json"
     code = speedrun.main(["--data-dir", str(tiny_data), "--preset", "default", "--runs", "2", "--seed", "4",
@@ -342,6 +343,7 @@ def test_unreadable_airbench_output_stops_airbench_loudly_and_never_uses_wall_ti
     assert "error: airbench94 stopped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_real_airbench_94_on_the_cpu_reports_its_own_event_clock(tmp_path, monkeypatch):
     """airbench 0.1.8's own train94/train/evaluate/print code, with its CUDA calls sent to the CPU: each CUDA
     event pair it times reads 250 ms, so its clock must read 0.25 s x (whitening + 10 epochs + TTA eval)."""
@@ -440,6 +442,7 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
                                 reason="needs bash and timeout")
 
 
+@pytest.mark.slow
 @needs_bash
 def test_gpu_script_smoke_mode_runs_every_part_on_the_cpu(tiny_data, tmp_path):
     proc = run_gpu_script(tmp_path, tiny_data, FASTCIFAR_GPU_AIRBENCH="1")  # asked for, but no wheel
@@ -472,6 +475,7 @@ def test_gpu_script_smoke_mode_runs_every_part_on_the_cpu(tiny_data, tmp_path):
     assert not list(tmp_path.glob("fastcifar-gpu.*")), "scratch directory left behind"
 
 
+@pytest.mark.slow
 @needs_bash
 def test_gpu_script_skips_what_its_budget_cannot_fit_and_still_writes_the_summary(tiny_data, tmp_path):
     proc = run_gpu_script(tmp_path, tiny_data, FASTCIFAR_GPU_BUDGET="5")
@@ -502,3 +506,34 @@ def test_a_signal_mid_run_keeps_every_finished_seed(tmp_path, monkeypatch):
     assert code == 143 and [r["seed"] for r in report["fastcifar"]["runs"]] == [0]
     assert report["errors"] == ["stopped early (signal 15); results are partial"]
     assert report["methods"]["fastcifar[default]"]["run_seconds"]["median"] == 6.0
+
+
+def test_the_json_report_holds_each_seed_before_the_next_one_starts(tmp_path, monkeypatch):
+    out = tmp_path / "report.json"
+    seen = []
+
+    def fake_seed(argv, out_dir):
+        seed = int(argv[argv.index("--seed") + 1])
+        report = json.loads(out.read_text()) if out.exists() else None
+        seen.append(None if report is None else [r["seed"] for r in report["fastcifar"]["runs"]])
+        return speedrun.fastcifar_record(trainer_summary(
+            {"seed": seed, "test_acc": 0.9, "test_acc_tta": 0.95, "train_seconds": 5.0, "run_seconds": 6.0}))
+
+    monkeypatch.setattr(speedrun, "run_fastcifar_seed", fake_seed)
+    use_synthetic_data(monkeypatch)
+    assert speedrun.main(["--data-dir", "synthetic", "--preset", "default", "--runs", "3",
+                          "--out-dir", str(tmp_path / "run"), "--json", str(out)]) == 0
+    assert seen == [None, [0], [0, 1]]
+    assert [r["seed"] for r in json.loads(out.read_text())["fastcifar"]["runs"]] == [0, 1, 2]
+
+
+@pytest.mark.slow
+@needs_bash
+def test_a_failing_part_is_recorded_and_makes_the_script_exit_non_zero(tmp_path):
+    proc = run_gpu_script(tmp_path, tmp_path / "no-such-data.tar.gz", FASTCIFAR_GPU_ARMS="")
+    out = tmp_path / "out"
+    parts = json.loads((out / "parts.json").read_text())["parts"]
+    failed = [p for p in parts if p["name"] != "cuda-tests"]
+    assert failed and all(p["status"] == "failed" and p["exit_code"] not in (0, None) for p in failed), parts
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "speedrun: failed" in (out / "summary.txt").read_text()

@@ -130,6 +130,7 @@ def test_a_resumed_study_draws_new_values(tmp_path, data, fake_train, sampler):
     assert len(ts) == 6 and len(set(draws(ts))) == 6, draws(ts)
 
 
+@pytest.mark.slow
 def test_every_trial_records_its_training_seed(tmp_path, data, fake_train):
     ts = tune(tmp_path, data, space_file(tmp_path), "--trials", "2", "--seed", "7")
     assert [c.seed for c in fake_train] == [7, 7]
@@ -218,6 +219,7 @@ def test_grid_sampler_walks_the_grid_and_best_toml_trains(tmp_path, data):
 # ------------------------------------------------------------------------------------------------------
 # Comparable trials
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("change, named", [
     (["--epochs", "2"], "--epochs 2.0 (the study's: 1.0)"),
     (["--width", "8"], "--width 8 (the study's: 4)"),
@@ -248,6 +250,7 @@ def one_trial_study(tmp_path_factory, data) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_another_seed_or_device_continues_the_study(tmp_path, data, fake_train):
     """Where and with which seed a trial trains is recorded per trial, not a setting of the study."""
     space = space_file(tmp_path)
@@ -256,6 +259,7 @@ def test_another_seed_or_device_continues_the_study(tmp_path, data, fake_train):
     assert [t["seed"] for t in ts] == [0, 3]
 
 
+@pytest.mark.slow
 def test_new_study_replaces_a_study_of_other_settings_and_continues_one_of_the_same(tmp_path, data, fake_train):
     space = space_file(tmp_path)
     tune(tmp_path, data, space, "--trials", "3")
@@ -272,6 +276,7 @@ def test_new_study_replaces_a_study_of_other_settings_and_continues_one_of_the_s
 # ------------------------------------------------------------------------------------------------------
 # Storage URLs, the default space, two objectives
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_storage_password_is_masked_in_everything_printed_or_written(tmp_path, data, fake_train, capsys,
                                                                      monkeypatch):
     import fastcifar.tune_study
@@ -289,6 +294,7 @@ def test_storage_password_is_masked_in_everything_printed_or_written(tmp_path, d
     assert len(written) > 3 and not any("s3cret" in text for text in written)
 
 
+@pytest.mark.slow
 def test_without_space_the_default_one_cycle_space_is_searched(tmp_path, data, fake_train):
     ts = tune(tmp_path, data, None, "--trials", "1", "--no-enqueue-base", "--batch-size", "128")
     assert set(ts[0]["params"]) == {"lr", "pct_start", "div_factor", "final_div_factor", "weight_decay",
@@ -333,6 +339,7 @@ def test_two_objectives_write_the_pareto_front_and_the_best_recipe_per_budget(tm
     assert config.lr == float(front[0]["lr"])
 
 
+@pytest.mark.slow
 def test_accuracy_flops_counts_the_work_of_each_trials_run(tmp_path, data, fake_train):
     """FLOPs grow with the width and the epochs: 300 training and 100 validation images here."""
     from fastcifar.flops import recipe_flops
@@ -346,6 +353,7 @@ def test_accuracy_flops_counts_the_work_of_each_trials_run(tmp_path, data, fake_
     assert json.loads((tmp_path / "s" / "study.json").read_text())["cost"].startswith("FLOPs")
 
 
+@pytest.mark.slow
 def test_nsga2_searches_two_objectives(tmp_path, data, fake_train):
     """Generations of two: the base and a random trial, then children of the best."""
     ts = tune(tmp_path, data, space_file(tmp_path), "--trials", "5", "--objective", "accuracy-seconds",
@@ -358,6 +366,7 @@ def test_nsga2_searches_two_objectives(tmp_path, data, fake_train):
 # ------------------------------------------------------------------------------------------------------
 # Inputs
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("space, extra, message", [
     ("[lr]\nlow = 0.1\nhigh = 1.0\n", ["--val-split", "0"], "needs a validation split"),
     ("[lrr]\nlow = 0.1\nhigh = 1.0\n", [], "unknown field 'lrr'"),
@@ -398,6 +407,7 @@ def test_the_docstring_example_space_loads(tmp_path):
     assert [p.name for p in space.params] == ["lr", "epochs", "batch_size"]
 
 
+@pytest.mark.slow
 def test_space_types_and_grid_values(tmp_path):
     space = load_search_space(space_file(tmp_path, "width = 8\n[epochs]\nlow = 1\nhigh = 2\nstep = 0.5\n\n"
                                                    "[batch_size]\nlow = 128\nhigh = 512\nstep = 128\n\n"
@@ -419,6 +429,7 @@ def test_recipe_toml_round_trips_through_train_config(tmp_path):
     assert again.lr == 1e-05 and again.whiten and again.epochs == PRESETS["speedrun"]["epochs"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_trial_is_recorded_as_failed_and_the_study_continues(tmp_path, data, monkeypatch, capsys):
     def stopped(config, **kw):  # what train() does on Ctrl-C: checkpoint, then SystemExit(130)
         raise SystemExit(130)
@@ -440,6 +451,7 @@ def overlapping(boxes: list) -> list[tuple[int, int]]:
     return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
 
 
+@pytest.mark.slow
 def test_slice_plot_panels_colour_bar_and_tick_labels_do_not_overlap():
     """Seven parameters, two of them on a log scale over two decades: every panel, the colour bar and
     every tick label of an axis get their own room."""

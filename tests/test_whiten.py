@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -75,28 +76,6 @@ def test_training_init_whitens_on_images_from_every_class(monkeypatch):
     assert len(seen["images"]) == 50 and set(seen["images"][:, 0, 0, 0].tolist()) == set(range(10))
 
 
-def test_init_weights_with_whiten_leaves_a_whitening_first_layer():
-    """Sabotage caught: the init_whitening call in recipe.init_weights replaced by `pass`."""
-    from fastcifar.augment import normalize_images
-    from fastcifar.config import TrainConfig
-    from fastcifar.data import CLASSES, CifarData
-    from fastcifar.recipe import build_model, init_weights
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
-    images[..., 1] = (0.8 * images[..., 0] + 0.2 * images[..., 1]).astype(np.uint8)  # correlated channels
-    data = CifarData(images, np.arange(200) % 10, images[:20], np.arange(20) % 10, list(CLASSES),
-                     (0.5,) * 3, (0.25,) * 3, "synthetic")
-    for prep_kernel in (3, 2):
-        config = TrainConfig(widths="64,8,8,8", whiten=True, prep_kernel=prep_kernel, channels_last=False)
-        model = build_model(config, 10, torch.device("cpu"))
-        init_weights(model, config, data, seed=0, whiten_sample=200)
-        x = normalize_images(images, data.mean, data.std, torch.device("cpu")).permute(0, 3, 1, 2)
-        dims = 3 * prep_kernel ** 2
-        out = F.conv2d(x, model.prep[0].weight[0:2 * dims:2].float()).permute(1, 0, 2, 3).reshape(dims, -1)
-        torch.testing.assert_close(torch.cov(out), torch.eye(dims), atol=0.02, rtol=0)
-
-
 def test_whiten_bias_epochs_freezes_the_whitened_conv_and_stops_its_bias_after_n_epochs():
     """The first BatchNorm's bias moves in epoch 0 and not from epoch 1 on, while the rest trains on; the
     whitened conv never moves. Sabotage caught: stop_whitening_bias a no-op, or the conv left trainable."""
@@ -130,6 +109,7 @@ def test_whiten_bias_epochs_freezes_the_whitened_conv_and_stops_its_bias_after_n
     assert torch.equal(conv, conv_before)
 
 
+@pytest.mark.slow
 def test_the_training_loop_stops_the_whitening_bias(tmp_path):
     """Sabotage caught: the stop_whitening_bias call dropped from the loop in fastcifar.train."""
     from synthetic import write_learnable_dataset

@@ -1,13 +1,14 @@
-"""The OpenVINO backend: verified by the export, chosen by `--backend auto` only when verified, and the
-onnxruntime-only path when OpenVINO is absent (simulated here by making its import fail, so one environment
-covers both).
+"""export.backends: the OpenVINO backend is verified by the export, chosen by `--backend auto` only when
+verified, and the onnxruntime-only path when OpenVINO is absent (simulated here by making its import fail, so
+one environment covers both).
 
-    python -m pytest tests/test_openvino.py
+    python -m pytest tests/test_backends.py
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import sys
@@ -78,6 +79,7 @@ def fake_openvino(monkeypatch, scramble: bool) -> None:
 
 # --- with OpenVINO ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @needs_openvino
 def test_export_verifies_both_files_under_openvino(export_output):
     out, stdout = export_output
@@ -93,6 +95,7 @@ def test_export_verifies_both_files_under_openvino(export_output):
     assert json.loads(record_path(int8_path(out)).read_text())["calibration"]["images"] == 16
 
 
+@pytest.mark.slow
 @needs_openvino
 def test_auto_uses_openvino_only_with_a_valid_record(export_output, tmp_path):
     out, _ = export_output
@@ -114,6 +117,7 @@ def test_auto_uses_openvino_only_with_a_valid_record(export_output, tmp_path):
     assert choose_backend(model)[0] == "onnxruntime"
 
 
+@pytest.mark.slow
 @needs_openvino
 @pytest.mark.parametrize("mode", ["latency", "throughput"])
 def test_openvino_runs_like_onnxruntime(export_output, mode):
@@ -132,6 +136,7 @@ def test_openvino_runs_like_onnxruntime(export_output, mode):
         np.testing.assert_array_equal(ov.argmax(1), ort.argmax(1))
 
 
+@pytest.mark.slow
 @needs_openvino
 def test_predict_auto_picks_the_verified_openvino(export_output, tmp_path):
     out, _ = export_output
@@ -157,6 +162,7 @@ def reuse_export(monkeypatch, export_output) -> None:
                         lambda model, info, path, opset=None: path.write_bytes(out.read_bytes()) and "a copy")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scramble", [False, True])
 def test_a_backend_off_the_checkpoint_is_reported_and_not_used(workdir, checkpoint, tiny_data, monkeypatch,
                                                               reuse_export, scramble):
@@ -177,6 +183,7 @@ def test_a_backend_off_the_checkpoint_is_reported_and_not_used(workdir, checkpoi
 
 # --- without OpenVINO --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_without_openvino_auto_is_onnxruntime(no_openvino, export_output, tmp_path):
     out, _ = export_output
     assert openvino_version() is None
@@ -186,6 +193,7 @@ def test_without_openvino_auto_is_onnxruntime(no_openvino, export_output, tmp_pa
     assert code == 0 and len(stdout.splitlines()) == 3 and "note: onnxruntime" in stderr
 
 
+@pytest.mark.slow
 def test_without_openvino_asking_for_it_is_a_usage_error(no_openvino, export_output, workdir, checkpoint, tmp_path):
     out, _ = export_output
     image = image_folder(tmp_path / "photos", 1) / "00.png"
@@ -197,6 +205,7 @@ def test_without_openvino_asking_for_it_is_a_usage_error(no_openvino, export_out
     assert list(tmp_path.glob("*.onnx*")) == []
 
 
+@pytest.mark.slow
 def test_without_openvino_the_export_records_onnxruntime_only(no_openvino, workdir, checkpoint, tiny_data,
                                                               reuse_export):
     out = workdir / "no-openvino" / "model.onnx"
@@ -205,3 +214,32 @@ def test_without_openvino_the_export_records_onnxruntime_only(no_openvino, workd
     assert code == 0, stderr
     assert list(json.loads(record_path(out).read_text())["backends"]) == ["onnxruntime"]
     assert "model.onnx under onnxruntime:" in stdout
+
+
+# --- the verification record, without an export ---------------------------------------------------------
+
+def test_auto_picks_openvino_only_for_the_verified_bytes_and_the_version_that_verified_them(tmp_path, monkeypatch):
+    """A hand-written record stands for the export's. Sabotage: the sha256 check dropped from read_record (an
+    edited file keeps its old verdict); the version check or the `verified` flag ignored in choose_backend."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"graph bytes")
+    sha = hashlib.sha256(b"graph bytes").hexdigest()
+    monkeypatch.setattr(backends, "openvino_version", lambda: "2025.1")
+
+    def record(verified: bool, version: str, digest: str = sha) -> None:
+        openvino = {"verified": verified, "version": version, "accuracy": 0.9, "reason": "logits differ"}
+        record_path(model).write_text(json.dumps({"sha256": digest, "backends": {"openvino": openvino}}))
+
+    assert record_path(model).name == "model.onnx.verified.json"
+    assert choose_backend(model)[0] == "onnxruntime"  # no record yet
+    record(True, "2025.1")
+    assert choose_backend(model) == ("openvino", "verified by the export: test accuracy 90.00%")
+    record(True, "2024.6")
+    assert choose_backend(model)[0] == "onnxruntime"
+    record(False, "2025.1")
+    assert choose_backend(model) == ("onnxruntime", "OpenVINO not verified by the export: logits differ")
+    record(True, "2025.1", digest=hashlib.sha256(b"other bytes").hexdigest())
+    assert choose_backend(model)[0] == "onnxruntime"
+    monkeypatch.setattr(backends, "openvino_version", lambda: None)
+    record(True, "2025.1")
+    assert choose_backend(model)[0] == "onnxruntime"

@@ -1,36 +1,32 @@
-"""Every TrainConfig setting reaches what it changes: each test observes the setting where it lands (the
-loaders' draws and served pixels, the model's output, the optimizer's update and the scheduler's values
-over real steps, the loss, the autocast dtype, the run directory), so a setting that is silently ignored
-fails here.
+"""fastcifar.recipe: every TrainConfig setting reaches what it changes. Each test observes the setting where
+it lands (the loaders' draws and served pixels, the model's output, the optimizer's update and the scheduler's
+values over real steps, the loss, the first layer's whitening), so a setting that is silently ignored fails
+here; each docstring names the one-line sabotages of the library that made it fail.
 
-    pytest -q tests/test_settings.py
-
-Each test's docstring names the one-line sabotages of the library (the setting ignored, or replaced by a
-constant) that were applied and made it fail.
+    pytest -q tests/test_recipe.py
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fastcifar.config import TrainConfig
 from fastcifar.data import CifarData
-from fastcifar.distributed import Dist
-from fastcifar.errors import UserError
 from fastcifar.model import ModelConfig, ResNet9
-from fastcifar.recipe import build_loaders, build_model, build_optimizer, build_scheduler, init_weights
-from fastcifar.train import main, setup
-from synthetic import CLASSES, write_learnable_dataset
+from fastcifar.recipe import (build_criterion, build_loaders, build_model, build_optimizer, build_scheduler,
+                              epoch_steps, init_weights)
+from synthetic import CLASSES
+
 
 CPU = torch.device("cpu")
+
+
 SIDE = 32
 
 
@@ -52,8 +48,6 @@ def cropped_zeros(translate: int) -> int:
     """Zero pixels of a crop displaced by `translate` in both directions out of a zero-padded flat image."""
     return SIDE * SIDE - (SIDE - translate) ** 2
 
-
-# --- data and augmentation: the loaders' draws -------------------------------------------------------------
 
 @pytest.mark.parametrize("pipeline", ["gpu", "albumentations"])
 def test_translate_and_pad_mode_set_the_crop_range(pipeline):
@@ -143,8 +137,6 @@ def test_seed_sets_the_initial_weights_and_the_loader_draws():
     assert torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], orders[2])
 
 
-# --- the model -------------------------------------------------------------------------------------------------
-
 def test_width_and_logit_scale_reach_the_model_output():
     """Sabotage: ModelConfig built without logit_scale (the model's default 0.125) in build_model."""
     model = build_model(TrainConfig(width=4, logit_scale=0.25, channels_last=False), 10, CPU).eval()
@@ -155,8 +147,6 @@ def test_width_and_logit_scale_reach_the_model_output():
     with torch.no_grad():
         torch.testing.assert_close(model(x), 0.25 * plain(x))
 
-
-# --- optimizer and schedule over real steps ----------------------------------------------------------------------
 
 def test_sgd_steps_are_nesterov_with_the_configured_momentum_and_weight_decay():
     """Sabotage: nesterov=False; momentum or weight_decay taken from a constant, in build_optimizer."""
@@ -229,61 +219,114 @@ def test_anneal_sets_the_shape_of_the_lr_curve(anneal):
     assert max(abs(a - b) for a, b in zip(want, other)) > 0.02  # the two shapes are far apart
 
 
-# --- the session: loss, precision, compilation, data source ---------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return write_learnable_dataset(tmp_path_factory.mktemp("tiny"), train_per_class=6, test_per_class=2)
-
-
-def test_label_smoothing_amp_compile_and_download_reach_the_session(tiny_dir, tmp_path, monkeypatch):
-    """Sabotage: CrossEntropyLoss() without label_smoothing; amp_dtype(device, False) in setup; the compile
-    mode or the compile flag ignored; download=None passed to load_cifar10."""
-    import fastcifar.data
-    import fastcifar.runtime
-
-    monkeypatch.setattr(fastcifar.runtime, "cpu_native_bf16", lambda: True)  # as on a CPU with AVX-512 BF16
-    compiled, downloads = [], []
-    monkeypatch.setattr(ResNet9, "compile", lambda self, mode=None, **kw: compiled.append(mode), raising=False)
-    load = fastcifar.data.load_cifar10
-    monkeypatch.setattr(fastcifar.data, "load_cifar10",
-                        lambda path, download=None: downloads.append(download) or load(path, download=download))
-    on = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path / "on"), device="cpu", width=4,
-                     label_smoothing=0.3, amp=True, compile=True, compile_mode="max-autotune", download=True,
-                     batch_size=20)
-    s = setup(on, resume=False, dist=Dist(), device=CPU)
-    logits, labels = torch.randn(6, 10), torch.arange(6)
-    torch.testing.assert_close(s.criterion(logits, labels), F.cross_entropy(logits, labels, label_smoothing=0.3))
-    assert s.dtype == torch.bfloat16 and s.clocks["compile_seconds"] is not None and compiled == ["max-autotune"]
-    off = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path / "off"), device="cpu", width=4,
-                      label_smoothing=0.0, amp=False, compile=None, batch_size=20)
-    s = setup(off, resume=False, dist=Dist(), device=CPU)
-    torch.testing.assert_close(s.criterion(logits, labels), F.cross_entropy(logits, labels))
-    assert s.dtype is None and s.clocks["compile_seconds"] is None and compiled == ["max-autotune"]  # CPU: off
-    assert downloads == [True, None]  # --no-download means "only when missing and online": None
+@pytest.mark.parametrize("anneal", ["linear", "cos"])
+def test_one_cycle_peaks_at_pct_start_and_ends_at_lr_over_both_divs(anneal):
+    config = TrainConfig(epochs=10, lr=0.4, pct_start=0.25, div_factor=20, final_div_factor=200, anneal=anneal)
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(config, model, torch.device("cpu"))
+    sched = build_scheduler(config, opt, steps_per_epoch=10)
+    lrs, moms = [], []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    peak = int(np.argmax(lrs))
+    assert abs(peak - 0.25 * 100) <= 1 and lrs[peak] == pytest.approx(0.4)
+    assert lrs[0] == pytest.approx(0.4 / 20)
+    assert lrs[-1] == pytest.approx(0.4 / (20 * 200))
+    assert moms[0] == pytest.approx(0.9) and moms[peak] == pytest.approx(0.85)  # momentum cycles inversely
 
 
-def test_sync_bn_is_refused_on_the_cpu_under_torchrun(tiny_dir, tmp_path):
-    """Sabotage: config.sync_bn ignored in setup (the run would go on with per-rank statistics)."""
-    config = TrainConfig(data_dir=str(tiny_dir), out_dir=str(tmp_path / "run"), device="cpu", width=4, sync_bn=True,
-                         batch_size=8)
-    with pytest.raises(UserError, match="--sync-bn"):
-        setup(config, resume=False, dist=Dist(rank=0, world_size=2), device=CPU)
+@pytest.mark.parametrize("epochs, expected", [(3, [10, 10, 10]), (2.5, [10, 10, 5]), (0.01, [1]), (1.04, [10]),
+                                              (1.06, [10, 1])])
+def test_epoch_steps_end_a_fractional_last_epoch_early(epochs, expected):
+    assert epoch_steps(TrainConfig(epochs=epochs), steps_per_epoch=10) == expected
 
 
-# --- the run directory ----------------------------------------------------------------------------------------------
+def test_frozen_bn_scales_and_bias_lr_group():
+    config = TrainConfig(width=4, epochs=1, lr=0.4, weight_decay=5e-4, bn_weight=False, bias_lr=64.0)
+    model = build_model(config, 10, torch.device("cpu"))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not bn.weight.requires_grad and bool((bn.weight == 1).all()) for bn in bns)
+    opt = build_optimizer(config, model, torch.device("cpu"))
+    rest, biases = opt.param_groups
+    assert {id(p) for p in biases["params"]} == {id(bn.bias) for bn in bns}
+    assert all(p.requires_grad for p in rest["params"]) and len(rest["params"]) + len(biases["params"]) == len(
+        [p for p in model.parameters() if p.requires_grad])
+    sched = build_scheduler(config, opt, steps_per_epoch=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append((rest["lr"], biases["lr"]))
+        opt.step()
+        sched.step()
+    assert max(b for _, b in lrs) == pytest.approx(64 * max(r for r, _ in lrs))
+    # the same weight decay per step: lr * weight_decay is equal in both groups
+    assert biases["weight_decay"] * 64 == pytest.approx(rest["weight_decay"])
 
-def test_seed_runs_eval_every_checkpoint_every_plots_and_tta_shape_the_run(tiny_dir, tmp_path):
-    """Sabotage: seed = run_index in start_seed; eval_every ignored (every epoch); checkpoint_every ignored;
-    plots written regardless; flip TTA run regardless of --no-tta."""
-    out = tmp_path / "run"
-    assert main(["--data-dir", str(tiny_dir), "--out-dir", str(out), "--width", "4", "--batch-size", "20",
-                 "--device", "cpu", "--epochs", "3", "--seed", "3", "--runs", "2", "--eval-every", "2",
-                 "--checkpoint-every", "0", "--no-plots", "--no-tta"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["runs"]["seeds"] == [3, 4] and summary["test_acc_tta"] is None and summary["tta"] is None
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
-    evaluated = [(r["seed"], r["epoch"]) for r in rows if not math.isnan(float(r["test_acc"]))]
-    assert evaluated == [("3", "2"), ("3", "3"), ("4", "2"), ("4", "3")]  # every 2nd epoch and the last
-    assert not (out / "checkpoint.pt").exists() and not list(out.glob("*.png"))
-    assert (out / "model.safetensors").exists()
+
+def test_no_bias_lr_means_one_group():
+    model = build_model(TrainConfig(width=4), 10, torch.device("cpu"))
+    opt = build_optimizer(TrainConfig(width=4), model, torch.device("cpu"))
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == len(list(model.parameters()))
+
+
+def test_adam_cycles_beta1():
+    config = TrainConfig(optimizer="adam", epochs=1, lr=0.01, momentum=0.95, min_momentum=0.85)
+    opt = build_optimizer(config, torch.nn.Linear(2, 2), torch.device("cpu"))
+    build_scheduler(config, opt, steps_per_epoch=10)
+    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["betas"][0] == pytest.approx(0.95)
+
+
+def test_adam_applies_the_configured_weight_decay():
+    """Sabotage: Adam's weight_decay a constant in build_optimizer (SGD's: test_sgd_steps_are_nesterov_...)."""
+    from fastcifar.recipe import build_optimizer
+
+    moved = {}
+    for wd in (0.0, 0.05):
+        param = nn.Parameter(torch.ones(3))
+        opt = build_optimizer(TrainConfig(optimizer="adam", lr=0.1, weight_decay=wd), nn.ParameterList([param]), CPU)
+        assert opt.param_groups[0]["weight_decay"] == wd
+        opt.zero_grad()
+        (0 * param.sum()).backward()  # a zero gradient: only weight decay moves the weights
+        opt.step()
+        moved[wd] = float((param.detach() - 1).abs().max())
+    assert moved[0.0] == 0 and moved[0.05] > 0.05  # Adam's first step is ~lr
+
+
+def test_init_weights_with_whiten_leaves_a_whitening_first_layer():
+    """Sabotage caught: the init_whitening call in recipe.init_weights replaced by `pass`."""
+    from fastcifar.augment import normalize_images
+    from fastcifar.config import TrainConfig
+    from fastcifar.data import CLASSES, CifarData
+    from fastcifar.recipe import build_model, init_weights
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    images[..., 1] = (0.8 * images[..., 0] + 0.2 * images[..., 1]).astype(np.uint8)  # correlated channels
+    data = CifarData(images, np.arange(200) % 10, images[:20], np.arange(20) % 10, list(CLASSES),
+                     (0.5,) * 3, (0.25,) * 3, "synthetic")
+    for prep_kernel in (3, 2):
+        config = TrainConfig(widths="64,8,8,8", whiten=True, prep_kernel=prep_kernel, channels_last=False)
+        model = build_model(config, 10, torch.device("cpu"))
+        init_weights(model, config, data, seed=0, whiten_sample=200)
+        x = normalize_images(images, data.mean, data.std, torch.device("cpu")).permute(0, 3, 1, 2)
+        dims = 3 * prep_kernel ** 2
+        out = F.conv2d(x, model.prep[0].weight[0:2 * dims:2].float()).permute(1, 0, 2, 3).reshape(dims, -1)
+        torch.testing.assert_close(torch.cov(out), torch.eye(dims), atol=0.02, rtol=0)
+
+
+# --- the loss ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_label_smoothing_sets_the_loss_to_the_hand_computed_smoothed_cross_entropy(smoothing,
+                                                                                 smoothed_cross_entropy):
+    """Sabotage: CrossEntropyLoss() without label_smoothing in build_criterion; a constant smoothing."""
+    logits = np.array([[2.0, -1.0, 0.5, 0.0], [0.1, 0.2, 3.0, -2.0], [-1.0, -1.0, -1.0, 4.0]])
+    labels = np.array([0, 3, 1])
+    loss = build_criterion(TrainConfig(label_smoothing=smoothing))(torch.tensor(logits, dtype=torch.float64),
+                                                                   torch.tensor(labels))
+    assert float(loss) == pytest.approx(smoothed_cross_entropy(logits, labels, smoothing), rel=1e-12)
+    other = smoothed_cross_entropy(logits, labels, 0.3 - smoothing)
+    assert abs(other - smoothed_cross_entropy(logits, labels, smoothing)) > 0.1  # the two settings are far apart

@@ -1,5 +1,8 @@
-"""Results as data, written as they happen: summary.json after every seed, TTA as fields, evaluate --json,
-and the in-process train(config, on_epoch=...) API."""
+"""fastcifar.report: summary.json written after each seed with its TTA fields (as the evaluate command reports
+them), the images-per-second figure, and the console's percentages.
+
+    pytest -q tests/test_report.py
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from fastcifar.report import epoch_row, format_summary
 from fastcifar.train import train
 from synthetic import write_learnable_dataset
 
+
 FAST = dict(width=8, batch_size=32, device="cpu", lr=0.2, plots=False)
 
 
@@ -27,6 +31,7 @@ class Pruned(Exception):
     """What a tuner raises from on_epoch to stop a trial."""
 
 
+@pytest.mark.slow
 def test_summary_json_is_written_after_each_seed_and_on_epoch_can_stop_a_run(learnable, tmp_path):
     out = tmp_path / "run"
     config = TrainConfig(data_dir=str(learnable), out_dir=str(out), epochs=2, runs=3, eval_every=2, **FAST)
@@ -49,6 +54,7 @@ def test_summary_json_is_written_after_each_seed_and_on_epoch_can_stop_a_run(lea
     assert (out / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_summary_records_tta_as_fields_and_matches_evaluate_json(learnable, tmp_path, capsys):
     """The evaluate command repeats the run's evaluation: in fp32 at the run's batch size, the same arithmetic
     on every CPU. (bf16 at another batch size rounds otherwise, and this one-epoch model has near-ties.)"""
@@ -89,3 +95,14 @@ def test_console_shows_accuracies_in_percent():
                         "median_train_seconds": 3.0}, "tta": {"flip": True, "translate": 1}, "device": "cpu"}
     assert format_summary(summary) == ("2 run(s): test acc 90.00% +- 1.00, flip + translate 1 TTA 91.00% +- 2.00; "
                                        "median train 3.0s on cpu")
+
+
+def test_images_per_second_is_the_last_seeds_images_over_its_training_seconds():
+    """Sabotage: images_per_second not divided by train_seconds in report.run_summary."""
+    from fastcifar.report import run_summary
+
+    result = {"seed": 0, "test_acc": 0.5, "test_acc_tta": None, "images": 1000, "train_seconds": 4.0,
+              "run_seconds": 5.0}
+    summary = run_summary(TrainConfig(tta=False), [result], params=1, world_size=1, environment={"device": "cpu"},
+                          compile_seconds=None, data_seconds=0.0)
+    assert summary["images_per_second"] == 250.0

@@ -1,0 +1,69 @@
+"""fastcifar.checkpoint: when a run writes its resumable checkpoint and what the file holds.
+
+    pytest -q tests/test_checkpoint.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastcifar.checkpoint import RunState, Training, load_checkpoint
+from fastcifar.config import TrainConfig
+from fastcifar.errors import UserError
+from fastcifar.train import train
+from synthetic import write_learnable_dataset
+
+
+def checkpoint_epochs_seen_after_each_epoch(tmp_path, **settings) -> list[int | None]:
+    """Train 3 epochs and, after each, read which epoch checkpoint.pt holds (None: no file yet)."""
+    data = write_learnable_dataset(tmp_path / "data", train_per_class=6, test_per_class=2)
+    out = tmp_path / "run"
+    config = TrainConfig(data_dir=str(data), out_dir=str(out), width=4, batch_size=20, epochs=3, device="cpu",
+                         plots=False, tta=False, **settings)
+    seen = []
+
+    def look(row):
+        path = out / "checkpoint.pt"
+        seen.append(load_checkpoint(path)["run"]["epoch"] if path.exists() else None)
+
+    train(config, on_epoch=look)
+    return seen
+
+
+def test_checkpoint_every_2_over_3_epochs_writes_at_epochs_2_and_3_only(tmp_path):
+    """Sabotage: the every-N test dropped (a checkpoint every epoch); `or last` dropped (the final epoch's
+    checkpoint missing when N does not divide the epochs)."""
+    assert checkpoint_epochs_seen_after_each_epoch(tmp_path, checkpoint_every=2) == [None, 2, 3]
+
+
+@pytest.mark.slow
+def test_checkpoint_every_1_writes_each_epoch(tmp_path):
+    """Sabotage: checkpoint_every read as 'every N + 1' or the first epoch skipped."""
+    assert checkpoint_epochs_seen_after_each_epoch(tmp_path, checkpoint_every=1) == [1, 2, 3]
+
+
+def training_state(seed: int, run: RunState) -> Training:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return Training(model=model, optimizer=opt, scheduler=sched, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                    lookahead=None, loader=None, run=run)
+
+
+def test_a_saved_training_state_restores_the_weights_and_run_state_and_a_cut_file_is_refused(tmp_path):
+    """Sabotage: RunState or the model left out of the checkpoint; restore skipping the weights; a truncated
+    file read as a valid one."""
+    saved = training_state(0, RunState(run_index=1, epoch=4, train_seconds=2.5))
+    saved.save(tmp_path / "checkpoint.pt", {"width": 4}, torch.device("cpu"))
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert (ckpt["run"]["run_index"], ckpt["run"]["epoch"], ckpt["run"]["train_seconds"]) == (1, 4, 2.5)
+    assert ckpt["config"] == {"width": 4}
+    fresh = training_state(1, RunState())
+    assert not torch.equal(fresh.model.weight, saved.model.weight)
+    fresh.restore(ckpt, torch.device("cpu"))
+    assert torch.equal(fresh.model.weight, saved.model.weight) and torch.equal(fresh.model.bias, saved.model.bias)
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes()[:100])
+    with pytest.raises(UserError, match="corrupt checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")

@@ -1,0 +1,162 @@
+"""fastcifar.config: flags, presets, TOML files and their precedence, help text, range checks and which
+settings a resume may change.
+
+    pytest -q tests/test_config.py
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from fastcifar.config import TrainConfig, environment_fields, get_args_parser, parse_config, resume_config
+from fastcifar.errors import UserError, run_cli
+from fastcifar.report import check_out_dir
+from fastcifar.runtime import select_device
+from fastcifar.train import main
+
+
+def test_help_lists_every_field_with_its_default():
+    text = get_args_parser().format_help()
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+    assert "--no-amp" in text and "--preset" in text and "--config" in text
+
+
+@pytest.mark.slow
+def test_precedence_defaults_preset_config_flags(tmp_path):
+    assert parse_config([])[0].optimizer == "sgd"
+    assert parse_config(["--preset", "seed"])[0].optimizer == "adam"
+    toml = tmp_path / "c.toml"
+    toml.write_text('epochs = 7\nlr = 0.01\n')
+    c, _ = parse_config(["--preset", "seed", "--config", str(toml), "--lr", "0.02"])
+    assert (c.optimizer, c.epochs, c.lr) == ("adam", 7, 0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, flag", [
+    (["--epochs", "0"], "--epochs"), (["--pct-start", "1.5"], "--pct-start"),
+    (["--batch-size", "0"], "--batch-size"), (["--width", "0"], "--width"),
+    (["--cutout", "40"], "--cutout"), (["--translate", "-1"], "--translate"),
+])
+def test_bad_flag_values_are_rejected_up_front(argv, flag):
+    with pytest.raises(UserError, match=flag):
+        parse_config(argv)
+
+
+def test_config_file_with_unknown_key(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("epochz = 3\n")
+    with pytest.raises(UserError, match="epochz"):
+        parse_config(["--config", str(toml)])
+
+
+def test_resume_config_keeps_the_recipe_and_takes_the_environment():
+    saved = vars(TrainConfig(lr=0.2, width=8, device="cpu", plots=True))
+    requested = TrainConfig(lr=0.4, device="cuda:1", plots=False, workers=7, data_dir="elsewhere")
+    config = resume_config(saved, requested, {"device", "plots", "workers", "data_dir"}, "runs/x")
+    assert (config.lr, config.width, config.out_dir) == (0.2, 8, "runs/x")
+    assert (config.device, config.plots, config.workers, config.data_dir) == ("cuda:1", False, 7, "elsewhere")
+    with pytest.raises(UserError, match=r"^--lr 0\.4 conflicts"):
+        resume_config(saved, requested, {"lr"}, "runs/x")
+    with pytest.raises(UserError, match="--out-dir"):
+        resume_config(saved, TrainConfig(out_dir="runs/other"), {"out_dir"}, "runs/x")
+
+
+def test_short_flags_output_dir_alias_and_cuda_index():
+    config, args = parse_config(["-b", "64", "-j", "3", "--output-dir", "runs/x", "--device", "cuda:1"])
+    assert (config.batch_size, config.workers, config.out_dir, config.device) == (64, 3, "runs/x", "cuda:1")
+    assert args.explicit == {"batch_size", "workers", "out_dir", "device"}
+    config, _ = parse_config(["--batch-size", "16", "--workers", "0", "--out-dir", "y"])
+    assert (config.batch_size, config.workers, config.out_dir) == (16, 0, "y")
+    assert select_device("cpu").type == "cpu"
+    with pytest.raises(UserError, match=r"--device \(cuda:99\)"):
+        select_device("cuda:99")  # no machine has 100 GPUs; without CUDA: not available
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, flag", [(["--optimizer", "rmsprop"], "--optimizer"),
+                                        (["--pipeline", "dali"], "--pipeline"),
+                                        (["--device", "tpu"], "--device"),
+                                        (["--device", "cuda:"], "--device")])
+def test_values_outside_the_allowed_ones_are_one_line_errors(argv, flag, capsys, one_line_error):
+    assert run_cli(main, argv) == 2
+    assert flag in one_line_error()
+
+
+def test_literal_choices_also_bind_config_files(tmp_path, capsys, one_line_error):
+    toml = tmp_path / "c.toml"
+    toml.write_text('pad_mode = "mirror"\n')
+    assert run_cli(main, ["--config", str(toml)]) == 2
+    line = one_line_error()
+    assert "--pad-mode" in line and "reflect, zeros" in line
+
+
+def test_help_comes_from_the_fields_not_the_source_file(monkeypatch):
+    import inspect
+
+    monkeypatch.setattr(inspect, "getsource", lambda *a: (_ for _ in ()).throw(OSError("no source")))
+    text = get_args_parser().format_help()
+    assert "peak learning rate" in text and "-b BATCH_SIZE, --batch-size BATCH_SIZE" in text
+    assert "--out-dir OUT_DIR, --output-dir OUT_DIR" in text and "{sgd,adam,muon}" in text
+
+
+def test_out_dir_help_names_the_default_it_uses(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    help_text = " ".join(get_args_parser().format_help().split())
+    assert "runs/YYYYmmdd-HHMMSS" in help_text
+    out = check_out_dir(TrainConfig(), resume=False)
+    assert re.fullmatch(r"runs/\d{8}-\d{6}", out.as_posix()) and out.name[:8] == time.strftime("%Y%m%d")
+
+
+@pytest.mark.parametrize("name, saved, requested", [
+    ("data_dir", "a", "b"), ("device", "cpu", "cuda:1"), ("compile", False, True), ("plots", True, False),
+    ("eval_every", 1, 3), ("checkpoint_every", 1, 0), ("workers", 2, 7), ("compile_mode", "default", "reduce-overhead"),
+    ("download", False, True)])
+def test_resume_honours_every_environment_flag(name, saved, requested):
+    """Sabotage: environment=True dropped from --compile or --checkpoint-every (or any listed flag): --resume
+    would then refuse it as a recipe conflict."""
+    assert name in environment_fields()
+    config = resume_config(vars(TrainConfig(**{name: saved})), TrainConfig(**{name: requested}), {name}, "runs/x")
+    assert getattr(config, name) == requested
+
+
+def test_keys_of_a_config_file_count_as_given_for_resume(tmp_path):
+    """Sabotage: parse_config not adding the --config file's keys to args.explicit (a --resume with a TOML file
+    that changes the recipe would be silently ignored instead of refused)."""
+    from fastcifar.config import parse_config
+    from fastcifar.errors import UserError
+
+    toml = tmp_path / "c.toml"
+    toml.write_text("lr = 0.5\nwidth = 8\n")
+    config, args = parse_config(["--config", str(toml), "--epochs", "3"])
+    assert args.explicit == {"lr", "width", "epochs"}
+    with pytest.raises(UserError, match="--lr 0.5 conflicts"):
+        resume_config(vars(TrainConfig(lr=0.2, width=8, epochs=3)), config, args.explicit, "runs/x")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, value", [
+    ("--epochs", "0"), ("--batch-size", "0"), ("--width", "0"), ("--lr", "0"), ("--pct-start", "0"),
+    ("--div-factor", "0"), ("--final-div-factor", "0"), ("--momentum", "1"), ("--weight-decay", "-1"),
+    ("--bias-lr", "0"), ("--label-smoothing", "1"), ("--translate", "17"), ("--translate", "-1"), ("--cutout", "33"),
+    ("--tta-translate", "5"), ("--tta-translate", "-1"), ("--runs", "0"), ("--eval-every", "0"),
+    ("--checkpoint-every", "-1"), ("--workers", "-1"), ("--logit-scale", "0")])
+def test_every_range_check_refuses_its_bad_value_up_front(flag, value):
+    """Sabotage: any one line of config.validate's checks deleted (e.g. --eval-every 0 would crash with a
+    ZeroDivisionError after the first epoch, --tta-translate 5 would pad past what TTA supports)."""
+    from fastcifar.config import parse_config
+    from fastcifar.errors import UserError
+
+    name = "--div-factor" if flag == "--final-div-factor" else flag  # both div factors share one message
+    with pytest.raises(UserError, match=f"^invalid {name} "):
+        parse_config([flag, value])
+
+
+def test_val_split_is_a_flag_and_a_toml_key(tmp_path):
+    (tmp_path / "c.toml").write_text("val_split = 500\nsplit_seed = 3\n")
+    config, _ = parse_config(["--config", str(tmp_path / "c.toml")])
+    assert (config.val_split, config.split_seed) == (500, 3)
+    assert parse_config(["--val-split", "7"])[0].val_split == 7

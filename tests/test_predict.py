@@ -1,0 +1,104 @@
+"""export.predict: classifies image files with an exported model and no torch; its input recipe matches the
+graph's.
+
+    pytest -q tests/test_predict.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.onnx import int8_path
+from export.predict import read_image, to_input
+from fastcifar.data import CLASSES
+from export_helpers import export_output, exported, shared  # noqa: F401 (fixtures)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_predict(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "export.predict", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def write_png(path: Path, size: int, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_predict_is_torch_free():
+    code = "import export.predict, sys; assert 'torch' not in sys.modules, 'export.predict imports torch'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_folder_of_class_folders_stands_for_every_image_below_it(tmp_path):
+    """The layout training reads (test/<class>/*.png): sabotage, a folder read without its subfolders."""
+    from export.predict import expand_images
+
+    cat, dog = (write_png(tmp_path / "test" / name, 32, seed=0) for name in ("cat/1.png", "dog/2.jpg"))
+    (tmp_path / "test" / "notes.txt").write_text("not an image")
+    assert expand_images([str(tmp_path / "test")]) == [str(cat), str(dog)]
+
+
+@pytest.mark.slow
+def test_predict_classifies_resizes_and_reports_failures(exported, tmp_path):
+    small = write_png(tmp_path / "small.png", 32, seed=1)
+    big = write_png(tmp_path / "big.png", 64, seed=2)
+    junk = tmp_path / "junk.png"
+    junk.write_text("not an image")
+    result = run_predict(str(exported), str(small), str(junk), str(big))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(small), str(big)]
+    for line in lines:
+        _, cls, prob = line.split("\t")
+        assert cls in CLASSES and 0 < float(prob) <= 1
+    assert f"note: {big}: resized 64x64 to 32x32" in result.stderr
+    assert f"error: {junk}: not an image" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_predict_top_k_matches_the_session(exported, tmp_path):
+    image = write_png(tmp_path / "a.png", 32, seed=3)
+    result = run_predict(str(int8_path(exported)), str(image), "--top", "3")
+    assert result.returncode == 0, result.stderr
+    fields = result.stdout.strip().split("\t")
+    assert fields[0] == str(image) and len(fields) == 4
+    probs = [float(f.split()[1]) for f in fields[1:]]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_documented_input_recipes_match_predict(tmp_path):
+    """The module docstring promises torchvision's to_tensor and cv2.dnn.blobFromImage(img, 1/255,
+    swapRB=True) produce the graph's input; check both against what export.predict feeds."""
+    cv2 = pytest.importorskip("cv2")
+    from torchvision.transforms.functional import to_tensor
+
+    path = write_png(tmp_path / "a.png", 32, seed=5)
+    ours = to_input(read_image(path)[None])
+    np.testing.assert_allclose(cv2.dnn.blobFromImage(cv2.imread(str(path)), 1 / 255, swapRB=True), ours, atol=1e-6)
+    np.testing.assert_allclose(to_tensor(Image.open(path))[None].numpy(), ours, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["missing.onnx", "junk.onnx"])
+def test_predict_bad_model_is_a_usage_error(tmp_path, model):
+    (tmp_path / "junk.onnx").write_bytes(b"garbage")
+    image = write_png(tmp_path / "a.png", 32, seed=4)
+    result = run_predict(str(tmp_path / model), str(image))
+    assert result.returncode == 2
+    assert result.stderr.startswith("export.predict: error: ") and result.stderr.count("\n") == 1
