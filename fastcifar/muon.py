@@ -68,7 +68,8 @@ class MuonWithSGD(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sgd.load_state_dict(state_dict["sgd"])
         self.muon.load_state_dict(state_dict["muon"])
-        self.param_groups = self.sgd.param_groups + self.muon.param_groups
+        self.param_groups = self.sgd.param_groups + self.muon.param_groups  # loading made new group dicts
+        self.state = self.sgd.state
 
 
 def split_for_muon(groups: list[dict[str, Any]]) -> tuple[list[nn.Parameter], list[dict[str, Any]]]:

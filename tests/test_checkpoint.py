@@ -13,6 +13,9 @@ from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.train import train
 from synthetic import write_learnable_dataset
+import io
+import numpy as np
+from fastcifar.checkpoint import rng_state, set_rng_state
 
 
 def checkpoint_epochs_seen_after_each_epoch(tmp_path, **settings) -> list[int | None]:
@@ -67,3 +70,36 @@ def test_a_saved_training_state_restores_the_weights_and_run_state_and_a_cut_fil
     (tmp_path / "cut.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes()[:100])
     with pytest.raises(UserError, match="corrupt checkpoint"):
         load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_the_global_generators_round_trip_through_a_weights_only_checkpoint():
+    torch.manual_seed(1)
+    np.random.seed(2)
+    np.random.standard_normal()  # leaves a cached gauss in numpy's state
+    buffer = io.BytesIO()
+    torch.save({"rng": rng_state(torch.device("cpu"))}, buffer)
+    expected = (torch.rand(5), np.random.standard_normal(3), np.random.randint(0, 1 << 30, 4))
+    torch.manual_seed(99)
+    np.random.seed(99)
+    buffer.seek(0)
+    set_rng_state(torch.load(buffer, weights_only=True)["rng"], torch.device("cpu"))
+    got = (torch.rand(5), np.random.standard_normal(3), np.random.randint(0, 1 << 30, 4))
+    assert torch.equal(got[0], expected[0])
+    assert np.array_equal(got[1], expected[1]) and np.array_equal(got[2], expected[2])
+
+
+def test_training_restore_sets_the_global_generators(monkeypatch):
+    import fastcifar.checkpoint as checkpoint
+
+    seen = []
+    monkeypatch.setattr(checkpoint, "set_rng_state", lambda state, device: seen.append(state))
+
+    class Stub:
+        def load_state_dict(self, state):
+            pass
+
+    training = checkpoint.Training(Stub(), Stub(), Stub(), Stub(), None, object(), None)
+    ckpt = {"model": {}, "optimizer": {}, "scheduler": {}, "scaler": {}, "lookahead": {}, "loader": {},
+            "rng": {"marker": 1}}
+    training.restore(ckpt, torch.device("cpu"))
+    assert seen == [{"marker": 1}]

@@ -17,6 +17,7 @@ from fastcifar.compare import analyse, main, parse_arm, save_strip_plot  # noqa:
 from fastcifar.errors import run_cli  # noqa: E402
 from fastcifar.stats import holm  # noqa: E402
 from synthetic import write_learnable_dataset  # noqa: E402
+from fastcifar.compare import parse_arm, reproduce_command
 
 REAL_TRAIN = fastcifar.train.train
 COMMON = ["--width", "4", "--batch-size", "32", "--device", "cpu", "--epochs", "0.5", "--no-plots"]
@@ -255,3 +256,13 @@ def test_strip_plot_means_use_paired_seeds_only(tmp_path, monkeypatch):
     save_strip_plot(tmp_path / "strip.png", arms, runs, [0, 1, 2], analyse(arms, runs, [0, 1, 2], 0.95, 0.1))
     assert drawn == pytest.approx([81.0, 82.0, 11.0, 10.0])
     assert (tmp_path / "strip.png").stat().st_size > 0
+
+
+def test_the_command_keeps_a_failed_seed_inside_its_range():
+    arms = [parse_arm("default", 0), parse_arm("b=--lr 0.2", 1)]
+    command = reproduce_command(arms, ["--width", "4"], [5, 7], 0.9, 0.5)  # seed 6 failed
+    argv = shlex.split(command)
+    first, count = int(argv[argv.index("--first-seed") + 1]), int(argv[argv.index("--seeds") + 1])
+    assert list(range(first, first + count)) == [5, 6, 7]
+    assert argv[argv.index("--") + 1:] == ["--width", "4"]
+    assert reproduce_command(arms, [], [], 0.9, 0.5) is None

@@ -16,6 +16,9 @@ from fastcifar.errors import UserError, run_cli
 from fastcifar.report import check_out_dir
 from fastcifar.runtime import select_device
 from fastcifar.train import main
+from torch import nn
+from fastcifar.config import PRESETS, TrainConfig, model_options
+from fastcifar.model import ModelConfig, ResNet9
 
 
 def test_help_lists_every_field_with_its_default():
@@ -160,3 +163,19 @@ def test_val_split_is_a_flag_and_a_toml_key(tmp_path):
     config, _ = parse_config(["--config", str(tmp_path / "c.toml")])
     assert (config.val_split, config.split_seed) == (500, 3)
     assert parse_config(["--val-split", "7"])[0].val_split == 7
+
+
+def test_model_options_carry_every_family_option():
+    config = TrainConfig(widths="6,8,12,16", residual="3,2", prep_kernel=2, activation="gelu", bn_momentum=0.3,
+                         logit_scale=0.5, width=32)
+    model_config = ModelConfig(**model_options(config))
+    assert model_config == ModelConfig(width=32, logit_scale=0.5, widths=(6, 8, 12, 16), residual=(2, 3),
+                                       prep_kernel=2, activation="gelu", bn_momentum=0.3)
+
+
+def test_the_speedrun_presets_net_has_gelu_and_its_bn_momentum():
+    model = ResNet9(ModelConfig(**model_options(TrainConfig(**PRESETS["speedrun"]))))
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.momentum == 0.4 for m in bns)
+    assert any(isinstance(m, nn.GELU) for m in model.modules())
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())

@@ -14,6 +14,10 @@ from torch import nn
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.flops import forward_flops, meta_model, recipe_flops, train_step_flops
 from fastcifar.model import ModelConfig
+from fastcifar.config import TrainConfig
+from fastcifar.flops import forward_flops, meta_model, train_step_flops
+from fastcifar.model import ModelConfig, main
+from fastcifar.report import SEED_CLOCKS, run_summary
 
 
 def test_a_small_known_network_counts_as_by_hand():
@@ -84,3 +88,43 @@ def test_counting_leaves_no_memory_behind():
     train_step_flops(model)
     assert all(p.grad is None for p in model.parameters())
     assert torch.tensor(0).device.type == "cpu"  # the meta device context did not leak
+
+
+def _seed(seed: int) -> dict:
+    return {"seed": seed, "test_acc": 0.5 + seed / 100, "test_acc_tta": None, "images": 1000,
+            **{key: 1.0 + seed for key in SEED_CLOCKS}}
+
+
+def test_the_summarys_flops_total_is_per_run_times_the_seeds_so_far():
+    flops = {"train": 30, "eval": 12, "per_run": 42, "per_image_forward": 2, "per_image_train": 6,
+             "train_images": 5, "eval_views": 1}
+    results = [_seed(s) for s in range(3)]
+    summary = run_summary(TrainConfig(runs=3, tta=False), results, params=1, world_size=1, environment={},
+                          compile_seconds=None, data_seconds=0.0, flops=flops)
+    assert summary["flops"]["per_run"] == 42
+    assert summary["flops"]["total"] == 3 * 42
+    partial = run_summary(TrainConfig(runs=3, tta=False), results[:2], params=1, world_size=1, environment={},
+                          compile_seconds=None, data_seconds=0.0, flops=flops)
+    assert partial["flops"]["total"] == 2 * 42
+
+
+def test_the_model_command_prints_the_training_count_next_to_the_forward_count(capsys):
+    assert main(["--width", "16"]) == 0
+    out = capsys.readouterr().out
+    counted = meta_model(ModelConfig(width=16))
+    fwd, train = forward_flops(counted), train_step_flops(counted)
+    assert train > 2 * fwd  # the backward pass adds roughly twice the forward's work
+    assert f"{fwd / 1e6:,.1f} M forward, {train / 1e6:,.1f} M forward + backward" in out
+
+
+def test_under_torchrun_the_run_counts_the_global_batch():
+    """World size 2, batch 100 per rank: 1050 images give 5 steps of 200 per epoch (drop_last), 12 steps in
+    2.5 epochs (as total_steps rounds), not 25 steps of 100."""
+    from fastcifar.flops import recipe_flops
+    from fastcifar.recipe import total_steps
+
+    config = TrainConfig(width=8, epochs=2.5, batch_size=100, tta=False)
+    work = recipe_flops(config, 1050, 200, world_size=2)
+    assert work["train_images"] == total_steps(config, 1050 // 200) * 200
+    assert work["train_images"] != recipe_flops(config, 1050, 200)["train_images"]
+    assert work["train"] == work["per_image_train"] * work["train_images"]

@@ -89,3 +89,32 @@ def test_muon_trains_end_to_end_and_refuses_fp16(tmp_path):
         train(TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "fp16"), width=4, batch_size=10, epochs=1,
                           device="cpu", optimizer="muon", plots=False, amp_dtype="fp16"))
     assert not (tmp_path / "fp16").exists()
+
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_after_a_load_the_groups_a_scheduler_sets_are_the_ones_that_step():
+    from fastcifar.recipe import build_model, build_optimizer
+
+    torch.manual_seed(0)
+    config = TrainConfig(width=4, optimizer="muon", lr=0.4, muon_lr=0.08, channels_last=False)
+    model = build_model(config, 10, CPU)
+    optimizer = build_optimizer(config, model, CPU)
+    (model(torch.randn(4, 3, 32, 32)) ** 2).mean().backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+
+    model2 = build_model(config, 10, CPU)
+    again = build_optimizer(config, model2, CPU)
+    again.load_state_dict(saved)
+    inner = again.sgd.param_groups + again.muon.param_groups
+    assert len(again.param_groups) == len(inner) and all(a is b for a, b in zip(again.param_groups, inner))
+    # behaviour: lr 0 set through the outer groups (as a scheduler does) freezes every parameter
+    for group in again.param_groups:
+        group["lr"] = 0.0
+    before = [p.detach().clone() for p in model2.parameters()]
+    (model2(torch.randn(4, 3, 32, 32)) ** 2).mean().backward()
+    again.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model2.parameters()))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from synthetic import write_learnable_dataset
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TRAIN = ["--width", "4", "--epochs", "1", "--batch-size", "64", "--device", "cpu"]
@@ -537,3 +538,30 @@ def test_a_failing_part_is_recorded_and_makes_the_script_exit_non_zero(tmp_path)
     assert failed and all(p["status"] == "failed" and p["exit_code"] not in (0, None) for p in failed), parts
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "speedrun: failed" in (out / "summary.txt").read_text()
+
+
+def _originals(airbench):
+    return {"Module.cuda": torch.nn.Module.cuda, "Module.half": torch.nn.Module.half,
+            "Tensor.half": torch.Tensor.half, "cuda.Event": torch.cuda.Event,
+            "cuda.synchronize": torch.cuda.synchronize,
+            "loader defaults": airbench.utils.CifarLoader.__init__.__defaults__}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("fail", [False, True])
+def test_airbench_on_cpu_undoes_every_patch(dtype, fail):
+    airbench = pytest.importorskip("airbench")
+    before = _originals(airbench)
+    try:
+        with speedrun.airbench_on_cpu(airbench, dtype):
+            assert torch.nn.Module.half is not before["Module.half"]  # the patches are in place inside
+            assert torch.cuda.Event is speedrun.HostClockEvent
+            assert torch.is_autocast_enabled("cpu") == (dtype is not None)
+            if fail:
+                raise RuntimeError("airbench failed")
+    except RuntimeError:
+        assert fail
+    after = _originals(airbench)
+    assert all(after[k] is before[k] or after[k] == before[k] for k in before), \
+        [k for k in before if not (after[k] is before[k] or after[k] == before[k])]
+    assert not torch.is_autocast_enabled("cpu")

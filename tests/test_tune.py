@@ -24,6 +24,8 @@ from fastcifar.tune import main  # noqa: E402
 from fastcifar.tune_report import draw_plots, recipe_toml  # noqa: E402
 from fastcifar.tune_study import GOALS, display_url  # noqa: E402
 from synthetic import write_learnable_dataset  # noqa: E402
+from fastcifar.errors import UserError
+import fastcifar.tune_study as tune_study
 
 REPO = Path(__file__).resolve().parent.parent
 # Tiny runs in the precision the CPU picks (--amp-dtype auto: bf16 on a CPU with AMX or AVX-512 BF16, else
@@ -476,3 +478,37 @@ def test_slice_plot_panels_colour_bar_and_tick_labels_do_not_overlap():
         labels = [t.get_window_extent(renderer) for t in ax.get_xticklabels(which="both")
                   if t.get_visible() and t.get_text()]
         assert overlapping(labels) == [], (ax.get_xlabel(), [t.get_text() for t in ax.get_xticklabels(which="both")])
+
+
+def test_an_unparseable_url_still_has_its_password_masked():
+    shown = tune_study.display_url("postgresql+psycopg2//tuner:s3cret-pw@db.example/x")  # the colon forgotten
+    assert "s3cret" not in shown and "tuner:***@db.example" in shown
+
+
+def test_a_storage_error_that_quotes_the_url_is_masked(monkeypatch):
+    url = "postgresql://tuner:s3cret-pw@db.example:5432/studies"
+
+    class OperationalError(Exception):
+        pass
+
+    def refuse(u, **kwargs):
+        raise OperationalError(f"could not connect to {u} (password s3cret-pw rejected)")
+
+    monkeypatch.setattr(tune_study.optuna.storages, "RDBStorage", refuse)
+    monkeypatch.setattr(tune_study.time, "sleep", lambda s: None)
+    with pytest.raises(UserError) as caught:
+        tune_study.open_storage(url)
+    assert "s3cret" not in str(caught.value) and "tuner:***@db.example" in str(caught.value)
+
+
+def test_the_default_space_samples_rates_and_decays_on_a_log_scale():
+    """Sabotage caught: `log = true` dropped from DEFAULT_SPACE's lr or weight_decay (a linear draw between
+    0.1 and 2.0 would spend nine tenths of the trials above 0.3)."""
+    from fastcifar.search_space import DEFAULT_SPACE
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    space = tomllib.loads(DEFAULT_SPACE)
+    assert space["lr"].get("log") is True and space["weight_decay"].get("log") is True
