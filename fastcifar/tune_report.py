@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from fastcifar.atomic import write_json, write_text
-from fastcifar.config import TrainConfig, non_recipe_fields, to_dict
+from fastcifar.config import TrainConfig, to_dict
 from fastcifar.errors import first_line
 from fastcifar.plots import pyplot, save_figure
+from fastcifar.search_space import NOT_SEARCHABLE
 from fastcifar.tune_study import SETTINGS_KEY, Goal
 
 # Fields left out of best.toml: where data and results live and how this machine runs, not the recipe.
-NOT_IN_RECIPE = non_recipe_fields() | {"val_split", "split_seed"}  # best.toml trains on all images
 BUDGET_DIR = "best-per-budget"
 OUTPUT_FILES = ("study.json", "trials.csv", "best.toml", "pareto.csv", "pareto.png", "history.png",
                 "importances.png", "slice.png")
@@ -51,10 +51,11 @@ def remove_outputs(out: Path) -> None:
 
 def recipe_toml(config: TrainConfig, header: Sequence[str] = ()) -> str:
     """`config` as a TOML file for `python -m fastcifar.train --config`: every recipe field, none of the
-    machine's or run's (NOT_IN_RECIPE), so it trains the same recipe under any --preset."""
+    machine's or run's, nor the validation split (NOT_SEARCHABLE: best.toml trains on all images), so it
+    trains the same recipe under any --preset."""
     lines = [f"# {line}" for line in header]
     for name, value in to_dict(config).items():
-        if name in NOT_IN_RECIPE or value is None:
+        if name in NOT_SEARCHABLE or value is None:
             continue
         if isinstance(value, bool):
             text = "true" if value else "false"
