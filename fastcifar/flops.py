@@ -90,7 +90,3 @@ def recipe_flops(config, num_train: int, num_test: int, num_classes: int = 10, w
     return {"train": train, "eval": evaluation, "per_run": train + evaluation,
             "per_image_forward": per_image_forward, "per_image_train": per_image_train,
             "train_images": steps * global_batch, "eval_views": views}
-
-
-def pflop(flops: float) -> str:
-    return f"{flops / 1e15:.3f} PFLOP"
