@@ -38,13 +38,16 @@ def test_one_step_updates_the_filters_as_muon_updates_their_matrices(channels_la
     (model(torch.randn(6, 3, 32, 32).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format))
      ** 2).mean().backward()
     conv = model.layer1[0][0].weight
-    reference = torch.nn.Parameter(conv.detach().contiguous().view(conv.shape[0], -1).clone())
+    before = conv.detach().contiguous().view(conv.shape[0], -1).clone()
+    reference = torch.nn.Parameter(before.clone())
     reference.grad = conv.grad.contiguous().view(conv.shape[0], -1).clone()
     torch.optim.Muon([reference], lr=0.05, momentum=0.6, nesterov=True, weight_decay=0.0).step()
     fc_before = model.fc.weight.detach().clone()
     optimizer.step()
-    torch.testing.assert_close(conv.detach().contiguous().view(conv.shape[0], -1), reference.detach(),
-                               atol=2e-6, rtol=1e-5)
+    # Muon orthogonalizes in bf16: another column order may round differently on a CPU with native bf16, so
+    # the update is compared to 1% of its size rather than bit for bit
+    update, expected = conv.detach().contiguous().view(conv.shape[0], -1) - before, reference.detach() - before
+    torch.testing.assert_close(update, expected, atol=0.01 * expected.abs().max().item(), rtol=0)
     assert not torch.equal(model.fc.weight, fc_before)  # the rest stepped with SGD
     assert all(p.ndim != 4 for g in optimizer.sgd.param_groups for p in g["params"])
 
