@@ -100,58 +100,119 @@ train_main, data_main, evaluate_main, lr_find_main = (command(f"fastcifar.{name}
 export_main, predict_main = command("export.onnx"), command("export.predict")
 
 
-# -- the cases: (id, command, argv factory (tmp, data, run) -> (argv, path that must not appear), expected) -------
-Case = tuple[str, Callable, Callable, str]
-CASES: list[Case] = [
-    ("train-missing-data", train_main, lambda t, d, r: (["--data-dir", str(t / "nope"), *TINY, "--out-dir", str(t / "o")], t / "o"), "nope"),
-    ("train-empty-data", train_main, lambda t, d, r: (["--data-dir", str(folder(t / "empty")), *TINY, "--out-dir", str(t / "o")], t / "o"), "empty"),
-    ("train-test-class-not-in-train", train_main, lambda t, d, r: (["--data-dir", str(tree(t / "m", train=CLASSES[:9])), *TINY, "--out-dir", str(t / "o")], t / "o"), "truck"),
-    ("train-wrong-image-size", train_main, lambda t, d, r: (["--data-dir", str(wrong_size(t / "w")), *TINY, "--out-dir", str(t / "o")], t / "o"), "odd.png"),
-    ("train-not-an-image", train_main, lambda t, d, r: (["--data-dir", str(not_an_image(t / "n")), *TINY, "--out-dir", str(t / "o")], t / "o"), "notes.png"),
-    ("train-truncated-archive", train_main, lambda t, d, r: (["--data-dir", str(archive(t, truncate=True)), *TINY, "--out-dir", str(t / "o")], t / "o"), "data.tar.gz"),
-    ("train-garbage-archive", train_main, lambda t, d, r: (["--data-dir", str(archive(t, garbage=True)), *TINY, "--out-dir", str(t / "o")], t / "o"), "data.tar.gz"),
-    ("train-epochs-zero", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--epochs", "0", "--out-dir", str(t / "o")], t / "o"), "--epochs"),
-    ("train-pct-start", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--pct-start", "1", "--out-dir", str(t / "o")], t / "o"), "--pct-start"),
-    ("train-negative-lr", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--lr", "-1", "--out-dir", str(t / "o")], t / "o"), "--lr"),
-    ("train-cutout-too-big", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--cutout", "33", "--out-dir", str(t / "o")], t / "o"), "--cutout"),
-    ("train-bias-lr-zero", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--bias-lr", "0", "--out-dir", str(t / "o")], t / "o"), "--bias-lr"),
-    ("train-widths-three", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--widths", "8,16,32", "--out-dir", str(t / "o")], t / "o"), "--widths"),
-    ("train-widths-not-numbers", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--widths", "a,b,c,d", "--out-dir", str(t / "o")], t / "o"), "--widths"),
-    ("train-residual-layer-four", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--residual", "1,4", "--out-dir", str(t / "o")], t / "o"), "--residual"),
-    ("train-prep-kernel-five", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--prep-kernel", "5", "--out-dir", str(t / "o")], t / "o"), "--prep-kernel"),
-    ("train-bn-momentum-zero", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--bn-momentum", "0", "--out-dir", str(t / "o")], t / "o"), "--bn-momentum"),
-    ("train-whiten-bias-epochs-without-whiten", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--whiten-bias-epochs", "2", "--out-dir", str(t / "o")], t / "o"), "--whiten-bias-epochs"),
-    ("train-unknown-choice", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--optimizer", "lion", "--out-dir", str(t / "o")], t / "o"), "--optimizer"),
-    ("train-not-a-number", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--width", "wide", "--out-dir", str(t / "o")], t / "o"), "--width"),
-    ("train-cuda-missing", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--device", "cuda", "--out-dir", str(t / "o")], t / "o"), "--device"),
-    ("train-batch-larger-than-data", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--batch-size", "4096", "--out-dir", str(t / "o")], t / "o"), "--batch-size"),
-    ("train-val-split-not-below-the-training-images", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--val-split", "20", "--out-dir", str(t / "o")], t / "o"), "--val-split (20)"),
-    ("train-config-unknown-key", train_main, lambda t, d, r: (["--config", str(made(t / "c.toml", "epochz = 1\n")), "--out-dir", str(t / "o")], t / "o"), "epochz"),
-    ("train-config-bad-toml", train_main, lambda t, d, r: (["--config", str(made(t / "c.toml", "epochs = [\n")), "--out-dir", str(t / "o")], t / "o"), "c.toml"),
-    ("train-out-dir-is-a-file", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--out-dir", str(made(t / "f", "x"))], None), "--out-dir"),
-    ("train-resume-missing-dir", train_main, lambda t, d, r: (["--resume", str(t / "gone")], None), "gone"),
-    ("train-resume-no-checkpoint", train_main, lambda t, d, r: (["--resume", str(folder(t / "empty-run"))], None), "checkpoint.pt"),
-    ("train-resume-corrupt-checkpoint", train_main, lambda t, d, r: (["--resume", str(copy_run(r, t, "checkpoint.pt", "garbage"))], None), "checkpoint.pt"),
-    ("train-resume-truncated-checkpoint", train_main, lambda t, d, r: (["--resume", str(copy_run(r, t, "checkpoint.pt", "truncate"))], None), "checkpoint.pt"),
-    ("data-missing-path", data_main, lambda t, d, r: (["--data-dir", str(t / "nope")], None), "nope"),
-    ("data-unknown-file-type", data_main, lambda t, d, r: (["--data-dir", str(made(t / "x.rar", "rar"))], None), "x.rar"),
-    ("lr-find-bad-range", lr_find_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--start-lr", "1", "--end-lr", "0.1", "--out", str(t / "lr.png")], t / "lr.png"), "--end-lr"),
-    ("export-missing-checkpoint", export_main, lambda t, d, r: (["--checkpoint", str(t / "none"), "--out", str(t / "m.onnx")], t / "m.onnx"), "none"),
-    ("export-corrupt-checkpoint", export_main, lambda t, d, r: (["--checkpoint", str(copy_run(r, t, "model.safetensors", "garbage")), "--out", str(t / "m.onnx")], t / "m.onnx"), "model.safetensors"),
-    ("export-truncated-checkpoint", export_main, lambda t, d, r: (["--checkpoint", str(copy_run(r, t, "model.safetensors", "truncate")), "--out", str(t / "m.onnx")], t / "m.onnx"), "model.safetensors"),
-    ("export-checkpoint-of-another-width", export_main, lambda t, d, r: (["--checkpoint", str(relabel_width(r, t)), "--out", str(t / "m.onnx")], t / "m.onnx"), "width"),
-    ("export-out-dir-missing", export_main, lambda t, d, r: (["--checkpoint", str(r), "--out", str(t / "no" / "m.onnx")], t / "no" / "m.onnx"), "no"),
-    ("export-int8-without-data", export_main, lambda t, d, r: (["--checkpoint", str(r), "--out", str(t / "m.onnx"), "--int8"], t / "m.onnx"), "--int8"),
-    ("export-negative-max-int8-drop", export_main, lambda t, d, r: (["--checkpoint", str(r), "--out", str(t / "m.onnx"), "--max-int8-drop", "-1"], t / "m.onnx"), "--max-int8-drop"),
-    ("evaluate-batch-size-zero", evaluate_main, lambda t, d, r: (["--checkpoint", str(r), "--data-dir", str(d), "--device", "cpu", "-b", "0"], None), "--batch-size"),
-    ("evaluate-tta-translate-too-wide", evaluate_main, lambda t, d, r: (["--checkpoint", str(r), "--data-dir", str(d), "--device", "cpu", "--tta-translate", "40"], None), "--tta-translate"),
-    ("evaluate-tta-translate-negative", evaluate_main, lambda t, d, r: (["--checkpoint", str(r), "--data-dir", str(d), "--device", "cpu", "--tta-translate", "-1"], None), "--tta-translate"),
-    ("train-config-is-a-directory", train_main, lambda t, d, r: (["--data-dir", str(d), *TINY, "--config", str(folder(t / "conf")), "--out-dir", str(t / "o")], t / "o"), "--config"),
-    ("predict-batch-size-zero", predict_main, lambda t, d, r: ([str(t / "m.onnx"), str(t / "a.png"), "--batch-size", "0"], None), "--batch-size"),
-    ("predict-threads-zero", predict_main, lambda t, d, r: ([str(t / "m.onnx"), str(t / "a.png"), "--threads", "0"], None), "--threads"),
-    ("predict-empty-folder", predict_main, lambda t, d, r: ([str(t / "m.onnx"), str(folder(t / "no-images"))], None), "no-images"),
-    ("predict-missing-model", predict_main, lambda t, d, r: ([str(t / "none.onnx"), str(t / "a.png")], None), "none.onnx"),
-    ("predict-not-onnx", predict_main, lambda t, d, r: ([str(made(t / "fake.onnx", "hello")), str(t / "a.png")], None), "fake.onnx"),
+# -- the cases ------------------------------------------------------------------------------------------
+class Inputs:
+    """What a case builds its command line from: a fresh temporary folder, good data, and a finished run (trained
+    once per module, on first use: only the cases that read it pay for it, and they are marked slow)."""
+
+    def __init__(self, tmp: Path, data: Path, request: pytest.FixtureRequest):
+        self.tmp, self.data, self._request = tmp, data, request
+
+    @property
+    def run(self) -> Path:
+        return self._request.getfixturevalue("trained_run")
+
+    def train(self, *flags: str, data: Path | None = None) -> tuple[list[str], Path]:
+        """A tiny training command on `data` (the good data by default) with `flags`; its --out-dir must not appear."""
+        out = self.tmp / "o"
+        return ["--data-dir", str(data or self.data), *TINY, *flags, "--out-dir", str(out)], out
+
+    def export(self, *flags: str, checkpoint: Path | None = None) -> tuple[list[str], Path]:
+        """An export of `checkpoint` (the finished run by default) with `flags`; its --out must not appear."""
+        out = self.tmp / "m.onnx"
+        return ["--checkpoint", str(checkpoint or self.run), "--out", str(out), *flags], out
+
+    def evaluate(self, *flags: str) -> tuple[list[str], None]:
+        return ["--checkpoint", str(self.run), "--data-dir", str(self.data), "--device", "cpu", *flags], None
+
+    def predict(self, *args: str) -> tuple[list[str], None]:
+        return [str(self.tmp / "m.onnx"), str(self.tmp / "a.png"), *args], None
+
+
+def case(name: str, command: Callable, build: Callable[[Inputs], tuple[list[str], Path | None]], expected: str,
+         uses_run: bool = False):
+    """One row: `command` run on `build(inputs)`'s argv fails with exit 2 and one line holding `expected`."""
+    return pytest.param(command, build, expected, id=name, marks=[pytest.mark.slow] if uses_run else [])
+
+
+CASES = [
+    case("train-missing-data", train_main, lambda b: b.train(data=b.tmp / "nope"), "nope"),
+    case("train-empty-data", train_main, lambda b: b.train(data=folder(b.tmp / "empty")), "empty"),
+    case("train-test-class-not-in-train", train_main, lambda b: b.train(data=tree(b.tmp / "m", train=CLASSES[:9])),
+         "truck"),
+    case("train-wrong-image-size", train_main, lambda b: b.train(data=wrong_size(b.tmp / "w")), "odd.png"),
+    case("train-not-an-image", train_main, lambda b: b.train(data=not_an_image(b.tmp / "n")), "notes.png"),
+    case("train-truncated-archive", train_main, lambda b: b.train(data=archive(b.tmp, truncate=True)), "data.tar.gz"),
+    case("train-garbage-archive", train_main, lambda b: b.train(data=archive(b.tmp, garbage=True)), "data.tar.gz"),
+    case("train-epochs-zero", train_main, lambda b: b.train("--epochs", "0"), "--epochs"),
+    case("train-pct-start", train_main, lambda b: b.train("--pct-start", "1"), "--pct-start"),
+    case("train-negative-lr", train_main, lambda b: b.train("--lr", "-1"), "--lr"),
+    case("train-cutout-too-big", train_main, lambda b: b.train("--cutout", "33"), "--cutout"),
+    case("train-bias-lr-zero", train_main, lambda b: b.train("--bias-lr", "0"), "--bias-lr"),
+    case("train-widths-three", train_main, lambda b: b.train("--widths", "8,16,32"), "--widths"),
+    case("train-widths-not-numbers", train_main, lambda b: b.train("--widths", "a,b,c,d"), "--widths"),
+    case("train-residual-layer-four", train_main, lambda b: b.train("--residual", "1,4"), "--residual"),
+    case("train-prep-kernel-five", train_main, lambda b: b.train("--prep-kernel", "5"), "--prep-kernel"),
+    case("train-bn-momentum-zero", train_main, lambda b: b.train("--bn-momentum", "0"), "--bn-momentum"),
+    case("train-whiten-bias-epochs-without-whiten", train_main, lambda b: b.train("--whiten-bias-epochs", "2"),
+         "--whiten-bias-epochs"),
+    case("train-unknown-choice", train_main, lambda b: b.train("--optimizer", "lion"), "--optimizer"),
+    case("train-not-a-number", train_main, lambda b: b.train("--width", "wide"), "--width"),
+    case("train-cuda-missing", train_main, lambda b: b.train("--device", "cuda"), "--device"),
+    case("train-batch-larger-than-data", train_main, lambda b: b.train("--batch-size", "4096"), "--batch-size"),
+    case("train-val-split-not-below-the-training-images", train_main, lambda b: b.train("--val-split", "20"),
+         "--val-split (20)"),
+    case("train-config-unknown-key", train_main,
+         lambda b: b.train("--config", str(made(b.tmp / "c.toml", "epochz = 1\n"))), "epochz"),
+    case("train-config-bad-toml", train_main,
+         lambda b: b.train("--config", str(made(b.tmp / "c.toml", "epochs = [\n"))), "c.toml"),
+    case("train-config-is-a-directory", train_main, lambda b: b.train("--config", str(folder(b.tmp / "conf"))),
+         "--config"),
+    case("train-out-dir-is-a-file", train_main,
+         lambda b: (["--data-dir", str(b.data), *TINY, "--out-dir", str(made(b.tmp / "f", "x"))], None), "--out-dir"),
+    case("train-resume-missing-dir", train_main, lambda b: (["--resume", str(b.tmp / "gone")], None), "gone"),
+    case("train-resume-no-checkpoint", train_main, lambda b: (["--resume", str(folder(b.tmp / "empty-run"))], None),
+         "checkpoint.pt"),
+    case("train-resume-corrupt-checkpoint", train_main,
+         lambda b: (["--resume", str(copy_run(b.run, b.tmp, "checkpoint.pt", "garbage"))], None), "checkpoint.pt",
+         uses_run=True),
+    case("train-resume-truncated-checkpoint", train_main,
+         lambda b: (["--resume", str(copy_run(b.run, b.tmp, "checkpoint.pt", "truncate"))], None), "checkpoint.pt",
+         uses_run=True),
+    case("data-missing-path", data_main, lambda b: (["--data-dir", str(b.tmp / "nope")], None), "nope"),
+    case("data-unknown-file-type", data_main, lambda b: (["--data-dir", str(made(b.tmp / "x.rar", "rar"))], None),
+         "x.rar"),
+    case("lr-find-bad-range", lr_find_main,
+         lambda b: (["--data-dir", str(b.data), *TINY, "--start-lr", "1", "--end-lr", "0.1", "--out",
+                     str(b.tmp / "lr.png")], b.tmp / "lr.png"), "--end-lr"),
+    case("export-missing-checkpoint", export_main, lambda b: b.export(checkpoint=b.tmp / "none"), "none"),
+    case("export-corrupt-checkpoint", export_main,
+         lambda b: b.export(checkpoint=copy_run(b.run, b.tmp, "model.safetensors", "garbage")), "model.safetensors",
+         uses_run=True),
+    case("export-truncated-checkpoint", export_main,
+         lambda b: b.export(checkpoint=copy_run(b.run, b.tmp, "model.safetensors", "truncate")), "model.safetensors",
+         uses_run=True),
+    case("export-checkpoint-of-another-width", export_main,
+         lambda b: b.export(checkpoint=relabel_width(b.run, b.tmp)), "width", uses_run=True),
+    case("export-out-dir-missing", export_main,
+         lambda b: (["--checkpoint", str(b.run), "--out", str(b.tmp / "no" / "m.onnx")], b.tmp / "no" / "m.onnx"),
+         "no", uses_run=True),
+    case("export-int8-without-data", export_main, lambda b: b.export("--int8"), "--int8", uses_run=True),
+    case("export-negative-max-int8-drop", export_main, lambda b: b.export("--max-int8-drop", "-1"), "--max-int8-drop",
+         uses_run=True),
+    case("evaluate-batch-size-zero", evaluate_main, lambda b: b.evaluate("-b", "0"), "--batch-size", uses_run=True),
+    case("evaluate-tta-translate-too-wide", evaluate_main, lambda b: b.evaluate("--tta-translate", "40"),
+         "--tta-translate", uses_run=True),
+    case("evaluate-tta-translate-negative", evaluate_main, lambda b: b.evaluate("--tta-translate", "-1"),
+         "--tta-translate", uses_run=True),
+    case("predict-batch-size-zero", predict_main, lambda b: b.predict("--batch-size", "0"), "--batch-size"),
+    case("predict-threads-zero", predict_main, lambda b: b.predict("--threads", "0"), "--threads"),
+    case("predict-empty-folder", predict_main,
+         lambda b: ([str(b.tmp / "m.onnx"), str(folder(b.tmp / "no-images"))], None), "no-images"),
+    case("predict-missing-model", predict_main, lambda b: ([str(b.tmp / "none.onnx"), str(b.tmp / "a.png")], None),
+         "none.onnx"),
+    case("predict-not-onnx", predict_main,
+         lambda b: ([str(made(b.tmp / "fake.onnx", "hello")), str(b.tmp / "a.png")], None), "fake.onnx"),
 ]
 
 
@@ -189,17 +250,17 @@ def relabel_width(run: Path, tmp: Path) -> Path:
 HIDE_CUDA = {"train-cuda-missing"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name, command, build, expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_line_and_exit_2(name, command, build, expected, tmp_path, good_data, trained_run, capsys,
-                                            monkeypatch):
+@pytest.mark.parametrize("command, build, expected", CASES)
+def test_bad_input_gives_one_line_and_exit_2(command, build, expected, tmp_path, good_data, capsys, monkeypatch,
+                                            request):
+    name = request.node.callspec.id
     if name.startswith(("export", "predict")):
         pytest.importorskip("onnxruntime")
     if name in HIDE_CUDA:
         import torch
 
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    argv, must_not_exist = build(tmp_path, good_data, trained_run)
+    argv, must_not_exist = build(Inputs(tmp_path, good_data, request))
     before = set(tmp_path.rglob("*"))
     code = run_cli(command, argv)
     captured = capsys.readouterr()
