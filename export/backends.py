@@ -3,19 +3,14 @@
     python -m export.predict model.int8.onnx photos/ --backend openvino --mode throughput
 
 torch-free, like `export.predict`. A `Runner` turns float32 NCHW [0, 1] batches into logits; `make_runner`
-builds one for a file, backend, mode and thread count:
+builds one for a file, backend, mode and thread count. Latency mode runs a batch in one call on `threads`
+threads; throughput mode splits it into slices run in parallel: onnxruntime from `threads` Python threads
+with one intra-op thread each (it releases the GIL), OpenVINO (THROUGHPUT hint) through the plugin's
+optimal number of infer requests. On CPUs with bf16 (AVX512_BF16 or AMX) OpenVINO runs an fp32 model in
+bf16 unless `precision="f32"`; `Runner.precision` names what the compiled model really uses.
 
-* onnxruntime: latency mode is one session using `threads` intra-op threads; throughput mode is one
-  session with one intra-op thread run from `threads` Python threads on slices of the batch (onnxruntime
-  releases the GIL), the analogue of OpenVINO's streams.
-* openvino: the CPU plugin with the LATENCY or THROUGHPUT performance hint; throughput mode runs the
-  slices through the plugin's optimal number of infer requests, started together. On CPUs with bf16
-  (AVX512_BF16 or AMX) OpenVINO runs an fp32 model in bf16 unless `precision="f32"`; `Runner.precision`
-  names what the compiled model really uses.
-
-`export.onnx` writes what it verified for each backend next to the model (`<file>.verified.json`, see
-`record_path`); `choose_backend` reads it: `auto` takes OpenVINO only when that record says OpenVINO was
-verified on this very file (same SHA-256) with the same OpenVINO version, onnxruntime otherwise.
+`--backend auto` (`choose_backend`) takes OpenVINO only where `export.onnx` verified it on this very file
+with this OpenVINO version (`<file>.verified.json`), onnxruntime otherwise.
 """
 
 from __future__ import annotations
@@ -38,7 +33,6 @@ BACKENDS = ("onnxruntime", "openvino")
 MODES = ("latency", "throughput")
 PRECISIONS = ("auto", "f32")  # auto: the runtime's choice (OpenVINO: bf16 where the CPU has it)
 INSTALL_OPENVINO = "pip install 'fastcifar[openvino]'"
-RECORD_SUFFIX = ".verified.json"
 
 
 def openvino_version() -> str | None:
@@ -50,16 +44,24 @@ def openvino_version() -> str | None:
     return openvino.get_version().split("-")[0]
 
 
+def require_openvino() -> str:
+    """The installed OpenVINO's release; UserError when there is none."""
+    version = openvino_version()
+    if version is None:
+        raise UserError(f"--backend openvino: OpenVINO is not installed; {INSTALL_OPENVINO} or use "
+                        "--backend onnxruntime")
+    return version
+
+
 def installed_backends() -> list[str]:
     return [b for b in BACKENDS if b == "onnxruntime" or openvino_version() is not None]
 
 
 def physical_cores() -> int:
     """Cores of this machine that we may use (one thread per core is what both runtimes default to)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):  # not on macOS, Windows
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclass
@@ -73,45 +75,25 @@ class Runner:
     version: str
     infer: Callable[[np.ndarray], np.ndarray]
 
-    def describe(self) -> str:
-        return f"{self.backend} {self.version} ({self.mode}, {self.threads} threads, {self.precision})"
-
 
 def make_runner(path: str | os.PathLike, backend: str = "onnxruntime", mode: str = "latency",
                 threads: int | None = None, precision: str = "auto") -> Runner:
-    """A Runner for the model at `path`. UserError for an unknown or uninstalled backend; an unreadable file
-    raises the runtime's own error (`runner_for` turns it into a UserError)."""
-    if backend not in BACKENDS or mode not in MODES or precision not in PRECISIONS:
-        raise UserError(f"unknown backend/mode/precision {backend!r}/{mode!r}/{precision!r}: choose from "
-                        f"{', '.join(BACKENDS)} / {', '.join(MODES)} / {', '.join(PRECISIONS)}")
+    """A Runner for the model at `path` (`backend` in BACKENDS, `mode` in MODES, `precision` in PRECISIONS).
+    UserError for an uninstalled backend; an unreadable file raises the runtime's own error (`runner_for`
+    turns it into a UserError)."""
     threads = threads or physical_cores()
     if backend == "openvino":
         return _openvino_runner(path, mode, threads, precision)
     return _onnxruntime_runner(path, mode, threads)
 
 
-def _slices(n: int, parts: int) -> list[slice]:
-    bounds = np.linspace(0, n, min(parts, n) + 1).astype(int)
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def ort_session(path: str | os.PathLike, threads: int | None = None):
-    """A CPU InferenceSession with all graph optimizations; `threads` intra-op threads (None: ORT's
-    default, one per physical core)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _onnxruntime_runner(path: str | os.PathLike, mode: str, threads: int) -> Runner:
     import onnxruntime as ort
 
-    session = ort_session(path, threads=1 if mode == "throughput" else threads)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    options.intra_op_num_threads = 1 if mode == "throughput" else threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     if mode == "latency" or threads == 1:
         def infer(x: np.ndarray) -> np.ndarray:
@@ -120,8 +102,8 @@ def _onnxruntime_runner(path: str | os.PathLike, mode: str, threads: int) -> Run
         pool = ThreadPoolExecutor(threads, thread_name_prefix="fastcifar-ort")
 
         def infer(x: np.ndarray) -> np.ndarray:
-            parts = pool.map(lambda s: session.run(None, {name: x[s]})[0], _slices(len(x), threads))
-            return np.concatenate(list(parts))
+            parts = np.array_split(x, min(threads, len(x)))
+            return np.concatenate(list(pool.map(lambda part: session.run(None, {name: part})[0], parts)))
     return Runner("onnxruntime", mode, threads, "f32", ort.__version__, infer)
 
 
@@ -134,10 +116,7 @@ def _openvino_core():
 
 
 def _openvino_runner(path: str | os.PathLike, mode: str, threads: int, precision: str) -> Runner:
-    version = openvino_version()
-    if version is None:
-        raise UserError(f"--backend openvino: OpenVINO is not installed; {INSTALL_OPENVINO} or use "
-                        "--backend onnxruntime")
+    version = require_openvino()
     import openvino as ov
     import openvino.properties as props
     import openvino.properties.hint as hints
@@ -151,20 +130,18 @@ def _openvino_runner(path: str | os.PathLike, mode: str, threads: int, precision
     compiled = _openvino_core().compile_model(str(path), "CPU", config)
     used = compiled.get_property(hints.inference_precision).get_type_name()  # "f32", "bf16", "f16"
     if mode == "latency":
-        request = compiled.create_infer_request()
-
         def infer(x: np.ndarray) -> np.ndarray:
-            return request.infer({0: x})[0].copy()
+            return compiled({0: x})[0].copy()
     else:
-        count = max(1, int(compiled.get_property(props.optimal_number_of_infer_requests)))
+        count = int(compiled.get_property(props.optimal_number_of_infer_requests))
         requests = [compiled.create_infer_request() for _ in range(count)]
 
         def infer(x: np.ndarray) -> np.ndarray:
-            # plain requests, no Python callbacks: with an AsyncInferQueue callback and a Core per runner,
-            # a later SIGINT in the same process crashed it (the test suite's resume tests); not with these
-            running = list(zip(requests, _slices(len(x), count)))
+            # plain requests, no Python callbacks: an AsyncInferQueue callback (with a Core per runner) made
+            # a later SIGINT in the same process crash it
+            running = list(zip(requests, np.array_split(x, min(count, len(x)))))
             for request, part in running:
-                request.start_async({0: x[part]})
+                request.start_async({0: part})
             for request, _ in running:
                 request.wait()
             return np.concatenate([request.get_output_tensor(0).data.copy() for request, _ in running])
@@ -176,15 +153,11 @@ def _openvino_runner(path: str | os.PathLike, mode: str, threads: int, precision
 def record_path(model: str | os.PathLike) -> Path:
     """model.onnx -> model.onnx.verified.json, next to it."""
     model = Path(model)
-    return model.with_name(model.name + RECORD_SUFFIX)
+    return model.with_name(model.name + ".verified.json")
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()  # a model is tens of MiB at most
 
 
 def read_record(model: str | os.PathLike) -> dict[str, Any] | None:

@@ -10,9 +10,8 @@ that are not 32x32 are resized (bilinear, as a note on stderr); a file that cann
 stderr and the others are still classified. Exit code: 0, 1 if any file failed, 2 for usage errors (a
 missing or invalid model file, a bad flag).
 
-`--backend auto` (the default) runs OpenVINO when it is installed and `export.onnx` verified it on this file
-(the `<file>.verified.json` record, see `export.backends`), onnxruntime otherwise; stderr names the runtime
-used and why. `--mode auto` is latency for one image, throughput for more.
+`--backend auto` (the default) runs OpenVINO only where `export.onnx` verified it on this file (see
+`export.backends`), onnxruntime otherwise; stderr names the runtime used and why.
 
 The helpers here (`to_input`, `run_batches`) are also what `export.onnx` verifies with, so the checked path
 and the deployed path are the same code.
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from export.backends import BACKENDS, MODES, PRECISIONS, Runner, runner_for
-# fastcifar.errors is torch-free; tests/test_export.py checks this module stays so
+# fastcifar.errors is torch-free; tests/test_predict.py checks this module stays so
 from fastcifar.errors import UserError, first_line, run_cli
 
 IMAGE_SIZE = 32
@@ -43,15 +42,9 @@ def to_input(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
 
 
-def run_batches(runner, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits (N, classes) for uint8 (N, H, W, 3) images, in batches to bound memory. `runner` is a
-    `Runner` or an onnxruntime session."""
-    if not isinstance(runner, Runner):
-        session, name = runner, runner.get_inputs()[0].name
-        infer = lambda x: session.run(None, {name: x})[0]  # noqa: E731
-    else:
-        infer = runner.infer
-    return np.concatenate([infer(to_input(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+def run_batches(runner: Runner, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits (N, classes) for uint8 (N, H, W, 3) images, in batches to bound memory."""
+    return np.concatenate([runner.infer(to_input(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -77,14 +70,6 @@ def read_classes(path: str | os.PathLike) -> list[str]:
     except (KeyError, ValueError) as e:
         raise UserError(f"no class names in the metadata of {path}: export it with `python -m export.onnx`") from e
     return [str(c) for c in classes]
-
-
-def load_classifier(path: str | os.PathLike, backend: str = "onnxruntime", mode: str = "latency",
-                    threads: int | None = None, precision: str = "auto") -> tuple[Runner, list[str], str]:
-    """(runner, class names, why this backend) for an exported model; UserError when missing or not ours."""
-    classes = read_classes(path)
-    runner, why = runner_for(path, backend, mode, threads, precision)
-    return runner, classes, why
 
 
 def expand_images(names: Sequence[str]) -> list[str]:
@@ -157,10 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     names = expand_images(args.images)
     mode = args.mode if args.mode != "auto" else ("latency" if len(names) == 1 else "throughput")
-    runner, classes, why = load_classifier(args.model, args.backend, mode, args.threads, args.precision)
+    classes = read_classes(args.model)
+    runner, why = runner_for(args.model, args.backend, mode, args.threads, args.precision)
     if not 1 <= args.top <= len(classes):
         raise UserError(f"--top must be between 1 and {len(classes)}, got {args.top}")
-    print(f"note: {runner.describe()}: {why}", file=sys.stderr)
+    print(f"note: {runner.backend} {runner.version} ({runner.mode}, {runner.threads} threads, {runner.precision}): "
+          f"{why}", file=sys.stderr)
     loaded: list[tuple[str, np.ndarray]] = []
     for name in names:
         try:

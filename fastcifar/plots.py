@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fastcifar.atomic import atomic_path
-from fastcifar.errors import run_cli
+from fastcifar.errors import UserError, run_cli
 
 
 def pyplot():
@@ -31,9 +31,7 @@ def pyplot():
 def save_figure(fig, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def denormalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -41,8 +39,7 @@ def denormalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
     return np.clip(x * np.asarray(std) + np.asarray(mean), 0, 1)
 
 
-def save_curves(path: str | Path, rows: list[dict[str, Any]], lrs: Sequence[float] = (),
-                steps_per_epoch: int = 1) -> None:
+def save_curves(path: str | Path, rows: list[dict[str, Any]], lrs: Sequence[float], steps_per_epoch: int) -> None:
     """Loss and accuracy per epoch; the learning rate of every step (the one-cycle shape)."""
     plt = pyplot()
     epochs = [r["epoch"] for r in rows]
@@ -55,10 +52,7 @@ def save_curves(path: str | Path, rows: list[dict[str, Any]], lrs: Sequence[floa
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    if len(lrs):
-        axes[2].plot(np.arange(1, len(lrs) + 1) / steps_per_epoch, lrs)
-    else:
-        axes[2].plot(epochs, [r["lr"] for r in rows], "o-")
+    axes[2].plot(np.arange(1, len(lrs) + 1) / steps_per_epoch, lrs)
     axes[2].set(title="learning rate", xlabel="epoch")
     axes[2].grid(alpha=0.3)
     save_figure(fig, path)
@@ -84,8 +78,7 @@ def save_confusion(path: str | Path, labels: np.ndarray, preds: np.ndarray, clas
     save_figure(fig, path)
 
 
-def save_image_grid(path: str | Path, images: np.ndarray, titles: Sequence[str], cols: int = 8,
-                    title: str | None = None) -> None:
+def save_image_grid(path: str | Path, images: np.ndarray, titles: Sequence[str], title: str, cols: int = 8) -> None:
     """uint8 or [0, 1] float NHWC images in a labeled grid."""
     plt = pyplot()
     rows = max(1, -(-len(images) // cols))
@@ -95,8 +88,7 @@ def save_image_grid(path: str | Path, images: np.ndarray, titles: Sequence[str],
     for ax, img, t in zip(axes.flat, images, titles):
         ax.imshow(img, interpolation="nearest")
         ax.set_title(t, fontsize=7)
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(title)
     save_figure(fig, path)
 
 
@@ -106,8 +98,7 @@ def save_misclassified(path: str | Path, images: np.ndarray, labels: np.ndarray,
     # a fixed random sample, so the grid shows mistakes of every class rather than the first class's
     wrong = np.sort(np.random.default_rng(0).permutation(all_wrong)[:count])
     titles = [f"{classes[labels[i]]}\n-> {classes[preds[i]]}" for i in wrong]
-    save_image_grid(path, images[wrong], titles,
-                    title=f"misclassified: {len(wrong)} of {len(all_wrong)} (true -> predicted)")
+    save_image_grid(path, images[wrong], titles, f"misclassified: {len(wrong)} of {len(all_wrong)} (true -> predicted)")
 
 
 def save_run_plots(out: Path, rows: list[dict[str, Any]], lrs: Sequence[float], steps_per_epoch: int,
@@ -127,38 +118,34 @@ def save_augment_grid(data, path: str | Path, seed: int = 0, count: int = 8) -> 
 
     from fastcifar.augment import DeviceLoader
 
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(data.train_images), size=min(count, len(data.train_images)), replace=False))
+    available = len(data.train_images)
+    pick = np.sort(np.random.default_rng(seed).choice(available, size=min(count, available), replace=False))
     images, labels = data.train_images[pick], data.train_labels[pick]
-    names = [data.classes[i] for i in labels]
     loader = DeviceLoader(images, labels, mean=data.mean, std=data.std, batch_size=len(pick), seed=seed)
     plan = loader.plan_epoch()
     fast, _ = next(loader.batches(plan))
-    inverse = torch.argsort(plan.order)  # back to the picked order, so the columns line up
-    fast = denormalize(fast.permute(0, 2, 3, 1)[inverse].float().numpy(), data.mean, data.std)
-    rows = [("original", images), ("fast path (device)", fast)]
+    fast = fast.permute(0, 2, 3, 1)[torch.argsort(plan.order)]  # back to the picked order, so the columns line up
+    rows = {"original": images / 255, "fast path (device)": denormalize(fast.float().numpy(), data.mean, data.std)}
+    missing = ""
     try:
         from fastcifar.reference import reference_transform
 
         tf = reference_transform(data.mean, data.std, train=True)
-        ref = np.stack([tf(image=im)["image"] for im in images])
-        rows.append(("reference (albumentations)", denormalize(ref, data.mean, data.std)))
-    except Exception as e:  # albumentations missing: show what we can
-        rows.append((f"reference unavailable: {type(e).__name__}", None))
-    grid = [im for _, imgs in rows if imgs is not None for im in imgs]
-    titles = [f"{name}\n{row}" if i == 0 else name
-              for row, imgs in rows if imgs is not None for i, name in enumerate(names)]
-    save_image_grid(path, np.stack([np.asarray(g, dtype=np.float32) / (255 if g.dtype == np.uint8 else 1)
-                                    for g in grid]), titles, cols=len(pick),
-                    title=" | ".join(row for row, _ in rows))
+        rows["reference (albumentations)"] = denormalize(np.stack([tf(image=im)["image"] for im in images]),
+                                                         data.mean, data.std)
+    except UserError:  # albumentations is not installed: show what we can
+        missing = " | reference unavailable: no albumentations"
+    titles = [f"{data.classes[label]}\n{row}" if i == 0 else data.classes[label]
+              for row in rows for i, label in enumerate(labels)]
+    save_image_grid(path, np.concatenate(list(rows.values())), titles, " | ".join(rows) + missing, cols=len(pick))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     from fastcifar.config import ArgumentParser  # flag errors as one line, exit 2
 
     parser = ArgumentParser(prog="python -m fastcifar.plots",
-                                     description="Draw the same training images original, through the fast "
-                                                 "path and through the albumentations reference.")
+                            description="Draw the same training images original, through the fast "
+                                        "path and through the albumentations reference.")
     parser.add_argument("--data-dir", metavar="PATH", help="as for python -m fastcifar.data (default: the cache)")
     parser.add_argument("--augment-grid", metavar="PNG", required=True, help="where to write the grid")
     parser.add_argument("--seed", type=int, default=0, help="which images and augmentations (default: 0)")

@@ -57,11 +57,9 @@ def create_out_dir(out: Path) -> None:
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()
-                         if k in METRIC_COLUMNS})
+    writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
     write_text(path, buf.getvalue())
 
 
@@ -78,8 +76,8 @@ def epoch_row(row: dict[str, Any], header: bool = False) -> str:
     out = []
     for name, w, fmt, scale in _EPOCH_COLUMNS:
         v = row.get(name)
-        shown = isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
-        out.append(f"{v * scale if scale != 1 else v:>{w}{fmt}}" if shown else f"{'':>{w}}")
+        shown = isinstance(v, (int, float)) and not math.isnan(v)
+        out.append(f"{v * scale:>{w}{fmt}}" if shown else f"{'':>{w}}")
     return " ".join(out)
 
 
@@ -95,21 +93,14 @@ def progress_bar(batches: Iterable, total: int, epoch: int) -> Iterable:
 def seed_line(result: dict[str, Any]) -> str:
     """The console line after a seed: each evaluation in percent and the training time."""
     views = "  ".join(f"{describe_views(e)} {100 * e['test_acc']:.2f}%" for e in result["evaluations"])
-    line = f"seed {result['seed']}: test acc {views}  train {result['train_seconds']:.1f}s"
-    return line + (f"  run {result['run_seconds']:.1f}s" if result.get("run_seconds") is not None else "")
+    return (f"seed {result['seed']}: test acc {views}  train {result['train_seconds']:.1f}s  "
+            f"run {result['run_seconds']:.1f}s")
 
 
 def work_line(flops: dict[str, Any]) -> str:
     """The work of one run (flops.recipe_flops) for the console."""
     return (f"work per run: {flops['per_run'] / 1e15:.4f} PFLOP (training {flops['train'] / 1e15:.4f}, final "
             f"evaluation {flops['eval'] / 1e15:.4f}; {flops['per_image_forward'] / 1e6:.1f} MFLOP per image forward)")
-
-
-def tta_settings(config: TrainConfig) -> dict[str, Any] | None:
-    """The TTA a run reports, as fields: flip, translate pixels and the averaged views; None without TTA."""
-    if not config.tta:
-        return None
-    return {"flip": True, "translate": config.tta_translate, "views": tta_views(True, config.tta_translate)}
 
 
 SEED_CLOCKS = ("run_seconds", "train_seconds", "wall_seconds", "prep_seconds", "init_seconds",
@@ -134,7 +125,9 @@ def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, param
         "accuracy_unit": ACCURACY_UNIT, "complete": len(results) == config.runs,
         "eval_split": "val" if config.val_split else "test",  # what every test_* figure was measured on
         "test_acc": float(last["test_acc"]), "test_acc_tta": last["test_acc_tta"],
-        "evaluations": last.get("evaluations", []), "tta": tta_settings(config),
+        "evaluations": last.get("evaluations", []),
+        "tta": {"flip": True, "translate": config.tta_translate, "views": tta_views(True, config.tta_translate)}
+        if config.tta else None,
         **{key: values[-1] for key, values in clocks.items()},
         "compile_seconds": compile_seconds, "data_seconds": data_seconds, "upload_seconds": upload_seconds,
         "images_per_second": float(last["images"] / last["train_seconds"]),

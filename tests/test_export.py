@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from export import onnx as export_onnx_cli
-from export.backends import ort_session
+from export.backends import make_runner
 from export.onnx import MAX_LOGIT_DIFF, compare, fold_batchnorm, int8_path, main, reference_logits
 from export.predict import run_batches
 from export_helpers import CLEAR_MARGIN, label_images, lead, run_export
@@ -97,10 +97,10 @@ def test_parity_at_batch_1_7_256(exported, checkpoint):
     """Random images hold near-ties, which logits within the 1e-3 bound may break either way (by the CPU's
     rounding): the classes must agree on every other image."""
     model, info = load_model(checkpoint)
-    session = ort_session(exported)  # one session: the batch axis must really be dynamic
+    runner = make_runner(exported)  # one onnxruntime session: the batch axis must really be dynamic
     images = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
     for n in (1, 7, 256):
-        got = run_batches(session, images[:n], batch_size=n)
+        got = run_batches(runner, images[:n], batch_size=n)
         expected = reference_logits(model, info, images[:n])
         assert got.shape == (n, 10)
         assert np.abs(got - expected).max() <= 1e-3
@@ -144,7 +144,7 @@ def test_the_fixture_decides_every_image_the_tests_read_by_a_clear_margin(checkp
     and bf16 arithmetic by half of it. A fixture near a tie fails here instead of in a gate it was not
     testing."""
     model, info = load_model(checkpoint)
-    int8 = ort_session(int8_path(exported))
+    int8 = make_runner(int8_path(exported))
     for name, images in {"test split": test_split.test_images, **label_images()}.items():
         fp32 = reference_logits(model, info, images)
         classes = fp32.argmax(1)
@@ -180,7 +180,7 @@ def test_int8_export(exported, tiny_data):
     assert {n.op_type for n in proto.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["classes"]) == list(CLASSES) and "on 16 images (training split" in meta["quantization"]
-    logits = run_batches(ort_session(path), np.zeros((3, 32, 32, 3), dtype=np.uint8))
+    logits = run_batches(make_runner(path), np.zeros((3, 32, 32, 3), dtype=np.uint8))
     assert logits.shape == (3, 10) and np.isfinite(logits).all()
 
 
@@ -309,7 +309,7 @@ def with_stored_accuracy(checkpoint: Path, test_acc: float, path: Path) -> Path:
 def test_accuracy_must_match_the_checkpoint_within_0_3_points(workdir, exported, checkpoint, tiny_data,
                                                               test_split, reuse_export, offset, passes):
     """A stored accuracy 0.2-0.25 points off passes, 0.4 points off fails and keeps the previous file."""
-    onnx_acc = float((run_batches(ort_session(exported), test_split.test_images).argmax(1)
+    onnx_acc = float((run_batches(make_runner(exported), test_split.test_images).argmax(1)
                       == test_split.test_labels).mean())
     folder = workdir / f"acc-gate{offset:+}"
     folder.mkdir()
