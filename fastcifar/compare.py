@@ -9,22 +9,17 @@ without a value needs a name: `whiten=--whiten`). Flags after `--` apply to ever
 values. Every arm trains once per seed (seed-major order, so a stopped comparison stays paired), on the
 test set, or with --val-split N on N held-out training images instead.
 
-Reported per arm, over the paired seeds (those every arm finished): mean +- std of the accuracy (with the
-arm's TTA when it has one, else plain) and of the training seconds. Per later arm against the first: the
-paired difference with a t interval and the paired t-test's p-value (fastcifar.stats; none from fewer than
-3 paired seeds or from differences without spread). With several later arms the intervals are Bonferroni
-(each at 1 - (1 - --confidence) / m, all m together at --confidence) and the p-values Holm-adjusted. The
-verdict reads the accuracy interval: kept when it lies above zero, or when it lies within --margin points
-(default 0.1) of zero and the arm trains faster (its time interval below zero); rejected when below zero;
-otherwise undecided (or not adopted: equal, not faster). A markdown row for bench/RESULTS.md carries the
-command that reproduces it (arms, --first-seed, --seeds, --confidence, --margin, common flags).
+Per arm, over the paired seeds (those every arm finished): mean +- std of the accuracy (TTA when the arm
+has it) and of the training seconds. Per later arm against the first: the paired difference with a t
+interval and p-value (fastcifar.stats), Bonferroni intervals and Holm p-values with several later arms, and
+a verdict: kept when the accuracy interval lies above zero, or within --margin points of zero while the arm
+trains faster; rejected when it lies below zero; otherwise undecided or not adopted. A markdown row for
+bench/RESULTS.md carries the command that reproduces it.
 
-A run that fails (a diverging lr) is recorded with its error in results.json and left out of the pairing;
-the other seeds and arms go on and the report counts the failures. A rerun keeps a recorded failure as it
-is (the same seed and recipe fail the same way) unless --retry-failed trains it again. OUT gets results.json
-(rewritten after every run, so a second invocation skips finished runs; --seeds can grow), runs/<arm>/seed-<s>/
-(each run's directory and train.log) and strip.png (per-seed accuracy and time, pairs joined, means over the
-paired seeds).
+A failed run (a diverging lr) is recorded with its error and left out of the pairing; a rerun keeps it
+unless --retry-failed. OUT gets results.json (rewritten after every run, so a second invocation skips
+finished runs; --seeds can grow), runs/<arm>/seed-<s>/ (each run's directory and train.log), row.md and
+strip.png (per-seed accuracy and time, pairs joined, means over the paired seeds).
 """
 
 from __future__ import annotations
@@ -32,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import shlex
 import sys
 import traceback
@@ -42,6 +38,7 @@ from fastcifar.atomic import write_json, write_text
 from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, non_recipe_fields, parse_config, \
     split_at_double_dash, to_dict
 from fastcifar.errors import UserError, first_line, run_cli
+from fastcifar.plots import pyplot, save_figure
 from fastcifar.report import reported_accuracy
 from fastcifar.stats import bonferroni_confidence, describe, multiple_paired_comparisons
 
@@ -110,13 +107,10 @@ def recipe(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(config).items() if k not in non_recipe_fields()}
 
 
-def load_results(path: Path) -> dict[str, Any] | None:
-    import json
-
-    if not path.exists():
-        return None
+def load_results(path: Path) -> dict[str, Any]:
+    """An earlier invocation's results.json, {} when there is none."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text()) if path.exists() else {}
     except (ValueError, OSError) as e:
         raise UserError(f"cannot read earlier results ({path}): {e}; remove it or use another --out-dir") from None
 
@@ -126,34 +120,29 @@ def finished(run: dict[str, Any] | None) -> bool:
     return run is not None and "error" not in run
 
 
-def failed_runs(arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int]) -> list[dict[str, Any]]:
-    """Every recorded failure among `seeds`: arm, seed and error."""
-    return [{"arm": a.name, "seed": s, "error": runs[a.name][str(s)]["error"]} for s in seeds for a in arms
-            if str(s) in runs[a.name] and not finished(runs[a.name][str(s)])]
-
-
 def analyse(arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int], confidence: float,
             margin: float) -> dict[str, Any]:
     """Per-arm descriptions over the paired seeds (finished by every arm) and each later arm against the first,
     corrected for their number (stats.multiple_paired_comparisons), with a verdict each."""
     paired = [s for s in seeds if all(finished(runs[a.name].get(str(s))) for a in arms)]
+    failed = [{"arm": a.name, "seed": s, "error": runs[a.name][str(s)]["error"]} for s in seeds for a in arms
+              if "error" in runs[a.name].get(str(s), {})]
 
     def values(arm: Arm, key: str) -> list[float]:
         return [runs[arm.name][str(s)][key] for s in paired]
 
     first, later = arms[0], arms[1:]
-    per_arm = {a.name: {key: describe(values(a, key)) for key in MEASURES} for a in arms}
     acc, secs = (multiple_paired_comparisons(values(first, key), [values(a, key) for a in later], confidence)
                  for key in MEASURES)
     comparisons = []
     for arm, a, t in zip(later, acc, secs):
-        lost = [s for s in seeds if finished(runs[first.name].get(str(s)))
-                and str(s) in runs[arm.name] and not finished(runs[arm.name][str(s)])]
+        lost = [f["seed"] for f in failed if f["arm"] == arm.name and finished(runs[first.name].get(str(f["seed"])))]
         comparisons.append({"arm": arm.name, "against": first.name, "acc": a, "train_seconds": t,
                             "verdict": verdict(a, t, margin, lost)})
-    failed = failed_runs(arms, runs, seeds)
     return {"paired_seeds": paired, "failed": len(failed), "failed_runs": failed, "margin_points": margin,
-            "correction": correction(len(later), confidence), "arms": per_arm, "comparisons": comparisons}
+            "correction": correction(len(later), confidence),
+            "arms": {a.name: {key: describe(values(a, key)) for key in MEASURES} for a in arms},
+            "comparisons": comparisons}
 
 
 def correction(comparisons: int, confidence: float) -> str:
@@ -187,12 +176,9 @@ def verdict(acc: dict[str, Any], secs: dict[str, Any], margin: float, lost_seeds
     return f"not adopted: equal accuracy within +-{margin:g} points, and not faster"
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
-
-
-def _diff(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:+.2f}"
+def _pct(x: float | None, sign: str = "") -> str:
+    """A fraction in percent (points with sign="+"), "-" for none."""
+    return "-" if x is None else f"{100 * x:{sign}.2f}"
 
 
 def _p(c: dict[str, Any]) -> str:
@@ -200,6 +186,12 @@ def _p(c: dict[str, Any]) -> str:
     if c["p_value"] is None:
         return "-"
     return f"{c['p_value']:.2g}" if c["p_holm"] == c["p_value"] else f"{c['p_holm']:.2g} (Holm)"
+
+
+def _interval(c: dict[str, Any]) -> str:
+    acc = c["acc"]
+    return (f"{_pct(acc['mean_diff'], '+')} points, {100 * acc['confidence']:.4g}% CI [{_pct(acc['ci_low'])}, "
+            f"{_pct(acc['ci_high'])}], p = {_p(acc)}")
 
 
 def reproduce_command(arms: list[Arm], common: list[str], seeds: list[int], confidence: float,
@@ -216,20 +208,18 @@ def reproduce_command(arms: list[Arm], common: list[str], seeds: list[int], conf
 
 def markdown_rows(result: dict[str, Any], arms: list[Arm], common: list[str], split: str) -> list[str]:
     """One bench/RESULTS.md row (trick | setting | result | verdict | command) per later arm."""
-    rows = []
     stats = result["analysis"]
-    seeds = stats["paired_seeds"]
-    first = arms[0]
+    seeds, first = stats["paired_seeds"], arms[0]
+    if not seeds:
+        return []
     failed = f"; {stats['failed']} failed run(s) left out" if stats["failed"] else ""
+    a = stats["arms"][first.name]
+    rows = []
     for arm, c in zip(arms[1:], stats["comparisons"]):
-        if not seeds:
-            continue
-        a, b = stats["arms"][first.name], stats["arms"][arm.name]
-        acc = c["acc"]
+        b = stats["arms"][arm.name]
         text = (f"{_pct(b['acc']['mean'])} +- {_pct(b['acc']['std'])}% vs {_pct(a['acc']['mean'])} +- "
-                f"{_pct(a['acc']['std'])}%: {_diff(acc['mean_diff'])} points "
-                f"[{_pct(acc['ci_low'])}, {_pct(acc['ci_high'])}] ({100 * acc['confidence']:.4g}% CI), "
-                f"p = {_p(acc)}; training {b['train_seconds']['mean']:.1f} s vs {a['train_seconds']['mean']:.1f} s")
+                f"{_pct(a['acc']['std'])}%: {_interval(c)}; training {b['train_seconds']['mean']:.1f} s vs "
+                f"{a['train_seconds']['mean']:.1f} s")
         rows.append(f"| {arm.name} vs {first.name} | {' '.join(common) or 'preset values'}; seeds "
                     f"{', '.join(map(str, seeds))}; {split} set{failed} | {text} | {c['verdict']} | "
                     f"`{result['command']}` |")
@@ -240,13 +230,8 @@ def save_strip_plot(path: Path, arms: list[Arm], runs: dict[str, dict[str, dict]
                     analysis: dict[str, Any]) -> None:
     """Per-seed accuracy and training seconds, one column per arm, the runs of one seed joined by a line.
     The bars are the analysis's means over the paired seeds; hollow markers are runs outside them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paired = set(analysis["paired_seeds"])
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(arms), 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(4 + 1.6 * len(arms), 4), layout="tight")
     for ax, key, label in ((axes[0], "acc", "accuracy (%)"), (axes[1], "train_seconds", "training seconds")):
         scale = 100 if key == "acc" else 1
         for s in seeds:
@@ -261,13 +246,10 @@ def save_strip_plot(path: Path, arms: list[Arm], runs: dict[str, dict[str, dict]
             if mean is not None:
                 ax.hlines(mean * scale, i - 0.25, i + 0.25, color="black", linewidth=2, zorder=4)
         ax.set_xticks(range(len(arms)), [a.name for a in arms], rotation=15)
-        ax.set_xlim(-0.5, len(arms) - 0.5)
-        ax.set_ylabel(label)
+        ax.set(xlim=(-0.5, len(arms) - 0.5), ylabel=label)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_arm(arm: Arm, common: list[str], seed: int, out: Path, debug: bool = False) -> dict[str, Any]:
@@ -321,15 +303,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if split == "val" and len({r["val_split"] for r in recipes.values()}) > 1:
         raise UserError("arms use different --val-split values: pass --val-split after -- so all share one")
     results_path = out / "results.json"
-    previous = load_results(results_path)
     runs: dict[str, dict[str, dict]] = {a.name: {} for a in arms}
-    if previous:
-        for name, earlier in previous.get("arms", {}).items():
-            if name in recipes and earlier.get("config") == recipes[name]:
-                runs[name] = earlier.get("runs", {})
-            elif name in recipes:
-                raise UserError(f"arm '{name}' in {results_path} was run with another configuration: "
-                                "use another --out-dir (or remove that file to start again)")
+    for name, earlier in load_results(results_path).get("arms", {}).items():
+        if name in recipes and earlier.get("config") != recipes[name]:
+            raise UserError(f"arm '{name}' in {results_path} was run with another configuration: "
+                            "use another --out-dir (or remove that file to start again)")
+        if name in recipes:
+            runs[name] = earlier.get("runs", {})
 
     def save() -> dict[str, Any]:
         analysis = analyse(arms, runs, seeds, args.confidence, args.margin)
@@ -347,10 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in seeds:
         for arm in arms:
             earlier = runs[arm.name].get(str(seed))
-            if earlier is not None and (finished(earlier) or not args.retry_failed):
-                continue
-            runs[arm.name][str(seed)] = run_arm(arm, common, seed, out, args.debug)
-            save()
+            if earlier is None or (args.retry_failed and not finished(earlier)):
+                runs[arm.name][str(seed)] = run_arm(arm, common, seed, out, args.debug)
+                save()
     result = save()
     save_strip_plot(out / "strip.png", arms, runs, seeds, result["analysis"])
     write_text(out / "row.md", "\n".join(result["markdown"]) + "\n")
@@ -367,14 +346,9 @@ def format_report(result: dict[str, Any], arms: list[Arm]) -> str:
             lines.append(f"  {a.name:20s} {_pct(d['mean'])} +- {_pct(d['std'])}%   train {t['mean']:.1f} +- "
                          f"{t['std']:.1f}s")
     lines += [f"  failed: {f['arm']}, seed {f['seed']}: {f['error']}" for f in stats["failed_runs"]]
-    for c in stats["comparisons"]:
-        acc = c["acc"]
-        lines.append(f"  {c['arm']} - {c['against']}: {_diff(acc['mean_diff'])} points, "
-                     f"{100 * acc['confidence']:.4g}% CI [{_pct(acc['ci_low'])}, {_pct(acc['ci_high'])}], "
-                     f"p = {_p(acc)}; {c['verdict']}")
+    lines += [f"  {c['arm']} - {c['against']}: {_interval(c)}; {c['verdict']}" for c in stats["comparisons"]]
     lines.append(f"  correction: {stats['correction']}; {stats['failed']} failed run(s) left out")
-    lines += result["markdown"]
-    return "\n".join(lines)
+    return "\n".join(lines + result["markdown"])
 
 
 if __name__ == "__main__":
