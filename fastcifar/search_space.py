@@ -21,69 +21,39 @@ plain value fixes the field for every trial. Fixed values come first: TOML puts 
     [batch_size]          # choices, for any field (the only way to vary a string or a boolean)
     choices = [256, 512]
 
-Integer fields get integer ranges. Every value is checked against the training validation up front, so
-a bad bound fails before the first trial, naming the file and the field. Without --space, fastcifar.tune
-searches DEFAULT_SPACE: the One Cycle schedule and the regularizers of the recipe.
+Integer fields get integer ranges. An inline table, `lr = {low = 0.1, high = 1.0, log = true}`, is the
+same table on one line. Every value is checked against the training validation up front, so a bad bound
+fails before the first trial, naming the file and the field. Without --space, fastcifar.tune searches
+DEFAULT_SPACE: the One Cycle schedule and the regularizers of the recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fastcifar.config import TrainConfig, field_choices, non_recipe_fields, read_toml, validate
+from fastcifar.config import TrainConfig, field_choices, non_recipe_fields, read_toml, tomllib, validate
 from fastcifar.errors import UserError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-# Fields a search must not vary: where data and results live, the seed and the split (a search compares
-# configurations on one fixed split and seed), and run plumbing.
-NOT_SEARCHABLE = non_recipe_fields() | {"val_split", "split_seed"}  # where and how a trial runs, not what
-_RANGE_KEYS = {"low", "high", "log", "step"}
+# Fields a search must not vary: where and how a trial runs, the seed and the split (a search compares
+# configurations on one fixed split and seed).
+NOT_SEARCHABLE = non_recipe_fields() | {"val_split", "split_seed"}
 
 # The search without --space: the One Cycle schedule (peak lr, warm-up fraction, both div factors) and the
 # regularizers, around the recipes (every range holds the default and speedrun presets' values, so either
 # runs as the first trial). Rates and factors vary on a log scale.
 DEFAULT_SPACE = """
-[lr]
-low = 0.1
-high = 2.0
-log = true
-
-[pct_start]
-low = 0.1
-high = 0.5
-
-[div_factor]
-low = 5.0
-high = 100.0
-log = true
-
-[final_div_factor]
-low = 2.0
-high = 1000.0
-log = true
-
-[weight_decay]
-low = 5e-5
-high = 5e-3
-log = true
-
-[label_smoothing]
-low = 0.0
-high = 0.3
-
-[batch_size]
-choices = [128, 256, 512, 1024]
+lr = {low = 0.1, high = 2.0, log = true}
+pct_start = {low = 0.1, high = 0.5}
+div_factor = {low = 5.0, high = 100.0, log = true}
+final_div_factor = {low = 2.0, high = 1000.0, log = true}
+weight_decay = {low = 5e-5, high = 5e-3, log = true}
+label_smoothing = {low = 0.0, high = 0.3}
+batch_size = {choices = [128, 256, 512, 1024]}
 """
-DEFAULT_SOURCE = "the default space (fastcifar.search_space.DEFAULT_SPACE)"
 
 
 @dataclass(frozen=True)
@@ -152,12 +122,9 @@ def load_search_space(path: str | Path | None, base: TrainConfig) -> SearchSpace
     """Parse and check the TOML search space at `path` (DEFAULT_SPACE when None) against `base`, the
     configuration it modifies."""
     if path is None:
-        return parse_search_space(tomllib.loads(DEFAULT_SPACE), DEFAULT_SOURCE, base)
-    return parse_search_space(read_toml(path, "search space file", "--space"), str(path), base)
-
-
-def parse_search_space(data: dict[str, Any], source: str, base: TrainConfig) -> SearchSpace:
-    """A search space from parsed TOML `data` (read from `source`), checked against `base`."""
+        data, source = tomllib.loads(DEFAULT_SPACE), "the default space (fastcifar.search_space.DEFAULT_SPACE)"
+    else:
+        data, source = read_toml(path, "search space file", "--space"), str(path)
     if not data:
         raise UserError(f"search space is empty ({source}): add a table such as [lr] low = 0.1 high = 1.0")
     kinds = _field_kinds()
@@ -180,7 +147,7 @@ def parse_search_space(data: dict[str, Any], source: str, base: TrainConfig) -> 
 
 def _param(name: str, spec: dict[str, Any], kind: str, source: str) -> Param:
     where = f"[{name}] in {source}"
-    unknown = sorted(set(spec) - _RANGE_KEYS - {"choices"})
+    unknown = sorted(set(spec) - {"low", "high", "log", "step", "choices"})
     if unknown and unknown[0] in _field_kinds():
         raise UserError(f"'{unknown[0]}' is inside the table {where}, since TOML puts every key after a [table] "
                         f"header into it: move '{unknown[0]} = ...' above the first table to fix it")
@@ -227,15 +194,11 @@ def _checked_value(name: str, value: Any, kind: str, source: str) -> Any:
 
 
 def _check_values(space: SearchSpace, base: TrainConfig) -> None:
-    """Validate the configuration at every end of every range and at every choice, one field at a time."""
-    for p in space.params:
-        values = p.choices if p.kind == "choice" else (p.low, p.high)
-        for value in values:
-            try:
-                validate(space.apply(base, {p.name: value}))
-            except UserError as e:
-                raise UserError(f"search space value {p.name} = {value!r} in {space.source} is invalid: {e}") from None
-    try:
-        validate(space.apply(base, {}))
-    except UserError as e:
-        raise UserError(f"fixed values in {space.source} are invalid: {e}") from None
+    """Validate the fixed values, then the configuration at both ends of every range and at every choice."""
+    checks = [({}, "fixed values")] + [({p.name: v}, f"search space value {p.name} = {v!r}") for p in space.params
+                                       for v in (p.choices if p.kind == "choice" else (p.low, p.high))]
+    for values, what in checks:
+        try:
+            validate(space.apply(base, values))
+        except UserError as e:
+            raise UserError(f"{what} in {space.source} {'is' if values else 'are'} invalid: {e}") from None
