@@ -23,14 +23,16 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+import optuna
+
 from fastcifar.atomic import write_json, write_text
 from fastcifar.config import TrainConfig, to_dict
 from fastcifar.errors import first_line
-from fastcifar.plots import pyplot, save_figure
+from fastcifar.plots import pyplot
 from fastcifar.search_space import NOT_SEARCHABLE
 from fastcifar.tune_study import SETTINGS_KEY, Goal
 
-# Fields left out of best.toml: where data and results live and how this machine runs, not the recipe.
 BUDGET_DIR = "best-per-budget"
 OUTPUT_FILES = ("study.json", "trials.csv", "best.toml", "pareto.csv", "pareto.png", "history.png",
                 "importances.png", "slice.png")
@@ -55,24 +57,12 @@ def recipe_toml(config: TrainConfig, header: Sequence[str] = ()) -> str:
     trains the same recipe under any --preset."""
     lines = [f"# {line}" for line in header]
     for name, value in to_dict(config).items():
-        if name in NOT_SEARCHABLE or value is None:
-            continue
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, str):
-            text = json.dumps(value)
-        elif isinstance(value, float):
-            text = repr(value) if math.isfinite(value) else None
-        else:
-            text = str(value)
-        if text is not None:
-            lines.append(f"{name} = {text}")
+        # JSON's scalars are TOML's (a float as repr, a string with escapes TOML reads); inf and nan are not
+        if name not in NOT_SEARCHABLE and value is not None and (isinstance(value, str) or math.isfinite(value)):
+            lines.append(f"{name} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------------------------
-# Trials
-# ------------------------------------------------------------------------------------------------------
 def trial_record(t, goal: Goal) -> dict[str, Any]:
     """One trial as data (trial.json, a row of trials.csv): `value` is its validation accuracy, `cost` its
     second objective (two objectives only); `feasible` is False when it broke --max-train-seconds."""
@@ -112,9 +102,6 @@ def _brief(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r[k] for k in keys}
 
 
-# ------------------------------------------------------------------------------------------------------
-# The study's files
-# ------------------------------------------------------------------------------------------------------
 def pareto_front(study, goal: Goal) -> list[dict[str, Any]]:
     """The feasible trials no other trial beats on both accuracy and cost (Optuna's best_trials),
     cheapest first; empty with one objective."""
@@ -141,8 +128,6 @@ def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: f
     """trials.csv, study.json, best.toml and with two objectives pareto.csv and best-per-budget/, from
     everything the storage holds (all processes' trials). `about` describes the invocation (storage,
     sampler, ...) for study.json; the split and recipe come from the study's own settings."""
-    import optuna
-
     trials = study.get_trials(deepcopy=False)
     records = [trial_record(t, goal) for t in trials]
     write_csv(out / "trials.csv", records, TRIAL_COLUMNS)
@@ -198,22 +183,9 @@ def write_pareto(out: Path, front: list[dict[str, Any]], goal: Goal, study_name:
                                           "flops", "seed", "toml"))
 
 
-# ------------------------------------------------------------------------------------------------------
-# Plots
-# ------------------------------------------------------------------------------------------------------
-def save_plots(study, out: Path, goal: Goal) -> list[str]:
-    """history.png, importances.png, slice.png (the accuracy against each parameter) and, with two
-    objectives, pareto.png; a plot that needs more trials is skipped with a note on stderr."""
-    written = []
-    for name, figure in draw_plots(study, goal):
-        save_figure(figure, out / f"{name}.png")
-        written.append(f"{name}.png")
-    return written
-
-
 def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
-    """(name, matplotlib figure) of each plot save_plots writes, laid out as it will be saved."""
-    import optuna
+    """(name, matplotlib figure): history, importances, slice (the accuracy against each parameter) and,
+    with two objectives, pareto; a plot that needs more trials is skipped with a note on stderr."""
     from optuna.visualization import matplotlib as vis
 
     plt = pyplot()
@@ -221,7 +193,7 @@ def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
     accuracy: dict[str, Any] = {"target_name": ACCURACY_LABEL}
     if goal.cost:
         accuracy["target"] = lambda t: t.values[0]
-    plots = {"history": lambda: _sized(vis.plot_optimization_history(study, **accuracy), 8.5, 4.8),
+    plots = {"history": lambda: vis.plot_optimization_history(study, **accuracy),
              "importances": lambda: vis.plot_param_importances(study, **accuracy),
              "slice": lambda: readable_slice(vis.plot_slice(study, **accuracy))}
     if goal.cost:
@@ -235,25 +207,16 @@ def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
             except (ValueError, RuntimeError, ZeroDivisionError, optuna.exceptions.OptunaError) as e:
                 print(f"skipped {name}.png: {first_line(e)}", file=sys.stderr)
                 continue
-        yield name, _figure(axes)
-
-
-def _sized(axes, width: float, height: float):
-    _figure(axes).set_size_inches(width, height)
-    return axes
-
-
-def _figure(axes):
-    import numpy as np
-
-    return np.ravel(axes)[0].figure
+        figure = np.ravel(axes)[0].figure
+        if name == "history":  # wider than the default: one point per trial
+            figure.set_size_inches(8.5, 4.8)
+        yield name, figure
 
 
 def readable_slice(axes):
     """Optuna's slice plot (log axes for log-scaled parameters) with room for every panel, log axes
     labelled at 1 and 3 times powers of ten as plain numbers, and tick labels that do not run into each
     other (matplotlib labels minor log ticks in a way that overlaps on narrow panels)."""
-    import numpy as np
     from matplotlib.category import StrCategoryLocator
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
@@ -274,7 +237,6 @@ def pareto_plot(study, goal: Goal):
     """Every complete trial's cost against its accuracy (Optuna's Pareto-front plot: the front in red,
     infeasible trials in grey), the front joined as the best accuracy reachable at each cost, its
     points and the base configuration numbered; FLOPs on a log axis."""
-    import optuna
     from optuna.visualization import matplotlib as vis
 
     ax = vis.plot_pareto_front(study, targets=lambda t: (t.values[1], t.values[0]),

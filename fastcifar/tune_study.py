@@ -54,18 +54,23 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Storage
-# ------------------------------------------------------------------------------------------------------
-def display_url(url: str) -> str:
-    """`url` with its password masked, for everything printed or written (sqlalchemy renders it)."""
+def _parsed(url: str):
+    """`url` as a sqlalchemy URL, None when sqlalchemy cannot parse it."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:  # not a URL sqlalchemy can parse: mask anything between user: and @
+        return make_url(url)
+    except ArgumentError:
+        return None
+
+
+def display_url(url: str) -> str:
+    """`url` with its password masked, for everything printed or written (sqlalchemy renders it)."""
+    parsed = _parsed(url)
+    if parsed is None:  # mask anything between user: and @
         return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+    return parsed.render_as_string(hide_password=True)
 
 
 def open_storage(url: str):
@@ -73,13 +78,12 @@ def open_storage(url: str):
     last two need their driver). SQLite files get their folder created and a patient lock timeout, so
     several processes can share one file. Every running trial sends a heartbeat: the trial of a process
     that was killed is marked failed by the next process after `grace_period` seconds."""
+    parsed = _parsed(url)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
-        path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if parsed is not None and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 120}}
-    last: Exception | None = None
     # two processes creating the tables of a new file at the same moment: the loser sees "table already
     # exists" (OperationalError) or a duplicate alembic version (IntegrityError), and retries
     for attempt in range(5):
@@ -87,37 +91,17 @@ def open_storage(url: str):
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
                                               grace_period=300)
         except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a locked or unreachable database
-            last = e
+            reason = first_line(e)
             if type(e).__name__ not in ("OperationalError", "IntegrityError"):
                 break
             time.sleep(0.5 + attempt)
-    reason = first_line(last)
-    password = _password(url)
-    if password:  # a driver may quote the URL back
-        reason = reason.replace(password, "***")
+    if parsed is not None and parsed.password:  # a driver may quote the URL back
+        reason = reason.replace(parsed.password, "***")
     raise UserError(f"cannot open --storage {display_url(url)}: {reason}")
 
 
-def _password(url: str) -> str | None:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).password
-    except ArgumentError:
-        return None
-
-
-# ------------------------------------------------------------------------------------------------------
-# Samplers and pruners
-# ------------------------------------------------------------------------------------------------------
-def trial_seed(seed: int, number: int) -> int:
-    """The sampler seed of trial `number` of a study run with --seed `seed`: distinct for every trial."""
-    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
-
-
 class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """An Optuna sampler made afresh for each trial, seeded by (seed, trial number).
+    """An Optuna sampler made afresh for each trial, seeded by a SeedSequence of (seed, trial number).
 
     A sampler seeded once per process draws the same values in every process given the same --seed, and
     again in a resumed invocation: duplicate trials. Trial numbers are unique within a study, whichever
@@ -131,7 +115,8 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def _of(self, trial) -> optuna.samplers.BaseSampler:
         if trial.number not in self._samplers:
-            self._samplers[trial.number] = self._make(trial_seed(self._seed, trial.number))
+            seed = np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0]
+            self._samplers[trial.number] = self._make(int(seed))
         return self._samplers[trial.number]
 
     def before_trial(self, study, trial) -> None:
@@ -154,7 +139,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         """Nothing to do: every trial's seed is its own already."""
 
 
-def make_sampler(name: str, space: SearchSpace, seed: int, startup_trials: int = 10):
+def make_sampler(name: str, space: SearchSpace, seed: int, startup_trials: int):
     """The --sampler, seeded per trial; the grid sampler as it is, since it already gives trial N the N-th
     point of its (seeded) shuffle of the grid. TPE's settings are spelled out because Optuna's defaults
     change between releases: multivariate TPE, and the constant liar that keeps parallel workers apart."""
@@ -173,7 +158,7 @@ def make_sampler(name: str, space: SearchSpace, seed: int, startup_trials: int =
     return TrialSeededSampler(make, seed)
 
 
-def make_pruner(name: str, prune_after: int = 5):
+def make_pruner(name: str, prune_after: int):
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=prune_after)
     if name == "hyperband":
@@ -181,9 +166,6 @@ def make_pruner(name: str, prune_after: int = 5):
     return optuna.pruners.NopPruner()
 
 
-# ------------------------------------------------------------------------------------------------------
-# What makes trials comparable
-# ------------------------------------------------------------------------------------------------------
 def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goal,
                    max_train_seconds: float | None) -> dict[str, Any]:
     """Everything the trials of one study must share, as JSON data: the preset, the objective and its
