@@ -3,23 +3,16 @@
     python -m fastcifar.compare default runs/tune/w16/best.toml --seeds 3 --out-dir runs/compare/best \\
         -- --data-dir ../shared/data/cifar10-png.tar.gz --width 16 --epochs 1.5 --device cpu
 
-Each ARM is `[NAME=]SPEC`, SPEC being a preset name (`default`, `speedrun`), a TOML file for
-`fastcifar.train --config`, or a quoted flag string (`"--lr 0.6 --label-smoothing 0.1"`; a single flag
-without a value needs a name: `whiten=--whiten`). Flags after `--` apply to every arm, after its own
-values. Every arm trains once per seed (seed-major order, so a stopped comparison stays paired), on the
-test set, or with --val-split N on N held-out training images instead.
-
-Per arm, over the paired seeds (those every arm finished): mean +- std of the accuracy (TTA when the arm
-has it) and of the training seconds. Per later arm against the first: the paired difference with a t
-interval and p-value (fastcifar.stats), Bonferroni intervals and Holm p-values with several later arms, and
-a verdict: kept when the accuracy interval lies above zero, or within --margin points of zero while the arm
-trains faster; rejected when it lies below zero; otherwise undecided or not adopted. A markdown row for
-bench/RESULTS.md carries the command that reproduces it.
-
-A failed run (a diverging lr) is recorded with its error and left out of the pairing; a rerun keeps it
-unless --retry-failed. OUT gets results.json (rewritten after every run, so a second invocation skips
-finished runs; --seeds can grow), runs/<arm>/seed-<s>/ (each run's directory and train.log), row.md and
-strip.png (per-seed accuracy and time, pairs joined, means over the paired seeds).
+Each ARM is `[NAME=]SPEC`: a preset name, a TOML file for `fastcifar.train --config`, or a quoted flag
+string (`"--lr 0.6 --label-smoothing 0.1"`; a single flag without a value needs a name: `whiten=--whiten`).
+Flags after `--` apply to every arm, after its own. Every arm trains once per seed, seed-major so that a
+stopped comparison stays paired, on the test set (with --val-split N on N held-out training images).
+Each later arm is compared with the first over the seeds that all finished (fastcifar.stats: t intervals,
+Bonferroni and Holm with several arms) and gets a verdict (`verdict`, with --margin for equal accuracy).
+A failed run is recorded with its error and left out of the pairing. OUT gets results.json (rewritten
+after every run: a rerun skips finished runs, --seeds can grow, recorded failures stay unless
+--retry-failed), runs/<arm>/seed-<s>/ (each run's directory and train.log), row.md (a bench/RESULTS.md
+row with the command that reproduces it) and strip.png (per-seed accuracy and time, pairs joined).
 """
 
 from __future__ import annotations
@@ -43,7 +36,6 @@ from fastcifar.report import reported_accuracy
 from fastcifar.stats import bonferroni_confidence, describe, multiple_paired_comparisons
 
 MEASURES = ("acc", "train_seconds")  # what each run records and each comparison compares
-DEFAULT_MARGIN = 0.1  # accuracy points within which two arms count as equally accurate (--margin)
 
 
 @dataclasses.dataclass
@@ -86,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default=None, help="results directory (default runs/compare/<arm names>)")
     parser.add_argument("--confidence", type=float, default=0.95,
                         help="of the intervals, jointly when several arms are compared with the first")
-    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, metavar="POINTS",
+    parser.add_argument("--margin", type=float, default=0.1, metavar="POINTS",
                         help="equal accuracy: the accuracy interval lies within this many points of zero; an arm "
                              "is kept for being faster only then")
     parser.add_argument("--retry-failed", action="store_true",
@@ -105,14 +97,6 @@ def arm_config(arm: Arm, common: list[str], seed: int, run_dir: Path) -> TrainCo
 def recipe(config: TrainConfig) -> dict[str, Any]:
     """What identifies an arm: every field but the environment and the run bookkeeping (config.py)."""
     return {k: v for k, v in to_dict(config).items() if k not in non_recipe_fields()}
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    """An earlier invocation's results.json, {} when there is none."""
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (ValueError, OSError) as e:
-        raise UserError(f"cannot read earlier results ({path}): {e}; remove it or use another --out-dir") from None
 
 
 def finished(run: dict[str, Any] | None) -> bool:
@@ -155,10 +139,8 @@ def correction(comparisons: int, confidence: float) -> str:
 
 
 def verdict(acc: dict[str, Any], secs: dict[str, Any], margin: float, lost_seeds: Sequence[int] = ()) -> str:
-    """Kept only when better (the accuracy interval lies above zero) or faster at equal accuracy (the
-    accuracy interval lies within `margin` points of zero and the time interval below zero); rejected when
-    the accuracy interval lies below zero; otherwise undecided or not adopted. An arm that failed on seeds
-    the first arm finished is never kept."""
+    """Kept only when better, or faster at equal accuracy (within `margin` points); rejected when worse;
+    otherwise undecided or not adopted. An arm that failed on seeds the first arm finished is never kept."""
     if acc["untested"]:
         return f"undecided: {acc['untested']}"
     low, high = acc["ci_low"], acc["ci_high"]
@@ -181,17 +163,13 @@ def _pct(x: float | None, sign: str = "") -> str:
     return "-" if x is None else f"{100 * x:{sign}.2f}"
 
 
-def _p(c: dict[str, Any]) -> str:
-    """The p-value to show: Holm-adjusted when it differs from the raw one (several comparisons)."""
-    if c["p_value"] is None:
-        return "-"
-    return f"{c['p_value']:.2g}" if c["p_holm"] == c["p_value"] else f"{c['p_holm']:.2g} (Holm)"
-
-
 def _interval(c: dict[str, Any]) -> str:
+    """The accuracy difference, its interval and p-value (Holm-adjusted when that differs: several arms)."""
     acc = c["acc"]
+    holm = " (Holm)" if acc["p_holm"] != acc["p_value"] else ""
+    p = "-" if acc["p_value"] is None else f"{acc['p_holm']:.2g}{holm}"
     return (f"{_pct(acc['mean_diff'], '+')} points, {100 * acc['confidence']:.4g}% CI [{_pct(acc['ci_low'])}, "
-            f"{_pct(acc['ci_high'])}], p = {_p(acc)}")
+            f"{_pct(acc['ci_high'])}], p = {p}")
 
 
 def reproduce_command(arms: list[Arm], common: list[str], seeds: list[int], confidence: float,
@@ -254,8 +232,7 @@ def save_strip_plot(path: Path, arms: list[Arm], runs: dict[str, dict[str, dict]
 
 def run_arm(arm: Arm, common: list[str], seed: int, out: Path, debug: bool = False) -> dict[str, Any]:
     """Train `arm` on `seed` in out/runs/<arm>/seed-<seed>/ (its output in train.log). A run that raises (a
-    diverging lr, a full disk) returns {"error": ...} instead, its traceback in train.log, so the other seeds
-    and arms go on; with `debug` it raises."""
+    diverging lr, a full disk) returns {"error": ...}, its traceback in train.log; with `debug` it raises."""
     from fastcifar.train import train
 
     run_dir = out / "runs" / arm.name / f"seed-{seed}"
@@ -300,11 +277,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # every arm's configuration checked (and its flags parsed) before anything trains
     recipes = {a.name: recipe(arm_config(a, common, seeds[0], out)) for a in arms}
     split = "val" if any(r["val_split"] for r in recipes.values()) else "test"
-    if split == "val" and len({r["val_split"] for r in recipes.values()}) > 1:
+    if len({r["val_split"] for r in recipes.values()}) > 1:
         raise UserError("arms use different --val-split values: pass --val-split after -- so all share one")
     results_path = out / "results.json"
+    try:
+        previous = json.loads(results_path.read_text()) if results_path.exists() else {}
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read earlier results ({results_path}): {e}; remove it or use another "
+                        "--out-dir") from None
     runs: dict[str, dict[str, dict]] = {a.name: {} for a in arms}
-    for name, earlier in load_results(results_path).get("arms", {}).items():
+    for name, earlier in previous.get("arms", {}).items():
         if name in recipes and earlier.get("config") != recipes[name]:
             raise UserError(f"arm '{name}' in {results_path} was run with another configuration: "
                             "use another --out-dir (or remove that file to start again)")

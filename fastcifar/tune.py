@@ -4,19 +4,14 @@
         --epochs 1.5 --device cpu --trials 12 --out-dir runs/tune/w16 \\
         --storage sqlite:///runs/tune/w16/study.db --study w16
 
-Training flags set the base configuration (as in fastcifar.train); the search space (--space FILE, see
-fastcifar.search_space; by default its DEFAULT_SPACE) says which fields each trial varies. Each trial is an
-in-process training run on the training images minus --val-split held-out ones, evaluated on those.
-
---objective accuracy maximizes the final validation accuracy, and its per-epoch values feed the pruner;
-accuracy-seconds and accuracy-flops also minimize training seconds or the FLOPs of a run, and the study
-finds the Pareto front. --max-train-seconds T is an Optuna constraint: a trial whose training passes T
-stops at its next evaluated epoch and is never the best.
-
-The study lives in --storage and records the settings its trials share (tune_study.study_settings): the
-same command continues it up to --trials finished trials, also from several processes or machines at once,
-each trial drawing with a sampler seed of its own; a command with other settings is refused unless
---new-study replaces the study. The outputs (fastcifar.tune_report) are rewritten after every trial.
+Training flags set the base configuration; the search space (--space FILE, see fastcifar.search_space;
+by default its DEFAULT_SPACE) says which fields each trial varies. Each trial is an in-process training run
+on the training images minus --val-split held-out ones, evaluated on those. --objective accuracy maximizes
+the validation accuracy (the pruner stops poor trials); accuracy-seconds and accuracy-flops also minimize
+a cost and find the Pareto front. --max-train-seconds T is an Optuna constraint: a trial past T stops at
+its next evaluated epoch and is never the best. The study lives in --storage with the settings its trials
+share (tune_study): the same command continues it, also from several processes at once, each trial drawing
+with a sampler seed of its own; other settings are refused unless --new-study. Outputs: fastcifar.tune_report.
 
 Needs the `tune` extra: pip install -e ".[tune]".
 """
@@ -37,7 +32,6 @@ from fastcifar.errors import UserError, run_cli
 from fastcifar.report import reported_accuracy
 from fastcifar.search_space import SearchSpace, load_search_space
 
-DEFAULT_STORAGE = "sqlite:///runs/tune.db"
 OBJECTIVES = ("accuracy", "accuracy-seconds", "accuracy-flops")
 
 
@@ -72,7 +66,7 @@ def get_args_parser():
     g.add_argument("--budget", type=float, default=None, metavar="COST",
                    help="two objectives: best.toml is the most accurate trial whose training seconds or FLOPs "
                         "are <= COST; None: the most accurate of all")
-    g.add_argument("--storage", default=DEFAULT_STORAGE,
+    g.add_argument("--storage", default="sqlite:///runs/tune.db",
                    help="Optuna storage URL: sqlite:///FILE on one machine, postgresql://... or mysql://... across")
     g.add_argument("--study", default="fastcifar", help="study name inside the storage")
     g.add_argument("--new-study", action="store_true",

@@ -71,7 +71,7 @@ def trial_record(t, goal: Goal) -> dict[str, Any]:
     values = t.values or [None, None]
     attrs = t.user_attrs
     return {"number": t.number, "state": t.state.name, "value": values[0],
-            "cost": values[1] if goal.cost and len(values) > 1 else None, "seed": attrs.get("seed"),
+            "cost": values[1] if goal.cost else None, "seed": attrs.get("seed"),
             "params": t.params, "val_acc": attrs.get("val_acc"), "val_acc_tta": attrs.get("val_acc_tta"),
             "train_seconds": attrs.get("train_seconds"), "flops": attrs.get("flops"),
             "epochs_done": attrs.get("epochs_done"),

@@ -74,10 +74,9 @@ def display_url(url: str) -> str:
 
 
 def open_storage(url: str):
-    """An Optuna database storage for `url` (sqlite:///FILE, postgresql://..., mysql+pymysql://...; the
-    last two need their driver). SQLite files get their folder created and a patient lock timeout, so
-    several processes can share one file. Every running trial sends a heartbeat: the trial of a process
-    that was killed is marked failed by the next process after `grace_period` seconds."""
+    """An Optuna database storage for `url`. SQLite files get their folder created and a patient lock
+    timeout, so several processes can share one file. Every running trial sends a heartbeat: the trial of
+    a process that was killed is marked failed by the next process after `grace_period` seconds."""
     parsed = _parsed(url)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
@@ -135,9 +134,6 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._of(trial).after_trial(study, trial, state, values)
         self._samplers.pop(trial.number, None)
 
-    def reseed_rng(self) -> None:
-        """Nothing to do: every trial's seed is its own already."""
-
 
 def make_sampler(name: str, space: SearchSpace, seed: int, startup_trials: int):
     """The --sampler, seeded per trial; the grid sampler as it is, since it already gives trial N the N-th
@@ -186,12 +182,11 @@ def first_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | N
         old, new = stored.get(key), current.get(key)
         if old == new:
             continue
-        if key == "space":
-            names = [*new["params"], *new["fixed"], *old["params"], *old["fixed"]]
-            name = next(n for n in names if (old["params"].get(n), old["fixed"].get(n))
-                        != (new["params"].get(n), new["fixed"].get(n)))
-            where = lambda s: s["params"].get(name, s["fixed"].get(name, "not searched"))  # noqa: E731
-            return f"--space: '{name}' is {json.dumps(where(new))} here, {json.dumps(where(old))} in the study"
+        if key == "space":  # the first field whose range, choices or fixed value differs
+            old, new = ({**space["fixed"], **space["params"]} for space in (old, new))
+            name = next(n for n in {**new, **old} if old.get(n) != new.get(n))
+            return (f"--space: '{name}' is {json.dumps(new.get(name, 'not searched'))} here, "
+                    f"{json.dumps(old.get(name, 'not searched'))} in the study")
         return f"--{key.replace('_', '-')} {_shown(new)} (the study's: {_shown(old)})"
     return None
 
