@@ -3,28 +3,19 @@
     python -m fastcifar.tune --space bench/tune_space_cpu.toml --val-split 5000 --data-dir ...
 
 One table per training field (the flag name with underscores), holding a range or a list of choices; a
-plain value fixes the field for every trial. Fixed values come first: TOML puts every key after a
-`[table]` header into that table, so a `width = 16` below `[batch_size]` would be a key of batch_size.
+plain value fixes the field for every trial. Fixed values and one-line tables come first: TOML puts every
+key after a `[table]` header into that table, so a `width = 16` below `[batch_size]` would be one of its keys.
 
-    width = 16            # fixed
+    width = 16                                    # fixed
+    lr = {low = 0.1, high = 1.0, log = true}      # a float range; log = true samples its logarithm (rates, decays)
+    epochs = {low = 1.0, high = 2.0, step = 0.5}  # a range with a step is discrete (what --sampler grid needs)
 
-    [lr]                  # a float range; log = true samples its logarithm (use it for rates and decays)
-    low = 0.1
-    high = 1.0
-    log = true
-
-    [epochs]              # a range with a step is discrete (and is what --sampler grid needs)
-    low = 1.0
-    high = 2.0
-    step = 0.5
-
-    [batch_size]          # choices, for any field (the only way to vary a string or a boolean)
+    [batch_size]                                  # choices, for any field (the only way to vary a string or bool)
     choices = [256, 512]
 
-Integer fields get integer ranges. An inline table, `lr = {low = 0.1, high = 1.0, log = true}`, is the
-same table on one line. Every value is checked against the training validation up front, so a bad bound
-fails before the first trial, naming the file and the field. Without --space, fastcifar.tune searches
-DEFAULT_SPACE: the One Cycle schedule and the regularizers of the recipe.
+Integer fields get integer ranges. Every value is checked against the training validation up front, so a
+bad bound fails before the first trial, naming the file and the field. Without --space, fastcifar.tune
+searches DEFAULT_SPACE: the One Cycle schedule and the regularizers of the recipe.
 """
 
 from __future__ import annotations
