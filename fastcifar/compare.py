@@ -123,19 +123,14 @@ def analyse(arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int],
         lost = [f["seed"] for f in failed if f["arm"] == arm.name and finished(runs[first.name].get(str(f["seed"])))]
         comparisons.append({"arm": arm.name, "against": first.name, "acc": a, "train_seconds": t,
                             "verdict": verdict(a, t, margin, lost)})
+    each = bonferroni_confidence(confidence, len(later))  # the correction for several arms, in words
+    correction = "none: one comparison" if len(later) == 1 else (
+        f"{len(later)} comparisons against the first arm: each interval at {100 * each:.4g}% (Bonferroni, "
+        f"{100 * confidence:.4g}% for all together), p-values Holm-adjusted (p_holm); verdicts read the intervals")
     return {"paired_seeds": paired, "failed": len(failed), "failed_runs": failed, "margin_points": margin,
-            "correction": correction(len(later), confidence),
+            "correction": correction,
             "arms": {a.name: {key: describe(values(a, key)) for key in MEASURES} for a in arms},
             "comparisons": comparisons}
-
-
-def correction(comparisons: int, confidence: float) -> str:
-    """What is corrected for several arms against the first, in words (the JSON's `correction`)."""
-    if comparisons == 1:
-        return "none: one comparison"
-    each = bonferroni_confidence(confidence, comparisons)
-    return (f"{comparisons} comparisons against the first arm: each interval at {100 * each:.4g}% (Bonferroni, "
-            f"{100 * confidence:.4g}% for all together), p-values Holm-adjusted (p_holm); verdicts read the intervals")
 
 
 def verdict(acc: dict[str, Any], secs: dict[str, Any], margin: float, lost_seeds: Sequence[int] = ()) -> str:
@@ -174,9 +169,8 @@ def _interval(c: dict[str, Any]) -> str:
 
 def reproduce_command(arms: list[Arm], common: list[str], seeds: list[int], confidence: float,
                       margin: float) -> str | None:
-    """The compare command that gives these results again: every arm (the correction depends on their
-    number), the seed range from the first to the last paired seed (a seed that failed inside it fails and is
-    left out again), the confidence and the margin. None without paired seeds."""
+    """The compare command that gives these results again (None without paired seeds): every arm (the correction
+    depends on their number) and the range of the paired seeds (a seed that failed inside it fails again)."""
     if not seeds:
         return None
     parts = ["python -m fastcifar.compare", *(shlex.quote(f"{a.name}={a.spec}") for a in arms),
@@ -210,7 +204,7 @@ def save_strip_plot(path: Path, arms: list[Arm], runs: dict[str, dict[str, dict]
     The bars are the analysis's means over the paired seeds; hollow markers are runs outside them."""
     paired = set(analysis["paired_seeds"])
     fig, axes = pyplot().subplots(1, 2, figsize=(4 + 1.6 * len(arms), 4), layout="tight")
-    for ax, key, label in ((axes[0], "acc", "accuracy (%)"), (axes[1], "train_seconds", "training seconds")):
+    for ax, key, label in zip(axes, MEASURES, ("accuracy (%)", "training seconds")):
         scale = 100 if key == "acc" else 1
         for s in seeds:
             xs = [i for i, a in enumerate(arms) if finished(runs[a.name].get(str(s)))]

@@ -110,8 +110,7 @@ def _field_kinds() -> dict[str, str]:
 
 
 def load_search_space(path: str | Path | None, base: TrainConfig) -> SearchSpace:
-    """Parse and check the TOML search space at `path` (DEFAULT_SPACE when None) against `base`, the
-    configuration it modifies."""
+    """The TOML search space at `path` (DEFAULT_SPACE when None), checked against the `base` it modifies."""
     if path is None:
         data, source = tomllib.loads(DEFAULT_SPACE), "the default space (fastcifar.search_space.DEFAULT_SPACE)"
     else:

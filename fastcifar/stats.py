@@ -57,15 +57,13 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], confidence: float 
 
 
 def bonferroni_confidence(confidence: float, comparisons: int) -> float:
-    """The confidence of each of `comparisons` intervals so that all of them hold together with probability
-    at least `confidence` (Bonferroni: the error rate split evenly)."""
-    return 1 - (1 - confidence) / max(comparisons, 1)
+    """Each of `comparisons` intervals' confidence for all to hold together at `confidence` (Bonferroni)."""
+    return 1 - (1 - confidence) / comparisons
 
 
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
     """Holm's step-down adjusted p-values (statsmodels' `multipletests(method="holm")`), in the input order.
-    A comparison without a p-value (None, kept) still counts in the family, which keeps the correction
-    conservative."""
+    A comparison without a p-value (None, kept) still counts in the family: the correction stays conservative."""
     adjusted: list[float | None] = list(p_values)
     present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
     running = 0.0
@@ -77,9 +75,8 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
 
 def multiple_paired_comparisons(baseline: Sequence[float], others: Sequence[Sequence[float]],
                                 confidence: float = 0.95) -> list[dict[str, Any]]:
-    """`paired_comparison` of each sample in `others` against `baseline`, corrected for their number m:
-    intervals at the Bonferroni confidence 1 - (1 - confidence) / m (simultaneous at `confidence`),
-    `p_value` the raw paired t-test and `p_holm` Holm's adjustment. With m = 1 nothing changes."""
+    """`paired_comparison` of each sample in `others` against `baseline`, corrected for their number: intervals
+    at the Bonferroni confidence (all hold together at `confidence`), `p_holm` Holm's adjustment of `p_value`."""
     results = [paired_comparison(baseline, other, bonferroni_confidence(confidence, len(others))) for other in others]
     for result, adjusted in zip(results, holm([r["p_value"] for r in results])):
         result.update(p_holm=adjusted, family_confidence=confidence)

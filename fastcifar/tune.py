@@ -32,10 +32,10 @@ from fastcifar.errors import UserError, run_cli
 from fastcifar.report import reported_accuracy
 from fastcifar.search_space import SearchSpace, load_search_space
 
-OBJECTIVES = ("accuracy", "accuracy-seconds", "accuracy-flops")
-
 
 def get_args_parser():
+    from fastcifar.tune_study import GOALS
+
     parser = train_args_parser()
     parser.prog = "python -m fastcifar.tune"
     parser.description = ("Search training hyperparameters with Optuna on a validation split (--val-split N). "
@@ -46,7 +46,7 @@ def get_args_parser():
     g.add_argument("--space", metavar="FILE", default=None,
                    help="TOML search space (see fastcifar.search_space); None: its DEFAULT_SPACE, the One "
                         "Cycle schedule (lr, pct_start, div factors), weight decay, label smoothing, batch size")
-    g.add_argument("--objective", choices=OBJECTIVES, default="accuracy",
+    g.add_argument("--objective", choices=list(GOALS), default="accuracy",
                    help="maximize validation accuracy; accuracy-seconds and accuracy-flops also minimize "
                         "training seconds or the FLOPs of a run, and write the Pareto front")
     g.add_argument("--trials", type=int, default=20,
@@ -177,8 +177,7 @@ class Objective:
 
 
 def check_data(base: TrainConfig) -> tuple[int, int]:
-    """Load the data and make the split once up front: a wrong path or --val-split fails before any trial.
-    Returns the number of training and validation images."""
+    """(training, validation) images; loading the data up front fails a wrong path or --val-split early."""
     from fastcifar.data import load_cifar10, validation_split
 
     data = load_cifar10(base.data_dir, download=base.download or None)

@@ -20,6 +20,7 @@ import math
 import shutil
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -66,8 +67,6 @@ def recipe_toml(config: TrainConfig, header: Sequence[str] = ()) -> str:
 def trial_record(t, goal: Goal) -> dict[str, Any]:
     """One trial as data (trial.json, a row of trials.csv): `value` is its validation accuracy, `cost` its
     second objective (two objectives only); `feasible` is False when it broke --max-train-seconds."""
-    intermediate = dict(sorted(t.intermediate_values.items()))
-    last = list(intermediate.values())[-1] if intermediate else None
     values = t.values or [None, None]
     attrs = t.user_attrs
     return {"number": t.number, "state": t.state.name, "value": values[0],
@@ -75,7 +74,8 @@ def trial_record(t, goal: Goal) -> dict[str, Any]:
             "params": t.params, "val_acc": attrs.get("val_acc"), "val_acc_tta": attrs.get("val_acc_tta"),
             "train_seconds": attrs.get("train_seconds"), "flops": attrs.get("flops"),
             "epochs_done": attrs.get("epochs_done"),
-            "intermediate_val_acc": {str(k): v for k, v in intermediate.items()}, "last_intermediate": last,
+            "intermediate_val_acc": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+            "last_intermediate": t.intermediate_values.get(t.last_step),
             "base": bool(attrs.get("base")), "over_budget": bool(attrs.get("over_budget")),
             "feasible": all(v <= 0 for v in t.constraints.values()), "error": attrs.get("error"),
             "seconds": t.duration.total_seconds() if t.duration else None, "config": attrs.get("config")}
@@ -125,9 +125,8 @@ def best_trial(study, goal: Goal, front: list[dict[str, Any]], budget: float | N
 
 def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: float | None = None
                   ) -> dict[str, Any]:
-    """trials.csv, study.json, best.toml and with two objectives pareto.csv and best-per-budget/, from
-    everything the storage holds (all processes' trials). `about` describes the invocation (storage,
-    sampler, ...) for study.json; the split and recipe come from the study's own settings."""
+    """trials.csv, study.json, best.toml and with two objectives pareto.csv and best-per-budget/, from every
+    process's trials in the storage; `about` (storage, sampler, ...) describes the invocation for study.json."""
     trials = study.get_trials(deepcopy=False)
     records = [trial_record(t, goal) for t in trials]
     write_csv(out / "trials.csv", records, TRIAL_COLUMNS)
@@ -135,50 +134,42 @@ def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: f
     best = best_trial(study, goal, front, budget)
     base_trial = next((r for r in records if r["base"]), None)
     settings = study.user_attrs.get(SETTINGS_KEY, {})
-    counts = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
     summary = {"study": study.study_name, **about, "eval_split": "val", "objective": goal.name,
                "directions": goal.directions, "cost": goal.cost_label or None, "budget": budget,
-               "settings": settings, "trials": {k: v for k, v in counts.items() if v},
+               "settings": settings, "trials": dict(Counter(t.state.name for t in trials)),
                "best": best and _brief(best), "base": base_trial and _brief(base_trial)}
     if goal.cost:
         summary["pareto"] = [_brief(r) for r in front]
         write_pareto(out, front, goal, study.study_name, settings)
     write_json(out / "study.json", summary)
-    if best is not None and best["config"]:
-        header = [f"best of study '{study.study_name}' ({about['storage']}), trial {best['number']}:",
-                  *describe_trial(best, goal, settings),
-                  "train it: python -m fastcifar.train --config THIS_FILE --data-dir ..."]
-        if budget is not None:
-            header.insert(1, f"the most accurate trial with {goal.cost_label} <= {budget:g}")
-        write_text(out / "best.toml", recipe_toml(TrainConfig(**best["config"]), header))
+    if best is not None:
+        within = [f"the most accurate trial with {goal.cost_label} <= {budget:g}"] if budget is not None else []
+        write_recipe(out / "best.toml", best, goal, settings,
+                     f"best of study '{study.study_name}' ({about['storage']}), trial {best['number']}", *within,
+                     "train it: python -m fastcifar.train --config THIS_FILE --data-dir ...")
     return summary
 
 
-def describe_trial(r: dict[str, Any], goal: Goal, settings: dict[str, Any]) -> list[str]:
-    lines = [f"{ACCURACY_LABEL} {r['value']:.4f} on {settings.get('val_split')} held-out training images "
-             f"(split seed {settings.get('split_seed')}), training seed {r['seed']}"]
+def write_recipe(path: Path, r: dict[str, Any], goal: Goal, settings: dict[str, Any], *title: str) -> None:
+    """Trial record `r`'s configuration as a recipe for fastcifar.train, headed by `title` and its results."""
+    results = [f"{ACCURACY_LABEL} {r['value']:.4f} on {settings.get('val_split')} held-out training images "
+               f"(split seed {settings.get('split_seed')}), training seed {r['seed']}"]
     if goal.cost:
-        lines.append(f"{goal.cost_label}: {r['cost']:.4g}")
-    return lines
+        results.append(f"{goal.cost_label}: {r['cost']:.4g}")
+    write_text(path, recipe_toml(TrainConfig(**r["config"]), [*title, *results]))
 
 
 def write_pareto(out: Path, front: list[dict[str, Any]], goal: Goal, study_name: str,
                  settings: dict[str, Any]) -> None:
     """pareto.csv (with each point's TOML) and best-per-budget/trial-NNNN.toml for the current front;
     the TOMLs of trials that have left the front are removed."""
-    folder = out / BUDGET_DIR
-    folder.mkdir(exist_ok=True)
-    keep = set()
+    (out / BUDGET_DIR).mkdir(exist_ok=True)
     for r in front:
-        name = f"trial-{r['number']:04d}.toml"
-        keep.add(name)
-        r["toml"] = f"{BUDGET_DIR}/{name}"
-        header = [f"trial {r['number']} of study '{study_name}': the most accurate trial with {goal.cost_label} "
-                  f"<= {r['cost']:.4g}", *describe_trial(r, goal, settings)]
-        write_text(folder / name, recipe_toml(TrainConfig(**r["config"]), header))
-    for stale in folder.glob("trial-*.toml"):
-        if stale.name not in keep:
-            stale.unlink()
+        r["toml"] = f"{BUDGET_DIR}/trial-{r['number']:04d}.toml"
+        write_recipe(out / r["toml"], r, goal, settings, f"trial {r['number']} of study '{study_name}': the most "
+                     f"accurate trial with {goal.cost_label} <= {r['cost']:.4g}")
+    for stale in set((out / BUDGET_DIR).glob("trial-*.toml")) - {out / r["toml"] for r in front}:
+        stale.unlink()
     write_csv(out / "pareto.csv", front, ("number", "value", "cost", "val_acc", "val_acc_tta", "train_seconds",
                                           "flops", "seed", "toml"))
 
@@ -234,9 +225,8 @@ def readable_slice(axes):
 
 
 def pareto_plot(study, goal: Goal):
-    """Every complete trial's cost against its accuracy (Optuna's Pareto-front plot: the front in red,
-    infeasible trials in grey), the front joined as the best accuracy reachable at each cost, its
-    points and the base configuration numbered; FLOPs on a log axis."""
+    """Optuna's Pareto-front plot (cost against accuracy; the front red, infeasible trials grey), the front
+    joined as the best accuracy reachable at each cost, its points and the base configuration numbered."""
     from optuna.visualization import matplotlib as vis
 
     ax = vis.plot_pareto_front(study, targets=lambda t: (t.values[1], t.values[0]),

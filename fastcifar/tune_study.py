@@ -1,15 +1,12 @@
 """The Optuna study behind fastcifar.tune: its storage, samplers, pruners, objectives and the settings that
-make its trials comparable.
+make its trials comparable (a later invocation with other settings is refused, naming the flag).
 
     python -c "from fastcifar.tune_study import display_url; print(display_url('postgresql://me:pw@db/s'))"
-
-A study is opened by name in a storage (an SQLite file, or a database server shared by several machines).
-It records the settings its trials were made under (study_settings); a later invocation with other
-settings is refused, naming the flag, unless it asks for the old study to be replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -164,10 +161,9 @@ def make_pruner(name: str, prune_after: int):
 
 def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goal,
                    max_train_seconds: float | None) -> dict[str, Any]:
-    """Everything the trials of one study must share, as JSON data: the preset, the objective and its
-    budget, the space, and every field of the base recipe that no trial varies (epochs, width, the split's
-    size and seed, ...). Not in it: --seed (recorded per trial), and where and how trials run (the
-    device, the data's path, torch.compile), so machines of several kinds can share one study."""
+    """Everything the trials of one study must share, as JSON data: preset, objective, budget, space and every
+    base recipe field no trial varies. Not --seed (recorded per trial), nor where and how trials run (device,
+    data path, torch.compile), so machines of several kinds can share one study."""
     searched = {p.name for p in space.params}
     recipe = {name: value for name, value in to_dict(space.apply(base, {})).items()
               if name not in non_recipe_fields() and name not in searched}
@@ -218,9 +214,7 @@ def open_study(storage, name: str, goal: Goal, sampler, pruner, settings: dict[s
         raise UserError(f"study '{name}' in {display_url(url)} was made with other settings, so its trials are "
                         f"not comparable with this command's: {difference}; use the study's settings, another "
                         "--study name, or --new-study to replace it")
-    try:
+    with contextlib.suppress(KeyError):  # another worker replaced it first
         optuna.delete_study(study_name=name, storage=storage)
-    except KeyError:  # another worker replaced it first
-        pass
     study, status = open_study(storage, name, goal, sampler, pruner, settings, url)
     return study, "replaced" if status == "created" else status  # continued: another worker replaced it
