@@ -7,12 +7,11 @@ Each ARM is `[NAME=]SPEC`: a preset name, a TOML file for `fastcifar.train --con
 string (`"--lr 0.6 --label-smoothing 0.1"`; a single flag without a value needs a name: `whiten=--whiten`).
 Flags after `--` apply to every arm, after its own. Every arm trains once per seed, seed-major so that a
 stopped comparison stays paired, on the test set (with --val-split N on N held-out training images).
-Each later arm is compared with the first over the seeds that all finished (fastcifar.stats: t intervals,
-Bonferroni and Holm with several arms) and gets a verdict (`verdict`, with --margin for equal accuracy).
-A failed run is recorded with its error and left out of the pairing. OUT gets results.json (rewritten
-after every run: a rerun skips finished runs, --seeds can grow, recorded failures stay unless
---retry-failed), runs/<arm>/seed-<s>/ (each run's directory and train.log), row.md (a bench/RESULTS.md
-row with the command that reproduces it) and strip.png (per-seed accuracy and time, pairs joined).
+Each later arm is compared with the first over the seeds that all finished (fastcifar.stats) and gets a
+verdict (`verdict`; --margin for equal accuracy); a failed run is recorded and left out of the pairing.
+OUT gets results.json (rewritten after every run: a rerun skips finished runs, --seeds can grow, recorded
+failures stay unless --retry-failed), runs/<arm>/seed-<s>/ (each run's directory and train.log), row.md
+(a bench/RESULTS.md row with the command that reproduces it) and strip.png (per-seed accuracy and time).
 """
 
 from __future__ import annotations
@@ -106,8 +105,7 @@ def finished(run: dict[str, Any] | None) -> bool:
 
 def analyse(arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int], confidence: float,
             margin: float) -> dict[str, Any]:
-    """Per-arm descriptions over the paired seeds (finished by every arm) and each later arm against the first,
-    corrected for their number (stats.multiple_paired_comparisons), with a verdict each."""
+    """Per-arm descriptions over the paired seeds (finished by every arm); each later arm against the first."""
     paired = [s for s in seeds if all(finished(runs[a.name].get(str(s))) for a in arms)]
     failed = [{"arm": a.name, "seed": s, "error": runs[a.name][str(s)]["error"]} for s in seeds for a in arms
               if "error" in runs[a.name].get(str(s), {})]
@@ -309,18 +307,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = save()
     save_strip_plot(out / "strip.png", arms, runs, seeds, result["analysis"])
     write_text(out / "row.md", "\n".join(result["markdown"]) + "\n")
-    print(format_report(result, arms))
+    print(format_report(result))
     return 0
 
 
-def format_report(result: dict[str, Any], arms: list[Arm]) -> str:
+def format_report(result: dict[str, Any]) -> str:
     stats = result["analysis"]
     lines = [f"{result['eval_split']} accuracy over the paired seeds {stats['paired_seeds']}:"]
-    for a in arms:
-        d, t = stats["arms"][a.name]["acc"], stats["arms"][a.name]["train_seconds"]
-        if d["n"]:
-            lines.append(f"  {a.name:20s} {_pct(d['mean'])} +- {_pct(d['std'])}%   train {t['mean']:.1f} +- "
-                         f"{t['std']:.1f}s")
+    lines += [f"  {name:20s} {_pct(d['acc']['mean'])} +- {_pct(d['acc']['std'])}%   train "
+              f"{d['train_seconds']['mean']:.1f} +- {d['train_seconds']['std']:.1f}s"
+              for name, d in stats["arms"].items() if d["acc"]["n"]]
     lines += [f"  failed: {f['arm']}, seed {f['seed']}: {f['error']}" for f in stats["failed_runs"]]
     lines += [f"  {c['arm']} - {c['against']}: {_interval(c)}; {c['verdict']}" for c in stats["comparisons"]]
     lines.append(f"  correction: {stats['correction']}; {stats['failed']} failed run(s) left out")

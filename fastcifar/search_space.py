@@ -21,7 +21,6 @@ searches DEFAULT_SPACE: the One Cycle schedule and the regularizers of the recip
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,11 @@ from typing import Any
 from fastcifar.config import TrainConfig, field_choices, non_recipe_fields, read_toml, tomllib, validate
 from fastcifar.errors import UserError
 
-# Fields a search must not vary: where and how a trial runs, the seed and the split (a search compares
-# configurations on one fixed split and seed).
+# Fields a search must not vary: where and how a trial runs, and the seed and split it is compared on.
 NOT_SEARCHABLE = non_recipe_fields() | {"val_split", "split_seed"}
 
-# The search without --space: the One Cycle schedule (peak lr, warm-up fraction, both div factors) and the
-# regularizers, around the recipes (every range holds the default and speedrun presets' values, so either
-# runs as the first trial). Rates and factors vary on a log scale.
+# The search without --space: the One Cycle schedule and the regularizers; every range holds the default and
+# speedrun presets' values (either runs as the first trial); rates and factors vary on a log scale.
 DEFAULT_SPACE = """
 lr = {low = 0.1, high = 2.0, log = true}
 pct_start = {low = 0.1, high = 0.5}
@@ -60,7 +57,6 @@ class Param:
     choices: tuple[Any, ...] = ()
 
     def suggest(self, trial) -> Any:
-        """Ask an Optuna trial for this field's value."""
         if self.kind == "choice":
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.kind == "int":
@@ -68,7 +64,6 @@ class Param:
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
 
     def contains(self, value: Any) -> bool:
-        """Whether `value` is one of the choices or inside the range."""
         return value in self.choices if self.kind == "choice" else self.low <= value <= self.high
 
     def grid_values(self, source: str) -> list[Any]:
@@ -79,7 +74,7 @@ class Param:
             raise UserError(f"--sampler grid needs a finite set of values for '{self.name}' in {source}: "
                             "give it choices = [...] or a step")
         step = self.step or 1
-        count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
+        count = int((self.high - self.low) / step + 1e-9) + 1  # low < high: truncation is floor
         values = [self.low + i * step for i in range(count)]
         return [int(v) for v in values] if self.kind == "int" else [round(v, 12) for v in values]
 
@@ -101,12 +96,7 @@ class SearchSpace:
         return {p.name: p.grid_values(self.source) for p in self.params}
 
     def apply(self, base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
-        """`base` with the fixed fields and then `values` (a trial's suggestions) replaced."""
         return dataclasses.replace(base, **self.fixed, **values)
-
-
-def _field_kinds() -> dict[str, str]:
-    return {f.name: str(f.type) for f in fields(TrainConfig)}
 
 
 def load_search_space(path: str | Path | None, base: TrainConfig) -> SearchSpace:
@@ -117,7 +107,7 @@ def load_search_space(path: str | Path | None, base: TrainConfig) -> SearchSpace
         data, source = read_toml(path, "search space file", "--space"), str(path)
     if not data:
         raise UserError(f"search space is empty ({source}): add a table such as [lr] low = 0.1 high = 1.0")
-    kinds = _field_kinds()
+    kinds = {f.name: str(f.type) for f in fields(TrainConfig)}  # "int", "float", "bool", "str | None", ...
     params, fixed = [], {}
     for name, spec in data.items():
         if name not in kinds:
@@ -127,7 +117,7 @@ def load_search_space(path: str | Path | None, base: TrainConfig) -> SearchSpace
             raise UserError(f"'{name}' cannot be searched ({source}): set it with --{name.replace('_', '-')} "
                             "on the command line instead")
         if isinstance(spec, dict):
-            params.append(_param(name, spec, kinds[name], source))
+            params.append(_param(name, spec, kinds, source))
         else:
             fixed[name] = _checked_value(name, spec, kinds[name], source)
     space = SearchSpace(params, fixed, source)
@@ -135,10 +125,10 @@ def load_search_space(path: str | Path | None, base: TrainConfig) -> SearchSpace
     return space
 
 
-def _param(name: str, spec: dict[str, Any], kind: str, source: str) -> Param:
-    where = f"[{name}] in {source}"
+def _param(name: str, spec: dict[str, Any], kinds: dict[str, str], source: str) -> Param:
+    kind, where = kinds[name], f"[{name}] in {source}"
     unknown = sorted(set(spec) - {"low", "high", "log", "step", "choices"})
-    if unknown and unknown[0] in _field_kinds():
+    if unknown and unknown[0] in kinds:
         raise UserError(f"'{unknown[0]}' is inside the table {where}, since TOML puts every key after a [table] "
                         f"header into it: move '{unknown[0]} = ...' above the first table to fix it")
     if unknown:

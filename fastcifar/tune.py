@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -101,8 +102,8 @@ class OverBudget(Exception):
 
 @dataclasses.dataclass
 class Objective:
-    """One trial = one in-process training run of the base configuration with the trial's values.
-    Returns the validation accuracy, and with two objectives the cost as well."""
+    """One trial: an in-process training run of the base configuration with the trial's values; returns the
+    accuracy, and with two objectives the cost."""
 
     space: SearchSpace
     base: TrainConfig
@@ -186,7 +187,6 @@ def check_data(base: TrainConfig) -> tuple[int, int]:
 
 
 def trial_line(record: dict[str, Any], cost_label: str) -> str:
-    """The console row of a finished trial."""
     value = f"{record['value']:.4f}" if record["value"] is not None else "-"
     cost = f"  {cost_label} {record['cost']:.4g}" if record["cost"] is not None else ""
     return (f"trial {record['number']:4d} {record['state'].lower():8s} accuracy {value}{cost}  epochs "
@@ -195,16 +195,18 @@ def trial_line(record: dict[str, Any], cost_label: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        import optuna  # noqa: F401
+        import optuna
     except ImportError:
         raise UserError("optuna is not installed: pip install -e \".[tune]\" (or pip install optuna)") from None
     from fastcifar.atomic import write_json
     from fastcifar.plots import save_figure
     from fastcifar.tune_report import draw_plots, remove_outputs, trial_dir, trial_record, write_outputs
     from fastcifar.tune_study import GOALS, display_url, make_pruner, make_sampler, open_storage, open_study, \
-        quiet_optuna, study_settings
+        study_settings
 
-    quiet_optuna()
+    # Optuna's per-trial log lines and experimental-feature notes off: this command prints its own rows
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     args = layered_args(get_args_parser(), argv)
     base = config_from_args(args)
     validate(base)

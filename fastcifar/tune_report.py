@@ -89,10 +89,9 @@ def write_csv(path: Path, records: list[dict[str, Any]], columns: Sequence[str])
     """`records` as CSV: `columns`, then every searched parameter."""
     names = sorted({k for r in records for k in r["params"]})
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[*columns, *names], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=[*columns, *names], lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    for r in records:
-        writer.writerow({**{c: r.get(c) for c in columns}, **{n: r["params"].get(n) for n in names}})
+    writer.writerows({**r, **r["params"]} for r in records)  # no parameter shares a name with a column
     write_text(path, buf.getvalue())
 
 
@@ -103,8 +102,7 @@ def _brief(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def pareto_front(study, goal: Goal) -> list[dict[str, Any]]:
-    """The feasible trials no other trial beats on both accuracy and cost (Optuna's best_trials),
-    cheapest first; empty with one objective."""
+    """The feasible trials no other trial beats on both accuracy and cost (Optuna's best_trials), cheapest first."""
     if goal.cost is None:
         return []
     records = [trial_record(t, goal) for t in study.best_trials]
@@ -112,8 +110,7 @@ def pareto_front(study, goal: Goal) -> list[dict[str, Any]]:
 
 
 def best_trial(study, goal: Goal, front: list[dict[str, Any]], budget: float | None) -> dict[str, Any] | None:
-    """The most accurate feasible trial; with two objectives the most accurate of the front whose cost is
-    within `budget` (any cost when None)."""
+    """The most accurate feasible trial; with two objectives, of the front within `budget` (any cost when None)."""
     if goal.cost is None:
         try:
             return trial_record(study.best_trial, goal)
@@ -123,8 +120,7 @@ def best_trial(study, goal: Goal, front: list[dict[str, Any]], budget: float | N
     return max(within, key=lambda r: (r["value"], -r["cost"])) if within else None
 
 
-def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: float | None = None
-                  ) -> dict[str, Any]:
+def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: float | None) -> dict[str, Any]:
     """trials.csv, study.json, best.toml and with two objectives pareto.csv and best-per-budget/, from every
     process's trials in the storage; `about` (storage, sampler, ...) describes the invocation for study.json."""
     trials = study.get_trials(deepcopy=False)

@@ -10,7 +10,6 @@ import contextlib
 import json
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -45,14 +44,7 @@ GOALS = {goal.name: goal for goal in (
 )}
 
 
-def quiet_optuna() -> None:
-    """Optuna's per-trial log lines and experimental-feature notes off: fastcifar.tune prints its own rows."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
 def _parsed(url: str):
-    """`url` as a sqlalchemy URL, None when sqlalchemy cannot parse it."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -75,11 +67,10 @@ def open_storage(url: str):
     timeout, so several processes can share one file. Every running trial sends a heartbeat: the trial of
     a process that was killed is marked failed by the next process after `grace_period` seconds."""
     parsed = _parsed(url)
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:"):
-        if parsed is not None and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 120}}
+    sqlite = url.startswith("sqlite:")
+    if sqlite and parsed is not None and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {"connect_args": {"timeout": 120}} if sqlite else {}
     # two processes creating the tables of a new file at the same moment: the loser sees "table already
     # exists" (OperationalError) or a duplicate alembic version (IntegrityError), and retries
     for attempt in range(5):
@@ -99,11 +90,10 @@ def open_storage(url: str):
 class TrialSeededSampler(optuna.samplers.BaseSampler):
     """An Optuna sampler made afresh for each trial, seeded by a SeedSequence of (seed, trial number).
 
-    A sampler seeded once per process draws the same values in every process given the same --seed, and
-    again in a resumed invocation: duplicate trials. Trial numbers are unique within a study, whichever
-    process runs the trial, so no two trials share a draw; a study run from scratch is still reproducible
-    from its seed. Samplers keep their state in the study's storage (TPE's history, NSGA-II's
-    generations), so a fresh one per trial loses nothing."""
+    One seeded sampler per process would draw the same values in every process given the same --seed, and
+    again in a resumed invocation. Trial numbers are unique within a study, so no two trials share a draw,
+    and a study run from scratch is reproducible from its seed. Samplers keep their state in the storage
+    (TPE's history, NSGA-II's generations), so a fresh one per trial loses nothing."""
 
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
         self._make, self._seed = make, seed
@@ -174,7 +164,7 @@ def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goa
 
 def first_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
     """The flag whose value differs between two study_settings(), with both values; None if none."""
-    for key in [*current, *(k for k in stored if k not in current)]:
+    for key in {**current, **stored}:
         old, new = stored.get(key), current.get(key)
         if old == new:
             continue
@@ -206,8 +196,7 @@ def open_study(storage, name: str, goal: Goal, sampler, pruner, settings: dict[s
     stored = study.user_attrs.get(SETTINGS_KEY)
     if stored is None:  # its creator is about to record them, or it predates them: these are its settings
         study.set_user_attr(SETTINGS_KEY, settings)
-        return study, "continued"
-    difference = first_difference(stored, settings)
+    difference = first_difference(stored or settings, settings)
     if difference is None:
         return study, "continued"
     if not replace:
