@@ -3,28 +3,15 @@
     python -m fastcifar.compare default runs/tune/w16/best.toml --seeds 3 --out-dir runs/compare/best \\
         -- --data-dir ../shared/data/cifar10-png.tar.gz --width 16 --epochs 1.5 --device cpu
 
-Each ARM is `[NAME=]SPEC`, SPEC being a preset name (`default`, `speedrun`), a TOML file for
-`fastcifar.train --config`, or a quoted flag string (`"--lr 0.6 --label-smoothing 0.1"`; a single flag
-without a value needs a name: `whiten=--whiten`). Flags after `--` apply to every arm, after its own
-values. Every arm trains once per seed (seed-major order, so a stopped comparison stays paired), on the
-test set, or with --val-split N on N held-out training images instead.
-
-Reported per arm, over the paired seeds (those every arm finished): mean +- std of the accuracy (with the
-arm's TTA when it has one, else plain) and of the training seconds. Per later arm against the first: the
-paired difference with a t interval and the paired t-test's p-value (fastcifar.stats; none from fewer than
-3 paired seeds or from differences without spread). With several later arms the intervals are Bonferroni
-(each at 1 - (1 - --confidence) / m, all m together at --confidence) and the p-values Holm-adjusted. The
-verdict reads the accuracy interval: kept when it lies above zero, or when it lies within --margin points
-(default 0.1) of zero and the arm trains faster (its time interval below zero); rejected when below zero;
-otherwise undecided (or not adopted: equal, not faster). A markdown row for bench/RESULTS.md carries the
-command that reproduces it (arms, --first-seed, --seeds, --confidence, --margin, common flags).
-
-A run that fails (a diverging lr) is recorded with its error in results.json and left out of the pairing;
-the other seeds and arms go on and the report counts the failures. A rerun keeps a recorded failure as it
-is (the same seed and recipe fail the same way) unless --retry-failed trains it again. OUT gets results.json
-(rewritten after every run, so a second invocation skips finished runs; --seeds can grow), runs/<arm>/seed-<s>/
-(each run's directory and train.log) and strip.png (per-seed accuracy and time, pairs joined, means over the
-paired seeds).
+Each ARM is `[NAME=]SPEC`: a preset name, a TOML file for `fastcifar.train --config`, or a quoted flag
+string (`"--lr 0.6 --label-smoothing 0.1"`; a single flag without a value needs a name: `whiten=--whiten`).
+Flags after `--` apply to every arm, after its own. Every arm trains once per seed, seed-major so that a
+stopped comparison stays paired, on the test set (with --val-split N on N held-out training images).
+Each later arm is compared with the first over the seeds that all finished (fastcifar.stats) and gets a
+verdict (`verdict`; --margin for equal accuracy); a failed run is recorded and left out of the pairing.
+OUT gets results.json (rewritten after every run: a rerun skips finished runs, --seeds can grow, recorded
+failures stay unless --retry-failed), runs/<arm>/seed-<s>/ (each run's directory and train.log), row.md
+(a bench/RESULTS.md row with the command that reproduces it) and strip.png (per-seed accuracy and time).
 """
 
 from __future__ import annotations
@@ -32,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import shlex
 import sys
 import traceback
@@ -42,11 +30,11 @@ from fastcifar.atomic import write_json, write_text
 from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, non_recipe_fields, parse_config, \
     split_at_double_dash, to_dict
 from fastcifar.errors import UserError, first_line, run_cli
+from fastcifar.plots import pyplot, save_figure
 from fastcifar.report import reported_accuracy
 from fastcifar.stats import bonferroni_confidence, describe, multiple_paired_comparisons
 
 MEASURES = ("acc", "train_seconds")  # what each run records and each comparison compares
-DEFAULT_MARGIN = 0.1  # accuracy points within which two arms count as equally accurate (--margin)
 
 
 @dataclasses.dataclass
@@ -89,7 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default=None, help="results directory (default runs/compare/<arm names>)")
     parser.add_argument("--confidence", type=float, default=0.95,
                         help="of the intervals, jointly when several arms are compared with the first")
-    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, metavar="POINTS",
+    parser.add_argument("--margin", type=float, default=0.1, metavar="POINTS",
                         help="equal accuracy: the accuracy interval lies within this many points of zero; an arm "
                              "is kept for being faster only then")
     parser.add_argument("--retry-failed", action="store_true",
@@ -110,66 +98,42 @@ def recipe(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(config).items() if k not in non_recipe_fields()}
 
 
-def load_results(path: Path) -> dict[str, Any] | None:
-    import json
-
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        raise UserError(f"cannot read earlier results ({path}): {e}; remove it or use another --out-dir") from None
-
-
 def finished(run: dict[str, Any] | None) -> bool:
     """A run that trained to the end (a failed one holds only its error)."""
     return run is not None and "error" not in run
 
 
-def failed_runs(arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int]) -> list[dict[str, Any]]:
-    """Every recorded failure among `seeds`: arm, seed and error."""
-    return [{"arm": a.name, "seed": s, "error": runs[a.name][str(s)]["error"]} for s in seeds for a in arms
-            if str(s) in runs[a.name] and not finished(runs[a.name][str(s)])]
-
-
 def analyse(arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int], confidence: float,
             margin: float) -> dict[str, Any]:
-    """Per-arm descriptions over the paired seeds (finished by every arm) and each later arm against the first,
-    corrected for their number (stats.multiple_paired_comparisons), with a verdict each."""
+    """Per-arm descriptions over the paired seeds (finished by every arm); each later arm against the first."""
     paired = [s for s in seeds if all(finished(runs[a.name].get(str(s))) for a in arms)]
+    failed = [{"arm": a.name, "seed": s, "error": runs[a.name][str(s)]["error"]} for s in seeds for a in arms
+              if "error" in runs[a.name].get(str(s), {})]
 
     def values(arm: Arm, key: str) -> list[float]:
         return [runs[arm.name][str(s)][key] for s in paired]
 
     first, later = arms[0], arms[1:]
-    per_arm = {a.name: {key: describe(values(a, key)) for key in MEASURES} for a in arms}
     acc, secs = (multiple_paired_comparisons(values(first, key), [values(a, key) for a in later], confidence)
                  for key in MEASURES)
     comparisons = []
     for arm, a, t in zip(later, acc, secs):
-        lost = [s for s in seeds if finished(runs[first.name].get(str(s)))
-                and str(s) in runs[arm.name] and not finished(runs[arm.name][str(s)])]
+        lost = [f["seed"] for f in failed if f["arm"] == arm.name and finished(runs[first.name].get(str(f["seed"])))]
         comparisons.append({"arm": arm.name, "against": first.name, "acc": a, "train_seconds": t,
                             "verdict": verdict(a, t, margin, lost)})
-    failed = failed_runs(arms, runs, seeds)
+    each = bonferroni_confidence(confidence, len(later))  # the correction for several arms, in words
+    correction = "none: one comparison" if len(later) == 1 else (
+        f"{len(later)} comparisons against the first arm: each interval at {100 * each:.4g}% (Bonferroni, "
+        f"{100 * confidence:.4g}% for all together), p-values Holm-adjusted (p_holm); verdicts read the intervals")
     return {"paired_seeds": paired, "failed": len(failed), "failed_runs": failed, "margin_points": margin,
-            "correction": correction(len(later), confidence), "arms": per_arm, "comparisons": comparisons}
-
-
-def correction(comparisons: int, confidence: float) -> str:
-    """What is corrected for several arms against the first, in words (the JSON's `correction`)."""
-    if comparisons == 1:
-        return "none: one comparison"
-    each = bonferroni_confidence(confidence, comparisons)
-    return (f"{comparisons} comparisons against the first arm: each interval at {100 * each:.4g}% (Bonferroni, "
-            f"{100 * confidence:.4g}% for all together), p-values Holm-adjusted (p_holm); verdicts read the intervals")
+            "correction": correction,
+            "arms": {a.name: {key: describe(values(a, key)) for key in MEASURES} for a in arms},
+            "comparisons": comparisons}
 
 
 def verdict(acc: dict[str, Any], secs: dict[str, Any], margin: float, lost_seeds: Sequence[int] = ()) -> str:
-    """Kept only when better (the accuracy interval lies above zero) or faster at equal accuracy (the
-    accuracy interval lies within `margin` points of zero and the time interval below zero); rejected when
-    the accuracy interval lies below zero; otherwise undecided or not adopted. An arm that failed on seeds
-    the first arm finished is never kept."""
+    """Kept only when better, or faster at equal accuracy (within `margin` points); rejected when worse;
+    otherwise undecided or not adopted. An arm that failed on seeds the first arm finished is never kept."""
     if acc["untested"]:
         return f"undecided: {acc['untested']}"
     low, high = acc["ci_low"], acc["ci_high"]
@@ -187,26 +151,24 @@ def verdict(acc: dict[str, Any], secs: dict[str, Any], margin: float, lost_seeds
     return f"not adopted: equal accuracy within +-{margin:g} points, and not faster"
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
+def _pct(x: float | None, sign: str = "") -> str:
+    """A fraction in percent (points with sign="+"), "-" for none."""
+    return "-" if x is None else f"{100 * x:{sign}.2f}"
 
 
-def _diff(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:+.2f}"
-
-
-def _p(c: dict[str, Any]) -> str:
-    """The p-value to show: Holm-adjusted when it differs from the raw one (several comparisons)."""
-    if c["p_value"] is None:
-        return "-"
-    return f"{c['p_value']:.2g}" if c["p_holm"] == c["p_value"] else f"{c['p_holm']:.2g} (Holm)"
+def _interval(c: dict[str, Any]) -> str:
+    """The accuracy difference, its interval and p-value (Holm-adjusted when that differs: several arms)."""
+    acc = c["acc"]
+    holm = " (Holm)" if acc["p_holm"] != acc["p_value"] else ""
+    p = "-" if acc["p_value"] is None else f"{acc['p_holm']:.2g}{holm}"
+    return (f"{_pct(acc['mean_diff'], '+')} points, {100 * acc['confidence']:.4g}% CI [{_pct(acc['ci_low'])}, "
+            f"{_pct(acc['ci_high'])}], p = {p}")
 
 
 def reproduce_command(arms: list[Arm], common: list[str], seeds: list[int], confidence: float,
                       margin: float) -> str | None:
-    """The compare command that gives these results again: every arm (the correction depends on their
-    number), the seed range from the first to the last paired seed (a seed that failed inside it fails and is
-    left out again), the confidence and the margin. None without paired seeds."""
+    """The compare command that gives these results again (None without paired seeds): every arm (the correction
+    depends on their number) and the range of the paired seeds (a seed that failed inside it fails again)."""
     if not seeds:
         return None
     parts = ["python -m fastcifar.compare", *(shlex.quote(f"{a.name}={a.spec}") for a in arms),
@@ -216,20 +178,18 @@ def reproduce_command(arms: list[Arm], common: list[str], seeds: list[int], conf
 
 def markdown_rows(result: dict[str, Any], arms: list[Arm], common: list[str], split: str) -> list[str]:
     """One bench/RESULTS.md row (trick | setting | result | verdict | command) per later arm."""
-    rows = []
     stats = result["analysis"]
-    seeds = stats["paired_seeds"]
-    first = arms[0]
+    seeds, first = stats["paired_seeds"], arms[0]
+    if not seeds:
+        return []
     failed = f"; {stats['failed']} failed run(s) left out" if stats["failed"] else ""
+    a = stats["arms"][first.name]
+    rows = []
     for arm, c in zip(arms[1:], stats["comparisons"]):
-        if not seeds:
-            continue
-        a, b = stats["arms"][first.name], stats["arms"][arm.name]
-        acc = c["acc"]
+        b = stats["arms"][arm.name]
         text = (f"{_pct(b['acc']['mean'])} +- {_pct(b['acc']['std'])}% vs {_pct(a['acc']['mean'])} +- "
-                f"{_pct(a['acc']['std'])}%: {_diff(acc['mean_diff'])} points "
-                f"[{_pct(acc['ci_low'])}, {_pct(acc['ci_high'])}] ({100 * acc['confidence']:.4g}% CI), "
-                f"p = {_p(acc)}; training {b['train_seconds']['mean']:.1f} s vs {a['train_seconds']['mean']:.1f} s")
+                f"{_pct(a['acc']['std'])}%: {_interval(c)}; training {b['train_seconds']['mean']:.1f} s vs "
+                f"{a['train_seconds']['mean']:.1f} s")
         rows.append(f"| {arm.name} vs {first.name} | {' '.join(common) or 'preset values'}; seeds "
                     f"{', '.join(map(str, seeds))}; {split} set{failed} | {text} | {c['verdict']} | "
                     f"`{result['command']}` |")
@@ -240,14 +200,9 @@ def save_strip_plot(path: Path, arms: list[Arm], runs: dict[str, dict[str, dict]
                     analysis: dict[str, Any]) -> None:
     """Per-seed accuracy and training seconds, one column per arm, the runs of one seed joined by a line.
     The bars are the analysis's means over the paired seeds; hollow markers are runs outside them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paired = set(analysis["paired_seeds"])
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(arms), 4))
-    for ax, key, label in ((axes[0], "acc", "accuracy (%)"), (axes[1], "train_seconds", "training seconds")):
+    fig, axes = pyplot().subplots(1, 2, figsize=(4 + 1.6 * len(arms), 4), layout="tight")
+    for ax, key, label in zip(axes, MEASURES, ("accuracy (%)", "training seconds")):
         scale = 100 if key == "acc" else 1
         for s in seeds:
             xs = [i for i, a in enumerate(arms) if finished(runs[a.name].get(str(s)))]
@@ -261,19 +216,15 @@ def save_strip_plot(path: Path, arms: list[Arm], runs: dict[str, dict[str, dict]
             if mean is not None:
                 ax.hlines(mean * scale, i - 0.25, i + 0.25, color="black", linewidth=2, zorder=4)
         ax.set_xticks(range(len(arms)), [a.name for a in arms], rotation=15)
-        ax.set_xlim(-0.5, len(arms) - 0.5)
-        ax.set_ylabel(label)
+        ax.set(xlim=(-0.5, len(arms) - 0.5), ylabel=label)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_arm(arm: Arm, common: list[str], seed: int, out: Path, debug: bool = False) -> dict[str, Any]:
     """Train `arm` on `seed` in out/runs/<arm>/seed-<seed>/ (its output in train.log). A run that raises (a
-    diverging lr, a full disk) returns {"error": ...} instead, its traceback in train.log, so the other seeds
-    and arms go on; with `debug` it raises."""
+    diverging lr, a full disk) returns {"error": ...}, its traceback in train.log; with `debug` it raises."""
     from fastcifar.train import train
 
     run_dir = out / "runs" / arm.name / f"seed-{seed}"
@@ -318,18 +269,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # every arm's configuration checked (and its flags parsed) before anything trains
     recipes = {a.name: recipe(arm_config(a, common, seeds[0], out)) for a in arms}
     split = "val" if any(r["val_split"] for r in recipes.values()) else "test"
-    if split == "val" and len({r["val_split"] for r in recipes.values()}) > 1:
+    if len({r["val_split"] for r in recipes.values()}) > 1:
         raise UserError("arms use different --val-split values: pass --val-split after -- so all share one")
     results_path = out / "results.json"
-    previous = load_results(results_path)
+    try:
+        previous = json.loads(results_path.read_text()) if results_path.exists() else {}
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read earlier results ({results_path}): {e}; remove it or use another "
+                        "--out-dir") from None
     runs: dict[str, dict[str, dict]] = {a.name: {} for a in arms}
-    if previous:
-        for name, earlier in previous.get("arms", {}).items():
-            if name in recipes and earlier.get("config") == recipes[name]:
-                runs[name] = earlier.get("runs", {})
-            elif name in recipes:
-                raise UserError(f"arm '{name}' in {results_path} was run with another configuration: "
-                                "use another --out-dir (or remove that file to start again)")
+    for name, earlier in previous.get("arms", {}).items():
+        if name in recipes and earlier.get("config") != recipes[name]:
+            raise UserError(f"arm '{name}' in {results_path} was run with another configuration: "
+                            "use another --out-dir (or remove that file to start again)")
+        if name in recipes:
+            runs[name] = earlier.get("runs", {})
 
     def save() -> dict[str, Any]:
         analysis = analyse(arms, runs, seeds, args.confidence, args.margin)
@@ -347,34 +301,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in seeds:
         for arm in arms:
             earlier = runs[arm.name].get(str(seed))
-            if earlier is not None and (finished(earlier) or not args.retry_failed):
-                continue
-            runs[arm.name][str(seed)] = run_arm(arm, common, seed, out, args.debug)
-            save()
+            if earlier is None or (args.retry_failed and not finished(earlier)):
+                runs[arm.name][str(seed)] = run_arm(arm, common, seed, out, args.debug)
+                save()
     result = save()
     save_strip_plot(out / "strip.png", arms, runs, seeds, result["analysis"])
     write_text(out / "row.md", "\n".join(result["markdown"]) + "\n")
-    print(format_report(result, arms))
+    print(format_report(result))
     return 0
 
 
-def format_report(result: dict[str, Any], arms: list[Arm]) -> str:
+def format_report(result: dict[str, Any]) -> str:
     stats = result["analysis"]
     lines = [f"{result['eval_split']} accuracy over the paired seeds {stats['paired_seeds']}:"]
-    for a in arms:
-        d, t = stats["arms"][a.name]["acc"], stats["arms"][a.name]["train_seconds"]
-        if d["n"]:
-            lines.append(f"  {a.name:20s} {_pct(d['mean'])} +- {_pct(d['std'])}%   train {t['mean']:.1f} +- "
-                         f"{t['std']:.1f}s")
+    lines += [f"  {name:20s} {_pct(d['acc']['mean'])} +- {_pct(d['acc']['std'])}%   train "
+              f"{d['train_seconds']['mean']:.1f} +- {d['train_seconds']['std']:.1f}s"
+              for name, d in stats["arms"].items() if d["acc"]["n"]]
     lines += [f"  failed: {f['arm']}, seed {f['seed']}: {f['error']}" for f in stats["failed_runs"]]
-    for c in stats["comparisons"]:
-        acc = c["acc"]
-        lines.append(f"  {c['arm']} - {c['against']}: {_diff(acc['mean_diff'])} points, "
-                     f"{100 * acc['confidence']:.4g}% CI [{_pct(acc['ci_low'])}, {_pct(acc['ci_high'])}], "
-                     f"p = {_p(acc)}; {c['verdict']}")
+    lines += [f"  {c['arm']} - {c['against']}: {_interval(c)}; {c['verdict']}" for c in stats["comparisons"]]
     lines.append(f"  correction: {stats['correction']}; {stats['failed']} failed run(s) left out")
-    lines += result["markdown"]
-    return "\n".join(lines)
+    return "\n".join(lines + result["markdown"])
 
 
 if __name__ == "__main__":

@@ -3,87 +3,45 @@
     python -m fastcifar.tune --space bench/tune_space_cpu.toml --val-split 5000 --data-dir ...
 
 One table per training field (the flag name with underscores), holding a range or a list of choices; a
-plain value fixes the field for every trial. Fixed values come first: TOML puts every key after a
-`[table]` header into that table, so a `width = 16` below `[batch_size]` would be a key of batch_size.
+plain value fixes the field for every trial. Fixed values and one-line tables come first: TOML puts every
+key after a `[table]` header into that table, so a `width = 16` below `[batch_size]` would be one of its keys.
 
-    width = 16            # fixed
+    width = 16                                    # fixed
+    lr = {low = 0.1, high = 1.0, log = true}      # a float range; log = true samples its logarithm (rates, decays)
+    epochs = {low = 1.0, high = 2.0, step = 0.5}  # a range with a step is discrete (what --sampler grid needs)
 
-    [lr]                  # a float range; log = true samples its logarithm (use it for rates and decays)
-    low = 0.1
-    high = 1.0
-    log = true
-
-    [epochs]              # a range with a step is discrete (and is what --sampler grid needs)
-    low = 1.0
-    high = 2.0
-    step = 0.5
-
-    [batch_size]          # choices, for any field (the only way to vary a string or a boolean)
+    [batch_size]                                  # choices, for any field (the only way to vary a string or bool)
     choices = [256, 512]
 
-Integer fields get integer ranges. Every value is checked against the training validation up front, so
-a bad bound fails before the first trial, naming the file and the field. Without --space, fastcifar.tune
+Integer fields get integer ranges. Every value is checked against the training validation up front, so a
+bad bound fails before the first trial, naming the file and the field. Without --space, fastcifar.tune
 searches DEFAULT_SPACE: the One Cycle schedule and the regularizers of the recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fastcifar.config import TrainConfig, field_choices, non_recipe_fields, read_toml, validate
+from fastcifar.config import TrainConfig, field_choices, non_recipe_fields, read_toml, tomllib, validate
 from fastcifar.errors import UserError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+# Fields a search must not vary: where and how a trial runs, and the seed and split it is compared on.
+NOT_SEARCHABLE = non_recipe_fields() | {"val_split", "split_seed"}
 
-# Fields a search must not vary: where data and results live, the seed and the split (a search compares
-# configurations on one fixed split and seed), and run plumbing.
-NOT_SEARCHABLE = non_recipe_fields() | {"val_split", "split_seed"}  # where and how a trial runs, not what
-_RANGE_KEYS = {"low", "high", "log", "step"}
-
-# The search without --space: the One Cycle schedule (peak lr, warm-up fraction, both div factors) and the
-# regularizers, around the recipes (every range holds the default and speedrun presets' values, so either
-# runs as the first trial). Rates and factors vary on a log scale.
+# The search without --space: the One Cycle schedule and the regularizers; every range holds the default and
+# speedrun presets' values (either runs as the first trial); rates and factors vary on a log scale.
 DEFAULT_SPACE = """
-[lr]
-low = 0.1
-high = 2.0
-log = true
-
-[pct_start]
-low = 0.1
-high = 0.5
-
-[div_factor]
-low = 5.0
-high = 100.0
-log = true
-
-[final_div_factor]
-low = 2.0
-high = 1000.0
-log = true
-
-[weight_decay]
-low = 5e-5
-high = 5e-3
-log = true
-
-[label_smoothing]
-low = 0.0
-high = 0.3
-
-[batch_size]
-choices = [128, 256, 512, 1024]
+lr = {low = 0.1, high = 2.0, log = true}
+pct_start = {low = 0.1, high = 0.5}
+div_factor = {low = 5.0, high = 100.0, log = true}
+final_div_factor = {low = 2.0, high = 1000.0, log = true}
+weight_decay = {low = 5e-5, high = 5e-3, log = true}
+label_smoothing = {low = 0.0, high = 0.3}
+batch_size = {choices = [128, 256, 512, 1024]}
 """
-DEFAULT_SOURCE = "the default space (fastcifar.search_space.DEFAULT_SPACE)"
 
 
 @dataclass(frozen=True)
@@ -99,7 +57,6 @@ class Param:
     choices: tuple[Any, ...] = ()
 
     def suggest(self, trial) -> Any:
-        """Ask an Optuna trial for this field's value."""
         if self.kind == "choice":
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.kind == "int":
@@ -107,7 +64,6 @@ class Param:
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
 
     def contains(self, value: Any) -> bool:
-        """Whether `value` is one of the choices or inside the range."""
         return value in self.choices if self.kind == "choice" else self.low <= value <= self.high
 
     def grid_values(self, source: str) -> list[Any]:
@@ -118,7 +74,7 @@ class Param:
             raise UserError(f"--sampler grid needs a finite set of values for '{self.name}' in {source}: "
                             "give it choices = [...] or a step")
         step = self.step or 1
-        count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
+        count = int((self.high - self.low) / step + 1e-9) + 1  # low < high: truncation is floor
         values = [self.low + i * step for i in range(count)]
         return [int(v) for v in values] if self.kind == "int" else [round(v, 12) for v in values]
 
@@ -140,27 +96,18 @@ class SearchSpace:
         return {p.name: p.grid_values(self.source) for p in self.params}
 
     def apply(self, base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
-        """`base` with the fixed fields and then `values` (a trial's suggestions) replaced."""
         return dataclasses.replace(base, **self.fixed, **values)
 
 
-def _field_kinds() -> dict[str, str]:
-    return {f.name: str(f.type) for f in fields(TrainConfig)}
-
-
 def load_search_space(path: str | Path | None, base: TrainConfig) -> SearchSpace:
-    """Parse and check the TOML search space at `path` (DEFAULT_SPACE when None) against `base`, the
-    configuration it modifies."""
+    """The TOML search space at `path` (DEFAULT_SPACE when None), checked against the `base` it modifies."""
     if path is None:
-        return parse_search_space(tomllib.loads(DEFAULT_SPACE), DEFAULT_SOURCE, base)
-    return parse_search_space(read_toml(path, "search space file", "--space"), str(path), base)
-
-
-def parse_search_space(data: dict[str, Any], source: str, base: TrainConfig) -> SearchSpace:
-    """A search space from parsed TOML `data` (read from `source`), checked against `base`."""
+        data, source = tomllib.loads(DEFAULT_SPACE), "the default space (fastcifar.search_space.DEFAULT_SPACE)"
+    else:
+        data, source = read_toml(path, "search space file", "--space"), str(path)
     if not data:
         raise UserError(f"search space is empty ({source}): add a table such as [lr] low = 0.1 high = 1.0")
-    kinds = _field_kinds()
+    kinds = {f.name: str(f.type) for f in fields(TrainConfig)}  # "int", "float", "bool", "str | None", ...
     params, fixed = [], {}
     for name, spec in data.items():
         if name not in kinds:
@@ -170,7 +117,7 @@ def parse_search_space(data: dict[str, Any], source: str, base: TrainConfig) -> 
             raise UserError(f"'{name}' cannot be searched ({source}): set it with --{name.replace('_', '-')} "
                             "on the command line instead")
         if isinstance(spec, dict):
-            params.append(_param(name, spec, kinds[name], source))
+            params.append(_param(name, spec, kinds, source))
         else:
             fixed[name] = _checked_value(name, spec, kinds[name], source)
     space = SearchSpace(params, fixed, source)
@@ -178,10 +125,10 @@ def parse_search_space(data: dict[str, Any], source: str, base: TrainConfig) -> 
     return space
 
 
-def _param(name: str, spec: dict[str, Any], kind: str, source: str) -> Param:
-    where = f"[{name}] in {source}"
-    unknown = sorted(set(spec) - _RANGE_KEYS - {"choices"})
-    if unknown and unknown[0] in _field_kinds():
+def _param(name: str, spec: dict[str, Any], kinds: dict[str, str], source: str) -> Param:
+    kind, where = kinds[name], f"[{name}] in {source}"
+    unknown = sorted(set(spec) - {"low", "high", "log", "step", "choices"})
+    if unknown and unknown[0] in kinds:
         raise UserError(f"'{unknown[0]}' is inside the table {where}, since TOML puts every key after a [table] "
                         f"header into it: move '{unknown[0]} = ...' above the first table to fix it")
     if unknown:
@@ -227,15 +174,11 @@ def _checked_value(name: str, value: Any, kind: str, source: str) -> Any:
 
 
 def _check_values(space: SearchSpace, base: TrainConfig) -> None:
-    """Validate the configuration at every end of every range and at every choice, one field at a time."""
-    for p in space.params:
-        values = p.choices if p.kind == "choice" else (p.low, p.high)
-        for value in values:
-            try:
-                validate(space.apply(base, {p.name: value}))
-            except UserError as e:
-                raise UserError(f"search space value {p.name} = {value!r} in {space.source} is invalid: {e}") from None
-    try:
-        validate(space.apply(base, {}))
-    except UserError as e:
-        raise UserError(f"fixed values in {space.source} are invalid: {e}") from None
+    """Validate the fixed values, then the configuration at both ends of every range and at every choice."""
+    checks = [({}, "fixed values")] + [({p.name: v}, f"search space value {p.name} = {v!r}") for p in space.params
+                                       for v in (p.choices if p.kind == "choice" else (p.low, p.high))]
+    for values, what in checks:
+        try:
+            validate(space.apply(base, values))
+        except UserError as e:
+            raise UserError(f"{what} in {space.source} {'is' if values else 'are'} invalid: {e}") from None

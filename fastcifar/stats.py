@@ -1,7 +1,7 @@
 """Statistics over seeds: one description of a sample, one paired comparison and the corrections for several
 comparisons against one baseline, shared by every report.
 
-    >>> describe([0.93, 0.94, 0.95])["mean"]
+    >>> describe([0.92, 0.94, 0.96])["mean"]
     0.94
 
 `describe` needs numpy only; `paired_comparison` imports scipy (the `tune` extra) when called.
@@ -31,21 +31,10 @@ def describe(values: Sequence[float]) -> dict[str, Any]:
             "min": float(sample.min()), "median": float(np.median(sample)), "max": float(sample.max())}
 
 
-def untestable(a: np.ndarray, b: np.ndarray) -> str | None:
-    """Why paired samples support no interval or p-value (too few pairs, no spread), None when they do."""
-    diff = b - a
-    if diff.size < MIN_PAIRS:
-        return f"fewer than {MIN_PAIRS} paired seeds ({diff.size})"
-    scale = float(np.abs(np.concatenate([a, b])).max())
-    if float(diff.std(ddof=1)) <= MIN_RELATIVE_SPREAD * scale:
-        return "no spread: the paired differences are identical (std 0 or rounding error only)"
-    return None
-
-
 def paired_comparison(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
     """Difference b - a over paired samples (same seeds): n, mean, std, a `confidence` t interval and the
     paired t-test's two-sided p-value (scipy.stats.ttest_rel). Interval and p are None, and `untested` says
-    why, for fewer than MIN_PAIRS pairs or differences without spread (`untestable`)."""
+    why, for fewer than MIN_PAIRS pairs or differences without spread."""
     if len(a) != len(b):
         raise ValueError(f"paired samples need equal lengths, got {len(a)} and {len(b)}")
     first, second = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -53,46 +42,42 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], confidence: float 
     n = int(diff.size)
     result: dict[str, Any] = {"n": n, "mean_diff": float(diff.mean()) if n else None,
                               "std_diff": float(diff.std(ddof=1)) if n > 1 else None, "ci_low": None,
-                              "ci_high": None, "p_value": None, "confidence": confidence,
-                              "untested": untestable(first, second)}
-    if result["untested"]:
-        return result
-    from scipy import stats as scipy_stats
+                              "ci_high": None, "p_value": None, "confidence": confidence, "untested": None}
+    if n < MIN_PAIRS:
+        result["untested"] = f"fewer than {MIN_PAIRS} paired seeds ({n})"
+    elif result["std_diff"] <= MIN_RELATIVE_SPREAD * np.abs(np.concatenate([first, second])).max():
+        result["untested"] = "no spread: the paired differences are identical (std 0 or rounding error only)"
+    else:
+        from scipy import stats as scipy_stats
 
-    test = scipy_stats.ttest_rel(second, first)
-    interval = test.confidence_interval(confidence)
-    result.update(ci_low=float(interval.low), ci_high=float(interval.high), p_value=float(test.pvalue))
+        test = scipy_stats.ttest_rel(second, first)
+        interval = test.confidence_interval(confidence)
+        result.update(ci_low=float(interval.low), ci_high=float(interval.high), p_value=float(test.pvalue))
     return result
 
 
 def bonferroni_confidence(confidence: float, comparisons: int) -> float:
-    """The confidence of each of `comparisons` intervals so that all of them hold together with probability
-    at least `confidence` (Bonferroni: the error rate split evenly)."""
-    return 1 - (1 - confidence) / max(comparisons, 1)
+    """Each of `comparisons` intervals' confidence for all to hold together at `confidence` (Bonferroni)."""
+    return 1 - (1 - confidence) / comparisons
 
 
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
     """Holm's step-down adjusted p-values (statsmodels' `multipletests(method="holm")`), in the input order.
-    A comparison without a p-value (None, kept) still counts in the family, which keeps the correction
-    conservative."""
-    family = len(p_values)
-    adjusted: list[float | None] = [None] * family
+    A comparison without a p-value (None, kept) still counts in the family: the correction stays conservative."""
+    adjusted: list[float | None] = list(p_values)
     present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
     running = 0.0
     for rank, (p, i) in enumerate(present):
-        running = max(running, min(1.0, (family - rank) * p))
+        running = max(running, min(1.0, (len(p_values) - rank) * p))
         adjusted[i] = running
     return adjusted
 
 
 def multiple_paired_comparisons(baseline: Sequence[float], others: Sequence[Sequence[float]],
                                 confidence: float = 0.95) -> list[dict[str, Any]]:
-    """`paired_comparison` of each sample in `others` against `baseline`, corrected for their number m:
-    intervals at the Bonferroni confidence 1 - (1 - confidence) / m (simultaneous at `confidence`),
-    `p_value` the raw paired t-test and `p_holm` Holm's adjustment. With m = 1 nothing changes."""
-    each = bonferroni_confidence(confidence, len(others))
-    results = [paired_comparison(baseline, other, each) for other in others]
+    """`paired_comparison` of each sample in `others` against `baseline`, corrected for their number: intervals
+    at the Bonferroni confidence (all hold together at `confidence`), `p_holm` Holm's adjustment of `p_value`."""
+    results = [paired_comparison(baseline, other, bonferroni_confidence(confidence, len(others))) for other in others]
     for result, adjusted in zip(results, holm([r["p_value"] for r in results])):
-        result["p_holm"] = adjusted
-        result["family_confidence"] = confidence
+        result.update(p_holm=adjusted, family_confidence=confidence)
     return results

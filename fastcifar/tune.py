@@ -4,24 +4,14 @@
         --epochs 1.5 --device cpu --trials 12 --out-dir runs/tune/w16 \\
         --storage sqlite:///runs/tune/w16/study.db --study w16
 
-Every training flag sets the base configuration (preset < --config < flags, as in fastcifar.train); the
-search space (--space FILE, see fastcifar.search_space; by default its DEFAULT_SPACE, the One Cycle
-schedule and the regularizers) says which fields each trial varies. Each trial is an in-process training
-run on the training images minus --val-split held-out ones, evaluated on those, with the --seed seed.
-
---objective accuracy maximizes the final validation accuracy (with the run's TTA when --tta is on); its
-per-epoch values go to the pruner, which stops poor trials early. accuracy-seconds and accuracy-flops add
-a second objective to minimize, training seconds or the FLOPs of a run, and the study finds the Pareto
-front: the best accuracy at every cost. --max-train-seconds T is a constraint that Optuna's samplers handle
-(TPE and NSGA-II learn to avoid infeasible trials): a trial whose training passes T stops at its next
-evaluated epoch and is never the best.
-
-The study lives in --storage (an SQLite file by default) and records the settings its trials share
-(tune_study.study_settings): running the command again continues it up to --trials finished trials, and
-several processes (one per GPU, or on several machines with a PostgreSQL or MySQL URL) can work on it at
-the same time; each trial draws its values with a seed of its own, so no process repeats another's. A
-command with other settings is refused, naming the flag, unless --new-study replaces the study. The
-outputs (see fastcifar.tune_report) are rewritten after every trial; the plots come at the end.
+Training flags set the base configuration; the search space (--space FILE, see fastcifar.search_space;
+by default its DEFAULT_SPACE) says which fields each trial varies. Each trial is an in-process training run
+on the training images minus --val-split held-out ones, evaluated on those. --objective accuracy maximizes
+the validation accuracy (the pruner stops poor trials); accuracy-seconds and accuracy-flops also minimize
+a cost and find the Pareto front. --max-train-seconds T is an Optuna constraint: a trial past T stops at
+its next evaluated epoch and is never the best. The study lives in --storage with the settings its trials
+share (tune_study): the same command continues it, also from several processes at once, each trial drawing
+with a sampler seed of its own; other settings are refused unless --new-study. Outputs: fastcifar.tune_report.
 
 Needs the `tune` extra: pip install -e ".[tune]".
 """
@@ -33,6 +23,7 @@ import contextlib
 import dataclasses
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,18 +33,10 @@ from fastcifar.errors import UserError, run_cli
 from fastcifar.report import reported_accuracy
 from fastcifar.search_space import SearchSpace, load_search_space
 
-DEFAULT_STORAGE = "sqlite:///runs/tune.db"
-OBJECTIVES = ("accuracy", "accuracy-seconds", "accuracy-flops")
-
-
-def require_optuna() -> None:
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        raise UserError("optuna is not installed: pip install -e \".[tune]\" (or pip install optuna)") from None
-
 
 def get_args_parser():
+    from fastcifar.tune_study import GOALS
+
     parser = train_args_parser()
     parser.prog = "python -m fastcifar.tune"
     parser.description = ("Search training hyperparameters with Optuna on a validation split (--val-split N). "
@@ -64,7 +47,7 @@ def get_args_parser():
     g.add_argument("--space", metavar="FILE", default=None,
                    help="TOML search space (see fastcifar.search_space); None: its DEFAULT_SPACE, the One "
                         "Cycle schedule (lr, pct_start, div factors), weight decay, label smoothing, batch size")
-    g.add_argument("--objective", choices=OBJECTIVES, default="accuracy",
+    g.add_argument("--objective", choices=list(GOALS), default="accuracy",
                    help="maximize validation accuracy; accuracy-seconds and accuracy-flops also minimize "
                         "training seconds or the FLOPs of a run, and write the Pareto front")
     g.add_argument("--trials", type=int, default=20,
@@ -84,7 +67,7 @@ def get_args_parser():
     g.add_argument("--budget", type=float, default=None, metavar="COST",
                    help="two objectives: best.toml is the most accurate trial whose training seconds or FLOPs "
                         "are <= COST; None: the most accurate of all")
-    g.add_argument("--storage", default=DEFAULT_STORAGE,
+    g.add_argument("--storage", default="sqlite:///runs/tune.db",
                    help="Optuna storage URL: sqlite:///FILE on one machine, postgresql://... or mysql://... across")
     g.add_argument("--study", default="fastcifar", help="study name inside the storage")
     g.add_argument("--new-study", action="store_true",
@@ -113,21 +96,14 @@ def check_search_args(args: argparse.Namespace, two_objectives: bool) -> None:
                         "--max-train-seconds is the budget)")
 
 
-# ------------------------------------------------------------------------------------------------------
-# One trial
-# ------------------------------------------------------------------------------------------------------
 class OverBudget(Exception):
-    """Raised from the epoch callback to stop a trial whose training passed --max-train-seconds."""
-
-    def __init__(self, accuracy: float, train_seconds: float):
-        super().__init__(f"training passed the budget at {train_seconds:.1f}s")
-        self.accuracy, self.train_seconds = accuracy, train_seconds
+    """(accuracy, train_seconds) of a trial whose training passed --max-train-seconds, raised to stop it."""
 
 
 @dataclasses.dataclass
 class Objective:
-    """One trial = one in-process training run of the base configuration with the trial's values.
-    Returns the validation accuracy, and with two objectives the cost as well."""
+    """One trial: an in-process training run of the base configuration with the trial's values; returns the
+    accuracy, and with two objectives the cost."""
 
     space: SearchSpace
     base: TrainConfig
@@ -137,6 +113,19 @@ class Objective:
     split_sizes: tuple[int, int]      # training and validation images, for the FLOPs of a run
 
     def __call__(self, trial) -> float | tuple[float, float]:
+        try:
+            return self.run(trial)
+        except UserError as e:  # e.g. a diverging lr: this trial fails, the study goes on
+            trial.set_user_attr("error", str(e))
+            print(f"trial {trial.number} failed: {e}", file=sys.stderr)
+            raise
+        except SystemExit as e:  # Ctrl-C or SIGTERM during training: Optuna records an interrupt as a failure
+            trial.set_user_attr("error", "interrupted")
+            print(f"trial {trial.number} interrupted; run the same command again to continue the study",
+                  file=sys.stderr)
+            raise KeyboardInterrupt from e
+
+    def run(self, trial) -> float | tuple[float, float]:
         from fastcifar.flops import recipe_flops
         from fastcifar.train import train
         from fastcifar.tune_report import trial_dir
@@ -148,24 +137,24 @@ class Objective:
         trial.set_user_attr("config", to_dict(config))
         trial.set_user_attr("seed", config.seed)
         # counted on the meta device, before training: known for a trial stopped early too
-        measured = {"flops": recipe_flops(config, *self.split_sizes)["per_run"]}
-        trial.set_user_attr("flops", measured["flops"])
+        flops = recipe_flops(config, *self.split_sizes)["per_run"]
+        trial.set_user_attr("flops", flops)
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
             with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):
                 summary = train(config, on_epoch=self.epoch_callback(trial, math.ceil(config.epochs)))
-            accuracy, measured["train_seconds"] = reported_accuracy(summary), summary["train_seconds"]
+            accuracy, seconds = reported_accuracy(summary), summary["train_seconds"]
             trial.set_user_attr("val_acc", summary["test_acc"])
             trial.set_user_attr("val_acc_tta", summary["test_acc_tta"])
         except OverBudget as stop:
-            accuracy, measured["train_seconds"] = stop.accuracy, stop.train_seconds
-            trial.set_user_attr("val_acc", stop.accuracy)
-        trial.set_user_attr("train_seconds", measured["train_seconds"])
+            accuracy, seconds = stop.args
+            trial.set_user_attr("val_acc", accuracy)
+        trial.set_user_attr("train_seconds", seconds)
         if self.max_train_seconds is not None:
             # Optuna's own constraint: the samplers learn from it, best_trial(s) leave infeasible trials out
-            trial.set_constraint("train_seconds", measured["train_seconds"] - self.max_train_seconds)
-            trial.set_user_attr("over_budget", measured["train_seconds"] > self.max_train_seconds)
-        return accuracy if self.cost is None else (accuracy, measured[self.cost])
+            trial.set_constraint("train_seconds", seconds - self.max_train_seconds)
+            trial.set_user_attr("over_budget", seconds > self.max_train_seconds)
+        return accuracy if self.cost is None else (accuracy, {"flops": flops, "train_seconds": seconds}[self.cost])
 
     def epoch_callback(self, trial, last_epoch: int):
         """Per epoch: record progress; stop an evaluated epoch over budget (before the last, which
@@ -188,12 +177,8 @@ class Objective:
         return on_epoch
 
 
-# ------------------------------------------------------------------------------------------------------
-# main
-# ------------------------------------------------------------------------------------------------------
 def check_data(base: TrainConfig) -> tuple[int, int]:
-    """Load the data and make the split once up front: a wrong path or --val-split fails before any trial.
-    Returns the number of training and validation images."""
+    """(training, validation) images; loading the data up front fails a wrong path or --val-split early."""
     from fastcifar.data import load_cifar10, validation_split
 
     data = load_cifar10(base.data_dir, download=base.download or None)
@@ -202,7 +187,6 @@ def check_data(base: TrainConfig) -> tuple[int, int]:
 
 
 def trial_line(record: dict[str, Any], cost_label: str) -> str:
-    """The console row of a finished trial."""
     value = f"{record['value']:.4f}" if record["value"] is not None else "-"
     cost = f"  {cost_label} {record['cost']:.4g}" if record["cost"] is not None else ""
     return (f"trial {record['number']:4d} {record['state'].lower():8s} accuracy {value}{cost}  epochs "
@@ -210,15 +194,19 @@ def trial_line(record: dict[str, Any], cost_label: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    require_optuna()
-    import optuna
-
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("optuna is not installed: pip install -e \".[tune]\" (or pip install optuna)") from None
     from fastcifar.atomic import write_json
-    from fastcifar.tune_report import remove_outputs, save_plots, trial_dir, trial_record, write_outputs
+    from fastcifar.plots import save_figure
+    from fastcifar.tune_report import draw_plots, remove_outputs, trial_dir, trial_record, write_outputs
     from fastcifar.tune_study import GOALS, display_url, make_pruner, make_sampler, open_storage, open_study, \
-        quiet_optuna, study_settings
+        study_settings
 
-    quiet_optuna()
+    # Optuna's per-trial log lines and experimental-feature notes off: this command prints its own rows
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     args = layered_args(get_args_parser(), argv)
     base = config_from_args(args)
     validate(base)
@@ -254,40 +242,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     about = {"storage": url, "sampler": args.sampler, "pruner": pruner_name, "space": space.source,
              "max_train_seconds": args.max_train_seconds}
-    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                       optuna.trial.TrialState.FAIL)
+
+    def finished() -> int:  # complete, pruned or failed
+        return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
 
     def after_trial(study, trial) -> None:
         record = trial_record(trial, goal)
         write_json(trial_dir(out, trial.number) / "trial.json", record)
         write_outputs(study, out, goal, about, args.budget)
         print(trial_line(record, goal.cost_label), flush=True)
-        if len(study.get_trials(deepcopy=False, states=finished_states)) >= args.trials:
+        if finished() >= args.trials:
             study.stop()
 
-    run_trial = Objective(space, base, out, goal.cost, args.max_train_seconds, split_sizes)
-
-    def objective(trial) -> float | tuple[float, float]:
-        try:
-            return run_trial(trial)
-        except UserError as e:  # e.g. a diverging lr: this trial fails, the study goes on
-            trial.set_user_attr("error", str(e))
-            print(f"trial {trial.number} failed: {e}", file=sys.stderr)
-            raise
-        except SystemExit as e:  # Ctrl-C or SIGTERM during training: Optuna records an interrupt as a failure
-            trial.set_user_attr("error", "interrupted")
-            print(f"trial {trial.number} interrupted; run the same command again to continue the study",
-                  file=sys.stderr)
-            raise KeyboardInterrupt from e
-
-    done = len(study.get_trials(deepcopy=False, states=finished_states))
+    done = finished()
     print(f"study '{args.study}' in {url}: {done} finished trial(s), running until {args.trials}; objective "
           f"{goal.name}, sampler {args.sampler}, pruner {pruner_name}, outputs in {out}", flush=True)
     if done < args.trials:
-        study.optimize(objective, n_trials=args.trials - done, catch=(UserError,), callbacks=[after_trial])
+        study.optimize(Objective(space, base, out, goal.cost, args.max_train_seconds, split_sizes),
+                       n_trials=args.trials - done, catch=(UserError,), callbacks=[after_trial])
     summary = write_outputs(study, out, goal, about, args.budget)
     if base.plots:  # --no-plots skips them (each trial's own plots are always off)
-        save_plots(study, out, goal)
+        for name, figure in draw_plots(study, goal):
+            save_figure(figure, out / f"{name}.png")
     print_result(summary, out, goal.cost_label)
     return 0
 

@@ -20,17 +20,20 @@ import math
 import shutil
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+import numpy as np
+import optuna
 
 from fastcifar.atomic import write_json, write_text
 from fastcifar.config import TrainConfig, to_dict
 from fastcifar.errors import first_line
-from fastcifar.plots import pyplot, save_figure
+from fastcifar.plots import pyplot
 from fastcifar.search_space import NOT_SEARCHABLE
 from fastcifar.tune_study import SETTINGS_KEY, Goal
 
-# Fields left out of best.toml: where data and results live and how this machine runs, not the recipe.
 BUDGET_DIR = "best-per-budget"
 OUTPUT_FILES = ("study.json", "trials.csv", "best.toml", "pareto.csv", "pareto.png", "history.png",
                 "importances.png", "slice.png")
@@ -55,37 +58,24 @@ def recipe_toml(config: TrainConfig, header: Sequence[str] = ()) -> str:
     trains the same recipe under any --preset."""
     lines = [f"# {line}" for line in header]
     for name, value in to_dict(config).items():
-        if name in NOT_SEARCHABLE or value is None:
-            continue
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, str):
-            text = json.dumps(value)
-        elif isinstance(value, float):
-            text = repr(value) if math.isfinite(value) else None
-        else:
-            text = str(value)
-        if text is not None:
-            lines.append(f"{name} = {text}")
+        # JSON's scalars are TOML's (a float as repr, a string with escapes TOML reads); inf and nan are not
+        if name not in NOT_SEARCHABLE and value is not None and (isinstance(value, str) or math.isfinite(value)):
+            lines.append(f"{name} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------------------------
-# Trials
-# ------------------------------------------------------------------------------------------------------
 def trial_record(t, goal: Goal) -> dict[str, Any]:
     """One trial as data (trial.json, a row of trials.csv): `value` is its validation accuracy, `cost` its
     second objective (two objectives only); `feasible` is False when it broke --max-train-seconds."""
-    intermediate = dict(sorted(t.intermediate_values.items()))
-    last = list(intermediate.values())[-1] if intermediate else None
     values = t.values or [None, None]
     attrs = t.user_attrs
     return {"number": t.number, "state": t.state.name, "value": values[0],
-            "cost": values[1] if goal.cost and len(values) > 1 else None, "seed": attrs.get("seed"),
+            "cost": values[1] if goal.cost else None, "seed": attrs.get("seed"),
             "params": t.params, "val_acc": attrs.get("val_acc"), "val_acc_tta": attrs.get("val_acc_tta"),
             "train_seconds": attrs.get("train_seconds"), "flops": attrs.get("flops"),
             "epochs_done": attrs.get("epochs_done"),
-            "intermediate_val_acc": {str(k): v for k, v in intermediate.items()}, "last_intermediate": last,
+            "intermediate_val_acc": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+            "last_intermediate": t.intermediate_values.get(t.last_step),
             "base": bool(attrs.get("base")), "over_budget": bool(attrs.get("over_budget")),
             "feasible": all(v <= 0 for v in t.constraints.values()), "error": attrs.get("error"),
             "seconds": t.duration.total_seconds() if t.duration else None, "config": attrs.get("config")}
@@ -99,10 +89,9 @@ def write_csv(path: Path, records: list[dict[str, Any]], columns: Sequence[str])
     """`records` as CSV: `columns`, then every searched parameter."""
     names = sorted({k for r in records for k in r["params"]})
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[*columns, *names], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=[*columns, *names], lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    for r in records:
-        writer.writerow({**{c: r.get(c) for c in columns}, **{n: r["params"].get(n) for n in names}})
+    writer.writerows({**r, **r["params"]} for r in records)  # no parameter shares a name with a column
     write_text(path, buf.getvalue())
 
 
@@ -112,12 +101,8 @@ def _brief(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r[k] for k in keys}
 
 
-# ------------------------------------------------------------------------------------------------------
-# The study's files
-# ------------------------------------------------------------------------------------------------------
 def pareto_front(study, goal: Goal) -> list[dict[str, Any]]:
-    """The feasible trials no other trial beats on both accuracy and cost (Optuna's best_trials),
-    cheapest first; empty with one objective."""
+    """The feasible trials no other trial beats on both accuracy and cost (Optuna's best_trials), cheapest first."""
     if goal.cost is None:
         return []
     records = [trial_record(t, goal) for t in study.best_trials]
@@ -125,8 +110,7 @@ def pareto_front(study, goal: Goal) -> list[dict[str, Any]]:
 
 
 def best_trial(study, goal: Goal, front: list[dict[str, Any]], budget: float | None) -> dict[str, Any] | None:
-    """The most accurate feasible trial; with two objectives the most accurate of the front whose cost is
-    within `budget` (any cost when None)."""
+    """The most accurate feasible trial; with two objectives, of the front within `budget` (any cost when None)."""
     if goal.cost is None:
         try:
             return trial_record(study.best_trial, goal)
@@ -136,13 +120,9 @@ def best_trial(study, goal: Goal, front: list[dict[str, Any]], budget: float | N
     return max(within, key=lambda r: (r["value"], -r["cost"])) if within else None
 
 
-def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: float | None = None
-                  ) -> dict[str, Any]:
-    """trials.csv, study.json, best.toml and with two objectives pareto.csv and best-per-budget/, from
-    everything the storage holds (all processes' trials). `about` describes the invocation (storage,
-    sampler, ...) for study.json; the split and recipe come from the study's own settings."""
-    import optuna
-
+def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: float | None) -> dict[str, Any]:
+    """trials.csv, study.json, best.toml and with two objectives pareto.csv and best-per-budget/, from every
+    process's trials in the storage; `about` (storage, sampler, ...) describes the invocation for study.json."""
     trials = study.get_trials(deepcopy=False)
     records = [trial_record(t, goal) for t in trials]
     write_csv(out / "trials.csv", records, TRIAL_COLUMNS)
@@ -150,70 +130,49 @@ def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: f
     best = best_trial(study, goal, front, budget)
     base_trial = next((r for r in records if r["base"]), None)
     settings = study.user_attrs.get(SETTINGS_KEY, {})
-    counts = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
     summary = {"study": study.study_name, **about, "eval_split": "val", "objective": goal.name,
                "directions": goal.directions, "cost": goal.cost_label or None, "budget": budget,
-               "settings": settings, "trials": {k: v for k, v in counts.items() if v},
+               "settings": settings, "trials": dict(Counter(t.state.name for t in trials)),
                "best": best and _brief(best), "base": base_trial and _brief(base_trial)}
     if goal.cost:
         summary["pareto"] = [_brief(r) for r in front]
         write_pareto(out, front, goal, study.study_name, settings)
     write_json(out / "study.json", summary)
-    if best is not None and best["config"]:
-        header = [f"best of study '{study.study_name}' ({about['storage']}), trial {best['number']}:",
-                  *describe_trial(best, goal, settings),
-                  "train it: python -m fastcifar.train --config THIS_FILE --data-dir ..."]
-        if budget is not None:
-            header.insert(1, f"the most accurate trial with {goal.cost_label} <= {budget:g}")
-        write_text(out / "best.toml", recipe_toml(TrainConfig(**best["config"]), header))
+    if best is not None:
+        within = [f"the most accurate trial with {goal.cost_label} <= {budget:g}"] if budget is not None else []
+        write_recipe(out / "best.toml", best, goal, settings,
+                     f"best of study '{study.study_name}' ({about['storage']}), trial {best['number']}", *within,
+                     "train it: python -m fastcifar.train --config THIS_FILE --data-dir ...")
     return summary
 
 
-def describe_trial(r: dict[str, Any], goal: Goal, settings: dict[str, Any]) -> list[str]:
-    lines = [f"{ACCURACY_LABEL} {r['value']:.4f} on {settings.get('val_split')} held-out training images "
-             f"(split seed {settings.get('split_seed')}), training seed {r['seed']}"]
+def write_recipe(path: Path, r: dict[str, Any], goal: Goal, settings: dict[str, Any], *title: str) -> None:
+    """Trial record `r`'s configuration as a recipe for fastcifar.train, headed by `title` and its results."""
+    results = [f"{ACCURACY_LABEL} {r['value']:.4f} on {settings.get('val_split')} held-out training images "
+               f"(split seed {settings.get('split_seed')}), training seed {r['seed']}"]
     if goal.cost:
-        lines.append(f"{goal.cost_label}: {r['cost']:.4g}")
-    return lines
+        results.append(f"{goal.cost_label}: {r['cost']:.4g}")
+    write_text(path, recipe_toml(TrainConfig(**r["config"]), [*title, *results]))
 
 
 def write_pareto(out: Path, front: list[dict[str, Any]], goal: Goal, study_name: str,
                  settings: dict[str, Any]) -> None:
     """pareto.csv (with each point's TOML) and best-per-budget/trial-NNNN.toml for the current front;
     the TOMLs of trials that have left the front are removed."""
-    folder = out / BUDGET_DIR
-    folder.mkdir(exist_ok=True)
-    keep = set()
+    (out / BUDGET_DIR).mkdir(exist_ok=True)
     for r in front:
-        name = f"trial-{r['number']:04d}.toml"
-        keep.add(name)
-        r["toml"] = f"{BUDGET_DIR}/{name}"
-        header = [f"trial {r['number']} of study '{study_name}': the most accurate trial with {goal.cost_label} "
-                  f"<= {r['cost']:.4g}", *describe_trial(r, goal, settings)]
-        write_text(folder / name, recipe_toml(TrainConfig(**r["config"]), header))
-    for stale in folder.glob("trial-*.toml"):
-        if stale.name not in keep:
-            stale.unlink()
+        r["toml"] = f"{BUDGET_DIR}/trial-{r['number']:04d}.toml"
+        write_recipe(out / r["toml"], r, goal, settings, f"trial {r['number']} of study '{study_name}': the most "
+                     f"accurate trial with {goal.cost_label} <= {r['cost']:.4g}")
+    for stale in set((out / BUDGET_DIR).glob("trial-*.toml")) - {out / r["toml"] for r in front}:
+        stale.unlink()
     write_csv(out / "pareto.csv", front, ("number", "value", "cost", "val_acc", "val_acc_tta", "train_seconds",
                                           "flops", "seed", "toml"))
 
 
-# ------------------------------------------------------------------------------------------------------
-# Plots
-# ------------------------------------------------------------------------------------------------------
-def save_plots(study, out: Path, goal: Goal) -> list[str]:
-    """history.png, importances.png, slice.png (the accuracy against each parameter) and, with two
-    objectives, pareto.png; a plot that needs more trials is skipped with a note on stderr."""
-    written = []
-    for name, figure in draw_plots(study, goal):
-        save_figure(figure, out / f"{name}.png")
-        written.append(f"{name}.png")
-    return written
-
-
 def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
-    """(name, matplotlib figure) of each plot save_plots writes, laid out as it will be saved."""
-    import optuna
+    """(name, matplotlib figure): history, importances, slice (the accuracy against each parameter) and,
+    with two objectives, pareto; a plot that needs more trials is skipped with a note on stderr."""
     from optuna.visualization import matplotlib as vis
 
     plt = pyplot()
@@ -221,7 +180,7 @@ def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
     accuracy: dict[str, Any] = {"target_name": ACCURACY_LABEL}
     if goal.cost:
         accuracy["target"] = lambda t: t.values[0]
-    plots = {"history": lambda: _sized(vis.plot_optimization_history(study, **accuracy), 8.5, 4.8),
+    plots = {"history": lambda: vis.plot_optimization_history(study, **accuracy),
              "importances": lambda: vis.plot_param_importances(study, **accuracy),
              "slice": lambda: readable_slice(vis.plot_slice(study, **accuracy))}
     if goal.cost:
@@ -235,25 +194,16 @@ def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
             except (ValueError, RuntimeError, ZeroDivisionError, optuna.exceptions.OptunaError) as e:
                 print(f"skipped {name}.png: {first_line(e)}", file=sys.stderr)
                 continue
-        yield name, _figure(axes)
-
-
-def _sized(axes, width: float, height: float):
-    _figure(axes).set_size_inches(width, height)
-    return axes
-
-
-def _figure(axes):
-    import numpy as np
-
-    return np.ravel(axes)[0].figure
+        figure = np.ravel(axes)[0].figure
+        if name == "history":  # wider than the default: one point per trial
+            figure.set_size_inches(8.5, 4.8)
+        yield name, figure
 
 
 def readable_slice(axes):
     """Optuna's slice plot (log axes for log-scaled parameters) with room for every panel, log axes
     labelled at 1 and 3 times powers of ten as plain numbers, and tick labels that do not run into each
     other (matplotlib labels minor log ticks in a way that overlaps on narrow panels)."""
-    import numpy as np
     from matplotlib.category import StrCategoryLocator
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
@@ -271,10 +221,8 @@ def readable_slice(axes):
 
 
 def pareto_plot(study, goal: Goal):
-    """Every complete trial's cost against its accuracy (Optuna's Pareto-front plot: the front in red,
-    infeasible trials in grey), the front joined as the best accuracy reachable at each cost, its
-    points and the base configuration numbered; FLOPs on a log axis."""
-    import optuna
+    """Optuna's Pareto-front plot (cost against accuracy; the front red, infeasible trials grey), the front
+    joined as the best accuracy reachable at each cost, its points and the base configuration numbered."""
     from optuna.visualization import matplotlib as vis
 
     ax = vis.plot_pareto_front(study, targets=lambda t: (t.values[1], t.values[0]),

@@ -1,19 +1,15 @@
 """The Optuna study behind fastcifar.tune: its storage, samplers, pruners, objectives and the settings that
-make its trials comparable.
+make its trials comparable (a later invocation with other settings is refused, naming the flag).
 
     python -c "from fastcifar.tune_study import display_url; print(display_url('postgresql://me:pw@db/s'))"
-
-A study is opened by name in a storage (an SQLite file, or a database server shared by several machines).
-It records the settings its trials were made under (study_settings); a later invocation with other
-settings is refused, naming the flag, unless it asks for the old study to be replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -48,38 +44,33 @@ GOALS = {goal.name: goal for goal in (
 )}
 
 
-def quiet_optuna() -> None:
-    """Optuna's per-trial log lines and experimental-feature notes off: fastcifar.tune prints its own rows."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Storage
-# ------------------------------------------------------------------------------------------------------
-def display_url(url: str) -> str:
-    """`url` with its password masked, for everything printed or written (sqlalchemy renders it)."""
+def _parsed(url: str):
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:  # not a URL sqlalchemy can parse: mask anything between user: and @
+        return make_url(url)
+    except ArgumentError:
+        return None
+
+
+def display_url(url: str) -> str:
+    """`url` with its password masked, for everything printed or written (sqlalchemy renders it)."""
+    parsed = _parsed(url)
+    if parsed is None:  # mask anything between user: and @
         return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+    return parsed.render_as_string(hide_password=True)
 
 
 def open_storage(url: str):
-    """An Optuna database storage for `url` (sqlite:///FILE, postgresql://..., mysql+pymysql://...; the
-    last two need their driver). SQLite files get their folder created and a patient lock timeout, so
-    several processes can share one file. Every running trial sends a heartbeat: the trial of a process
-    that was killed is marked failed by the next process after `grace_period` seconds."""
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:"):
-        path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 120}}
-    last: Exception | None = None
+    """An Optuna database storage for `url`. SQLite files get their folder created and a patient lock
+    timeout, so several processes can share one file. Every running trial sends a heartbeat: the trial of
+    a process that was killed is marked failed by the next process after `grace_period` seconds."""
+    parsed = _parsed(url)
+    sqlite = url.startswith("sqlite:")
+    if sqlite and parsed is not None and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {"connect_args": {"timeout": 120}} if sqlite else {}
     # two processes creating the tables of a new file at the same moment: the loser sees "table already
     # exists" (OperationalError) or a duplicate alembic version (IntegrityError), and retries
     for attempt in range(5):
@@ -87,43 +78,22 @@ def open_storage(url: str):
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
                                               grace_period=300)
         except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a locked or unreachable database
-            last = e
+            reason = first_line(e)
             if type(e).__name__ not in ("OperationalError", "IntegrityError"):
                 break
             time.sleep(0.5 + attempt)
-    reason = first_line(last)
-    password = _password(url)
-    if password:  # a driver may quote the URL back
-        reason = reason.replace(password, "***")
+    if parsed is not None and parsed.password:  # a driver may quote the URL back
+        reason = reason.replace(parsed.password, "***")
     raise UserError(f"cannot open --storage {display_url(url)}: {reason}")
 
 
-def _password(url: str) -> str | None:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).password
-    except ArgumentError:
-        return None
-
-
-# ------------------------------------------------------------------------------------------------------
-# Samplers and pruners
-# ------------------------------------------------------------------------------------------------------
-def trial_seed(seed: int, number: int) -> int:
-    """The sampler seed of trial `number` of a study run with --seed `seed`: distinct for every trial."""
-    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
-
-
 class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """An Optuna sampler made afresh for each trial, seeded by (seed, trial number).
+    """An Optuna sampler made afresh for each trial, seeded by a SeedSequence of (seed, trial number).
 
-    A sampler seeded once per process draws the same values in every process given the same --seed, and
-    again in a resumed invocation: duplicate trials. Trial numbers are unique within a study, whichever
-    process runs the trial, so no two trials share a draw; a study run from scratch is still reproducible
-    from its seed. Samplers keep their state in the study's storage (TPE's history, NSGA-II's
-    generations), so a fresh one per trial loses nothing."""
+    One seeded sampler per process would draw the same values in every process given the same --seed, and
+    again in a resumed invocation. Trial numbers are unique within a study, so no two trials share a draw,
+    and a study run from scratch is reproducible from its seed. Samplers keep their state in the storage
+    (TPE's history, NSGA-II's generations), so a fresh one per trial loses nothing."""
 
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
         self._make, self._seed = make, seed
@@ -131,7 +101,8 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def _of(self, trial) -> optuna.samplers.BaseSampler:
         if trial.number not in self._samplers:
-            self._samplers[trial.number] = self._make(trial_seed(self._seed, trial.number))
+            seed = np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0]
+            self._samplers[trial.number] = self._make(int(seed))
         return self._samplers[trial.number]
 
     def before_trial(self, study, trial) -> None:
@@ -150,11 +121,8 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._of(trial).after_trial(study, trial, state, values)
         self._samplers.pop(trial.number, None)
 
-    def reseed_rng(self) -> None:
-        """Nothing to do: every trial's seed is its own already."""
 
-
-def make_sampler(name: str, space: SearchSpace, seed: int, startup_trials: int = 10):
+def make_sampler(name: str, space: SearchSpace, seed: int, startup_trials: int):
     """The --sampler, seeded per trial; the grid sampler as it is, since it already gives trial N the N-th
     point of its (seeded) shuffle of the grid. TPE's settings are spelled out because Optuna's defaults
     change between releases: multivariate TPE, and the constant liar that keeps parallel workers apart."""
@@ -173,7 +141,7 @@ def make_sampler(name: str, space: SearchSpace, seed: int, startup_trials: int =
     return TrialSeededSampler(make, seed)
 
 
-def make_pruner(name: str, prune_after: int = 5):
+def make_pruner(name: str, prune_after: int):
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=prune_after)
     if name == "hyperband":
@@ -181,15 +149,11 @@ def make_pruner(name: str, prune_after: int = 5):
     return optuna.pruners.NopPruner()
 
 
-# ------------------------------------------------------------------------------------------------------
-# What makes trials comparable
-# ------------------------------------------------------------------------------------------------------
 def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goal,
                    max_train_seconds: float | None) -> dict[str, Any]:
-    """Everything the trials of one study must share, as JSON data: the preset, the objective and its
-    budget, the space, and every field of the base recipe that no trial varies (epochs, width, the split's
-    size and seed, ...). Not in it: --seed (recorded per trial), and where and how trials run (the
-    device, the data's path, torch.compile), so machines of several kinds can share one study."""
+    """Everything the trials of one study must share, as JSON data: preset, objective, budget, space and every
+    base recipe field no trial varies. Not --seed (recorded per trial), nor where and how trials run (device,
+    data path, torch.compile), so machines of several kinds can share one study."""
     searched = {p.name for p in space.params}
     recipe = {name: value for name, value in to_dict(space.apply(base, {})).items()
               if name not in non_recipe_fields() and name not in searched}
@@ -200,16 +164,15 @@ def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goa
 
 def first_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
     """The flag whose value differs between two study_settings(), with both values; None if none."""
-    for key in [*current, *(k for k in stored if k not in current)]:
+    for key in {**current, **stored}:
         old, new = stored.get(key), current.get(key)
         if old == new:
             continue
-        if key == "space":
-            names = [*new["params"], *new["fixed"], *old["params"], *old["fixed"]]
-            name = next(n for n in names if (old["params"].get(n), old["fixed"].get(n))
-                        != (new["params"].get(n), new["fixed"].get(n)))
-            where = lambda s: s["params"].get(name, s["fixed"].get(name, "not searched"))  # noqa: E731
-            return f"--space: '{name}' is {json.dumps(where(new))} here, {json.dumps(where(old))} in the study"
+        if key == "space":  # the first field whose range, choices or fixed value differs
+            old, new = ({**space["fixed"], **space["params"]} for space in (old, new))
+            name = next(n for n in {**new, **old} if old.get(n) != new.get(n))
+            return (f"--space: '{name}' is {json.dumps(new.get(name, 'not searched'))} here, "
+                    f"{json.dumps(old.get(name, 'not searched'))} in the study")
         return f"--{key.replace('_', '-')} {_shown(new)} (the study's: {_shown(old)})"
     return None
 
@@ -233,17 +196,14 @@ def open_study(storage, name: str, goal: Goal, sampler, pruner, settings: dict[s
     stored = study.user_attrs.get(SETTINGS_KEY)
     if stored is None:  # its creator is about to record them, or it predates them: these are its settings
         study.set_user_attr(SETTINGS_KEY, settings)
-        return study, "continued"
-    difference = first_difference(stored, settings)
+    difference = first_difference(stored or settings, settings)
     if difference is None:
         return study, "continued"
     if not replace:
         raise UserError(f"study '{name}' in {display_url(url)} was made with other settings, so its trials are "
                         f"not comparable with this command's: {difference}; use the study's settings, another "
                         "--study name, or --new-study to replace it")
-    try:
+    with contextlib.suppress(KeyError):  # another worker replaced it first
         optuna.delete_study(study_name=name, storage=storage)
-    except KeyError:  # another worker replaced it first
-        pass
     study, status = open_study(storage, name, goal, sampler, pruner, settings, url)
     return study, "replaced" if status == "created" else status  # continued: another worker replaced it
