@@ -18,7 +18,7 @@ import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Collection, Literal, Sequence
 
 from fastcifar.errors import UserError
 
@@ -252,16 +252,16 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argpar
     return config, args
 
 
-def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: frozenset[str] | set[str],
+def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: Collection[str] | None,
                   run_dir: str) -> TrainConfig:
-    """The config of a resumed run: the checkpoint's recipe, with the environment fields the user set.
-    A recipe field set to another value than the checkpoint's is a UserError naming the flag."""
+    """The config of a resumed run: the checkpoint's recipe, with the environment fields the user set (those
+    in `explicit`; None: all). A recipe field set to another value than the checkpoint's is a UserError."""
     try:
         config = TrainConfig(**saved)
     except TypeError as e:
         raise UserError(f"checkpoint has no valid config ({run_dir}): {e}; start a new run") from None
     environment = environment_fields()
-    for name in sorted(explicit):
+    for name in sorted(explicit if explicit is not None else (f.name for f in fields(TrainConfig))):
         new, old = getattr(requested, name), getattr(config, name)
         if name in environment:
             setattr(config, name, new)

@@ -1,5 +1,5 @@
-"""Where a run executes: device choice, precision, backends, a device-synchronized timer, signal handling
-and one description of the machine for every report.
+"""Where a run executes: device choice, precision, backends, a device-synchronized timer, out-of-memory and
+signal handling, and one description of the machine for every report.
 
     python -c "from fastcifar.runtime import environment; print(environment())"
 """
@@ -11,11 +11,12 @@ import os
 import platform
 import signal
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from fastcifar import __version__
+from fastcifar.config import TrainConfig
 from fastcifar.distributed import Dist, FlagVote, host_group
 from fastcifar.errors import UserError
 
@@ -112,6 +113,16 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "fastcifar": __version__, "cpu": f"{processor}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+@contextlib.contextmanager
+def out_of_memory_is_one_line(config: TrainConfig, device: torch.device) -> Iterator[None]:
+    """Running out of device memory is a one-line UserError naming the flags that size the run."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of memory on {device} at --batch-size {config.batch_size}, --width {config.width}: "
+                        "lower --batch-size or --width (and --resume the run if it wrote a checkpoint)") from None
 
 
 class StopRequested(Exception):

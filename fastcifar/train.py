@@ -6,7 +6,7 @@
     python -m fastcifar.train --resume runs/default          # continue from the last finished epoch
 
 `train` is the loop: config -> data, model, loaders (`setup`) -> for each seed: fresh weights (`start_seed`),
-`for epoch: train_one_epoch; evaluate` -> model and plots (`finish_seed`). docs/training.md describes the run.
+`for epoch: train_one_epoch; evaluate` -> model, plots and summary (`finish_seed`). docs/training.md has more.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+import fastcifar.data
 from fastcifar.atomic import write_json
 from fastcifar.augment import DeviceLoader
 from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE, ModelInfo, RunState, Training, load_resume, save_model
@@ -40,13 +41,13 @@ from fastcifar.recipe import build_criterion, build_loaders, build_model, build_
 from fastcifar.report import METRICS_FILE, check_out_dir, create_out_dir, epoch_row, format_summary, \
     progress_bar, run_summary, seed_line, work_line, write_metrics, write_summary
 from fastcifar.runtime import SignalGuard, StopRequested, Timer, amp_dtype, autocast, configure_backends, \
-    environment, select_device
+    environment, out_of_memory_is_one_line, select_device
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                    scaler: torch.amp.GradScaler, batches: Iterable, device: torch.device, dtype: torch.dtype | None,
-                    lookahead: Lookahead | None = None, guard: SignalGuard | None = None,
-                    ) -> tuple[torch.Tensor, list[float]]:
+                    scaler: torch.amp.GradScaler, batches: Iterable, device: torch.device,
+                    dtype: torch.dtype | None, lookahead: Lookahead | None = None,
+                    guard: SignalGuard | None = None) -> tuple[torch.Tensor, list[float]]:
     """One pass over `batches`, stepping the scheduler per batch. Returns the epoch's sums, still on the
     device (loss x samples, correct, samples, the first step whose loss was not finite or -1: `reduce_epoch`
     reads them in one sync), and the lr of each step. Raises StopRequested after the step during which
@@ -107,8 +108,6 @@ class Session:
 
 def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> Session:
     """Run directory, data, model (compiled, wrapped), loss, loaders and the warm-up of every compilation."""
-    from fastcifar.data import load_cifar10, validation_split
-
     configure_backends(device)
     dtype = amp_dtype(device, config.amp, config.amp_dtype)
     if config.optimizer == "muon" and dtype == torch.float16:
@@ -116,9 +115,9 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device) -
                         "in bf16 (--amp-dtype bf16) or fp32 (--no-amp)")
     out = check_out_dir(config, resume=resume)
     start = time.perf_counter()
-    data = load_cifar10(config.data_dir, download=config.download or None)
+    data = fastcifar.data.load_cifar10(config.data_dir, download=config.download or None)
     if config.val_split:  # from here on the "test" arrays are the held-out training images
-        data = validation_split(data, config.val_split, config.split_seed)
+        data = fastcifar.data.validation_split(data, config.val_split, config.split_seed)
     data_seconds = time.perf_counter() - start
     check_batch_size(config, len(data.train_labels), dist)
     if dist.is_main:
@@ -171,9 +170,8 @@ def warm_up(session: Session) -> float:
         test_inputs = next(iter(session.test_loader))[0].to(device)
         with torch.no_grad(), autocast(device, dtype):  # the views made as evaluate makes them
             views = tta_inputs(test_inputs, session.config.tta_translate) if session.config.tta else [test_inputs]
-            for _ in range(2):
-                for view in views:
-                    model(view)
+            for view in views * 2:
+                model(view)
     session.model_without_ddp.load_state_dict(saved)
     session.model_without_ddp.zero_grad(set_to_none=True)
     if loader_state is not None:  # the warm-up must not shift the run's random choices
@@ -208,8 +206,11 @@ def start_seed(session: Session, run: RunState, ckpt: dict[str, Any] | None, sta
     return training
 
 
-def end_epoch(session: Session, run: RunState, sums: torch.Tensor, lrs: list[float], seconds: float) -> dict:
-    """The epoch's one host sync: a non-finite loss refused, `run` advanced, the metrics row (without test_*)."""
+def end_epoch(session: Session, training: Training, sums: torch.Tensor, lrs: list[float], seconds: float,
+              evaluation: dict[str, Any] | None, last: bool) -> dict[str, Any]:
+    """After an epoch's steps and evaluation (None: not due): the one host sync, which refuses a non-finite
+    loss, then the metrics row (console and metrics.csv) and the checkpoint. Returns the row."""
+    config, run = session.config, training.run
     loss, acc, seen, bad = reduce_epoch(sums, session.dist)
     epoch = run.epoch + 1
     if bad >= 0:
@@ -217,14 +218,10 @@ def end_epoch(session: Session, run: RunState, sums: torch.Tensor, lrs: list[flo
                         f"good checkpoint is kept in {session.out}: lower --lr and --resume, or start again")
     run.epoch, run.train_seconds, run.images = epoch, run.train_seconds + seconds, run.images + seen
     run.lrs.extend(lrs)
-    return {"seed": session.config.seed + run.run_index, "epoch": epoch, "lr": lrs[-1], "train_loss": loss,
-            "train_acc": acc, "test_loss": math.nan, "test_acc": math.nan, "epoch_seconds": seconds,
-            "total_seconds": run.train_seconds}
-
-
-def save_epoch(session: Session, training: Training, row: dict[str, Any], last: bool) -> None:
-    """The metrics row on the console and in metrics.csv, then the checkpoint when due."""
-    config, run = session.config, training.run
+    row = {"seed": config.seed + run.run_index, "epoch": epoch, "lr": lrs[-1], "train_loss": loss, "train_acc": acc,
+           "test_loss": evaluation["loss"] if evaluation else math.nan,
+           "test_acc": evaluation["acc"] if evaluation else math.nan, "epoch_seconds": seconds,
+           "total_seconds": run.train_seconds}
     print(epoch_row(row), flush=True)
     run.rows.append(row)
     if session.dist.is_main:
@@ -233,6 +230,7 @@ def save_epoch(session: Session, training: Training, row: dict[str, Any], last: 
         run.wall_seconds = time.perf_counter() - training.origin
         if session.dist.is_main:
             training.save(session.out / CHECKPOINT_FILE, to_dict(config), session.device)
+    return row
 
 
 def finish_seed(session: Session, training: Training) -> dict[str, Any]:
@@ -256,10 +254,9 @@ def finish_seed(session: Session, training: Training) -> dict[str, Any]:
               "init_seconds": run.init_seconds, "final_eval_seconds": own_eval.seconds,
               "eval_seconds": run.eval_seconds, "images": run.images, "epochs": config.epochs}
     if session.dist.is_main:
-        info = ModelInfo(config=session.model_without_ddp.config, classes=list(data.classes), mean=list(data.mean),
-                         std=list(data.std), test_acc=final["acc"],
-                         extra={"test_acc_tta": result["test_acc_tta"], "seed": seed})
-        save_model(session.out / MODEL_FILE, session.model_without_ddp, info)
+        save_model(session.out / MODEL_FILE, session.model_without_ddp,
+                   ModelInfo(session.model_without_ddp.config, list(data.classes), list(data.mean), list(data.std),
+                             final["acc"], extra={"test_acc_tta": result["test_acc_tta"], "seed": seed}))
         if config.plots:
             from fastcifar.plots import save_run_plots
 
@@ -288,15 +285,6 @@ def stop_keeps_the_checkpoint(guard: SignalGuard, out: Path) -> Iterator[None]:
         raise SystemExit(130 if guard.signum == signal.SIGINT else 143) from None
 
 
-@contextlib.contextmanager
-def out_of_memory_is_one_line(config: TrainConfig, device: torch.device) -> Iterator[None]:
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(f"out of memory on {device} at --batch-size {config.batch_size}, --width {config.width}: "
-                        "lower --batch-size or --width (and --resume the run if it wrote a checkpoint)") from None
-
-
 def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
           resume_from: str | os.PathLike | None = None, explicit: Collection[str] | None = None) -> dict[str, Any]:
     """Run `config` and return the run summary (what summary.json holds). `on_epoch(row)` gets each epoch's
@@ -307,7 +295,6 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
     ckpt = None
     if resume_from is not None:
         run_dir, ckpt = load_resume(resume_from)
-        explicit = {f.name for f in fields(TrainConfig)} if explicit is None else explicit
         config = resume_config(ckpt["config"], config, explicit, str(run_dir))
     run = RunState(**ckpt["run"]) if ckpt else RunState()
     with process_group(select_device(config.device)) as (dist, device), out_of_memory_is_one_line(config, device):
@@ -327,14 +314,12 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
                         sums, lrs = train_one_epoch(session.model, session.criterion, training.optimizer,
                                                     training.scheduler, training.scaler, batches, device,
                                                     session.dtype, training.lookahead, guard)
-                    row = end_epoch(session, run, sums, lrs, timer.seconds)
-                    last = epoch + 1 == len(steps)
-                    if last or run.epoch % config.eval_every == 0:
+                    last, evaluation = epoch + 1 == len(steps), None
+                    if last or (epoch + 1) % config.eval_every == 0:
                         with Timer(device) as eval_timer:
-                            result = evaluate(session.model, session.test_loader, device, session.dtype, dist=dist)
+                            evaluation = evaluate(session.model, session.test_loader, device, session.dtype, dist=dist)
                         run.eval_seconds += eval_timer.seconds
-                        row.update(test_loss=result["loss"], test_acc=result["acc"])
-                    save_epoch(session, training, row, last)
+                    row = end_epoch(session, training, sums, lrs, timer.seconds, evaluation, last)
                     if on_epoch is not None and dist.is_main:  # after the files: a raise keeps them
                         on_epoch(dict(row))
                 summary = finish_seed(session, training)
