@@ -1,13 +1,10 @@
-"""Model artifacts and resumable training checkpoints.
-
-Two kinds of file, both written atomically (see `fastcifar.atomic`):
+"""Model artifacts and resumable training checkpoints, both written atomically (see `fastcifar.atomic`):
 
 * `model.safetensors` — the trained weights plus, in the safetensors header metadata, everything needed to
   rebuild and use the model without the run directory: the `ModelConfig`, class names, the normalization
   mean/std (in [0, 1] pixel units) and the run's test accuracy. `export.onnx` needs nothing else.
-* `checkpoint.pt` — the full training state for `--resume`: plain containers of tensors, numbers and
-  strings saved with `torch.save` and loaded with `weights_only=True`, so loading never unpickles
-  arbitrary objects.
+* `checkpoint.pt` — the full training state for `--resume` (`Training`): plain containers of tensors, numbers
+  and strings loaded with `weights_only=True`, so loading never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -48,8 +45,7 @@ class ModelInfo:
 
     def to_json(self) -> str:
         return json.dumps({"model": self.config.to_dict(), "classes": self.classes, "mean": self.mean,
-                           "std": self.std, "test_acc": self.test_acc, "version": __version__,
-                           "extra": self.extra})
+                           "std": self.std, "test_acc": self.test_acc, "version": __version__, "extra": self.extra})
 
     @classmethod
     def from_json(cls, text: str) -> "ModelInfo":
@@ -117,12 +113,10 @@ class RunState:
 
 @dataclass
 class Training:
-    """One seed in training: everything a checkpoint holds, with `save` and `restore` side by side.
-
-    A checkpoint is written after an epoch (every --checkpoint-every); a resumed run restores it and goes on
-    as if never stopped: the weights, the optimizer, the schedule, the loss scaler, the lookahead, the
-    loader's random generator and the global ones are those the uninterrupted run had.
-    """
+    """One seed in training: everything a checkpoint holds, with `save` and `restore` side by side. A run
+    resumed from the checkpoint of an epoch goes on as if never stopped: the weights, the optimizer, the
+    schedule, the loss scaler, the lookahead, the loader's random generator and the global ones are those
+    the uninterrupted run had."""
 
     model: nn.Module                 # the plain module: not DDP, compiled in place or not
     optimizer: torch.optim.Optimizer

@@ -97,10 +97,10 @@ class Timer:
             self._end.record()
             self._end.synchronize()
             self.seconds = self._start.elapsed_time(self._end) / 1000
-        else:
-            if self.device.type == "mps":
-                torch.mps.synchronize()
-            self.seconds = time.perf_counter() - self.start_wall
+            return
+        if self.device.type == "mps":
+            torch.mps.synchronize()
+        self.seconds = time.perf_counter() - self.start_wall
 
 
 def environment(device: torch.device | None = None) -> dict[str, Any]:

@@ -114,11 +114,10 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device) -
         raise UserError("invalid --optimizer muon with fp16 (a GradScaler cannot unscale Muon's matrices): train "
                         "in bf16 (--amp-dtype bf16) or fp32 (--no-amp)")
     out = check_out_dir(config, resume=resume)
-    start = time.perf_counter()
-    data = fastcifar.data.load_cifar10(config.data_dir, download=config.download or None)
-    if config.val_split:  # from here on the "test" arrays are the held-out training images
-        data = fastcifar.data.validation_split(data, config.val_split, config.split_seed)
-    data_seconds = time.perf_counter() - start
+    with Timer(torch.device("cpu")) as data_timer:
+        data = fastcifar.data.load_cifar10(config.data_dir, download=config.download or None)
+        if config.val_split:  # from here on the "test" arrays are the held-out training images
+            data = fastcifar.data.validation_split(data, config.val_split, config.split_seed)
     check_batch_size(config, len(data.train_labels), dist)
     if dist.is_main:
         create_out_dir(out)
@@ -139,14 +138,14 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device) -
     upload_seconds, prep_seconds = loader_seconds(train_loader, test_loader)
     flops = recipe_flops(config, len(data.train_labels), len(data.test_labels), len(data.classes), dist.world_size)
     session = Session(config, dist, device, dtype, out, data, model_without_ddp, model, build_criterion(config),
-                      train_loader, test_loader, prep_seconds,
-                      {"data_seconds": data_seconds, "upload_seconds": upload_seconds, "compile_seconds": None}, flops)
+                      train_loader, test_loader, prep_seconds, {"data_seconds": data_timer.seconds,
+                      "upload_seconds": upload_seconds, "compile_seconds": None}, flops)
     if compile_model or device.type == "cuda":
         session.clocks["compile_seconds"] = warm_up(session)
         print(f"warm-up and compile: {session.clocks['compile_seconds']:.1f}s (not counted as training time)")
     print(f"device {device}  world {dist.world_size}  amp {dtype}  compile {compile_model}  "
           f"pipeline {config.pipeline}  data {data.source} ({len(data.train_labels)} train, "
-          f"{len(data.test_labels)} test) loaded in {data_seconds:.1f}s")
+          f"{len(data.test_labels)} test) loaded in {data_timer.seconds:.1f}s")
     print(work_line(flops))
     return session
 
