@@ -1,13 +1,10 @@
-"""Model artifacts and resumable training checkpoints.
-
-Two kinds of file, both written atomically (see `fastcifar.atomic`):
+"""Model artifacts and resumable training checkpoints, both written atomically (see `fastcifar.atomic`):
 
 * `model.safetensors` — the trained weights plus, in the safetensors header metadata, everything needed to
   rebuild and use the model without the run directory: the `ModelConfig`, class names, the normalization
   mean/std (in [0, 1] pixel units) and the run's test accuracy. `export.onnx` needs nothing else.
-* `checkpoint.pt` — the full training state for `--resume`: plain containers of tensors, numbers and
-  strings saved with `torch.save` and loaded with `weights_only=True`, so loading never unpickles
-  arbitrary objects.
+* `checkpoint.pt` — the full training state for `--resume` (`Training`): plain containers of tensors, numbers
+  and strings loaded with `weights_only=True`, so loading never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -18,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,6 +29,7 @@ from fastcifar.model import ModelConfig, ResNet9
 MODEL_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
 _META_KEY = "fastcifar"
+CHECKPOINT_FORMAT = 2  # the layout `Training.save` writes and `load_resume` accepts
 
 
 @dataclass
@@ -46,8 +45,7 @@ class ModelInfo:
 
     def to_json(self) -> str:
         return json.dumps({"model": self.config.to_dict(), "classes": self.classes, "mean": self.mean,
-                           "std": self.std, "test_acc": self.test_acc, "version": __version__,
-                           "extra": self.extra})
+                           "std": self.std, "test_acc": self.test_acc, "version": __version__, "extra": self.extra})
 
     @classmethod
     def from_json(cls, text: str) -> "ModelInfo":
@@ -68,22 +66,14 @@ def save_model(path: str | os.PathLike, model: nn.Module, info: ModelInfo) -> No
         save_file(state, str(tmp), metadata={_META_KEY: info.to_json()})
 
 
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A run directory or a .safetensors file -> the model file. Raises UserError when missing."""
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ResNet9, ModelInfo]:
+    """Rebuild the model from `model.safetensors` (or a run directory holding one), in eval mode."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
         raise UserError(f"checkpoint not found ({path}): pass a run directory or its {MODEL_FILE}")
-    return path
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ResNet9, ModelInfo]:
-    """Rebuild the model from `model.safetensors` (or a run directory holding one), in eval mode."""
-    path = resolve_model_path(path)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         state = load_file(str(path))
@@ -96,31 +86,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"corrupt checkpoint metadata ({path}): {e}") from None
     model = ResNet9(info.config)
-    expected = model.state_dict()
-    bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
-    if bad or set(state) - set(expected):
-        raise UserError(f"weights do not match the stated model (width {info.config.width}) in {path}: "
-                        f"first mismatch '{(bad or sorted(set(state) - set(expected)))[0]}'; "
-                        "the file was edited or belongs to another model")
-    model.load_state_dict(state)
-    return model.to(device).eval(), info
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint to resume from ({path}): the run has not finished an epoch yet")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise UserError(f"corrupt checkpoint ({path}): {first_line(e)}; "
-                        "resume from a copy or start a new run") from None
-
-
-# ------------------------------------------------------------------------------------------------------
-# Resumable training state
-# ------------------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = 2
+        model.load_state_dict(state)
+    except RuntimeError as e:  # the second line names the first missing, unexpected or misshapen tensor
+        raise UserError(f"weights do not match the stated model (width {info.config.width}) in {path}: "
+                        f"{str(e).splitlines()[1].strip().rstrip('.')}; the file was edited or belongs to another "
+                        "model") from None
+    return model.to(device).eval(), info
 
 
 @dataclass
@@ -141,12 +113,10 @@ class RunState:
 
 @dataclass
 class Training:
-    """One seed in training: everything a checkpoint holds, with `save` and `restore` side by side.
-
-    A checkpoint is written after an epoch (every --checkpoint-every); a resumed run restores it and goes on
-    as if never stopped: the weights, the optimizer, the schedule, the loss scaler, the lookahead, the
-    loader's random generator and the global ones are those the uninterrupted run had.
-    """
+    """One seed in training: everything a checkpoint holds, with `save` and `restore` side by side. A run
+    resumed from the checkpoint of an epoch goes on as if never stopped: the weights, the optimizer, the
+    schedule, the loss scaler, the lookahead, the loader's random generator and the global ones are those
+    the uninterrupted run had."""
 
     model: nn.Module                 # the plain module: not DDP, compiled in place or not
     optimizer: torch.optim.Optimizer
@@ -185,9 +155,7 @@ class Training:
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """torch's, numpy's and (on CUDA) the device's global generators, as tensors and numbers."""
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
     numpy_state = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                    "gauss": float(gauss)}
     return {"torch": torch.get_rng_state(), "numpy": numpy_state,
@@ -195,8 +163,6 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
@@ -205,20 +171,26 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def resolve_run_dir(path: str | os.PathLike) -> Path:
-    """`--resume` takes the run directory or its checkpoint.pt; either way, the run directory."""
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
-    if path.is_file() and path.name == CHECKPOINT_FILE:
-        return path.parent
-    if not path.is_dir():
-        raise UserError(f"--resume directory not found ({path}): pass the --out-dir of the run to continue "
-                        f"or its {CHECKPOINT_FILE}")
-    return path
+    if not path.is_file():
+        raise UserError(f"no checkpoint to resume from ({path}): the run has not finished an epoch yet")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise UserError(f"corrupt checkpoint ({path}): {first_line(e)}; "
+                        "resume from a copy or start a new run") from None
 
 
 def load_resume(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """(run directory, checkpoint) for `--resume`, with the checkpoint's config and run state checked."""
-    run_dir = resolve_run_dir(path)
+    """(run directory, checkpoint) for `--resume` (the run directory or its checkpoint.pt), with the
+    checkpoint's config and run state checked."""
+    run_dir = Path(path)
+    if run_dir.is_file() and run_dir.name == CHECKPOINT_FILE:
+        run_dir = run_dir.parent
+    if not run_dir.is_dir():
+        raise UserError(f"--resume directory not found ({run_dir}): pass the --out-dir of the run to continue "
+                        f"or its {CHECKPOINT_FILE}")
     ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
     if isinstance(ckpt, dict) and ckpt.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
         raise UserError(f"checkpoint of format {ckpt['format']} ({run_dir / CHECKPOINT_FILE}): this version "

@@ -18,7 +18,7 @@ import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Collection, Literal, Sequence
 
 from fastcifar.errors import UserError
 
@@ -47,10 +47,8 @@ class TrainConfig:
     overwrite: bool = option(False, "allow replacing an existing run directory's results")
     pipeline: Literal["gpu", "albumentations"] = option(
         "gpu", 'gpu = the device-resident fast loader (on any --device); albumentations = the reference')
-    workers: int = option(
-        2, 'DataLoader workers for the albumentations pipeline', aliases=("-j",), environment=True)
-    val_split: int = option(
-        0, 'hold out N training images (stratified) and evaluate on them instead of the test set', environment=False)
+    workers: int = option(2, 'DataLoader workers for the albumentations pipeline', aliases=("-j",), environment=True)
+    val_split: int = option(0, 'hold out N training images (stratified) and evaluate on them instead of the test set')
     split_seed: int = option(0, 'which N images --val-split holds out')
     # model
     width: int = option(64, 'prep-layer channels; stages are width x (1, 2, 4, 8)')
@@ -62,8 +60,7 @@ class TrainConfig:
     logit_scale: float = option(0.125, 'logits multiplier (Page); 1.0 = plain net')
     # schedule (OneCycleLR, stepped per batch)
     epochs: float = option(24, 'passes over the data; a fraction ends the last one early (airbench: 9.9)')
-    batch_size: int = option(
-        512, 'per process; with torchrun the global batch is this x world size', aliases=("-b",))
+    batch_size: int = option(512, 'per process; with torchrun the global batch is this x world size', aliases=("-b",))
     optimizer: Literal["sgd", "adam", "muon"] = option(
         "sgd", 'sgd (Nesterov), adam, or muon: torch.optim.Muon for the conv filters, SGD for the rest')
     lr: float = option(0.4, 'peak learning rate of the one cycle')
@@ -75,8 +72,7 @@ class TrainConfig:
     muon_momentum: float = option(0.6, "--optimizer muon: Muon's Nesterov momentum (airbench94_muon: 0.6)")
     momentum: float = option(0.9, 'SGD momentum / Adam beta1 at the ends of the cycle')
     min_momentum: float = option(0.85, '... cycled down to this at the peak lr (set equal to disable)')
-    weight_decay: float = option(
-        5e-4, "L2 on all weights, with the mean-reduced loss (Page's 5e-4*512 on the sum)")
+    weight_decay: float = option(5e-4, "L2 on all weights, with the mean-reduced loss (Page's 5e-4*512 on the sum)")
     label_smoothing: float = option(0.2, 'cross-entropy label smoothing')
     whiten: bool = option(False, "patch-whitening init of the first conv (airbench's trick)")
     whiten_bias_epochs: float = option(
@@ -84,8 +80,7 @@ class TrainConfig:
         'for the first N epochs only (airbench: 3); 0 = the first layer trains like the others')
     bn_weight: bool = option(True, 'train the BatchNorm scales; --no-bn-weight freezes them at 1 (airbench)')
     bias_lr: float = option(1.0, 'lr multiplier for BatchNorm biases, same decay per step (airbench: 64)')
-    lookahead: bool = option(
-        False, 'every 5 steps pull the weights back to their EMA (airbench); ends on the EMA')
+    lookahead: bool = option(False, 'every 5 steps pull the weights back to their EMA (airbench); ends on the EMA')
     # augmentation
     translate: int = option(4, 'random-crop padding, pixels')
     pad_mode: Literal["reflect", "zeros"] = option(
@@ -123,13 +118,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                  final_div_factor=100.0, anneal="linear", momentum=0.95, min_momentum=0.85, epochs=24,
                  batch_size=512, label_smoothing=0.0, logit_scale=1.0, pipeline="albumentations",
                  amp=False, compile=False, channels_last=False, tta=False),
-    # The speedrun recipe: 94% at airbench94's budget of work (0.36 PFLOP per run). A smaller member of the
-    # family (2x2 whitened first layer, stages 64/256/256, residual blocks after layers 1 and 3, GELU) with
-    # airbench94's optimizer settings in this trainer's units: batch 1024, peak lr 1.5 for the mean loss
-    # (11.5 per 1024 images under its momentum-decoupled convention), weight decay 1.33e-3, momentum 0.85
-    # throughout, lr from 0.2x up to the peak at 23% and down to 0.07x, BatchNorm scales frozen with 64x lr
-    # on the biases, BatchNorm momentum 0.4, label smoothing 0.2, logits / 9, lookahead, alternating flips,
-    # translate 2 without cutout, flip + translate TTA. bench/RESULTS.md has the measurements.
+    # The speedrun recipe: 94% at airbench94's budget of work (0.36 PFLOP per run). A smaller net of the family
+    # with airbench94's optimizer settings in this trainer's units: peak lr 1.5 for the mean loss is its 11.5 per
+    # 1024 images under its momentum-decoupled convention; the lr goes from 0.2x up to the peak and down to 0.07x.
+    # bench/RESULTS.md has the measurements.
     "speedrun": dict(widths="24,64,256,256", residual="1,3", prep_kernel=2, activation="gelu", bn_momentum=0.4,
                      whiten=True, whiten_bias_epochs=3, bn_weight=False, bias_lr=64.0, lookahead=True,
                      epochs=9.9, batch_size=1024, lr=1.5, weight_decay=1.33e-3, momentum=0.85, min_momentum=0.85,
@@ -141,12 +133,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def field_choices(name: str) -> tuple[Any, ...] | None:
     """The allowed values of a `Literal[...]` field, or None for a free one."""
-    hint = _type_hints()[name]
+    hint = typing.get_type_hints(TrainConfig)[name]
     return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
-
-
-def _type_hints() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
 
 
 def environment_fields() -> frozenset[str]:
@@ -175,9 +163,7 @@ def split_at_double_dash(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """(a wrapper's own flags, the training flags): everything after the first `--` goes to training, as
     `python -m fastcifar.compare ... -- --width 16` and `bench/speedrun.py ... -- --epochs 2` use it."""
     argv = list(argv)
-    if "--" not in argv:
-        return argv, []
-    cut = argv.index("--")
+    cut = argv.index("--") if "--" in argv else len(argv)
     return argv[:cut], argv[cut + 1:]
 
 
@@ -197,7 +183,7 @@ def get_args_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                              "recipe flags must agree with the checkpoint, environment flags may change")
     parser.add_argument("--debug", action="store_true", default=none or False,
                         help="show tracebacks instead of one-line errors")
-    hints = _type_hints()
+    hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         hint = hints[f.name]
         choices = field_choices(f.name)
@@ -209,9 +195,8 @@ def get_args_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
             kw.update(type=type(choices[0]), choices=choices)
         else:
             kw["type"] = next((t for t in (int, float) if t in (hint, *typing.get_args(hint))), str)
-        short = [a for a in f.metadata["aliases"] if not a.startswith("--")]  # usage shows the first name
-        long = [a for a in f.metadata["aliases"] if a.startswith("--")]
-        parser.add_argument(*short, _flag(f.name), *long, dest=f.name, **kw)
+        names = sorted([_flag(f.name), *f.metadata["aliases"]], key=lambda name: name.startswith("--"))
+        parser.add_argument(*names, dest=f.name, **kw)  # a short name first: usage shows the first name
     return parser
 
 
@@ -229,10 +214,8 @@ def read_toml(path: str | Path, what: str, flag: str) -> dict[str, Any]:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
     data = read_toml(path, "config file", "--config")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise UserError(f"unknown key '{unknown[0]}' in config file ({path}): "
                         f"keys are the flag names with underscores, see --help")
@@ -260,7 +243,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argpar
     config = config_from_args(args)
     validate(config)
     given = vars(get_args_parser(suppress_defaults=True).parse_args(argv))
-    explicit = {name for name in given if name in {f.name for f in fields(TrainConfig)}}
+    explicit = set(given) & {f.name for f in fields(TrainConfig)}
     if "preset" in given:
         explicit |= set(PRESETS[args.preset])
     if "config" in given:
@@ -269,16 +252,16 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argpar
     return config, args
 
 
-def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: frozenset[str] | set[str],
+def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: Collection[str] | None,
                   run_dir: str) -> TrainConfig:
-    """The config of a resumed run: the checkpoint's recipe, with the environment fields the user set.
-    A recipe field set to another value than the checkpoint's is a UserError naming the flag."""
+    """The config of a resumed run: the checkpoint's recipe, with the environment fields the user set (those
+    in `explicit`; None: all). A recipe field set to another value than the checkpoint's is a UserError."""
     try:
         config = TrainConfig(**saved)
     except TypeError as e:
         raise UserError(f"checkpoint has no valid config ({run_dir}): {e}; start a new run") from None
     environment = environment_fields()
-    for name in sorted(explicit):
+    for name in sorted(explicit if explicit is not None else (f.name for f in fields(TrainConfig))):
         new, old = getattr(requested, name), getattr(config, name)
         if name in environment:
             setattr(config, name, new)
@@ -294,11 +277,9 @@ def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: froze
     return config
 
 
-MAX_TTA_TRANSLATE = 4  # pixels: a reflection pad wider than this shows more mirror than image
-
-
 def validate(c: TrainConfig) -> None:
     """Check every value up front, so a run never fails an hour in because of a typo."""
+    widths, residual = _int_list(c.widths), _int_list(c.residual)
     checks = [
         (c.epochs > 0, "epochs", "must be > 0"),
         (c.batch_size >= 1, "batch_size", "must be >= 1"),
@@ -314,31 +295,30 @@ def validate(c: TrainConfig) -> None:
         (0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
         (0 <= c.translate <= 16, "translate", "must be between 0 and 16 pixels"),
         (0 <= c.cutout <= 32, "cutout", "must be between 0 and 32 pixels"),
-        (0 <= c.tta_translate <= MAX_TTA_TRANSLATE, "tta_translate",
-         f"must be between 0 and {MAX_TTA_TRANSLATE} pixels"),
+        # a reflection pad wider than 4 pixels shows more mirror than image
+        (0 <= c.tta_translate <= 4, "tta_translate", "must be between 0 and 4 pixels"),
         (c.runs >= 1, "runs", "must be >= 1"),
         (c.eval_every >= 1, "eval_every", "must be >= 1"),
         (c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0"),
         (c.workers >= 0, "workers", "must be >= 0"),
         (c.val_split >= 0, "val_split", "must be >= 0 (0: evaluate on the test set)"),
         (c.logit_scale > 0, "logit_scale", "must be > 0"),
-        (_int_list(c.widths) is not None and len(_int_list(c.widths)) in (0, 4)
-         and all(w >= 1 for w in _int_list(c.widths)), "widths", "must be four channel counts >= 1, e.g. 24,64,256,256"),
-        (_int_list(c.residual) is not None and set(_int_list(c.residual)) <= {1, 2, 3}, "residual",
+        (widths is not None and len(widths) in (0, 4) and all(w >= 1 for w in widths), "widths",
+         "must be four channel counts >= 1, e.g. 24,64,256,256"),
+        (residual is not None and set(residual) <= {1, 2, 3}, "residual",
          "must list layers among 1,2,3 (comma-separated), or be empty"),
         (0 < c.bn_momentum <= 1, "bn_momentum", "must be in (0, 1]"),
         (c.muon_lr > 0, "muon_lr", "must be > 0"),
         (0 <= c.muon_momentum < 1, "muon_momentum", "must be in [0, 1)"),
         (c.whiten_bias_epochs >= 0 and (c.whiten or not c.whiten_bias_epochs), "whiten_bias_epochs",
          "must be >= 0, and needs --whiten"),
+        (bool(DEVICE_PATTERN.fullmatch(str(c.device))), "device", "must be auto, cpu, mps, cuda or cuda:N"),
     ]
     for f in fields(TrainConfig):
         choices = field_choices(f.name)
         if choices is not None:
             value = getattr(c, f.name)
             checks.append((value in choices, f.name, f"must be one of {', '.join(map(str, choices))} (got {value!r})"))
-    checks.append((bool(DEVICE_PATTERN.fullmatch(str(c.device))), "device",
-                   "must be auto, cpu, mps, cuda or cuda:N"))
     for ok, name, what in checks:
         if not ok:
             raise UserError(f"invalid {_flag(name)} ({getattr(c, name)!r}): {what}")

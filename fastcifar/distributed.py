@@ -33,33 +33,23 @@ class Dist:
         return self.rank == 0
 
 
-def from_env() -> Dist:
-    """Rank and world size as torchrun sets them."""
-    return Dist(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
-                local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def local_device(device: torch.device, d: Dist) -> torch.device:
-    """This process's device: under torchrun on CUDA the GPU of its LOCAL_RANK (made current), else `device`."""
-    if d.enabled and device.type == "cuda":
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[tuple[Dist, torch.device]]:
+    """(this process's rank and world size as torchrun sets them, its device: under torchrun on CUDA the GPU
+    of its LOCAL_RANK, made current). Under torchrun the process group (nccl on CUDA, gloo on the CPU) lives
+    as long as the context and is destroyed on the way out (success, error or interrupt)."""
+    d = Dist(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+             local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    if not d.enabled:
+        yield d, device
+        return
+    if device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
-    return device
-
-
-@contextlib.contextmanager
-def process_group(d: Dist, device: torch.device) -> Iterator[None]:
-    """nccl on CUDA, gloo on the CPU; always destroyed on the way out (success, error or interrupt)."""
-    if not d.enabled:
-        yield
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs: dict[str, Any] = {"timeout": datetime.timedelta(minutes=10)}
-    if device.type == "cuda":
-        kwargs["device_id"] = device
-    dist.init_process_group(backend, **kwargs)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10),
+                            device_id=device if device.type == "cuda" else None)
     try:
-        yield
+        yield d, device
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,5 @@
-"""Where a run executes: device choice, precision, backends, a device-synchronized timer, signal handling
-and one description of the machine for every report.
+"""Where a run executes: device choice, precision, backends, a device-synchronized timer, out-of-memory and
+signal handling, and one description of the machine for every report.
 
     python -c "from fastcifar.runtime import environment; print(environment())"
 """
@@ -11,10 +11,12 @@ import os
 import platform
 import signal
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from fastcifar import __version__
+from fastcifar.config import TrainConfig
 from fastcifar.distributed import Dist, FlagVote, host_group
 from fastcifar.errors import UserError
 
@@ -25,9 +27,7 @@ CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 def select_device(name: str) -> torch.device:
     """`auto` (cuda, then mps, then cpu), `cpu`, `mps`, `cuda` or `cuda:N` (a name config.validate accepted)."""
-    available = {"cuda": torch.cuda.is_available(),
-                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
-                 "cpu": True}
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
         return torch.device(next(kind for kind, ok in available.items() if ok))
     device = torch.device(name)
@@ -47,18 +47,6 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the CUDA device computes in bf16 itself (compute capability >= 8.0). A bare
-    torch.cuda.is_bf16_supported() also says True where bf16 is only emulated, which is slower than fp16."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # a torch without the argument
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
 def cpu_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes in bf16 (Linux's flags; False where they cannot be read). Without it bf16
     autocast is emulated, which is slower than fp32 (bench/RESULTS.md), so auto AMP stays in fp32 there."""
@@ -72,14 +60,14 @@ def cpu_native_bf16(cpuinfo: str | None = None) -> bool:
 
 def amp_dtype(device: torch.device, amp: bool, choice: str = "auto") -> torch.dtype | None:
     """The autocast dtype: None without AMP; `choice` bf16 or fp16 as asked; auto = bf16 where the device
-    computes in it (no loss scaling needed: CUDA with native support, a CPU with bf16 instructions), fp16
-    (+ GradScaler) on other GPUs, and None (fp32) on a CPU without bf16, where emulation is slower."""
+    computes in it (no loss scaling needed: CUDA of capability >= 8.0, a CPU with bf16 instructions), fp16
+    (+ GradScaler) on other GPUs, and None (fp32) on a CPU without bf16: emulated bf16 is slower there."""
     if not amp:
         return None
     if choice != "auto":
-        return AMP_DTYPES[choice]
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
     if device.type == "cuda":
-        return torch.bfloat16 if native_bf16(device) else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu":
         return torch.bfloat16 if cpu_native_bf16() else None
     return torch.float16
@@ -109,29 +97,32 @@ class Timer:
             self._end.record()
             self._end.synchronize()
             self.seconds = self._start.elapsed_time(self._end) / 1000
-        else:
-            if self.device.type == "mps":
-                torch.mps.synchronize()
-            self.seconds = time.perf_counter() - self.start_wall
-
-
-def device_name(device: torch.device | None = None) -> str:
-    """The GPU's model name, or the processor and thread count on the CPU."""
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+            return
+        if self.device.type == "mps":
+            torch.mps.synchronize()
+        self.seconds = time.perf_counter() - self.start_wall
 
 
 def environment(device: torch.device | None = None) -> dict[str, Any]:
-    """The machine and software a result came from: the one description summary.json and the benchmarks use."""
-    from fastcifar import __version__
-
-    return {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "fastcifar": __version__,
-            "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    """The machine and software a result came from: the one description summary.json and the benchmarks use.
+    `device` (default: the GPU if any) is the GPU's model name, or the processor and thread count."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    processor = platform.processor() or platform.machine()
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{device.type} ({processor}, {torch.get_num_threads()} threads)")
+    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "fastcifar": __version__, "cpu": f"{processor}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+@contextlib.contextmanager
+def out_of_memory_is_one_line(config: TrainConfig, device: torch.device) -> Iterator[None]:
+    """Running out of device memory is a one-line UserError naming the flags that size the run."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of memory on {device} at --batch-size {config.batch_size}, --width {config.width}: "
+                        "lower --batch-size or --width (and --resume the run if it wrote a checkpoint)") from None
 
 
 class StopRequested(Exception):
@@ -140,16 +131,13 @@ class StopRequested(Exception):
 
 
 class SignalGuard:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half.
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half. Under torchrun
+    the ranks must stop after the same step (or the next all-reduce would hang): every `every` steps each rank
+    reads the vote it started `every` steps before (an asynchronous host-side all-reduce, long finished: no
+    device sync, no wait) and starts the next; all stop where a vote says some rank was signalled, at most
+    2 * `every` steps after the signal. Alone it costs nothing."""
 
-    Under torchrun the ranks must stop after the same step (or the next all-reduce would hang). Every
-    `every` steps each rank reads the vote it started `every` steps before (an asynchronous host-side
-    all-reduce, long finished: no device sync, no wait) and starts the next one; all ranks stop at the
-    step where a vote says some rank was signalled, at most 2 * `every` steps after the signal. Alone it
-    costs nothing.
-    """
-
-    def __init__(self, dist: Dist = Dist(), device: torch.device = torch.device("cpu"), every: int = 8):
+    def __init__(self, dist: Dist, device: torch.device = torch.device("cpu"), every: int = 8):
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
         self.dist, self.device, self.every = dist, device, every
@@ -174,10 +162,8 @@ class SignalGuard:
         if self.dist.enabled:
             self._group = host_group(self.device)
         for s in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: signals keep their handlers
                 self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a test helper thread)
-                pass
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -188,6 +174,5 @@ class SignalGuard:
     def __exit__(self, *exc) -> None:
         if self._vote is not None:  # every rank started it: finish it before the process group goes
             self._vote.result()
-            self._vote = None
         for s, h in self._old.items():
             signal.signal(s, h)

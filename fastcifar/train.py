@@ -5,10 +5,8 @@
     python -m fastcifar.train --preset speedrun --data-dir ../shared/data/cifar10-png.tar.gz --runs 5
     python -m fastcifar.train --resume runs/default          # continue from the last finished epoch
 
-The loop and `main`: config -> data, model, loaders (`setup`) -> for each seed: fresh weights (`start_seed`),
-`for epoch: train_one_epoch; end_epoch` -> final evaluation and artifacts (`finish_seed`). `runtime` holds
-device, precision, timer and signals, `recipe` what the config builds, `checkpoint` the resumable state,
-`report` the run's files and console rows; docs/training.md describes them.
+`train` is the loop: config -> data, model, loaders (`setup`) -> for each seed: fresh weights (`start_seed`),
+`for epoch: train_one_epoch; evaluate` -> model, plots and summary (`finish_seed`). docs/training.md has more.
 """
 
 from __future__ import annotations
@@ -20,18 +18,19 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+import fastcifar.data
 from fastcifar.atomic import write_json
 from fastcifar.augment import DeviceLoader
 from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE, ModelInfo, RunState, Training, load_resume, save_model
 from fastcifar.config import TrainConfig, parse_config, resume_config, to_dict, validate
-from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, from_env, local_device, process_group
+from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, process_group
 from fastcifar.errors import UserError, run_cli
 from fastcifar.evaluate import evaluate, evaluation_record, tta_inputs
 from fastcifar.flops import recipe_flops
@@ -42,9 +41,7 @@ from fastcifar.recipe import build_criterion, build_loaders, build_model, build_
 from fastcifar.report import METRICS_FILE, check_out_dir, create_out_dir, epoch_row, format_summary, \
     progress_bar, run_summary, seed_line, work_line, write_metrics, write_summary
 from fastcifar.runtime import SignalGuard, StopRequested, Timer, amp_dtype, autocast, configure_backends, \
-    environment, select_device
-
-EpochCallback = Callable[[dict[str, Any]], None]
+    environment, out_of_memory_is_one_line, select_device
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
@@ -60,8 +57,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     first_bad = torch.full((), -1.0, device=device)
     seen, lrs = 0, []
     for step, (inputs, labels) in enumerate(batches):
-        inputs = inputs.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = model(inputs)
             loss = criterion(logits, labels)
@@ -85,9 +81,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
 
 def reduce_epoch(sums: torch.Tensor, dist: Dist) -> tuple[float, float, int, int]:
     """(mean loss, accuracy, samples, first non-finite step or -1) over all ranks: the epoch's one host sync."""
-    totals = all_reduce_sum(sums[:3].clone(), dist)
-    first_bad = all_reduce_max(sums[3:].clone(), dist)
-    loss_sum, correct, seen, bad = torch.cat([totals, first_bad]).tolist()
+    loss_sum, correct, seen, bad = torch.cat([all_reduce_sum(sums[:3].clone(), dist),
+                                              all_reduce_max(sums[3:].clone(), dist)]).tolist()
     return loss_sum / seen, correct / seen, int(seen), int(bad)
 
 
@@ -109,25 +104,20 @@ class Session:
     prep_seconds: float          # the loaders' on-device preparation, once: part of every seed's run_seconds
     clocks: dict[str, float | None]  # data_seconds, upload_seconds, compile_seconds: summary.json's, once
     flops: dict[str, Any]            # flops.recipe_flops: the work of one seed
-    on_epoch: EpochCallback | None = None
 
 
-def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device,
-          on_epoch: EpochCallback | None = None) -> Session:
+def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device) -> Session:
     """Run directory, data, model (compiled, wrapped), loss, loaders and the warm-up of every compilation."""
-    from fastcifar.data import load_cifar10, validation_split
-
     configure_backends(device)
     dtype = amp_dtype(device, config.amp, config.amp_dtype)
     if config.optimizer == "muon" and dtype == torch.float16:
         raise UserError("invalid --optimizer muon with fp16 (a GradScaler cannot unscale Muon's matrices): train "
                         "in bf16 (--amp-dtype bf16) or fp32 (--no-amp)")
     out = check_out_dir(config, resume=resume)
-    start = time.perf_counter()
-    data = load_cifar10(config.data_dir, download=config.download or None)
-    if config.val_split:  # from here on the "test" arrays are the held-out training images
-        data = validation_split(data, config.val_split, config.split_seed)
-    data_seconds = time.perf_counter() - start
+    with Timer(torch.device("cpu")) as data_timer:
+        data = fastcifar.data.load_cifar10(config.data_dir, download=config.download or None)
+        if config.val_split:  # from here on the "test" arrays are the held-out training images
+            data = fastcifar.data.validation_split(data, config.val_split, config.split_seed)
     check_batch_size(config, len(data.train_labels), dist)
     if dist.is_main:
         create_out_dir(out)
@@ -143,31 +133,27 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device,
         model_without_ddp.compile(mode=None if config.compile_mode == "default" else config.compile_mode)
     model: nn.Module = model_without_ddp
     if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(model_without_ddp, device_ids=[device] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     train_loader, test_loader = build_loaders(config, data, device, dtype, config.seed, dist)
     upload_seconds, prep_seconds = loader_seconds(train_loader, test_loader)
+    flops = recipe_flops(config, len(data.train_labels), len(data.test_labels), len(data.classes), dist.world_size)
     session = Session(config, dist, device, dtype, out, data, model_without_ddp, model, build_criterion(config),
-                      train_loader, test_loader, prep_seconds,
-                      {"data_seconds": data_seconds, "upload_seconds": upload_seconds, "compile_seconds": None},
-                      recipe_flops(config, len(data.train_labels), len(data.test_labels), len(data.classes),
-                                   dist.world_size), on_epoch)
+                      train_loader, test_loader, prep_seconds, {"data_seconds": data_timer.seconds,
+                      "upload_seconds": upload_seconds, "compile_seconds": None}, flops)
     if compile_model or device.type == "cuda":
         session.clocks["compile_seconds"] = warm_up(session)
         print(f"warm-up and compile: {session.clocks['compile_seconds']:.1f}s (not counted as training time)")
     print(f"device {device}  world {dist.world_size}  amp {dtype}  compile {compile_model}  "
           f"pipeline {config.pipeline}  data {data.source} ({len(data.train_labels)} train, "
-          f"{len(data.test_labels)} test) loaded in {data_seconds:.1f}s")
-    print(work_line(session.flops))
+          f"{len(data.test_labels)} test) loaded in {data_timer.seconds:.1f}s")
+    print(work_line(flops))
     return session
 
 
 def warm_up(session: Session) -> float:
-    """Every compilation and one-time device cost of the run, outside the timed regions: the whitening
-    init's solver, the training step, and the evaluation forwards on a test batch (all have its shape) in
-    each view the configured TTA uses, twice, so CUDA graphs are recorded too. The weights and the training
-    loader's random state are restored after."""
+    """Every compilation and one-time device cost of the run, outside the timed regions: the whitening init's
+    solver, the training step, and the evaluation forwards on a test batch (all have its shape) in each view the
+    configured TTA uses, twice, so CUDA graphs are recorded too. The weights and the loader's state stay."""
     model, device, dtype, loader = session.model, session.device, session.dtype, session.train_loader
     saved = {k: v.clone() for k, v in session.model_without_ddp.state_dict().items()}
     loader_state = loader.state_dict() if isinstance(loader, DeviceLoader) else None
@@ -183,9 +169,8 @@ def warm_up(session: Session) -> float:
         test_inputs = next(iter(session.test_loader))[0].to(device)
         with torch.no_grad(), autocast(device, dtype):  # the views made as evaluate makes them
             views = tta_inputs(test_inputs, session.config.tta_translate) if session.config.tta else [test_inputs]
-            for _ in range(2):
-                for view in views:
-                    model(view)
+            for view in views * 2:
+                model(view)
     session.model_without_ddp.load_state_dict(saved)
     session.model_without_ddp.zero_grad(set_to_none=True)
     if loader_state is not None:  # the warm-up must not shift the run's random choices
@@ -196,7 +181,7 @@ def warm_up(session: Session) -> float:
 def start_seed(session: Session, run: RunState, ckpt: dict[str, Any] | None, started: float) -> Training:
     """The seed `run` stands in, ready for its next epoch: seeded loader, fresh weights and optimizer, or
     the state `ckpt` saved. Its wall clock in this process starts at `started` (perf_counter)."""
-    config, device = session.config, session.device
+    config, device, model = session.config, session.device, session.model_without_ddp
     seed = config.seed + run.run_index
     seed_everything(seed)
     loader = session.train_loader
@@ -205,10 +190,10 @@ def start_seed(session: Session, run: RunState, ckpt: dict[str, Any] | None, sta
     else:
         loader = build_loaders(config, session.data, device, session.dtype, seed, session.dist)[0]
     with Timer(device) as init:
-        init_weights(session.model_without_ddp, config, session.data, seed)
-    optimizer = build_optimizer(config, session.model_without_ddp, device)
-    lookahead = Lookahead(session.model_without_ddp, total_steps(config, len(loader))) if config.lookahead else None
-    training = Training(session.model_without_ddp, optimizer, build_scheduler(config, optimizer, len(loader)),
+        init_weights(model, config, session.data, seed)
+    optimizer = build_optimizer(config, model, device)
+    lookahead = Lookahead(model, total_steps(config, len(loader))) if config.lookahead else None
+    training = Training(model, optimizer, build_scheduler(config, optimizer, len(loader)),
                         torch.amp.GradScaler(device.type, enabled=session.dtype == torch.float16), lookahead,
                         loader, run, origin=started - run.wall_seconds)
     if ckpt is not None:
@@ -221,62 +206,56 @@ def start_seed(session: Session, run: RunState, ckpt: dict[str, Any] | None, sta
 
 
 def end_epoch(session: Session, training: Training, sums: torch.Tensor, lrs: list[float], seconds: float,
-              last: bool) -> None:
-    """After an epoch's steps: the one host sync, the evaluation when due, the metrics row (console and
-    metrics.csv), the checkpoint and the on_epoch callback, in that order."""
-    config, run, dist = session.config, training.run, session.dist
-    loss, acc, seen, bad = reduce_epoch(sums, dist)
+              evaluation: dict[str, Any] | None, last: bool) -> dict[str, Any]:
+    """After an epoch's steps and evaluation (None: not due): the one host sync, which refuses a non-finite
+    loss, then the metrics row (console and metrics.csv) and the checkpoint. Returns the row."""
+    config, run = session.config, training.run
+    loss, acc, seen, bad = reduce_epoch(sums, session.dist)
     epoch = run.epoch + 1
     if bad >= 0:
         raise UserError(f"loss became non-finite at step {bad + 1} of epoch {epoch} (lr {lrs[bad]:.4g}); the last "
                         f"good checkpoint is kept in {session.out}: lower --lr and --resume, or start again")
     run.epoch, run.train_seconds, run.images = epoch, run.train_seconds + seconds, run.images + seen
     run.lrs.extend(lrs)
-    row = {"seed": config.seed + run.run_index, "epoch": epoch, "lr": lrs[-1], "train_loss": loss,
-           "train_acc": acc, "test_loss": math.nan, "test_acc": math.nan, "epoch_seconds": seconds,
+    row = {"seed": config.seed + run.run_index, "epoch": epoch, "lr": lrs[-1], "train_loss": loss, "train_acc": acc,
+           "test_loss": evaluation["loss"] if evaluation else math.nan,
+           "test_acc": evaluation["acc"] if evaluation else math.nan, "epoch_seconds": seconds,
            "total_seconds": run.train_seconds}
-    if last or epoch % config.eval_every == 0:
-        with Timer(session.device) as eval_timer:
-            result = evaluate(session.model, session.test_loader, session.device, session.dtype, dist=dist)
-        run.eval_seconds += eval_timer.seconds
-        row.update(test_loss=result["loss"], test_acc=result["acc"])
     print(epoch_row(row), flush=True)
     run.rows.append(row)
-    if dist.is_main:
+    if session.dist.is_main:
         write_metrics(session.out / METRICS_FILE, run.rows)
-    if config.checkpoint_every and (epoch % config.checkpoint_every == 0 or last):
+    if config.checkpoint_every and (run.epoch % config.checkpoint_every == 0 or last):
         run.wall_seconds = time.perf_counter() - training.origin
-        if dist.is_main:
+        if session.dist.is_main:
             training.save(session.out / CHECKPOINT_FILE, to_dict(config), session.device)
-    if session.on_epoch is not None and dist.is_main:  # after the files: a raise keeps them
-        session.on_epoch(dict(row))
+    return row
 
 
 def finish_seed(session: Session, training: Training) -> dict[str, Any]:
-    """Final evaluation (plain and, with --tta, flip (+ translate) TTA), model.safetensors and the plots.
-    run_seconds counts the evaluation whose accuracy is the recipe's own (the TTA one with --tta)."""
-    config, run, device, dtype, dist = session.config, training.run, session.device, session.dtype, session.dist
+    """Final evaluation (plain and, with --tta, flip (+ translate) TTA), model.safetensors, the plots and
+    summary.json with every seed finished so far, which it returns. run_seconds counts the evaluation whose
+    accuracy is the recipe's own (the last: the TTA one with --tta)."""
+    config, run, device, data = session.config, training.run, session.device, session.data
     seed = config.seed + run.run_index
-    with Timer(device) as own_eval:
-        final = evaluate(session.model, session.test_loader, device, dtype, dist=dist)
-    evaluations = [evaluation_record(final, flip=False, translate=0)]
-    if config.tta:
+    views = [(False, 0), (True, config.tta_translate)][:1 + config.tta]  # (flip, translate)
+    results = []
+    for flip, translate in views:
         with Timer(device) as own_eval:
-            tta = evaluate(session.model, session.test_loader, device, dtype, tta=True, dist=dist,
-                           tta_translate=config.tta_translate)
-        evaluations.append(evaluation_record(tta, flip=True, translate=config.tta_translate))
+            results.append(evaluate(session.model, session.test_loader, device, session.dtype, tta=flip,
+                                    dist=session.dist, tta_translate=translate))
+    final = results[0]
     result = {"seed": seed, "test_acc": final["acc"], "test_loss": final["loss"],
-              "test_acc_tta": evaluations[1]["test_acc"] if config.tta else None, "evaluations": evaluations,
+              "test_acc_tta": results[1]["acc"] if config.tta else None,
+              "evaluations": [evaluation_record(r, flip, translate) for r, (flip, translate) in zip(results, views)],
               "run_seconds": session.prep_seconds + run.init_seconds + run.train_seconds + own_eval.seconds,
               "train_seconds": run.train_seconds, "prep_seconds": session.prep_seconds,
               "init_seconds": run.init_seconds, "final_eval_seconds": own_eval.seconds,
               "eval_seconds": run.eval_seconds, "images": run.images, "epochs": config.epochs}
-    if dist.is_main:
-        data = session.data
-        info = ModelInfo(config=session.model_without_ddp.config, classes=list(data.classes), mean=list(data.mean),
-                         std=list(data.std), test_acc=final["acc"],
-                         extra={"test_acc_tta": result["test_acc_tta"], "seed": seed})
-        save_model(session.out / MODEL_FILE, session.model_without_ddp, info)
+    if session.dist.is_main:
+        save_model(session.out / MODEL_FILE, session.model_without_ddp,
+                   ModelInfo(session.model_without_ddp.config, list(data.classes), list(data.mean), list(data.std),
+                             final["acc"], extra={"test_acc_tta": result["test_acc_tta"], "seed": seed}))
         if config.plots:
             from fastcifar.plots import save_run_plots
 
@@ -284,13 +263,13 @@ def finish_seed(session: Session, training: Training) -> dict[str, Any]:
                            len(training.loader), final, data)
     result["wall_seconds"] = time.perf_counter() - training.origin
     print(seed_line(result))
-    return result
-
-
-def summarize(session: Session, results: list[dict[str, Any]]) -> dict[str, Any]:
-    return run_summary(session.config, results, params=count_parameters(session.model_without_ddp),
-                       world_size=session.dist.world_size, environment=environment(session.device),
-                       flops=session.flops, **session.clocks)
+    run.finished.append(result)
+    summary = run_summary(config, run.finished, params=count_parameters(session.model_without_ddp),
+                          world_size=session.dist.world_size, environment=environment(device),
+                          flops=session.flops, **session.clocks)
+    if session.dist.is_main:
+        write_summary(session.out, summary)
+    return summary
 
 
 @contextlib.contextmanager
@@ -305,16 +284,7 @@ def stop_keeps_the_checkpoint(guard: SignalGuard, out: Path) -> Iterator[None]:
         raise SystemExit(130 if guard.signum == signal.SIGINT else 143) from None
 
 
-@contextlib.contextmanager
-def out_of_memory_is_one_line(config: TrainConfig, device: torch.device) -> Iterator[None]:
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(f"out of memory on {device} at --batch-size {config.batch_size}, --width {config.width}: "
-                        "lower --batch-size or --width (and --resume the run if it wrote a checkpoint)") from None
-
-
-def train(config: TrainConfig, *, on_epoch: EpochCallback | None = None,
+def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
           resume_from: str | os.PathLike | None = None, explicit: Collection[str] | None = None) -> dict[str, Any]:
     """Run `config` and return the run summary (what summary.json holds). `on_epoch(row)` gets each epoch's
     metrics row on rank 0 after metrics.csv and the checkpoint are written (a raise leaves them intact).
@@ -324,16 +294,13 @@ def train(config: TrainConfig, *, on_epoch: EpochCallback | None = None,
     ckpt = None
     if resume_from is not None:
         run_dir, ckpt = load_resume(resume_from)
-        explicit = {f.name for f in fields(TrainConfig)} if explicit is None else explicit
         config = resume_config(ckpt["config"], config, explicit, str(run_dir))
-    dist = from_env()
-    device = local_device(select_device(config.device), dist)
-    if not dist.is_main:  # one voice: only rank 0 prints (errors still go to stderr everywhere)
-        sys.stdout = open(os.devnull, "w")
     run = RunState(**ckpt["run"]) if ckpt else RunState()
-    with process_group(dist, device), out_of_memory_is_one_line(config, device):
+    with process_group(select_device(config.device)) as (dist, device), out_of_memory_is_one_line(config, device):
+        if not dist.is_main:  # one voice: only rank 0 prints (errors still go to stderr everywhere)
+            sys.stdout = open(os.devnull, "w")
         started = time.perf_counter()  # the first seed's wall clock includes the setup
-        session = setup(config, ckpt is not None, dist, device, on_epoch)
+        session = setup(config, ckpt is not None, dist, device)
         with SignalGuard(dist, device) as guard, stop_keeps_the_checkpoint(guard, session.out):
             for run_index in range(run.run_index, config.runs):
                 training = start_seed(session, run, ckpt, started)
@@ -346,11 +313,15 @@ def train(config: TrainConfig, *, on_epoch: EpochCallback | None = None,
                         sums, lrs = train_one_epoch(session.model, session.criterion, training.optimizer,
                                                     training.scheduler, training.scaler, batches, device,
                                                     session.dtype, training.lookahead, guard)
-                    end_epoch(session, training, sums, lrs, timer.seconds, last=epoch + 1 == len(steps))
-                run.finished.append(finish_seed(session, training))
-                summary = summarize(session, run.finished)
-                if dist.is_main:
-                    write_summary(session.out, summary)
+                    last, evaluation = epoch + 1 == len(steps), None
+                    if last or (epoch + 1) % config.eval_every == 0:
+                        with Timer(device) as eval_timer:
+                            evaluation = evaluate(session.model, session.test_loader, device, session.dtype, dist=dist)
+                        run.eval_seconds += eval_timer.seconds
+                    row = end_epoch(session, training, sums, lrs, timer.seconds, evaluation, last)
+                    if on_epoch is not None and dist.is_main:  # after the files: a raise keeps them
+                        on_epoch(dict(row))
+                summary = finish_seed(session, training)
                 run, started = RunState(run_index + 1, rows=run.rows, finished=run.finished), time.perf_counter()
     print(format_summary(summary))
     return summary

@@ -24,22 +24,18 @@ from synthetic import write_learnable_dataset
 CUDA = torch.device("cuda", 0)
 
 
-def emulating_gpu(monkeypatch, major: int, with_argument: bool = True) -> None:
+def emulating_gpu(monkeypatch, major: int) -> None:
     """A CUDA device of compute capability `major`.x that (like torch) reports emulated bf16 as supported."""
     def is_bf16_supported(including_emulation: bool = True):
         return major >= 8 or including_emulation
 
-    def old_is_bf16_supported():  # a torch without including_emulation
-        return True
-
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported if with_argument else old_is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
 
 
-@pytest.mark.parametrize("with_argument", [True, False])
 @pytest.mark.parametrize("major, expected", [(7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)])
-def test_auto_picks_bf16_only_where_the_gpu_computes_in_it(monkeypatch, major, expected, with_argument):
-    emulating_gpu(monkeypatch, major, with_argument)
+def test_auto_picks_bf16_only_where_the_gpu_computes_in_it(monkeypatch, major, expected):
+    emulating_gpu(monkeypatch, major)
     assert amp_dtype(CUDA, True) == amp_dtype(CUDA, True, "auto") == expected
 
 
