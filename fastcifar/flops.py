@@ -26,50 +26,40 @@ from fastcifar.model import ModelConfig, ResNet9
 COUNT_BATCH = 2  # BatchNorm in training mode needs more than one value per channel
 
 
-def _counted(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-def _inputs(model: nn.Module, image_shape: tuple[int, int, int]) -> torch.Tensor:
-    """A batch of zeros on the model's device in the dtype of its first weights (half for a half net)."""
+def _per_image_flops(model: nn.Module, image_shape: tuple[int, int, int], train: bool) -> int:
+    """FLOPs of one image through `model` (on the meta device, or any), in the dtype of its first weights:
+    the forward pass in eval mode, or with `train` forward + backward in training mode (gradients for the
+    parameters that require them; none for the input). The model's mode and gradients are left as they were."""
     first = next(model.parameters())
-    return torch.zeros((COUNT_BATCH, *image_shape), device=first.device, dtype=first.dtype)
+    inputs = torch.zeros((COUNT_BATCH, *image_shape), device=first.device, dtype=first.dtype)
+    was_training = model.training
+    model.train(train)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+            logits = model(inputs)
+            if train:
+                logits.float().sum().backward()
+        return int(counter.get_total_flops()) // COUNT_BATCH
+    finally:
+        model.train(was_training)
+        if train:
+            model.zero_grad(set_to_none=True)
 
 
 def forward_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
-    """FLOPs of one image's forward pass through `model` (a module on the meta device, or any device)."""
-    inputs = _inputs(model, image_shape)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _counted(lambda: model(inputs)) // COUNT_BATCH
-    finally:
-        model.train(was_training)
+    return _per_image_flops(model, image_shape, train=False)
 
 
 def train_step_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
-    """FLOPs of one image's forward + backward pass in training mode (gradients for the parameters that
-    require them; none for the input)."""
-    inputs = _inputs(model, image_shape)
-    was_training = model.training
-    model.train()
-    try:
-        return _counted(lambda: model(inputs).float().sum().backward()) // COUNT_BATCH
-    finally:
-        model.train(was_training)
-        model.zero_grad(set_to_none=True)
+    return _per_image_flops(model, image_shape, train=True)
 
 
 def meta_model(model_config: ModelConfig, frozen: tuple[str, ...] = ()) -> ResNet9:
     """The model on the meta device (no memory), with the parameters named in `frozen` not trainable."""
     with torch.device("meta"):
         model = ResNet9(model_config)
-    for name, param in model.named_parameters():
-        if name in frozen:
-            param.requires_grad_(False)
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
     return model
 
 
