@@ -39,9 +39,8 @@ def same_layout(view: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`view` in `like`'s dtype and memory format (channels_last or NCHW), so a compiled model sees one input
     signature for every TTA view and never recompiles: a reflection pad may return another layout (CUDA:
     contiguous NCHW) or, under CPU autocast, fp32."""
-    channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)
-    view = view.to(like.dtype)
-    return view.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    layout = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return view.to(like.dtype).contiguous(memory_format=layout)
 
 
 def tta_inputs(x: torch.Tensor, translate: int = 0) -> list[torch.Tensor]:
@@ -61,19 +60,14 @@ def owned_float(logits: torch.Tensor) -> torch.Tensor:
 def tta_logits(model: nn.Module, x: torch.Tensor, translate: int = 0) -> torch.Tensor:
     """Mean logits of the image and its mirror; with `translate`, averaged 1:1 with the mean over both
     views shifted by +translate and -translate pixels in each direction (airbench's TTA level 2)."""
-    logits = [owned_float(model(v)) for v in tta_inputs(x, translate)]
-    mean = torch.stack(logits[:2]).mean(0)
-    if translate:
-        mean = 0.5 * mean + 0.5 * torch.stack(logits[2:]).mean(0)
-    return mean
+    logits = torch.stack([owned_float(model(v)) for v in tta_inputs(x, translate)])
+    return 0.5 * logits[:2].mean(0) + 0.5 * logits[2:].mean(0) if translate else logits.mean(0)
 
 
 def tta_views(flip: bool, translate: int) -> list[str]:
     """The views whose logits are averaged, by name: 'identity', 'flip', 'shift+t', 'flip+shift-t', ..."""
-    if not flip:
-        return ["identity"]
-    names = ["identity", "flip"]
-    for t in (translate, -translate) if translate else ():
+    names = ["identity", "flip"] if flip else ["identity"]
+    for t in (translate, -translate) if flip and translate else ():
         names += [f"shift{t:+d}", f"flip+shift{t:+d}"]
     return names
 
@@ -107,10 +101,9 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
     counts = torch.stack([loss_sum, (preds_t == labels_t).sum().float(),
                           torch.tensor(len(labels_t), device=device, dtype=torch.float32)])
     loss, correct, total = all_reduce_sum(counts, dist).tolist()
-    total_int = int(total)
     return {"loss": loss / total, "acc": correct / total,
-            "preds": gather_interleaved(preds_t, dist, total_int).cpu().numpy(),
-            "labels": gather_interleaved(labels_t, dist, total_int).cpu().numpy()}
+            "preds": gather_interleaved(preds_t, dist, int(total)).cpu().numpy(),
+            "labels": gather_interleaved(labels_t, dist, int(total)).cpu().numpy()}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -146,17 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     loader = DeviceLoader(data.test_images, data.test_labels, mean=info.mean, std=info.std,
                           batch_size=args.batch_size, train=False, pad_last=True, device=device,
                           dtype=dtype or torch.float32)
-    records = []
-    for flip, translate in ((False, 0), (True, 0), (True, args.tta_translate)):
-        result = evaluate(model, loader, device, dtype, tta=flip, tta_translate=translate)
-        records.append(evaluation_record(result, flip, translate))
+    records = [evaluation_record(evaluate(model, loader, device, dtype, tta=flip, tta_translate=translate),
+                                 flip, translate)
+               for flip, translate in ((False, 0), (True, 0), (True, args.tta_translate))]
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "test_images": len(data.test_labels),
                           "accuracy_unit": ACCURACY_UNIT, "evaluations": records, "environment": environment(device)},
                          indent=2))
-        return 0
-    for record in records:
-        print(f"{describe_views(record):<28} {100 * record['test_acc']:6.2f}%")
+    else:
+        for record in records:
+            print(f"{describe_views(record):<28} {100 * record['test_acc']:6.2f}%")
     return 0
 
 
