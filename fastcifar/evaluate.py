@@ -35,20 +35,15 @@ def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
 
 
-def same_layout(view: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`view` in `like`'s dtype and memory format (channels_last or NCHW), so a compiled model sees one input
-    signature for every TTA view and never recompiles: a reflection pad may return another layout (CUDA:
-    contiguous NCHW) or, under CPU autocast, fp32."""
-    layout = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    return view.to(like.dtype).contiguous(memory_format=layout)
-
-
 def tta_inputs(x: torch.Tensor, translate: int = 0) -> list[torch.Tensor]:
-    """The batches tta_logits runs the model on, all in `x`'s layout: x, its mirror and, with `translate`,
-    each of them shifted by +translate and -translate pixels (the views tta_views names)."""
-    views = [x, same_layout(x.flip(3), x)]
-    shifts = (translate, -translate) if translate else ()
-    return views + [same_layout(shift(v, t, t), x) for v in views for t in shifts]
+    """The batches tta_logits runs the model on, in the order tta_views names them: x, its mirror and, with
+    `translate`, both shifted by +translate, then both by -translate. All come in `x`'s dtype and memory format,
+    so a compiled model sees one input signature and never recompiles: a reflection pad may return another
+    layout (CUDA: contiguous NCHW) or, under CPU autocast, fp32."""
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    views = [x, x.flip(3)]
+    views += [shift(v, t, t) for t in ((translate, -translate) if translate else ()) for v in views]
+    return [x] + [v.to(x.dtype).contiguous(memory_format=layout) for v in views[1:]]
 
 
 def owned_float(logits: torch.Tensor) -> torch.Tensor:
@@ -66,10 +61,9 @@ def tta_logits(model: nn.Module, x: torch.Tensor, translate: int = 0) -> torch.T
 
 def tta_views(flip: bool, translate: int) -> list[str]:
     """The views whose logits are averaged, by name: 'identity', 'flip', 'shift+t', 'flip+shift-t', ..."""
+    shifts = (translate, -translate) if flip and translate else ()
     names = ["identity", "flip"] if flip else ["identity"]
-    for t in (translate, -translate) if flip and translate else ():
-        names += [f"shift{t:+d}", f"flip+shift{t:+d}"]
-    return names
+    return names + [f"{mirror}shift{t:+d}" for t in shifts for mirror in ("", "flip+")]
 
 
 def evaluation_record(result: dict[str, Any], flip: bool, translate: int) -> dict[str, Any]:
