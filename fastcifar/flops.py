@@ -4,13 +4,11 @@
     python -c "from fastcifar.config import TrainConfig; from fastcifar.flops import recipe_flops; \\
         print(recipe_flops(TrainConfig(), 50000, 10000))"
 
-One image's forward pass, and one training step's forward + backward (with the recipe's frozen
-parameters, which need no weight gradient), are counted once on the meta device, so counting costs no
-memory and no time; a run's work is then the training images it steps through times the per-image training
-count, plus the final evaluation: test images x the views of the recipe's TTA x the per-image forward
-count. FlopCounterMode counts matrix multiplications and convolutions (2 FLOPs per multiply-add), the
-convention airbench's 0.36 PFLOP uses; BatchNorm, activations, pooling and the optimizer are not counted.
-Per-epoch evaluations are outside the run's work, as they are outside its clock.
+A run's work is the training images it steps through x one image's forward + backward (frozen parameters
+need no weight gradient), plus its final evaluation: test images x the views of its TTA x one image's forward.
+Both per-image counts come from the meta device: no memory, no time. Matrix multiplications and convolutions
+count, 2 FLOPs per multiply-add (the convention of airbench's 0.36 PFLOP); BatchNorm, activations, pooling,
+the optimizer and the per-epoch evaluations (outside the run's clock too) do not.
 """
 
 from __future__ import annotations

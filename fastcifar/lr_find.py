@@ -1,20 +1,14 @@
-"""Learning-rate range test (Smith 2015; the original notebook used torch-lr-finder): pick a peak --lr.
+"""Learning-rate range test (Smith 2015): pick a peak --lr.
 
     python -m fastcifar.lr_find --data-dir ../shared/data/cifar10-png.tar.gz --width 16 --device cpu --steps 150 --out /tmp/lr_find_w16.png
 
-From a fresh model (seeded like a training run), the lr grows exponentially from --start-lr to --end-lr over
---steps optimizer steps on the fast (device-resident) loader, cycling epochs if needed. The loss is
-smoothed with a bias-corrected exponential moving average (beta 0.98), and the test stops early once the
-smoothed loss exceeds --diverge x its best value, or the loss is not finite. Writes the curve as a plot
-(--out, loss vs lr on a log axis) and as `<stem>.csv` next to it (step, lr, loss, smoothed), and prints two
-suggestions for the peak lr of the one cycle:
-
-* steepest: the lr where the smoothed loss falls fastest (min d loss / d log lr);
-* min/10:   the lr of the lowest smoothed loss, divided by 10 (the fastai rule of thumb).
-
-Every training flag applies (`--width`, `--batch-size`, `--optimizer`, `--preset`, `--config` ...); the
-schedule flags (`--lr`, `--epochs`, `--pct-start` ...) and `--pipeline` are ignored, and the model is not
-compiled. The loop below is shorter than the adapter that torch-lr-finder would need.
+From a fresh model (seeded like a training run) the lr grows exponentially from --start-lr to --end-lr over
+--steps optimizer steps on the device-resident loader, until the loss, smoothed by a bias-corrected EMA,
+exceeds --diverge x its best or is not finite. Writes the curve as a plot (--out, log lr axis) and as
+`<stem>.csv` next to it (step, lr, loss, smoothed), and prints two suggestions for the one cycle's peak lr:
+where the smoothed loss falls fastest (min d loss / d log lr), and the lr of its minimum / 10 (fastai's rule
+of thumb). Every training flag applies (`--width`, `--optimizer`, `--preset`, `--config` ...); the schedule
+flags (`--lr`, `--epochs` ...) and `--pipeline` are ignored, and the model is not compiled.
 """
 
 from __future__ import annotations
@@ -58,14 +52,11 @@ class LRFindResult:
 def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, criterion: nn.Module,
                   *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int = 200, diverge: float = 4.0,
                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LRFindResult:
-    """Train `model` for up to `steps` steps of `batches` ((inputs, labels) pairs) with the lr of every param
-    group set to start_lr * (end_lr / start_lr) ** (i / (steps - 1)) at step i; record the losses.
-
-    Stops early when the smoothed loss exceeds `diverge` x the best smoothed loss (that step is still
-    recorded), when the loss is not finite (not recorded), or when `batches` runs out. `dtype` is the
-    autocast dtype (None: no autocast; float16 adds a GradScaler). The model's weights, buffers, grads and
-    train/eval mode and the optimizer's state and hyperparameters are restored afterwards, even on error.
-    """
+    """Train `model` for up to `steps` steps of `batches` ((inputs, labels) on `device`), the lr of every group
+    start_lr * (end_lr / start_lr) ** (i / (steps - 1)) at step i, and record the losses. Stops once the smoothed
+    loss exceeds `diverge` x its best (that step recorded), the loss is not finite (not recorded) or `batches`
+    ends. `dtype`: autocast's (None: none; float16 adds a GradScaler). The model (weights, buffers, grads, mode)
+    and the optimizer (state, hyperparameters) are restored afterwards, even on error."""
     from fastcifar.runtime import autocast
 
     device = torch.device(device)
@@ -82,7 +73,6 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
             lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast(device, dtype):
                 loss = criterion(model(inputs), labels)
             value = loss.item()  # one sync per step: the divergence check needs the value anyway
@@ -132,8 +122,7 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[float, flo
 
 
 def csv_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.stem + ".csv")
+    return Path(out).with_suffix(".csv")
 
 
 def write_csv(path: str | Path, result: LRFindResult) -> None:
@@ -252,8 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_plot(out, result, title=f"LR range test: width {config.width}, batch {config.batch_size}, "
                                  f"{config.optimizer}, wd {config.weight_decay:g} ({result.stop_reason})")
     stop = {"completed": "ran all steps", "diverged": f"stopped: smoothed loss > {args.diverge:g} x best",
-            "non-finite": "stopped: the loss became non-finite",
-            "data exhausted": "stopped: out of data"}[result.stop_reason]
+            "non-finite": "stopped: the loss became non-finite"}[result.stop_reason]  # the batches never run out
     best = result.best_index()
     print(f"{len(result.lrs)} steps in {seconds:.1f}s, lr {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g} ({stop}); "
           f"min smoothed loss {result.smoothed[best]:.4f} at lr {result.lrs[best]:.3g}")

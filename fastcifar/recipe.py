@@ -82,17 +82,13 @@ def frozen_parameter_names(config: TrainConfig) -> tuple[str, ...]:
     return tuple(names)
 
 
-def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 def param_groups(config: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
     """Trainable parameters in groups whose `lr_scale` is their multiple of the base lr. With --bias-lr the
     BatchNorm biases form a second group, lr scaled up and weight decay down (the same decay per step); with
     --whiten-bias-epochs the first BatchNorm's bias is a group of its own, "whiten_bias" (stop_whitening_bias)."""
     scale = config.bias_lr
     prep_bias = model.prep[1].bias if config.whiten_bias_epochs else None
-    biases = {id(bn.bias) for bn in batch_norms(model)}
+    biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     trainable = [p for p in model.parameters() if p.requires_grad and p is not prep_bias]
     bias_group = dict(lr_scale=scale, lr=config.lr * scale, weight_decay=config.weight_decay / scale)
     if scale == 1.0:
@@ -174,8 +170,7 @@ def init_weights(model: ResNet9, config: TrainConfig, data, seed: int, whiten_sa
 
         num_train = len(data.train_images)
         pick = np.linspace(0, num_train - 1, min(whiten_sample, num_train)).round().astype(np.int64)
-        device = next(model.parameters()).device
-        images = normalize_images(data.train_images[pick], data.mean, data.std, device)
+        images = normalize_images(data.train_images[pick], data.mean, data.std, next(model.parameters()).device)
         init_whitening(model.prep[0], images.permute(0, 3, 1, 2))
 
 
