@@ -188,6 +188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
         (args.steps >= 10, "--steps", args.steps, "must be >= 10"),
         (args.diverge > 1, "--diverge", args.diverge, "must be > 1"),
         (Path(args.out).suffix.lower() == ".png", "--out", args.out, "must be a .png path"),
+        (not Path(args.out).is_dir(), "--out", args.out, "is a directory: pass a .png file path"),
     ]
     for ok, flag, value, what in checks:
         if not ok:
@@ -196,8 +197,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
 
 
 def _prepare_out(out: Path) -> None:
-    if out.is_dir():
-        raise UserError(f"--out is a directory ({out}): pass a .png file path")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

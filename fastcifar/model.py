@@ -95,10 +95,10 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def summary(model: ResNet9, batch_size: int = 1) -> str:
+def summary(model: ResNet9) -> str:
     """A layer table (output shape, parameters): torchinfo's when installed (`pip install fastcifar[summary]`),
     else one row per top-level stage."""
-    shape = (batch_size, 3, 32, 32)
+    shape = (1, 3, 32, 32)
     device = next(model.parameters()).device  # torchinfo would otherwise move the model to its own choice
     try:
         import torchinfo

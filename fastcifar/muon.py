@@ -2,10 +2,9 @@
 
     python -m fastcifar.train --preset speedrun --optimizer muon --muon-lr 0.08 --data-dir ...
 
-`torch.optim.Muon` orthogonalizes 2D updates only, so each trainable conv weight (out, in, k, k) is handed
-to it as an (out, in*k*k) matrix that shares the weight's storage: Muon's in-place update is the weight's
-update. The matrix columns follow the weight's memory layout (channels_last gives (out, k, k, in)); a
-permutation of columns commutes with the orthogonalization, so the update is the same in either layout.
+`torch.optim.Muon` orthogonalizes 2D updates only, so each trainable conv weight (out, in, k, k) is handed to
+it as an (out, in*k*k) matrix sharing the weight's storage, in the weight's memory layout (channels_last: (out,
+k, k, in)): a permutation of columns commutes with the orthogonalization, so the update is the same in either.
 One Cycle schedules both halves through `param_groups` (the Muon groups carry `lr_scale` = muon_lr / lr).
 Muon's weight decay is off: BatchNorm follows every conv, so a filter's scale does not matter.
 """
@@ -27,11 +26,9 @@ def matrix_view(weight: torch.Tensor) -> torch.Tensor:
 
 
 class MuonWithSGD(torch.optim.Optimizer):
-    """Muon (`torch.optim.Muon`) on `matrices`, SGD with Nesterov momentum on the `sgd_groups`.
-
-    `param_groups` is the two optimizers' groups (the same dicts), so a scheduler sets both; a GradScaler
-    cannot unscale the matrices' gradients (they reach Muon inside `step`), so fp16 training is refused
-    where this optimizer is built."""
+    """Muon (`torch.optim.Muon`) on `matrices`, SGD with Nesterov momentum on the `sgd_groups`. `param_groups`
+    is the two optimizers' groups (the same dicts), so a scheduler sets both. A GradScaler cannot unscale the
+    matrices' gradients (they reach Muon inside `step`), so training refuses fp16 with this optimizer."""
 
     def __init__(self, matrices: list[nn.Parameter], sgd_groups: list[dict[str, Any]], *, lr: float, muon_lr: float,
                  momentum: float, muon_momentum: float, weight_decay: float, fused: bool = False):
