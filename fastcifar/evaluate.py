@@ -30,9 +30,8 @@ ACCURACY_UNIT = "fraction"  # what every test_acc in the JSON is: correct / tota
 def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """Images translated by (dy, dx) pixels, the uncovered border filled by reflection."""
     pad = max(abs(dy), abs(dx))
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+    padded = F.pad(x, (pad,) * 4, mode="reflect")
+    return padded[..., pad - dy:pad - dy + x.shape[-2], pad - dx:pad - dx + x.shape[-1]]
 
 
 def tta_inputs(x: torch.Tensor, translate: int = 0) -> list[torch.Tensor]:

@@ -196,15 +196,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     return config, args
 
 
-def _prepare_out(out: Path) -> None:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the directory of --out ({out.parent}): {e.strerror}")
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write to the directory of --out ({out.parent}): choose a writable path")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from fastcifar.data import load_cifar10
     from fastcifar.distributed import Dist
@@ -214,7 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config, args = parse_args(argv)
     out = Path(args.out)
-    _prepare_out(out)  # fail before the minutes of work, not after
+    try:  # fail before the minutes of work, not after
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the directory of --out ({out.parent}): {e.strerror}")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write to the directory of --out ({out.parent}): choose a writable path")
     device = select_device(config.device)
     configure_backends(device)
     data = load_cifar10(config.data_dir, download=config.download or None)
@@ -234,8 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            end_lr=args.end_lr, steps=args.steps, diverge=args.diverge, device=device, dtype=dtype)
     seconds = time.perf_counter() - t0
     if len(result.lrs) < 3:
-        raise UserError(f"the loss diverged after {len(result.lrs)} step(s) (lr {args.start_lr:g}): "
-                        f"lower --start-lr")
+        raise UserError(f"the loss diverged after {len(result.lrs)} step(s) (lr {args.start_lr:g}): lower --start-lr")
     write_csv(csv_path(out), result)
     save_plot(out, result, title=f"LR range test: width {config.width}, batch {config.batch_size}, "
                                  f"{config.optimizer}, wd {config.weight_decay:g} ({result.stop_reason})")

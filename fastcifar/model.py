@@ -114,13 +114,11 @@ def _plain_summary(model: nn.Module, inputs: torch.Tensor) -> str:
         lambda m, i, o, name=name: rows.append((name, str(tuple(o.shape)), count_parameters(m))))
         for name, module in model.named_children()]
     was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(inputs)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
+    with torch.no_grad():
+        model.eval()(inputs)
+    model.train(was_training)
+    for hook in hooks:
+        hook.remove()
     lines = [f"{'layer':<10} {'output shape':<22} {'params':>12}", "-" * 46]
     lines += [f"{name:<10} {out:<22} {n:>12,}" for name, out, n in rows]
     return "\n".join(lines + ["-" * 46, f"{'total':<33} {count_parameters(model):>12,}"])

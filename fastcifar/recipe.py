@@ -38,11 +38,10 @@ def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.
     common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size, device=device,
                   dtype=dtype or torch.float32, channels_last=config.channels_last, rank=dist.rank,
                   world_size=dist.world_size)
-    train = DeviceLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip,
-                         drop_last=True, seed=seed, **common, **aug)
-    # one batch shape for the whole test set (the short last batch padded), so evaluation never recompiles
-    test = DeviceLoader(data.test_images, data.test_labels, train=False, pad_last=True, **common)
-    return train, test
+    # the test set in one batch shape (the short last batch padded), so evaluation never recompiles
+    return (DeviceLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip, drop_last=True,
+                         seed=seed, **common, **aug),
+            DeviceLoader(data.test_images, data.test_labels, train=False, pad_last=True, **common))
 
 
 def loader_seconds(*loaders) -> tuple[float, float]:
