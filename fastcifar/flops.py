@@ -27,21 +27,17 @@ COUNT_BATCH = 2  # BatchNorm in training mode needs more than one value per chan
 def _per_image_flops(model: nn.Module, image_shape: tuple[int, int, int], train: bool) -> int:
     """FLOPs of one image through `model` (on the meta device, or any), in the dtype of its first weights:
     the forward pass in eval mode, or with `train` forward + backward in training mode (gradients for the
-    parameters that require them; none for the input). The model's mode and gradients are left as they were."""
+    parameters that require them; none for the input). The model's mode comes back, the counted gradients go."""
     first = next(model.parameters())
     inputs = torch.zeros((COUNT_BATCH, *image_shape), device=first.device, dtype=first.dtype)
     was_training = model.training
-    model.train(train)
-    try:
-        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
-            logits = model(inputs)
-            if train:
-                logits.float().sum().backward()
-        return int(counter.get_total_flops()) // COUNT_BATCH
-    finally:
-        model.train(was_training)
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+        logits = model.train(train)(inputs)
         if train:
+            logits.float().sum().backward()
             model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return int(counter.get_total_flops()) // COUNT_BATCH
 
 
 def forward_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
