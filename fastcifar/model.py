@@ -103,19 +103,17 @@ def summary(model: ResNet9) -> str:
     try:
         import torchinfo
     except ImportError:
-        return _plain_summary(model, torch.zeros(shape, device=device))
-    return str(torchinfo.summary(model, input_size=shape, depth=3, verbose=0, device=device,
-                                 col_names=("output_size", "num_params")))
-
-
-def _plain_summary(model: nn.Module, inputs: torch.Tensor) -> str:
+        torchinfo = None
+    if torchinfo is not None:
+        return str(torchinfo.summary(model, input_size=shape, depth=3, verbose=0, device=device,
+                                     col_names=("output_size", "num_params")))
     rows: list[tuple[str, str, int]] = []
     hooks = [module.register_forward_hook(
         lambda m, i, o, name=name: rows.append((name, str(tuple(o.shape)), count_parameters(m))))
         for name, module in model.named_children()]
     was_training = model.training
     with torch.no_grad():
-        model.eval()(inputs)
+        model.eval()(torch.zeros(shape, device=device))
     model.train(was_training)
     for hook in hooks:
         hook.remove()
