@@ -52,4 +52,4 @@ class Lookahead:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         for k, v in state["slow"].items():
-            self.slow[k].copy_(v)  # a checkpoint's tensors are on the CPU
+            self.slow[k].copy_(v)
