@@ -30,26 +30,19 @@ ACCURACY_UNIT = "fraction"  # what every test_acc in the JSON is: correct / tota
 def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """Images translated by (dy, dx) pixels, the uncovered border filled by reflection."""
     pad = max(abs(dy), abs(dx))
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
-
-
-def same_layout(view: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`view` in `like`'s dtype and memory format (channels_last or NCHW), so a compiled model sees one input
-    signature for every TTA view and never recompiles: a reflection pad may return another layout (CUDA:
-    contiguous NCHW) or, under CPU autocast, fp32."""
-    channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)
-    view = view.to(like.dtype)
-    return view.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    padded = F.pad(x, (pad,) * 4, mode="reflect")
+    return padded[..., pad - dy:pad - dy + x.shape[-2], pad - dx:pad - dx + x.shape[-1]]
 
 
 def tta_inputs(x: torch.Tensor, translate: int = 0) -> list[torch.Tensor]:
-    """The batches tta_logits runs the model on, all in `x`'s layout: x, its mirror and, with `translate`,
-    each of them shifted by +translate and -translate pixels (the views tta_views names)."""
-    views = [x, same_layout(x.flip(3), x)]
-    shifts = (translate, -translate) if translate else ()
-    return views + [same_layout(shift(v, t, t), x) for v in views for t in shifts]
+    """The batches tta_logits runs the model on, in the order tta_views names them: x, its mirror and, with
+    `translate`, both shifted by +translate, then both by -translate. All come in `x`'s dtype and memory format,
+    so a compiled model sees one input signature and never recompiles: a reflection pad may return another
+    layout (CUDA: contiguous NCHW) or, under CPU autocast, fp32."""
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    views = [x, x.flip(3)]
+    views += [shift(v, t, t) for t in ((translate, -translate) if translate else ()) for v in views]
+    return [x] + [v.to(x.dtype).contiguous(memory_format=layout) for v in views[1:]]
 
 
 def owned_float(logits: torch.Tensor) -> torch.Tensor:
@@ -61,21 +54,15 @@ def owned_float(logits: torch.Tensor) -> torch.Tensor:
 def tta_logits(model: nn.Module, x: torch.Tensor, translate: int = 0) -> torch.Tensor:
     """Mean logits of the image and its mirror; with `translate`, averaged 1:1 with the mean over both
     views shifted by +translate and -translate pixels in each direction (airbench's TTA level 2)."""
-    logits = [owned_float(model(v)) for v in tta_inputs(x, translate)]
-    mean = torch.stack(logits[:2]).mean(0)
-    if translate:
-        mean = 0.5 * mean + 0.5 * torch.stack(logits[2:]).mean(0)
-    return mean
+    logits = torch.stack([owned_float(model(v)) for v in tta_inputs(x, translate)])
+    return 0.5 * logits[:2].mean(0) + 0.5 * logits[2:].mean(0) if translate else logits.mean(0)
 
 
 def tta_views(flip: bool, translate: int) -> list[str]:
     """The views whose logits are averaged, by name: 'identity', 'flip', 'shift+t', 'flip+shift-t', ..."""
-    if not flip:
-        return ["identity"]
-    names = ["identity", "flip"]
-    for t in (translate, -translate) if translate else ():
-        names += [f"shift{t:+d}", f"flip+shift{t:+d}"]
-    return names
+    shifts = (translate, -translate) if flip and translate else ()
+    names = ["identity", "flip"] if flip else ["identity"]
+    return names + [f"{mirror}shift{t:+d}" for t in shifts for mirror in ("", "flip+")]
 
 
 def evaluation_record(result: dict[str, Any], flip: bool, translate: int) -> dict[str, Any]:
@@ -107,10 +94,9 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
     counts = torch.stack([loss_sum, (preds_t == labels_t).sum().float(),
                           torch.tensor(len(labels_t), device=device, dtype=torch.float32)])
     loss, correct, total = all_reduce_sum(counts, dist).tolist()
-    total_int = int(total)
     return {"loss": loss / total, "acc": correct / total,
-            "preds": gather_interleaved(preds_t, dist, total_int).cpu().numpy(),
-            "labels": gather_interleaved(labels_t, dist, total_int).cpu().numpy()}
+            "preds": gather_interleaved(preds_t, dist, int(total)).cpu().numpy(),
+            "labels": gather_interleaved(labels_t, dist, int(total)).cpu().numpy()}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -146,17 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     loader = DeviceLoader(data.test_images, data.test_labels, mean=info.mean, std=info.std,
                           batch_size=args.batch_size, train=False, pad_last=True, device=device,
                           dtype=dtype or torch.float32)
-    records = []
-    for flip, translate in ((False, 0), (True, 0), (True, args.tta_translate)):
-        result = evaluate(model, loader, device, dtype, tta=flip, tta_translate=translate)
-        records.append(evaluation_record(result, flip, translate))
+    records = [evaluation_record(evaluate(model, loader, device, dtype, tta=flip, tta_translate=translate),
+                                 flip, translate)
+               for flip, translate in ((False, 0), (True, 0), (True, args.tta_translate))]
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "test_images": len(data.test_labels),
                           "accuracy_unit": ACCURACY_UNIT, "evaluations": records, "environment": environment(device)},
                          indent=2))
-        return 0
-    for record in records:
-        print(f"{describe_views(record):<28} {100 * record['test_acc']:6.2f}%")
+    else:
+        for record in records:
+            print(f"{describe_views(record):<28} {100 * record['test_acc']:6.2f}%")
     return 0
 
 

@@ -4,13 +4,11 @@
     python -c "from fastcifar.config import TrainConfig; from fastcifar.flops import recipe_flops; \\
         print(recipe_flops(TrainConfig(), 50000, 10000))"
 
-One image's forward pass, and one training step's forward + backward (with the recipe's frozen
-parameters, which need no weight gradient), are counted once on the meta device, so counting costs no
-memory and no time; a run's work is then the training images it steps through times the per-image training
-count, plus the final evaluation: test images x the views of the recipe's TTA x the per-image forward
-count. FlopCounterMode counts matrix multiplications and convolutions (2 FLOPs per multiply-add), the
-convention airbench's 0.36 PFLOP uses; BatchNorm, activations, pooling and the optimizer are not counted.
-Per-epoch evaluations are outside the run's work, as they are outside its clock.
+A run's work is the training images it steps through x one image's forward + backward (frozen parameters
+need no weight gradient), plus its final evaluation: test images x the views of its TTA x one image's forward.
+Both per-image counts come from the meta device: no memory, no time. Matrix multiplications and convolutions
+count, 2 FLOPs per multiply-add (the convention of airbench's 0.36 PFLOP); BatchNorm, activations, pooling,
+the optimizer and the per-epoch evaluations (outside the run's clock too) do not.
 """
 
 from __future__ import annotations
@@ -26,50 +24,36 @@ from fastcifar.model import ModelConfig, ResNet9
 COUNT_BATCH = 2  # BatchNorm in training mode needs more than one value per channel
 
 
-def _counted(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-def _inputs(model: nn.Module, image_shape: tuple[int, int, int]) -> torch.Tensor:
-    """A batch of zeros on the model's device in the dtype of its first weights (half for a half net)."""
+def _per_image_flops(model: nn.Module, image_shape: tuple[int, int, int], train: bool) -> int:
+    """FLOPs of one image through `model` (on the meta device, or any), in the dtype of its first weights:
+    the forward pass in eval mode, or with `train` forward + backward in training mode (gradients for the
+    parameters that require them; none for the input). The model's mode comes back, the counted gradients go."""
     first = next(model.parameters())
-    return torch.zeros((COUNT_BATCH, *image_shape), device=first.device, dtype=first.dtype)
+    inputs = torch.zeros((COUNT_BATCH, *image_shape), device=first.device, dtype=first.dtype)
+    was_training = model.training
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+        logits = model.train(train)(inputs)
+        if train:
+            logits.float().sum().backward()
+            model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return int(counter.get_total_flops()) // COUNT_BATCH
 
 
 def forward_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
-    """FLOPs of one image's forward pass through `model` (a module on the meta device, or any device)."""
-    inputs = _inputs(model, image_shape)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _counted(lambda: model(inputs)) // COUNT_BATCH
-    finally:
-        model.train(was_training)
+    return _per_image_flops(model, image_shape, train=False)
 
 
 def train_step_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
-    """FLOPs of one image's forward + backward pass in training mode (gradients for the parameters that
-    require them; none for the input)."""
-    inputs = _inputs(model, image_shape)
-    was_training = model.training
-    model.train()
-    try:
-        return _counted(lambda: model(inputs).float().sum().backward()) // COUNT_BATCH
-    finally:
-        model.train(was_training)
-        model.zero_grad(set_to_none=True)
+    return _per_image_flops(model, image_shape, train=True)
 
 
 def meta_model(model_config: ModelConfig, frozen: tuple[str, ...] = ()) -> ResNet9:
     """The model on the meta device (no memory), with the parameters named in `frozen` not trainable."""
     with torch.device("meta"):
         model = ResNet9(model_config)
-    for name, param in model.named_parameters():
-        if name in frozen:
-            param.requires_grad_(False)
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
     return model
 
 

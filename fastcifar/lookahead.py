@@ -17,12 +17,8 @@ from torch import nn
 
 
 class Lookahead:
-    """Args:
-        model: the module whose state is averaged (the plain module, not a DDP wrapper).
-        total_steps: optimizer steps of the whole run; the decay schedule and the final update use it.
-        every: steps between updates.
-        final_decay: the decay reached at the end of training (airbench: 0.95 ** 5).
-    """
+    """Averages `model`'s state (the plain module, not a DDP wrapper) every `every` steps of the `total_steps`
+    of the run, up to the decay `final_decay` (airbench: 0.95 ** 5) at the end."""
 
     def __init__(self, model: nn.Module, total_steps: int, every: int = 5, final_decay: float = 0.95 ** 5):
         self.total_steps, self.every, self.final_decay = total_steps, every, final_decay

@@ -1,29 +1,20 @@
-"""Learning-rate range test (Smith 2015; the original notebook used torch-lr-finder): pick a peak --lr.
+"""Learning-rate range test (Smith 2015): pick a peak --lr.
 
     python -m fastcifar.lr_find --data-dir ../shared/data/cifar10-png.tar.gz --width 16 --device cpu --steps 150 --out /tmp/lr_find_w16.png
 
-From a fresh model (seeded like a training run), the lr grows exponentially from --start-lr to --end-lr over
---steps optimizer steps on the fast (device-resident) loader, cycling epochs if needed. The loss is
-smoothed with a bias-corrected exponential moving average (beta 0.98), and the test stops early once the
-smoothed loss exceeds --diverge x its best value, or the loss is not finite. Writes the curve as a plot
-(--out, loss vs lr on a log axis) and as `<stem>.csv` next to it (step, lr, loss, smoothed), and prints two
-suggestions for the peak lr of the one cycle:
-
-* steepest: the lr where the smoothed loss falls fastest (min d loss / d log lr);
-* min/10:   the lr of the lowest smoothed loss, divided by 10 (the fastai rule of thumb).
-
-Every training flag applies (`--width`, `--batch-size`, `--optimizer`, `--momentum`, `--weight-decay`,
-`--label-smoothing`, `--device`, `--amp`, `--preset`, `--config` ...); the schedule flags (`--lr`,
-`--epochs`, `--pct-start` ...) are ignored, `--pipeline` too (always the fast loader), and the model is
-not compiled. torch-lr-finder is not used: the loop below is shorter than the adapter it would need.
+From a fresh model (seeded like a training run) the lr grows exponentially from --start-lr to --end-lr over
+--steps optimizer steps on the device-resident loader, until the loss, smoothed by a bias-corrected EMA,
+exceeds --diverge x its best or is not finite. Writes the curve as a plot (--out, log lr axis) and as
+`<stem>.csv` next to it (step, lr, loss, smoothed), and prints two suggestions for the one cycle's peak lr:
+where the smoothed loss falls fastest (min d loss / d log lr), and the lr of its minimum / 10 (fastai's rule
+of thumb). Every training flag applies (`--width`, `--optimizer`, `--preset`, `--config` ...); the schedule
+flags (`--lr`, `--epochs` ...) and `--pipeline` are ignored, and the model is not compiled.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import io
 import itertools
 import math
 import os
@@ -31,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +30,6 @@ from torch import nn
 
 from fastcifar import config as train_config
 from fastcifar.atomic import write_text
-from fastcifar.checkpoint import unwrap
 from fastcifar.config import TrainConfig, validate
 from fastcifar.errors import UserError, run_cli
 
@@ -53,7 +43,7 @@ class LRFindResult:
     smoothed: list[float]     # bias-corrected EMA of `losses`
     suggestion_steepest: float  # lr at the steepest descent of the smoothed loss (nan: too few points)
     suggestion_min_over_10: float  # lr at the minimum smoothed loss, / 10 (nan: no points)
-    stop_reason: str = "completed"  # completed, diverged, non-finite or data exhausted
+    stop_reason: str  # completed, diverged, non-finite or data exhausted
 
     def best_index(self) -> int:
         return int(np.argmin(self.smoothed))
@@ -62,37 +52,27 @@ class LRFindResult:
 def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, criterion: nn.Module,
                   *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int = 200, diverge: float = 4.0,
                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LRFindResult:
-    """Train `model` for up to `steps` steps of `batches` ((inputs, labels) pairs) with the lr of every param
-    group set to start_lr * (end_lr / start_lr) ** (i / (steps - 1)) at step i; record the losses.
-
-    Stops early when the smoothed loss exceeds `diverge` x the best smoothed loss (that step is still
-    recorded), when the loss is not finite (not recorded), or when `batches` runs out. `dtype` is the
-    autocast dtype (None: no autocast; float16 adds a GradScaler). The model's weights, buffers, grads and
-    train/eval mode and the optimizer's state and hyperparameters are restored afterwards, even on error.
-    """
+    """Train `model` for up to `steps` steps of `batches` ((inputs, labels) on `device`), the lr of every group
+    start_lr * (end_lr / start_lr) ** (i / (steps - 1)) at step i, and record the losses. Stops once the smoothed
+    loss exceeds `diverge` x its best (that step recorded), the loss is not finite (not recorded) or `batches`
+    ends. `dtype`: autocast's (None: none; float16 adds a GradScaler). The model (weights, buffers, grads, mode)
+    and the optimizer (state, hyperparameters) are restored afterwards, even on error."""
     from fastcifar.runtime import autocast
 
-    if not 0 < start_lr < end_lr or steps < 2 or diverge <= 1:
-        raise ValueError(f"need 0 < start_lr < end_lr, steps >= 2 and diverge > 1; got {start_lr}, {end_lr}, "
-                         f"{steps}, {diverge}")
     device = torch.device(device)
-    plain = unwrap(model)
-    saved_model = {k: v.detach().clone() for k, v in plain.state_dict().items()}
-    saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in plain.parameters()]
+    saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
     saved_opt = copy.deepcopy(optimizer.state_dict())
-    was_training = plain.training
+    was_training = model.training
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    lrs: list[float] = []
-    losses: list[float] = []
-    smoothed: list[float] = []
-    reason, avg, best = "data exhausted", 0.0, math.inf
+    lrs, losses, smoothed = [], [], []
+    avg, best = 0.0, math.inf
     try:
         model.train()
         for i, (inputs, labels) in enumerate(itertools.islice(batches, steps)):
             lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast(device, dtype):
                 loss = criterion(model(inputs), labels)
             value = loss.item()  # one sync per step: the divergence check needs the value anyway
@@ -113,14 +93,13 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
                 reason = "diverged"
                 break
         else:
-            if len(lrs) == steps:
-                reason = "completed"
+            reason = "completed" if len(lrs) == steps else "data exhausted"
     finally:
-        plain.load_state_dict(saved_model)
-        for p, g in zip(plain.parameters(), saved_grads):
+        model.load_state_dict(saved_model)
+        for p, g in zip(model.parameters(), saved_grads):
             p.grad = g
         optimizer.load_state_dict(saved_opt)
-        plain.train(was_training)
+        model.train(was_training)
     steepest, min_over_10 = suggest(lrs, smoothed)
     return LRFindResult(lrs, losses, smoothed, steepest, min_over_10, reason)
 
@@ -131,80 +110,60 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[float, flo
     n = len(lrs)
     if n == 0:
         return math.nan, math.nan
-    s = np.asarray(smoothed, dtype=np.float64)
-    log_lr = np.log(np.asarray(lrs, dtype=np.float64))
-    best = int(np.argmin(s))
+    best = int(np.argmin(smoothed))
     min_over_10 = float(lrs[best]) / 10
     if n < 3:
         return math.nan, min_over_10
     lo, hi = min(10, n // 10), best + 1
     if hi - lo < 3:  # the minimum comes too early to have a descent before it: search the whole curve
         lo, hi = 0, n
-    grad = np.gradient(s[lo:hi], log_lr[lo:hi])
+    grad = np.gradient(np.asarray(smoothed[lo:hi], dtype=np.float64), np.log(np.asarray(lrs[lo:hi], dtype=np.float64)))
     return float(lrs[lo + int(np.argmin(grad))]), min_over_10
 
 
-def cycle_epochs(loader) -> Iterator:
-    """Batches of fresh epochs of `loader`, endlessly (the caller checked that one full batch exists)."""
-    while True:
-        yield from loader
-
-
-# ------------------------------------------------------------------------------------------------------
-# Output
-# ------------------------------------------------------------------------------------------------------
 def csv_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.stem + ".csv")
+    return Path(out).with_suffix(".csv")
 
 
 def write_csv(path: str | Path, result: LRFindResult) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["step", "lr", "loss", "smoothed"])
-    for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
-        writer.writerow([i, f"{lr:.8g}", f"{loss:.6g}", f"{sm:.6g}"])
-    write_text(path, buf.getvalue())
+    rows = zip(result.lrs, result.losses, result.smoothed)
+    write_text(path, "step,lr,loss,smoothed\n" + "".join(f"{i},{lr:.8g},{loss:.6g},{smooth:.6g}\n"
+                                                         for i, (lr, loss, smooth) in enumerate(rows)))
 
 
-def save_plot(path: str | Path, result: LRFindResult, title: str = "") -> None:
+def save_plot(path: str | Path, result: LRFindResult, title: str) -> None:
+    """Loss and smoothed loss against the lr, both suggestions marked (the caller has at least 3 points)."""
     from fastcifar.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(result.lrs, result.losses, color="0.75", lw=0.8, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=1.8, label=f"smoothed (EMA {BETA})")
-    if math.isfinite(result.suggestion_steepest):
-        i = result.lrs.index(result.suggestion_steepest)
-        ax.axvline(result.suggestion_steepest, color="C3", ls="--", lw=1)
-        ax.plot([result.suggestion_steepest], [result.smoothed[i]], "o", color="C3",
-                label=f"steepest descent: {result.suggestion_steepest:.3g}")
-    if math.isfinite(result.suggestion_min_over_10):
-        ax.axvline(result.suggestion_min_over_10, color="C2", ls=":", lw=1.2,
-                   label=f"lr of min loss / 10: {result.suggestion_min_over_10:.3g}")
-    if result.smoothed:  # keep the diverging tail from squashing the interesting part
-        best = result.best_index()
-        lo, hi = min(min(result.losses), min(result.smoothed)), max(result.smoothed[:best + 1])
-        span = max(hi - lo, 1e-3)
-        ax.set_ylim(lo - 0.05 * span, hi + 0.35 * span)
+    steepest = result.suggestion_steepest
+    ax.axvline(steepest, color="C3", ls="--", lw=1)
+    ax.plot([steepest], [result.smoothed[result.lrs.index(steepest)]], "o", color="C3",
+            label=f"steepest descent: {steepest:.3g}")
+    ax.axvline(result.suggestion_min_over_10, color="C2", ls=":", lw=1.2,
+               label=f"lr of min loss / 10: {result.suggestion_min_over_10:.3g}")
+    # the y range ends above the best point's curve, so the diverging tail does not squash the interesting part
+    lo, hi = min(min(result.losses), min(result.smoothed)), max(result.smoothed[:result.best_index() + 1])
+    span = max(hi - lo, 1e-3)
+    ax.set_ylim(lo - 0.05 * span, hi + 0.35 * span)
     ax.set_xscale("log")
-    ax.set(xlabel="learning rate (log scale)", ylabel="training loss",
-           title=title or f"LR range test ({len(result.lrs)} steps, {result.stop_reason})")
+    ax.set(xlabel="learning rate (log scale)", ylabel="training loss", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     save_figure(fig, path)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
     """The training parser (every TrainConfig flag, --preset, --config) plus the range-test flags."""
     base = train_config.get_args_parser()
-    parser = train_config.ArgumentParser(prog="python -m fastcifar.lr_find", parents=[base], add_help=False,  # base brings -h
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                     description="LR range test: exponential lr ramp, smoothed loss, suggested peak --lr. "
-                                 "Training flags apply; schedule flags are ignored.")
+    parser = train_config.ArgumentParser(
+        prog="python -m fastcifar.lr_find", parents=[base], add_help=False,  # base brings -h
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="LR range test: exponential lr ramp, smoothed loss, suggested peak --lr. "
+                    "Training flags apply; schedule flags are ignored.")
     group = parser.add_argument_group("lr range test")
     group.add_argument("--start-lr", type=float, default=1e-4, help="first learning rate")
     group.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (if it gets there)")
@@ -229,22 +188,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
         (args.steps >= 10, "--steps", args.steps, "must be >= 10"),
         (args.diverge > 1, "--diverge", args.diverge, "must be > 1"),
         (Path(args.out).suffix.lower() == ".png", "--out", args.out, "must be a .png path"),
+        (not Path(args.out).is_dir(), "--out", args.out, "is a directory: pass a .png file path"),
     ]
     for ok, flag, value, what in checks:
         if not ok:
             raise UserError(f"invalid {flag} ({value!r}): {what}")
     return config, args
-
-
-def _prepare_out(out: Path) -> None:
-    if out.is_dir():
-        raise UserError(f"--out is a directory ({out}): pass a .png file path")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the directory of --out ({out.parent}): {e.strerror}")
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write to the directory of --out ({out.parent}): choose a writable path")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,7 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config, args = parse_args(argv)
     out = Path(args.out)
-    _prepare_out(out)  # fail before the minutes of work, not after
+    try:  # fail before the minutes of work, not after
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the directory of --out ({out.parent}): {e.strerror}")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write to the directory of --out ({out.parent}): choose a writable path")
     device = select_device(config.device)
     configure_backends(device)
     data = load_cifar10(config.data_dir, download=config.download or None)
@@ -264,32 +218,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = amp_dtype(device, config.amp, config.amp_dtype)
     seed_everything(config.seed)
     train_loader, _ = build_loaders(replace(config, pipeline="gpu"), data, device, dtype, config.seed)
-    batches = cycle_epochs(train_loader)
+    batches = itertools.chain.from_iterable(itertools.repeat(train_loader))  # fresh epochs, endlessly
     model = build_model(config, len(data.classes), device)
     init_weights(model, config, data, config.seed)  # the model a training run with this seed starts from
     optimizer = build_optimizer(config, model, device)
-    criterion = build_criterion(config)
     print(f"lr range test: {args.start_lr:g} -> {args.end_lr:g} over {args.steps} steps "
           f"({args.steps / len(train_loader):.2f} epochs of {len(train_loader)} batches of {config.batch_size}); "
           f"width {config.width}, {config.optimizer}, device {device}, amp {dtype}", flush=True)
     t0 = time.perf_counter()
-    result = lr_range_test(model, optimizer, batches, criterion, start_lr=args.start_lr, end_lr=args.end_lr,
-                           steps=args.steps, diverge=args.diverge, device=device, dtype=dtype)
+    result = lr_range_test(model, optimizer, batches, build_criterion(config), start_lr=args.start_lr,
+                           end_lr=args.end_lr, steps=args.steps, diverge=args.diverge, device=device, dtype=dtype)
     seconds = time.perf_counter() - t0
     if len(result.lrs) < 3:
-        raise UserError(f"the loss diverged after {len(result.lrs)} step(s) (lr {args.start_lr:g}): "
-                        f"lower --start-lr")
+        raise UserError(f"the loss diverged after {len(result.lrs)} step(s) (lr {args.start_lr:g}): lower --start-lr")
     write_csv(csv_path(out), result)
     save_plot(out, result, title=f"LR range test: width {config.width}, batch {config.batch_size}, "
                                  f"{config.optimizer}, wd {config.weight_decay:g} ({result.stop_reason})")
     stop = {"completed": "ran all steps", "diverged": f"stopped: smoothed loss > {args.diverge:g} x best",
-            "non-finite": "stopped: the loss became non-finite",
-            "data exhausted": "stopped: out of data"}[result.stop_reason]
+            "non-finite": "stopped: the loss became non-finite"}[result.stop_reason]  # the batches never run out
     best = result.best_index()
     print(f"{len(result.lrs)} steps in {seconds:.1f}s, lr {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g} ({stop}); "
           f"min smoothed loss {result.smoothed[best]:.4f} at lr {result.lrs[best]:.3g}")
-    if math.isfinite(result.suggestion_steepest):
-        print(f"suggested peak lr (steepest descent of the smoothed loss): {result.suggestion_steepest:.3g}")
+    print(f"suggested peak lr (steepest descent of the smoothed loss): {result.suggestion_steepest:.3g}")
     print(f"suggested peak lr (lr at the minimum smoothed loss / 10):  {result.suggestion_min_over_10:.3g}")
     print(f"wrote {out} and {csv_path(out)}")
     return 0

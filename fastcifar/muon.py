@@ -2,10 +2,9 @@
 
     python -m fastcifar.train --preset speedrun --optimizer muon --muon-lr 0.08 --data-dir ...
 
-`torch.optim.Muon` orthogonalizes 2D updates only, so each trainable conv weight (out, in, k, k) is handed
-to it as an (out, in*k*k) matrix that shares the weight's storage: Muon's in-place update is the weight's
-update. The matrix columns follow the weight's memory layout (channels_last gives (out, k, k, in)); a
-permutation of columns commutes with the orthogonalization, so the update is the same in either layout.
+`torch.optim.Muon` orthogonalizes 2D updates only, so each trainable conv weight (out, in, k, k) is handed to
+it as an (out, in*k*k) matrix sharing the weight's storage, in the weight's memory layout (channels_last: (out,
+k, k, in)): a permutation of columns commutes with the orthogonalization, so the update is the same in either.
 One Cycle schedules both halves through `param_groups` (the Muon groups carry `lr_scale` = muon_lr / lr).
 Muon's weight decay is off: BatchNorm follows every conv, so a filter's scale does not matter.
 """
@@ -19,26 +18,20 @@ from torch import nn
 
 
 def matrix_view(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` (out, in, kh, kw) as an (out, in*kh*kw) view of the same memory, in either memory layout."""
-    if weight.is_contiguous():
-        return weight.view(weight.shape[0], -1)
-    if weight.is_contiguous(memory_format=torch.channels_last):
-        return weight.permute(0, 2, 3, 1).view(weight.shape[0], -1)
-    return weight.reshape(weight.shape[0], -1)  # a copy: fine for a gradient, never made for a weight below
+    """`weight` (out, in, kh, kw) as an (out, in*kh*kw) view of the same memory, in either memory layout. A
+    gradient has its weight's strides (autograd's layout contract), so its view lines up with the weight's."""
+    if not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.permute(0, 2, 3, 1)
+    return weight.view(weight.shape[0], -1)  # raises rather than copies for any other layout
 
 
 class MuonWithSGD(torch.optim.Optimizer):
-    """Muon (`torch.optim.Muon`) on `matrices`, SGD with Nesterov momentum on the `sgd_groups`.
-
-    `param_groups` is the two optimizers' groups (the same dicts), so a scheduler sets both; a GradScaler
-    cannot unscale the matrices' gradients (they reach Muon inside `step`), so fp16 training is refused
-    where this optimizer is built."""
+    """Muon (`torch.optim.Muon`) on `matrices`, SGD with Nesterov momentum on the `sgd_groups`. `param_groups`
+    is the two optimizers' groups (the same dicts), so a scheduler sets both. A GradScaler cannot unscale the
+    matrices' gradients (they reach Muon inside `step`), so training refuses fp16 with this optimizer."""
 
     def __init__(self, matrices: list[nn.Parameter], sgd_groups: list[dict[str, Any]], *, lr: float, muon_lr: float,
                  momentum: float, muon_momentum: float, weight_decay: float, fused: bool = False):
-        for weight in matrices:
-            if not (weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last)):
-                raise ValueError("a conv weight for Muon must be contiguous in one memory layout")
         self.weights = matrices
         self.views = [nn.Parameter(matrix_view(w.detach())) for w in matrices]  # share the weights' storage
         self.sgd = torch.optim.SGD(sgd_groups, lr=lr, momentum=momentum, nesterov=True,
@@ -46,9 +39,12 @@ class MuonWithSGD(torch.optim.Optimizer):
         self.muon = torch.optim.Muon([dict(params=self.views, lr_scale=muon_lr / lr)], lr=muon_lr,
                                      momentum=muon_momentum, nesterov=True, weight_decay=0.0)
         self.defaults = self.sgd.defaults
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._share_groups()
+
+    def _share_groups(self) -> None:
         self.param_groups = self.sgd.param_groups + self.muon.param_groups
         self.state = self.sgd.state  # Muon's own state travels in state_dict()
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -68,8 +64,7 @@ class MuonWithSGD(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sgd.load_state_dict(state_dict["sgd"])
         self.muon.load_state_dict(state_dict["muon"])
-        self.param_groups = self.sgd.param_groups + self.muon.param_groups  # loading made new group dicts
-        self.state = self.sgd.state
+        self._share_groups()  # loading made new group dicts
 
 
 def split_for_muon(groups: list[dict[str, Any]]) -> tuple[list[nn.Parameter], list[dict[str, Any]]]:

@@ -30,20 +30,18 @@ def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.
         from fastcifar.reference import reference_loader
 
         common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size, num_workers=config.workers)
-        train = reference_loader(data.train_images, data.train_labels, train=True, drop_last=True, seed=seed,
-                                 **common, **aug)
-        test = reference_loader(data.test_images, data.test_labels, train=False, **common)
-        return train, test
+        return (reference_loader(data.train_images, data.train_labels, train=True, drop_last=True, seed=seed,
+                                 **common, **aug),
+                reference_loader(data.test_images, data.test_labels, train=False, **common))
     from fastcifar.augment import DeviceLoader
 
     common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size, device=device,
                   dtype=dtype or torch.float32, channels_last=config.channels_last, rank=dist.rank,
                   world_size=dist.world_size)
-    train = DeviceLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip,
-                         drop_last=True, seed=seed, **common, **aug)
-    # one batch shape for the whole test set (the short last batch padded), so evaluation never recompiles
-    test = DeviceLoader(data.test_images, data.test_labels, train=False, pad_last=True, **common)
-    return train, test
+    # the test set in one batch shape (the short last batch padded), so evaluation never recompiles
+    return (DeviceLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip, drop_last=True,
+                         seed=seed, **common, **aug),
+            DeviceLoader(data.test_images, data.test_labels, train=False, pad_last=True, **common))
 
 
 def loader_seconds(*loaders) -> tuple[float, float]:
@@ -63,14 +61,10 @@ def check_batch_size(config: TrainConfig, num_train: int, dist: Dist) -> None:
 
 
 def build_model(config: TrainConfig, num_classes: int, device: torch.device) -> ResNet9:
-    model = ResNet9(ModelConfig(num_classes=num_classes, **model_options(config)))
-    model = model.to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    frozen = frozen_parameter_names(config)
-    for name, param in model.named_parameters():
-        if name in frozen:
-            param.requires_grad_(False)
+    layout = torch.channels_last if config.channels_last else torch.preserve_format
+    model = ResNet9(ModelConfig(num_classes=num_classes, **model_options(config))).to(device, memory_format=layout)
+    for name in frozen_parameter_names(config):
+        model.get_parameter(name).requires_grad_(False)
     return model
 
 
@@ -80,29 +74,23 @@ def frozen_parameter_names(config: TrainConfig) -> tuple[str, ...]:
     statistics, not learned."""
     with torch.device("meta"):  # the names only: no memory at any width
         model = ResNet9(ModelConfig(**model_options(config)))
-    names = [f"{name}.weight" for name, module in model.named_modules()
-             if isinstance(module, nn.modules.batchnorm._BatchNorm)] if not config.bn_weight else []
+    names = [] if config.bn_weight else [f"{name}.weight" for name, module in model.named_modules()
+                                         if isinstance(module, nn.modules.batchnorm._BatchNorm)]
     if config.whiten_bias_epochs:
         names.append("prep.0.weight")
     return tuple(names)
 
 
-def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 def param_groups(config: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
-    """Trainable parameters; with --bias-lr the BatchNorm biases form a second group whose lr is scaled
-    up and whose weight decay coefficient is scaled down, so they decay by the same amount per step.
-    With --whiten-bias-epochs the first BatchNorm's bias gets a group of its own (named "whiten_bias"),
-    which `stop_whitening_bias` freezes later. Each group's `lr_scale` tells the scheduler (and lr_find)
-    its multiple of the base lr."""
+    """Trainable parameters in groups whose `lr_scale` is their multiple of the base lr. With --bias-lr the
+    BatchNorm biases form a second group, lr scaled up and weight decay down (the same decay per step); with
+    --whiten-bias-epochs the first BatchNorm's bias is a group of its own, "whiten_bias" (stop_whitening_bias)."""
+    scale = config.bias_lr
     prep_bias = model.prep[1].bias if config.whiten_bias_epochs else None
-    biases = {id(bn.bias) for bn in batch_norms(model) if bn.bias is not None and bn.bias.requires_grad}
+    biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     trainable = [p for p in model.parameters() if p.requires_grad and p is not prep_bias]
-    bias_scale = config.bias_lr if biases else 1.0
-    bias_group = dict(lr_scale=bias_scale, lr=config.lr * bias_scale, weight_decay=config.weight_decay / bias_scale)
-    if bias_scale == 1.0:
+    bias_group = dict(lr_scale=scale, lr=config.lr * scale, weight_decay=config.weight_decay / scale)
+    if scale == 1.0:
         groups = [dict(params=trainable, lr_scale=1.0)]
     else:
         groups = [dict(params=[p for p in trainable if id(p) not in biases], lr_scale=1.0),
@@ -116,13 +104,10 @@ def stop_whitening_bias(optimizer: torch.optim.Optimizer, config: TrainConfig, e
     """From epoch `config.whiten_bias_epochs` on (0-based `epoch`), the "whiten_bias" group's scheduled lr
     is zero, so the first layer stays as trained so far. Zeroing the schedule rather than requires_grad
     keeps the compiled graphs valid."""
-    if not config.whiten_bias_epochs or epoch < config.whiten_bias_epochs:
-        return
-    for group in optimizer.param_groups:
-        if group.get("name") == "whiten_bias":
-            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
-                if key in group:
-                    group[key] = 0.0
+    if config.whiten_bias_epochs and epoch >= config.whiten_bias_epochs:
+        for group in optimizer.param_groups:
+            if group.get("name") == "whiten_bias":
+                group.update({key: 0.0 for key in ("lr", "initial_lr", "max_lr", "min_lr") if key in group})
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -174,19 +159,17 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
 
 def init_weights(model: ResNet9, config: TrainConfig, data, seed: int, whiten_sample: int = 5000) -> None:
     """Fresh initialization for `seed`, in place, so the compiled (and DDP-wrapped) model stays valid; with
-    --whiten, then the patch-whitening init of the prep conv from `whiten_sample` training images."""
+    --whiten, then the patch-whitening init of the prep conv from `whiten_sample` training images spread
+    evenly over the set (image-folder data is sorted by class, so a prefix would be one class only)."""
     torch.manual_seed(seed)
     model.load_state_dict(ResNet9(model.config).state_dict())
     if config.whiten:
         from fastcifar.augment import normalize_images
         from fastcifar.whiten import init_whitening
 
-        # evenly spread over the training set: image-folder data is sorted by class, so a prefix would be
-        # one class only
         num_train = len(data.train_images)
         pick = np.linspace(0, num_train - 1, min(whiten_sample, num_train)).round().astype(np.int64)
-        device = next(model.parameters()).device
-        images = normalize_images(data.train_images[pick], data.mean, data.std, device)
+        images = normalize_images(data.train_images[pick], data.mean, data.std, next(model.parameters()).device)
         init_whitening(model.prep[0], images.permute(0, 3, 1, 2))
 
 

@@ -68,7 +68,7 @@ def test_evaluate_uses_every_tta_view():
 
 
 def test_tta_views_keep_the_input_dtype_and_channels_last_layout_under_cpu_autocast():
-    """Sabotage: same_layout returning the view as it is (a shifted view is a strided slice, and fp32 under CPU
+    """Sabotage: tta_inputs returning the views as they are (a shifted view is a strided slice, and fp32 under CPU
     autocast, so a compiled model would recompile for it)."""
     from fastcifar.evaluate import tta_inputs
 
