@@ -33,7 +33,7 @@ import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO, Sequence
 
 import numpy as np
@@ -87,8 +87,6 @@ def channel_stats(images: np.ndarray, chunk: int = 1024
     Pixel sums and sums of squares are integers below 2**53, so float64 accumulates them exactly; a
     chunk at a time keeps the float64 copy small.
     """
-    if images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
-        raise ValueError(f"expected non-empty (N, H, W, 3) images, got shape {images.shape}")
     total, total_sq = np.zeros(3), np.zeros(3)
     for start in range(0, len(images), chunk):
         part = images[start:start + chunk].reshape(-1, 3)
@@ -98,9 +96,8 @@ def channel_stats(images: np.ndarray, chunk: int = 1024
         total_sq += np.square(planar, out=planar).sum(axis=1)  # not BLAS dot: its threads crawl on busy CPUs
     n = images.size // 3
     mean = total / n
-    var = np.maximum(total_sq / n - mean * mean, 0.0)
-    m, s = mean / 255.0, np.sqrt(var) / 255.0
-    return (float(m[0]), float(m[1]), float(m[2])), (float(s[0]), float(s[1]), float(s[2]))
+    std = np.sqrt(np.maximum(total_sq / n - mean * mean, 0.0))
+    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
 def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool | None = None,
@@ -138,8 +135,7 @@ def validation_split(data: CifarData, size: int, seed: int = 0) -> CifarData:
     counts = np.bincount(data.train_labels, minlength=len(data.classes))
     exact = size * counts / num_train
     quota = np.floor(exact).astype(np.int64)
-    for c in np.argsort(-(exact - quota), kind="stable")[:size - int(quota.sum())]:
-        quota[c] += 1
+    quota[np.argsort(-(exact - quota), kind="stable")[:size - int(quota.sum())]] += 1
     order = np.random.default_rng(seed).permutation(num_train)
     held = np.zeros(num_train, dtype=bool)
     for c, n in enumerate(quota):
@@ -210,18 +206,10 @@ def _download(cache: Path) -> None:
 # --- decoded cache ---------------------------------------------------------------------------------------
 
 def _cache_key(path: Path) -> str:
-    if path.is_dir():
-        # A directory's own mtime misses edits inside class folders, so fingerprint every file read.
-        stats = sorted((rel, _size_and_mtime(f)) for rel, f in _scan_dir(path).items())
-        ident = repr((str(path), stats, FORMAT_VERSION))
-    else:
-        ident = repr((str(path), *_size_and_mtime(path), FORMAT_VERSION))
-    return hashlib.sha1(ident.encode()).hexdigest()
-
-
-def _size_and_mtime(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
+    # A directory's own mtime misses edits inside class folders, so a tree fingerprints every file read.
+    files = sorted(_scan_dir(path).items()) if path.is_dir() else [("", path)]
+    stats = [(rel, f.stat().st_size, f.stat().st_mtime_ns) for rel, f in files]
+    return hashlib.sha1(repr((str(path), stats, FORMAT_VERSION)).encode()).hexdigest()
 
 
 def _read_cache(cache_file: Path, key: str) -> CifarData | None:
@@ -231,9 +219,8 @@ def _read_cache(cache_file: Path, key: str) -> CifarData | None:
         with np.load(cache_file, allow_pickle=False) as z:
             if set(z.files) != _CACHE_KEYS or str(z["key"]) != key:
                 raise ValueError("stale or foreign cache file")
-            arrays = {name: z[name] for name in _CACHE_KEYS}
-        data = CifarData(*(arrays[name] for name in _CACHE_ARRAYS), classes=[str(c) for c in arrays["classes"]],
-                         mean=_triple(arrays["mean"]), std=_triple(arrays["std"]), source=str(arrays["source"]))
+            data = CifarData(*(z[name] for name in _CACHE_ARRAYS), classes=z["classes"].tolist(),
+                             mean=tuple(z["mean"].tolist()), std=tuple(z["std"].tolist()), source=str(z["source"]))
         _check(data)
         return data
     except Exception as e:  # any damage, whatever numpy or zipfile raises, means: decode again
@@ -245,21 +232,15 @@ def _write_cache(cache_file: Path, key: str, data: CifarData) -> None:
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **{name: getattr(data, name) for name in _CACHE_ARRAYS}, classes=np.array(data.classes),
-                     mean=np.array(data.mean), std=np.array(data.std), key=np.array(key),
-                     source=np.array(data.source))
+            np.savez(f, **vars(data), key=np.array(key))
     except OSError as e:  # a read-only or full cache disk should not stop training
         warnings.warn(f"could not write decoded cache {cache_file} ({_brief(e)})", stacklevel=3)
 
 
-def _triple(values: np.ndarray) -> tuple[float, float, float]:
-    if values.shape != (3,):
-        raise ValueError(f"expected 3 channel values, got shape {values.shape}")
-    return float(values[0]), float(values[1]), float(values[2])
-
-
 def _check(data: CifarData) -> None:
     """Raise ValueError unless `data` has the documented shapes, dtypes and label range."""
+    if np.shape(data.mean) != (3,) or np.shape(data.std) != (3,):
+        raise ValueError(f"bad channel statistics {data.mean} {data.std}")
     for images, labels in ((data.train_images, data.train_labels), (data.test_images, data.test_labels)):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (_SIZE, _SIZE, 3):
             raise ValueError(f"bad images {images.dtype} {images.shape}")
@@ -280,16 +261,30 @@ def _decode_source(path: Path) -> CifarData:
 
 def _list_members(path: Path) -> Members:
     if path.is_dir():
-        return dict(_scan_dir(path))
+        return _scan_dir(path)
     if not os.access(path, os.R_OK):
         raise UserError(f"cannot read {path}: permission denied; fix its permissions or copy it")
     name = path.name.lower()
-    if name.endswith(".zip"):
-        return _read_zip(path)
-    if name.endswith((".tar", ".tgz", ".tbz2", ".txz")) or ".tar." in name:
-        return _read_tar(path)
-    raise UserError(f"unsupported data file type ({path}): pass a directory, or a .tar, .tar.gz/.tgz or .zip "
-                    f"archive of an image-folder tree, or the official {OFFICIAL_ARCHIVE}")
+    is_zip = name.endswith(".zip")
+    if not is_zip and not name.endswith((".tar", ".tgz", ".tbz2", ".txz")) and ".tar." not in name:
+        raise UserError(f"unsupported data file type ({path}): pass a directory, or a .tar, .tar.gz/.tgz or .zip "
+                        f"archive of an image-folder tree, or the official {OFFICIAL_ARCHIVE}")
+    members: Members = {}
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if not info.is_dir() and _wanted(parts := _parts(info.filename)):
+                        members["/".join(parts)] = zf.read(info)
+        else:
+            with _open_tar_bytes(path) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
+                for info in tar:
+                    if info.isfile() and _wanted(parts := _parts(info.name)):
+                        members["/".join(parts)] = tar.extractfile(info).read()
+                _check_tar_end(stream, tar.offset)
+    except _CORRUPT_ARCHIVE as e:
+        raise UserError(f"truncated or corrupt archive ({path}): {_brief(e)}; re-download or re-create it") from e
+    return members
 
 
 def _parts(name: str) -> tuple[str, ...]:
@@ -308,7 +303,7 @@ def _is_image_member(parts: tuple[str, ...]) -> bool:
 
 def _is_official(parts: tuple[str, ...]) -> bool:
     """[cifar-10-batches-py/]data_batch_N and friends."""
-    return len(parts) <= 2 and parts[-1] in _OFFICIAL_FILES and not _is_image_member(parts)
+    return len(parts) <= 2 and parts[-1] in _OFFICIAL_FILES
 
 
 def _wanted(parts: tuple[str, ...]) -> bool:
@@ -322,38 +317,17 @@ def _may_hold_wanted(parts: tuple[str, ...]) -> bool:
 
 
 def _scan_dir(root: Path) -> dict[str, Path]:
+    def unreadable(e: OSError) -> None:
+        raise UserError(f"cannot read directory {e.filename} ({_brief(e)}): check its permissions")
+
     found: dict[str, Path] = {}
-    pending: list[tuple[str, ...]] = [()]
-    while pending:
-        rel = pending.pop()
-        try:
-            entries = list(os.scandir(root.joinpath(*rel)))
-        except OSError as e:
-            raise UserError(f"cannot read directory {root.joinpath(*rel)} ({_brief(e)}): check its permissions")
-        for entry in entries:
-            parts = (*rel, entry.name)
-            if _ignored(entry.name):
-                continue
-            if entry.is_dir():
-                if _may_hold_wanted(parts):
-                    pending.append(parts)
-            elif _wanted(parts):
-                found["/".join(parts)] = Path(entry.path)
+    for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
+        rel = _parts(os.path.relpath(folder, root))
+        dirs[:] = [d for d in dirs if not _ignored(d) and _may_hold_wanted((*rel, d))]
+        for name in files:
+            if _wanted(parts := (*rel, name)):
+                found["/".join(parts)] = Path(folder, name)
     return found
-
-
-def _read_tar(path: Path) -> Members:
-    members: Members = {}
-    try:
-        with _open_tar_bytes(path) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
-            for info in tar:
-                parts = _parts(info.name)
-                if info.isfile() and _wanted(parts):
-                    members["/".join(parts)] = tar.extractfile(info).read()
-            _check_tar_end(stream, tar.offset)
-    except _CORRUPT_ARCHIVE as e:
-        raise UserError(f"truncated or corrupt archive ({path}): {_brief(e)}; re-download or re-create it") from e
-    return members
 
 
 def _open_tar_bytes(path: Path) -> BinaryIO:
@@ -388,19 +362,6 @@ def _check_tar_end(stream: BinaryIO, offset: int) -> None:
         raise tarfile.ReadError(f"no end-of-archive marker after byte {offset}")
 
 
-def _read_zip(path: Path) -> Members:
-    members: Members = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                parts = _parts(info.filename)
-                if not info.is_dir() and _wanted(parts):
-                    members["/".join(parts)] = zf.read(info)
-    except (*_CORRUPT_ARCHIVE, zipfile.LargeZipFile) as e:
-        raise UserError(f"truncated or corrupt archive ({path}): {_brief(e)}; re-download or re-create it") from e
-    return members
-
-
 def _read(member: bytes | Path) -> bytes:
     if isinstance(member, bytes):
         return member
@@ -430,13 +391,13 @@ def _decode_folders(members: Members, source: Path) -> CifarData:
             raise UserError(f"test class folder {_member_name(source, folder)} has no matching train folder: "
                             f"rename or remove it (train classes: {', '.join(classes)})")
     index = {cls: i for i, cls in enumerate(classes)}
-    arrays = {}
+    arrays = []  # train images, train labels, test images, test labels
     for split in _SPLITS:
         entries = sorted(files[split], key=lambda e: (index[e[0]], e[1]))
-        arrays[split] = (_decode_images([(rel, members[rel]) for _, rel in entries], source),
-                         np.array([index[cls] for cls, _ in entries], dtype=np.int64))
+        arrays += [_decode_images([(rel, members[rel]) for _, rel in entries], source),
+                   np.array([index[cls] for cls, _ in entries], dtype=np.int64)]
     kind = "image-folder directory" if source.is_dir() else "image-folder archive"
-    return _assemble(arrays, classes, f"{kind} {source}")
+    return CifarData(*arrays, classes, *channel_stats(arrays[0]), f"{kind} {source}")
 
 
 def _split_files(members: Members, source: Path) -> dict[str, list[tuple[str, str]]]:
@@ -460,29 +421,22 @@ def _decode_images(entries: Sequence[tuple[str, bytes | Path]], source: Path) ->
     # A plain loop: PIL holds the GIL for most of a 32x32 decode, so a thread pool measured slower.
     out = np.empty((len(entries), _SIZE, _SIZE, 3), dtype=np.uint8)
     for i, (rel, member) in enumerate(entries):
+        data = _read(member)
         try:
-            out[i] = _decode_image(_read(member))
-        except _BadImage as e:
-            raise UserError(f"{e.args[0]} ({_member_name(source, rel)}): {e.args[1]}") from e.__cause__
+            with Image.open(io.BytesIO(data)) as im:
+                size = im.size
+                if size == (_SIZE, _SIZE):
+                    out[i] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+        except UnidentifiedImageError as e:
+            raise UserError(f"not an image ({_member_name(source, rel)}): remove it or replace it with a "
+                            f"PNG/JPEG") from e
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
+            raise UserError(f"corrupt image ({_member_name(source, rel)}): {_brief(e)}; remove it or replace it "
+                            f"with a PNG/JPEG") from e
+        if size != (_SIZE, _SIZE):
+            raise UserError(f"image is {size[0]}x{size[1]}, not {_SIZE}x{_SIZE} ({_member_name(source, rel)}): "
+                            f"resize or remove it")
     return out
-
-
-class _BadImage(Exception):
-    """(what is wrong, what to do); the caller adds the file name."""
-
-
-def _decode_image(data: bytes) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.size != (_SIZE, _SIZE):
-                raise _BadImage(f"image is {im.size[0]}x{im.size[1]}, not {_SIZE}x{_SIZE}", "resize or remove it")
-            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    except _BadImage:
-        raise
-    except UnidentifiedImageError as e:
-        raise _BadImage("not an image", "remove it or replace it with a PNG/JPEG") from e
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
-        raise _BadImage("corrupt image", f"{_brief(e)}; remove it or replace it with a PNG/JPEG") from e
 
 
 # --- official python batches -----------------------------------------------------------------------------
@@ -518,21 +472,20 @@ def _unpickle(data: bytes, name: str) -> dict[str, object]:
 
 
 def _decode_official(members: Members, source: Path) -> CifarData:
-    found = {PurePosixPath(rel).name: rel for rel in members if _is_official(_parts(rel))}
+    found = {rel.rpartition("/")[2]: rel for rel in members if _is_official(_parts(rel))}
     missing = [f for f in _OFFICIAL_FILES if f not in found]
     if missing:
         raise UserError(f"incomplete official CIFAR-10 files in {source}: missing {', '.join(missing)}; "
                         f"delete it and download {OFFICIAL_ARCHIVE} again (--download)")
-    if len({PurePosixPath(found[f]).parent for f in _OFFICIAL_FILES}) > 1:
+    if len({found[f].rpartition("/")[0] for f in _OFFICIAL_FILES}) > 1:
         raise UserError(f"official CIFAR-10 files spread over several folders in {source}: point --data-dir "
                         f"at the {OFFICIAL_DIR} folder")
     classes = _meta_classes(members[found["batches.meta"]], _member_name(source, found["batches.meta"]))
     batches = {f: _batch(members[found[f]], _member_name(source, found[f]), len(classes))
                for f in (*_TRAIN_BATCHES, "test_batch")}
-    train = [batches[f] for f in _TRAIN_BATCHES]
-    arrays = {"train": (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])),
-              "test": batches["test_batch"]}
-    return _assemble(arrays, classes, f"official CIFAR-10 python batches {source}")
+    train = [np.concatenate(parts) for parts in zip(*(batches[f] for f in _TRAIN_BATCHES))]
+    return CifarData(*train, *batches["test_batch"], classes, *channel_stats(train[0]),
+                     f"official CIFAR-10 python batches {source}")
 
 
 def _meta_classes(member: bytes | Path, name: str) -> list[str]:
@@ -560,12 +513,6 @@ def _batch(member: bytes | Path, name: str, num_classes: int) -> tuple[np.ndarra
     # Rows are channel-planar (R plane, G plane, B plane); the rest of fastcifar uses HWC.
     images = np.ascontiguousarray(data.reshape(-1, 3, _SIZE, _SIZE).transpose(0, 2, 3, 1))
     return images, labels.astype(np.int64)
-
-
-def _assemble(arrays: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequence[str], source: str) -> CifarData:
-    (train_x, train_y), (test_x, test_y) = arrays["train"], arrays["test"]
-    mean, std = channel_stats(train_x)
-    return CifarData(train_x, train_y, test_x, test_y, list(classes), mean, std, source)
 
 
 # --- command line ----------------------------------------------------------------------------------------
