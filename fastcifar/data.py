@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fastcifar.atomic import atomic_path
-from fastcifar.errors import UserError, run_cli
+from fastcifar.errors import UserError, first_line, run_cli
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -55,12 +55,10 @@ _OFFICIAL_FILES = (*_TRAIN_BATCHES, "test_batch", "batches.meta")
 _SPLITS = ("train", "test")
 _JUNK = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _SIZE = 32
-_CORRUPT_ARCHIVE = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error,
-                    lzma.LZMAError)
 _CACHE_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 _CACHE_KEYS = frozenset({*_CACHE_ARRAYS, "classes", "mean", "std", "key", "source"})
 
-Members = dict[str, "bytes | Path"]  # posix path inside the source -> its bytes, or the file to read
+Members = dict[str, bytes]  # posix path inside the source -> its bytes
 
 
 @dataclass
@@ -90,8 +88,7 @@ def channel_stats(images: np.ndarray, chunk: int = 1024
     total, total_sq = np.zeros(3), np.zeros(3)
     for start in range(0, len(images), chunk):
         part = images[start:start + chunk].reshape(-1, 3)
-        planar = np.empty((3, len(part)))  # channel-major so the reductions run over contiguous memory
-        np.copyto(planar, part.T)
+        planar = part.T.astype(np.float64, order="C")  # channel-major: the reductions run over contiguous memory
         total += planar.sum(axis=1)
         total_sq += np.square(planar, out=planar).sum(axis=1)  # not BLAS dot: its threads crawl on busy CPUs
     n = images.size // 3
@@ -169,7 +166,14 @@ def _find_or_download(cache: Path, download: bool | None) -> Path:
     if not download:
         raise UserError(f"no CIFAR-10 found at {official} and {why}: pass --data-dir PATH (an image-folder "
                         f"tree or archive, or the official {OFFICIAL_DIR} files) or set FASTCIFAR_HOME")
-    _download(cache)
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        download_and_extract_archive(URL, download_root=str(cache), md5=MD5)
+    except (OSError, RuntimeError, tarfile.TarError, EOFError) as e:
+        raise UserError(f"could not download CIFAR-10 from {URL} into {cache} ({first_line(e)}): check the "
+                        f"connection, or pass --data-dir PATH to a local copy") from e
     if not official.is_dir():
         raise UserError(f"download finished but {official} is missing: pass --data-dir PATH to a local copy")
     return official.resolve()
@@ -192,17 +196,6 @@ def _is_online(host: str = "www.cs.toronto.edu", port: int = 443, timeout: float
     return bool(reachable)
 
 
-def _download(cache: Path) -> None:
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        download_and_extract_archive(URL, download_root=str(cache), md5=MD5)
-    except (OSError, RuntimeError, tarfile.TarError, EOFError) as e:
-        raise UserError(f"could not download CIFAR-10 from {URL} into {cache} ({_brief(e)}): check the "
-                        f"connection, or pass --data-dir PATH to a local copy") from e
-
-
 # --- decoded cache ---------------------------------------------------------------------------------------
 
 def _cache_key(path: Path) -> str:
@@ -221,10 +214,16 @@ def _read_cache(cache_file: Path, key: str) -> CifarData | None:
                 raise ValueError("stale or foreign cache file")
             data = CifarData(*(z[name] for name in _CACHE_ARRAYS), classes=z["classes"].tolist(),
                              mean=tuple(z["mean"].tolist()), std=tuple(z["std"].tolist()), source=str(z["source"]))
-        _check(data)
+        for images, labels in ((data.train_images, data.train_labels), (data.test_images, data.test_labels)):
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (_SIZE, _SIZE, 3):
+                raise ValueError(f"bad images {images.dtype} {images.shape}")
+            if labels.dtype != np.int64 or labels.shape != (len(images),):
+                raise ValueError(f"bad labels {labels.dtype} {labels.shape}")
+            if len(labels) and not 0 <= labels.min() <= labels.max() < len(data.classes):
+                raise ValueError("labels out of range")
         return data
     except Exception as e:  # any damage, whatever numpy or zipfile raises, means: decode again
-        warnings.warn(f"ignoring unusable decoded cache {cache_file} ({_brief(e)}); rebuilding it", stacklevel=3)
+        warnings.warn(f"ignoring unusable decoded cache {cache_file} ({first_line(e)}); rebuilding it", stacklevel=3)
         return None
 
 
@@ -234,20 +233,7 @@ def _write_cache(cache_file: Path, key: str, data: CifarData) -> None:
         with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
             np.savez(f, **vars(data), key=np.array(key))
     except OSError as e:  # a read-only or full cache disk should not stop training
-        warnings.warn(f"could not write decoded cache {cache_file} ({_brief(e)})", stacklevel=3)
-
-
-def _check(data: CifarData) -> None:
-    """Raise ValueError unless `data` has the documented shapes, dtypes and label range."""
-    if np.shape(data.mean) != (3,) or np.shape(data.std) != (3,):
-        raise ValueError(f"bad channel statistics {data.mean} {data.std}")
-    for images, labels in ((data.train_images, data.train_labels), (data.test_images, data.test_labels)):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (_SIZE, _SIZE, 3):
-            raise ValueError(f"bad images {images.dtype} {images.shape}")
-        if labels.dtype != np.int64 or labels.shape != (len(images),):
-            raise ValueError(f"bad labels {labels.dtype} {labels.shape}")
-        if len(labels) and not 0 <= labels.min() <= labels.max() < len(data.classes):
-            raise ValueError("labels out of range")
+        warnings.warn(f"could not write decoded cache {cache_file} ({first_line(e)})", stacklevel=3)
 
 
 # --- reading members of a directory or an archive --------------------------------------------------------
@@ -261,7 +247,13 @@ def _decode_source(path: Path) -> CifarData:
 
 def _list_members(path: Path) -> Members:
     if path.is_dir():
-        return _scan_dir(path)
+        members = {}
+        for rel, file in _scan_dir(path).items():
+            try:
+                members[rel] = file.read_bytes()
+            except OSError as e:
+                raise UserError(f"cannot read {file} ({first_line(e)}): check that it exists and is readable") from e
+        return members
     if not os.access(path, os.R_OK):
         raise UserError(f"cannot read {path}: permission denied; fix its permissions or copy it")
     name = path.name.lower()
@@ -282,8 +274,8 @@ def _list_members(path: Path) -> Members:
                     if info.isfile() and _wanted(parts := _parts(info.name)):
                         members["/".join(parts)] = tar.extractfile(info).read()
                 _check_tar_end(stream, tar.offset)
-    except _CORRUPT_ARCHIVE as e:
-        raise UserError(f"truncated or corrupt archive ({path}): {_brief(e)}; re-download or re-create it") from e
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
+        raise UserError(f"truncated or corrupt archive ({path}): {first_line(e)}; re-download or re-create it") from e
     return members
 
 
@@ -296,18 +288,16 @@ def _ignored(part: str) -> bool:
     return part.startswith(".") or part in _JUNK
 
 
-def _is_image_member(parts: tuple[str, ...]) -> bool:
-    """[root/]train|test/<class>/<file>."""
-    return len(parts) in (3, 4) and parts[-3] in _SPLITS
-
-
 def _is_official(parts: tuple[str, ...]) -> bool:
     """[cifar-10-batches-py/]data_batch_N and friends."""
     return len(parts) <= 2 and parts[-1] in _OFFICIAL_FILES
 
 
 def _wanted(parts: tuple[str, ...]) -> bool:
-    return bool(parts) and not any(_ignored(p) for p in parts) and (_is_image_member(parts) or _is_official(parts))
+    """An official file, or an image at [root/]train|test/<class>/<file>; nothing hidden or junk."""
+    if not parts or any(_ignored(p) for p in parts):
+        return False
+    return _is_official(parts) or (len(parts) in (3, 4) and parts[-3] in _SPLITS)
 
 
 def _may_hold_wanted(parts: tuple[str, ...]) -> bool:
@@ -318,7 +308,7 @@ def _may_hold_wanted(parts: tuple[str, ...]) -> bool:
 
 def _scan_dir(root: Path) -> dict[str, Path]:
     def unreadable(e: OSError) -> None:
-        raise UserError(f"cannot read directory {e.filename} ({_brief(e)}): check its permissions")
+        raise UserError(f"cannot read directory {e.filename} ({first_line(e)}): check its permissions")
 
     found: dict[str, Path] = {}
     for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
@@ -362,22 +352,8 @@ def _check_tar_end(stream: BinaryIO, offset: int) -> None:
         raise tarfile.ReadError(f"no end-of-archive marker after byte {offset}")
 
 
-def _read(member: bytes | Path) -> bytes:
-    if isinstance(member, bytes):
-        return member
-    try:
-        return member.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {member} ({_brief(e)}): check that it exists and is readable") from e
-
-
 def _member_name(source: Path, rel: str) -> str:
     return str(source / rel) if source.is_dir() else f"{source}:{rel}"
-
-
-def _brief(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # --- image-folder trees ----------------------------------------------------------------------------------
@@ -417,11 +393,10 @@ def _split_files(members: Members, source: Path) -> dict[str, list[tuple[str, st
     return files
 
 
-def _decode_images(entries: Sequence[tuple[str, bytes | Path]], source: Path) -> np.ndarray:
+def _decode_images(entries: Sequence[tuple[str, bytes]], source: Path) -> np.ndarray:
     # A plain loop: PIL holds the GIL for most of a 32x32 decode, so a thread pool measured slower.
     out = np.empty((len(entries), _SIZE, _SIZE, 3), dtype=np.uint8)
-    for i, (rel, member) in enumerate(entries):
-        data = _read(member)
+    for i, (rel, data) in enumerate(entries):
         try:
             with Image.open(io.BytesIO(data)) as im:
                 size = im.size
@@ -431,7 +406,7 @@ def _decode_images(entries: Sequence[tuple[str, bytes | Path]], source: Path) ->
             raise UserError(f"not an image ({_member_name(source, rel)}): remove it or replace it with a "
                             f"PNG/JPEG") from e
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
-            raise UserError(f"corrupt image ({_member_name(source, rel)}): {_brief(e)}; remove it or replace it "
+            raise UserError(f"corrupt image ({_member_name(source, rel)}): {first_line(e)}; remove it or replace it "
                             f"with a PNG/JPEG") from e
         if size != (_SIZE, _SIZE):
             raise UserError(f"image is {size[0]}x{size[1]}, not {_SIZE}x{_SIZE} ({_member_name(source, rel)}): "
@@ -465,7 +440,7 @@ def _unpickle(data: bytes, name: str) -> dict[str, object]:
     try:
         obj = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # pickle raises a zoo of exceptions on damaged input
-        raise UserError(f"corrupt CIFAR-10 batch ({name}): {_brief(e)}; re-download the official files") from e
+        raise UserError(f"corrupt CIFAR-10 batch ({name}): {first_line(e)}; re-download the official files") from e
     if not isinstance(obj, dict):
         raise UserError(f"corrupt CIFAR-10 batch ({name}): not a dict; re-download the official files")
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
@@ -488,16 +463,16 @@ def _decode_official(members: Members, source: Path) -> CifarData:
                      f"official CIFAR-10 python batches {source}")
 
 
-def _meta_classes(member: bytes | Path, name: str) -> list[str]:
-    names = _unpickle(_read(member), name).get("label_names")
+def _meta_classes(member: bytes, name: str) -> list[str]:
+    names = _unpickle(member, name).get("label_names")
     if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
         raise UserError(f"corrupt CIFAR-10 meta file ({name}): no label_names list; re-download the "
                         f"official files")
     return [n.decode() if isinstance(n, bytes) else n for n in names]
 
 
-def _batch(member: bytes | Path, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    batch = _unpickle(_read(member), name)
+def _batch(member: bytes, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(member, name)
     data, labels = batch.get("data"), batch.get("labels")
     if not isinstance(data, np.ndarray) or labels is None:
         raise UserError(f"corrupt CIFAR-10 batch ({name}): no 'data' array or 'labels'; re-download the "

@@ -34,13 +34,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     debug = "--debug" in args
     try:
         return int(main(args) or 0)
-    except UserError as e:
+    except (UserError, KeyboardInterrupt) as e:
         if debug:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        interrupted = isinstance(e, KeyboardInterrupt)
+        print(f"{prog}: interrupted" if interrupted else f"{prog}: error: {e}", file=sys.stderr)
+        return 130 if interrupted else EXIT_USAGE
