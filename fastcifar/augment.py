@@ -46,19 +46,13 @@ def normalize_images(images: np.ndarray | torch.Tensor, mean: Sequence[float], s
 
 @dataclass
 class EpochPlan:
-    """Every random choice of one epoch, drawn up front. Index i refers to the i-th sample served.
+    """Every random choice of one epoch, drawn up front. Index i refers to the i-th sample served."""
 
-    order:  source image index (a permutation, or this rank's shard of it)
-    flip:   1 where the image is mirrored horizontally
-    dy, dx: crop offset into the padded image, in [0, 2 * translate]
-    cy, cx: top-left corner of the cutout square (may be negative: squares are clipped at the border)
-    """
-
-    order: torch.Tensor
-    flip: torch.Tensor
-    dy: torch.Tensor
+    order: torch.Tensor  # source image index (a permutation, or this rank's shard of it)
+    flip: torch.Tensor  # 1 where the image is mirrored horizontally
+    dy: torch.Tensor  # crop offset into the padded image, in [0, 2 * translate]
     dx: torch.Tensor
-    cy: torch.Tensor
+    cy: torch.Tensor  # top-left corner of the cutout square (may be negative: squares are clipped at the border)
     cx: torch.Tensor
 
 
@@ -166,8 +160,8 @@ class DeviceLoader:
         return n // b if self.drop_last else -(-n // b)  # a padded last batch is still one batch
 
     # -- randomness ---------------------------------------------------------------------------------
-    def _randint(self, high: int, n: int, low: int = 0) -> torch.Tensor:
-        return torch.randint(low, high, (n,), device=self.device, generator=self.generator)
+    def _randint(self, high: int, n: int) -> torch.Tensor:
+        return torch.randint(high, (n,), device=self.device, generator=self.generator)
 
     def plan_epoch(self) -> EpochPlan:
         """Draw the next epoch's random choices and advance the epoch counter.

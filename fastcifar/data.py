@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import codecs
+import contextlib
 import gzip
 import hashlib
 import io
@@ -137,10 +138,9 @@ def validation_split(data: CifarData, size: int, seed: int = 0) -> CifarData:
     held = np.zeros(num_train, dtype=bool)
     for c, n in enumerate(quota):
         held[order[data.train_labels[order] == c][:n]] = True
-    train_x, val_x = data.train_images[~held], data.train_images[held]
-    mean, std = channel_stats(train_x)
-    return CifarData(np.ascontiguousarray(train_x), data.train_labels[~held], np.ascontiguousarray(val_x),
-                     data.train_labels[held], list(data.classes), mean, std,
+    train_x = data.train_images[~held]  # boolean indexing copies: both parts are C-contiguous
+    return CifarData(train_x, data.train_labels[~held], data.train_images[held], data.train_labels[held],
+                     list(data.classes), *channel_stats(train_x),
                      f"{data.source}, validation split: {size} training images held out (split seed {seed}), "
                      "test set unused")
 
@@ -181,19 +181,15 @@ def _find_or_download(cache: Path, download: bool | None) -> Path:
 
 def _is_online(host: str = "www.cs.toronto.edu", port: int = 443, timeout: float = 2.0) -> bool:
     # A thread bounds the whole probe: a stalled DNS lookup ignores the socket timeout.
-    reachable: list[bool] = []
+    reachable = threading.Event()
 
     def probe() -> None:
-        try:
+        with contextlib.suppress(OSError):
             socket.create_connection((host, port), timeout=timeout).close()
-            reachable.append(True)
-        except OSError:
-            pass
+            reachable.set()
 
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(reachable)
+    threading.Thread(target=probe, daemon=True).start()
+    return reachable.wait(timeout)
 
 
 # --- decoded cache ---------------------------------------------------------------------------------------
@@ -201,7 +197,7 @@ def _is_online(host: str = "www.cs.toronto.edu", port: int = 443, timeout: float
 def _cache_key(path: Path) -> str:
     # A directory's own mtime misses edits inside class folders, so a tree fingerprints every file read.
     files = sorted(_scan_dir(path).items()) if path.is_dir() else [("", path)]
-    stats = [(rel, f.stat().st_size, f.stat().st_mtime_ns) for rel, f in files]
+    stats = [(rel, st.st_size, st.st_mtime_ns) for rel, st in ((rel, f.stat()) for rel, f in files)]
     return hashlib.sha1(repr((str(path), stats, FORMAT_VERSION)).encode()).hexdigest()
 
 
@@ -455,20 +451,16 @@ def _decode_official(members: Members, source: Path) -> CifarData:
     if len({found[f].rpartition("/")[0] for f in _OFFICIAL_FILES}) > 1:
         raise UserError(f"official CIFAR-10 files spread over several folders in {source}: point --data-dir "
                         f"at the {OFFICIAL_DIR} folder")
-    classes = _meta_classes(members[found["batches.meta"]], _member_name(source, found["batches.meta"]))
+    meta = _member_name(source, found["batches.meta"])
+    names = _unpickle(members[found["batches.meta"]], meta).get("label_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
+        raise UserError(f"corrupt CIFAR-10 meta file ({meta}): no label_names list; re-download the official files")
+    classes = [n.decode() if isinstance(n, bytes) else n for n in names]
     batches = {f: _batch(members[found[f]], _member_name(source, found[f]), len(classes))
                for f in (*_TRAIN_BATCHES, "test_batch")}
     train = [np.concatenate(parts) for parts in zip(*(batches[f] for f in _TRAIN_BATCHES))]
     return CifarData(*train, *batches["test_batch"], classes, *channel_stats(train[0]),
                      f"official CIFAR-10 python batches {source}")
-
-
-def _meta_classes(member: bytes, name: str) -> list[str]:
-    names = _unpickle(member, name).get("label_names")
-    if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
-        raise UserError(f"corrupt CIFAR-10 meta file ({name}): no label_names list; re-download the "
-                        f"official files")
-    return [n.decode() if isinstance(n, bytes) else n for n in names]
 
 
 def _batch(member: bytes, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -511,9 +503,9 @@ def format_data_summary(data: CifarData) -> str:
     train = np.bincount(data.train_labels, minlength=len(data.classes))
     test = np.bincount(data.test_labels, minlength=len(data.classes))
     width = max(12, *(len(c) for c in data.classes))
-    lines = [f"source: {data.source}", f"{'class':<{width}} {'train':>8} {'test':>8}"]
-    lines += [f"{c:<{width}} {a:>8} {b:>8}" for c, a, b in zip(data.classes, train, test)]
-    lines.append(f"{'total':<{width}} {len(data.train_labels):>8} {len(data.test_labels):>8}")
+    rows = [("class", "train", "test"), *zip(data.classes, train, test),
+            ("total", len(data.train_labels), len(data.test_labels))]
+    lines = [f"source: {data.source}"] + [f"{c:<{width}} {a:>8} {b:>8}" for c, a, b in rows]
     lines.append("train mean: " + " ".join(f"{v:.5f}" for v in data.mean))
     lines.append("train std:  " + " ".join(f"{v:.5f}" for v in data.std))
     return "\n".join(lines)
