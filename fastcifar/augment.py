@@ -164,11 +164,8 @@ class DeviceLoader:
         return torch.randint(high, (n,), device=self.device, generator=self.generator)
 
     def plan_epoch(self) -> EpochPlan:
-        """Draw the next epoch's random choices and advance the epoch counter.
-
-        Everything is drawn for the whole data set and then sharded, so N ranks with batch B see exactly
-        the samples (and augmentations) that one process with batch N*B would.
-        """
+        """The next epoch's choices, drawn for the whole data set and then sharded, so N ranks with batch B
+        see exactly the samples (and augmentations) that one process with batch N*B would."""
         n, t, k = self.num_images, self.translate, self.cutout
         if self.train:
             order = torch.randperm(n, device=self.device, generator=self.generator)

@@ -351,7 +351,20 @@ def _member_name(source: Path, rel: str) -> str:
 # --- image-folder trees ----------------------------------------------------------------------------------
 
 def _decode_folders(members: Members, source: Path) -> CifarData:
-    files = _split_files(members, source)
+    """The single [root/]train|test/<class>/<file> tree in `members`."""
+    roots: set[tuple[str, ...]] = set()
+    files: dict[str, list[tuple[str, str]]] = {split: [] for split in _SPLITS}  # split -> [(class, rel)]
+    for rel in members:
+        parts = _parts(rel)
+        roots.add(parts[:-3])
+        files[parts[-3]].append((parts[-2], rel))
+    if len(roots) > 1:
+        listed = ", ".join(sorted("/".join(r) or "." for r in roots))
+        raise UserError(f"several train/test trees in {source} ({listed}): point --data-dir at one of them")
+    if not files["train"] or not files["test"]:
+        missing = " and ".join(f"{s}/<class>/" for s in _SPLITS if not files[s])
+        raise UserError(f"no {missing} images in {source}: pass an image-folder tree with train/<class>/ and "
+                        f"test/<class>/ folders, or the official {OFFICIAL_DIR} files")
     classes = sorted({cls for cls, _ in files["train"]})
     for cls, rel in files["test"]:
         if cls not in classes:
@@ -361,28 +374,11 @@ def _decode_folders(members: Members, source: Path) -> CifarData:
     index = {cls: i for i, cls in enumerate(classes)}
     arrays = []  # train images, train labels, test images, test labels
     for split in _SPLITS:
-        entries = sorted(files[split], key=lambda e: (index[e[0]], e[1]))
+        entries = sorted(files[split])  # by class, then by file name
         arrays += [_decode_images([(rel, members[rel]) for _, rel in entries], source),
                    np.array([index[cls] for cls, _ in entries], dtype=np.int64)]
     kind = "image-folder directory" if source.is_dir() else "image-folder archive"
     return CifarData(*arrays, classes, *channel_stats(arrays[0]), f"{kind} {source}")
-
-
-def _split_files(members: Members, source: Path) -> dict[str, list[tuple[str, str]]]:
-    """{split: [(class, rel)]} for the single [root/]train|test/<class>/<file> tree in `members`."""
-    roots = {parts[:-3] for parts in map(_parts, members)}
-    if len(roots) > 1:
-        listed = ", ".join(sorted("/".join(r) or "." for r in roots))
-        raise UserError(f"several train/test trees in {source} ({listed}): point --data-dir at one of them")
-    files: dict[str, list[tuple[str, str]]] = {split: [] for split in _SPLITS}
-    for rel in members:
-        parts = _parts(rel)
-        files[parts[-3]].append((parts[-2], rel))
-    if not files["train"] or not files["test"]:
-        missing = " and ".join(f"{s}/<class>/" for s in _SPLITS if not files[s])
-        raise UserError(f"no {missing} images in {source}: pass an image-folder tree with train/<class>/ and "
-                        f"test/<class>/ folders, or the official {OFFICIAL_DIR} files")
-    return files
 
 
 def _decode_images(entries: Sequence[tuple[str, bytes]], source: Path) -> np.ndarray:

@@ -80,6 +80,5 @@ def _init_worker(worker_id: int) -> None:
     worker), and each worker its own augmentation stream (copies of the Compose would repeat each other)."""
     _, cv2 = _albumentations()
     cv2.setNumThreads(1)
-    info = torch.utils.data.get_worker_info()
-    transform = info.dataset.transform
+    transform = torch.utils.data.get_worker_info().dataset.transform
     transform.set_random_seed(transform.seed * 1000 + worker_id)  # reference_loader always seeds it
