@@ -131,6 +131,8 @@ class DeviceLoader:
             raw = torch.as_tensor(np.asarray(images)).to(self.device)
             self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(self.device)
         self.num_images = len(self.labels)
+        self.samples_per_epoch = (self.num_images // world_size if train  # this rank's share: see _shard
+                                  else len(range(rank, self.num_images, world_size)))
         self.generator = torch.Generator(device=self.device)
         with Timer(self.device) as prep:
             self.source = normalize_images(raw, mean, std, self.device, dtype, self.translate, pad_mode)
@@ -147,13 +149,6 @@ class DeviceLoader:
         self.generator.manual_seed(seed)
         self.epoch = 0
         self.flip_phase = self._randint(2, self.num_images) if self.alt_flip else None
-
-    # -- sizes --------------------------------------------------------------------------------------
-    @property
-    def samples_per_epoch(self) -> int:
-        if self.train:
-            return self.num_images // self.world_size
-        return len(range(self.rank, self.num_images, self.world_size))
 
     def __len__(self) -> int:
         n, b = self.samples_per_epoch, self.batch_size
