@@ -241,8 +241,8 @@ def _decode_source(path: Path) -> CifarData:
 
 
 def _list_members(path: Path) -> Members:
+    members: Members = {}
     if path.is_dir():
-        members = {}
         for rel, file in _scan_dir(path).items():
             try:
                 members[rel] = file.read_bytes()
@@ -256,7 +256,6 @@ def _list_members(path: Path) -> Members:
     if not is_zip and not name.endswith((".tar", ".tgz", ".tbz2", ".txz")) and ".tar." not in name:
         raise UserError(f"unsupported data file type ({path}): pass a directory, or a .tar, .tar.gz/.tgz or .zip "
                         f"archive of an image-folder tree, or the official {OFFICIAL_ARCHIVE}")
-    members: Members = {}
     try:
         if is_zip:
             with zipfile.ZipFile(path) as zf:

@@ -18,21 +18,16 @@ from torch.utils.data import DataLoader, Dataset
 from fastcifar.errors import UserError
 
 
-def _albumentations():
+def reference_transform(mean: Sequence[float], std: Sequence[float], *, train: bool, translate: int = 4,
+                        cutout: int = 8, flip: bool = True, pad_mode: str = "reflect", seed: int | None = None):
+    """The albumentations Compose for training (augmenting) or evaluation (normalize only); `seed` fixes its
+    own random state (albumentations ignores the global seeds)."""
     try:
         import albumentations as A
         import cv2
     except ImportError:
         raise UserError("the albumentations pipeline needs albumentations: pip install 'fastcifar[albumentations]'"
                         " (or use --pipeline gpu)") from None
-    return A, cv2
-
-
-def reference_transform(mean: Sequence[float], std: Sequence[float], *, train: bool, translate: int = 4,
-                        cutout: int = 8, flip: bool = True, pad_mode: str = "reflect", seed: int | None = None):
-    """The albumentations Compose for training (augmenting) or evaluation (normalize only); `seed` fixes its
-    own random state (albumentations ignores the global seeds)."""
-    A, cv2 = _albumentations()
     steps = [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)]
     if train:
         if translate:
@@ -78,7 +73,8 @@ def reference_loader(images: np.ndarray, labels: np.ndarray, *, mean: Sequence[f
 def _init_worker(worker_id: int) -> None:
     """One thread per worker (the DataLoader sets torch's; OpenCV would otherwise start one per core in every
     worker), and each worker its own augmentation stream (copies of the Compose would repeat each other)."""
-    _, cv2 = _albumentations()
+    import cv2  # installed: reference_transform built this worker's Compose
+
     cv2.setNumThreads(1)
     transform = torch.utils.data.get_worker_info().dataset.transform
     transform.set_random_seed(transform.seed * 1000 + worker_id)  # reference_loader always seeds it
