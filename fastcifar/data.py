@@ -367,9 +367,8 @@ def _decode_folders(members: Members, source: Path) -> CifarData:
     classes = sorted({cls for cls, _ in files["train"]})
     for cls, rel in files["test"]:
         if cls not in classes:
-            folder = rel.rsplit("/", 1)[0]
-            raise UserError(f"test class folder {_member_name(source, folder)} has no matching train folder: "
-                            f"rename or remove it (train classes: {', '.join(classes)})")
+            raise UserError(f"test class folder {_member_name(source, rel.rpartition('/')[0])} has no matching "
+                            f"train folder: rename or remove it (train classes: {', '.join(classes)})")
     index = {cls: i for i, cls in enumerate(classes)}
     arrays = []  # train images, train labels, test images, test labels
     for split in _SPLITS:
