@@ -187,8 +187,10 @@ def _is_online(host: str = "www.cs.toronto.edu", port: int = 443, timeout: float
             socket.create_connection((host, port), timeout=timeout).close()
             reachable.set()
 
-    threading.Thread(target=probe, daemon=True).start()
-    return reachable.wait(timeout)
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)  # returns as soon as the probe ends: a refused connection is offline at once
+    return reachable.is_set()
 
 
 # --- decoded cache ---------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
             prog: str = "fastcifar") -> int:
-    """Run `main(argv)` as the module docstring says; `--debug` anywhere in argv re-raises instead, so the
-    full traceback is shown."""
+    """Run `main(argv)`; a UserError becomes one line on stderr and exit code 2, unless `--debug` is anywhere
+    in argv: then it is re-raised, so the full traceback is shown."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:

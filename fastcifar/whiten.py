@@ -19,8 +19,7 @@ def patch_eigens(images: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch
     normalized NCHW float `images`."""
     patches = F.unfold(images.float(), kernel_size=kernel)  # (N, C*k*k, L)
     patches = patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
-    patches = patches - patches.mean(0)
-    cov = patches.T @ patches / len(patches)
+    cov = torch.cov(patches.T, correction=0)
     values, vectors = torch.linalg.eigh(cov)
     return values.flip(0), vectors.T.flip(0)
 
