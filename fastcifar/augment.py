@@ -1,16 +1,12 @@
 """The fast path: the whole data set resident on the device, augmented there in batches.
 
-Images are uploaded once as uint8 (`upload_seconds`), normalized once into the compute dtype and stored NHWC (that is
-channels_last memory), padded by `translate` pixels, together with a mirrored copy when flipping is on
-(`prep_seconds`: that on-device preparation alone, which airbench's clock counts and the upload it does not).
-Each epoch then draws every random number it needs at once (a permutation, crop offsets, flips, cutout
-squares: an `EpochPlan`), and each batch is ONE row gather: every output row of 32 pixels is a contiguous
-run of the padded (possibly mirrored) source, so shuffle + random crop + flip cost a single memcpy-like
-`index_select`. Cutout is a broadcast mask fill. No per-image Python, no host-device sync inside an epoch.
-An evaluation loader can pad its short last batch (`pad_last`), so every batch has one shape and a compiled
-model never recompiles for it: the filler images are real ones, labelled IGNORE_LABEL.
-
-The same code runs on CPU tensors, which is how the tests and the CPU trainer use it.
+Images are uploaded once as uint8 (`upload_seconds`), then normalized into the compute dtype, stored NHWC (that is
+channels_last memory), padded by `translate` pixels, with a mirrored copy when flipping is on (`prep_seconds`:
+the on-device preparation alone, which airbench's clock counts and the upload it does not). Each epoch draws
+all its random numbers at once (an `EpochPlan`), and each batch is ONE row gather: every output row of 32
+pixels is a contiguous run of the padded (possibly mirrored) source, so shuffle + random crop + flip cost a
+single `index_select`. No per-image Python, no host-device sync inside an epoch. The same code runs on CPU
+tensors, which is how the tests and the CPU trainer use it.
 """
 
 from __future__ import annotations
@@ -24,61 +20,39 @@ import torch.nn.functional as F
 
 from fastcifar.runtime import Timer
 
-PAD_MODES = ("reflect", "zeros")
 IGNORE_LABEL = -100  # labels of the filler images of a padded last batch: cross_entropy's ignore_index
 
 
 def normalize_images(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 NHWC -> normalized NHWC in `dtype` on `device`. mean/std are in [0, 1] pixel units.
+                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, pad: int = 0,
+                     pad_mode: str = "reflect") -> torch.Tensor:
+    """uint8 NHWC -> normalized NHWC in `dtype` on `device`, padded by `pad` pixels on each side.
 
-    The arithmetic is done in fp32 on the device, then cast once, so bf16 storage loses no more than
-    one rounding.
+    mean/std are in [0, 1] pixel units; 'zeros' pads with 0, the mean in normalized space. The arithmetic
+    and the padding run in fp32 (reflect padding lacks bf16 kernels on some backends), cast once at the end.
     """
     x = torch.as_tensor(images).to(device)
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
     m = torch.tensor(mean, device=device, dtype=torch.float32) * 255
     s = torch.tensor(std, device=device, dtype=torch.float32) * 255
-    out = torch.empty(x.shape, device=device, dtype=dtype)
-    for i in range(0, len(x), 8192):  # chunks keep the fp32 temporary small
-        out[i:i + 8192] = ((x[i:i + 8192].float() - m) / s).to(dtype)
-    return out
-
-
-def pad_images(x: torch.Tensor, pad: int, mode: str = "reflect") -> torch.Tensor:
-    """Pad NHWC images by `pad` pixels on each side. 'zeros' pads with 0 = the mean in normalized space."""
-    if pad == 0:
-        return x.contiguous()
-    nchw = x.permute(0, 3, 1, 2)
-    out = torch.empty((x.shape[0], x.shape[1] + 2 * pad, x.shape[2] + 2 * pad, x.shape[3]),
-                      device=x.device, dtype=x.dtype)
-    for i in range(0, len(x), 8192):
-        chunk = nchw[i:i + 8192]
-        if mode == "reflect":
-            # reflect padding is not implemented for bf16 on every backend; pad in fp32 and cast back
-            padded = F.pad(chunk.float(), (pad,) * 4, mode="reflect").to(x.dtype)
-        else:
-            padded = F.pad(chunk, (pad,) * 4)
-        out[i:i + 8192] = padded.permute(0, 2, 3, 1)
+    n, h, w, c = x.shape
+    out = torch.empty((n, h + 2 * pad, w + 2 * pad, c), device=device, dtype=dtype)
+    for i in range(0, n, 8192):  # chunks keep the fp32 temporary small
+        chunk = ((x[i:i + 8192].float() - m) / s).permute(0, 3, 1, 2)
+        if pad:
+            chunk = F.pad(chunk, (pad,) * 4, mode="reflect" if pad_mode == "reflect" else "constant")
+        out[i:i + 8192] = chunk.permute(0, 2, 3, 1)
     return out
 
 
 @dataclass
 class EpochPlan:
-    """Every random choice of one epoch, drawn up front. Index i refers to the i-th sample served.
+    """Every random choice of one epoch, drawn up front. Index i refers to the i-th sample served."""
 
-    order:  source image index (a permutation, or this rank's shard of it)
-    flip:   1 where the image is mirrored horizontally
-    dy, dx: crop offset into the padded image, in [0, 2 * translate]
-    cy, cx: top-left corner of the cutout square (may be negative: squares are clipped at the border)
-    """
-
-    order: torch.Tensor
-    flip: torch.Tensor
-    dy: torch.Tensor
+    order: torch.Tensor  # source image index (a permutation, or this rank's shard of it)
+    flip: torch.Tensor  # 1 where the image is mirrored horizontally
+    dy: torch.Tensor  # crop offset into the padded image, in [0, 2 * translate]
     dx: torch.Tensor
-    cy: torch.Tensor
+    cy: torch.Tensor  # top-left corner of the cutout square (may be negative: squares are clipped at the border)
     cx: torch.Tensor
 
 
@@ -119,15 +93,12 @@ class DeviceLoader:
     """Device-resident CIFAR loader. Yields (inputs NCHW in channels_last memory, int64 labels).
 
     Args:
-        images: uint8 (N, H, W, 3), numpy or torch.
-        labels: int (N,).
+        images, labels: uint8 (N, H, W, 3) and int (N,), numpy or torch.
         mean, std: per-channel normalization in [0, 1] pixel units (training split statistics).
         batch_size: samples per batch (per rank).
         train: augment and shuffle; False serves the images in order, unaugmented.
-        translate: random-crop padding in pixels (0 disables cropping).
-        pad_mode: 'reflect' or 'zeros' (0 in normalized space, i.e. the channel mean).
-        flip: random horizontal flips, p = 0.5.
-        alt_flip: flip each image in every other epoch instead, with a random per-image phase (airbench).
+        translate, pad_mode: random-crop padding in pixels (0: no cropping), 'reflect' or 'zeros' (the mean).
+        flip: random horizontal flips, p = 0.5; alt_flip: each image every other epoch from a random phase.
         cutout: side of the square zeroed per image (0 disables).
         drop_last: drop the last partial batch (keeps shapes static for torch.compile).
         pad_last: evaluation only: fill the last partial batch up to `batch_size` with the shard's first
@@ -144,8 +115,6 @@ class DeviceLoader:
                  cutout: int = 8, drop_last: bool = False, pad_last: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  channels_last: bool = True, rank: int = 0, world_size: int = 1):
-        if pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.train = train
@@ -162,14 +131,14 @@ class DeviceLoader:
             raw = torch.as_tensor(np.asarray(images)).to(self.device)
             self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(self.device)
         self.num_images = len(self.labels)
+        self.samples_per_epoch = (self.num_images // world_size if train  # this rank's share: see _shard
+                                  else len(range(rank, self.num_images, world_size)))
         self.generator = torch.Generator(device=self.device)
         with Timer(self.device) as prep:
-            normalized = normalize_images(raw, mean, std, self.device, dtype)
+            self.source = normalize_images(raw, mean, std, self.device, dtype, self.translate, pad_mode)
             del raw
             # The mirrored copy doubles memory (~0.5 GB per copy in bf16 for CIFAR-10 with padding) and turns
             # every flip into a choice of source rows, fused with the crop gather.
-            self.source = pad_images(normalized, self.translate, pad_mode)
-            del normalized
             if self.flip:
                 self.source = torch.cat([self.source, self.source.flip(2)])
         self.upload_seconds, self.prep_seconds = upload.seconds, prep.seconds
@@ -181,29 +150,17 @@ class DeviceLoader:
         self.epoch = 0
         self.flip_phase = self._randint(2, self.num_images) if self.alt_flip else None
 
-    # -- sizes --------------------------------------------------------------------------------------
-    @property
-    def samples_per_epoch(self) -> int:
-        if self.world_size == 1:
-            return self.num_images
-        if self.train:
-            return self.num_images // self.world_size
-        return len(range(self.rank, self.num_images, self.world_size))
-
     def __len__(self) -> int:
         n, b = self.samples_per_epoch, self.batch_size
         return n // b if self.drop_last else -(-n // b)  # a padded last batch is still one batch
 
     # -- randomness ---------------------------------------------------------------------------------
-    def _randint(self, high: int, n: int, low: int = 0) -> torch.Tensor:
-        return torch.randint(low, high, (n,), device=self.device, generator=self.generator)
+    def _randint(self, high: int, n: int) -> torch.Tensor:
+        return torch.randint(high, (n,), device=self.device, generator=self.generator)
 
     def plan_epoch(self) -> EpochPlan:
-        """Draw the next epoch's random choices and advance the epoch counter.
-
-        Everything is drawn for the whole data set and then sharded, so N ranks with batch B see exactly
-        the samples (and augmentations) that one process with batch N*B would.
-        """
+        """The next epoch's choices, drawn for the whole data set and then sharded, so N ranks with batch B
+        see exactly the samples (and augmentations) that one process with batch N*B would."""
         n, t, k = self.num_images, self.translate, self.cutout
         if self.train:
             order = torch.randperm(n, device=self.device, generator=self.generator)
@@ -220,10 +177,7 @@ class DeviceLoader:
         cy, cx = ((self._randint(self.size, n) - k // 2, self._randint(self.size, n) - k // 2) if k
                   else (flip * 0, flip * 0))
         self.epoch += 1
-        plan = EpochPlan(order, flip, dy, dx, cy, cx)
-        if self.world_size > 1:
-            plan = EpochPlan(*(self._shard(v) for v in (order, flip, dy, dx, cy, cx)))
-        return plan
+        return EpochPlan(*(self._shard(v) for v in (order, flip, dy, dx, cy, cx)))
 
     def _shard(self, v: torch.Tensor) -> torch.Tensor:
         """This rank's interleaved share. Training drops the remainder so every rank runs the same number
@@ -234,7 +188,6 @@ class DeviceLoader:
 
     # -- batches ------------------------------------------------------------------------------------
     def batches(self, plan: EpochPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of `plan`."""
         count = len(plan.order) - (len(plan.order) % self.batch_size if self.drop_last else 0)
         for first in range(0, count, self.batch_size):
             sl = slice(first, first + self.batch_size)

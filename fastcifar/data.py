@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import codecs
+import contextlib
 import gzip
 import hashlib
 import io
@@ -33,14 +34,14 @@ import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fastcifar.atomic import atomic_path
-from fastcifar.errors import UserError, run_cli
+from fastcifar.errors import UserError, first_line, run_cli
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -55,12 +56,10 @@ _OFFICIAL_FILES = (*_TRAIN_BATCHES, "test_batch", "batches.meta")
 _SPLITS = ("train", "test")
 _JUNK = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _SIZE = 32
-_CORRUPT_ARCHIVE = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error,
-                    lzma.LZMAError)
 _CACHE_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 _CACHE_KEYS = frozenset({*_CACHE_ARRAYS, "classes", "mean", "std", "key", "source"})
 
-Members = dict[str, "bytes | Path"]  # posix path inside the source -> its bytes, or the file to read
+Members = dict[str, bytes]  # posix path inside the source -> its bytes
 
 
 @dataclass
@@ -76,7 +75,6 @@ class CifarData:
 
 
 def default_cache_dir() -> Path:
-    """$FASTCIFAR_HOME, else ~/.cache/fastcifar."""
     return Path(os.environ.get("FASTCIFAR_HOME") or "~/.cache/fastcifar").expanduser()
 
 
@@ -87,20 +85,16 @@ def channel_stats(images: np.ndarray, chunk: int = 1024
     Pixel sums and sums of squares are integers below 2**53, so float64 accumulates them exactly; a
     chunk at a time keeps the float64 copy small.
     """
-    if images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
-        raise ValueError(f"expected non-empty (N, H, W, 3) images, got shape {images.shape}")
     total, total_sq = np.zeros(3), np.zeros(3)
     for start in range(0, len(images), chunk):
         part = images[start:start + chunk].reshape(-1, 3)
-        planar = np.empty((3, len(part)))  # channel-major so the reductions run over contiguous memory
-        np.copyto(planar, part.T)
+        planar = part.T.astype(np.float64, order="C")  # channel-major: the reductions run over contiguous memory
         total += planar.sum(axis=1)
         total_sq += np.square(planar, out=planar).sum(axis=1)  # not BLAS dot: its threads crawl on busy CPUs
     n = images.size // 3
     mean = total / n
-    var = np.maximum(total_sq / n - mean * mean, 0.0)
-    m, s = mean / 255.0, np.sqrt(var) / 255.0
-    return (float(m[0]), float(m[1]), float(m[2])), (float(s[0]), float(s[1]), float(s[2]))
+    std = np.sqrt(np.maximum(total_sq / n - mean * mean, 0.0))
+    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
 def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool | None = None,
@@ -138,16 +132,14 @@ def validation_split(data: CifarData, size: int, seed: int = 0) -> CifarData:
     counts = np.bincount(data.train_labels, minlength=len(data.classes))
     exact = size * counts / num_train
     quota = np.floor(exact).astype(np.int64)
-    for c in np.argsort(-(exact - quota), kind="stable")[:size - int(quota.sum())]:
-        quota[c] += 1
+    quota[np.argsort(-(exact - quota), kind="stable")[:size - int(quota.sum())]] += 1
     order = np.random.default_rng(seed).permutation(num_train)
     held = np.zeros(num_train, dtype=bool)
     for c, n in enumerate(quota):
         held[order[data.train_labels[order] == c][:n]] = True
-    train_x, val_x = data.train_images[~held], data.train_images[held]
-    mean, std = channel_stats(train_x)
-    return CifarData(np.ascontiguousarray(train_x), data.train_labels[~held], np.ascontiguousarray(val_x),
-                     data.train_labels[held], list(data.classes), mean, std,
+    train_x = data.train_images[~held]  # boolean indexing copies: both parts are C-contiguous
+    return CifarData(train_x, data.train_labels[~held], data.train_images[held], data.train_labels[held],
+                     list(data.classes), *channel_stats(train_x),
                      f"{data.source}, validation split: {size} training images held out (split seed {seed}), "
                      "test set unused")
 
@@ -173,7 +165,14 @@ def _find_or_download(cache: Path, download: bool | None) -> Path:
     if not download:
         raise UserError(f"no CIFAR-10 found at {official} and {why}: pass --data-dir PATH (an image-folder "
                         f"tree or archive, or the official {OFFICIAL_DIR} files) or set FASTCIFAR_HOME")
-    _download(cache)
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        download_and_extract_archive(URL, download_root=str(cache), md5=MD5)
+    except (OSError, RuntimeError, tarfile.TarError, EOFError) as e:
+        raise UserError(f"could not download CIFAR-10 from {URL} into {cache} ({first_line(e)}): check the "
+                        f"connection, or pass --data-dir PATH to a local copy") from e
     if not official.is_dir():
         raise UserError(f"download finished but {official} is missing: pass --data-dir PATH to a local copy")
     return official.resolve()
@@ -181,47 +180,26 @@ def _find_or_download(cache: Path, download: bool | None) -> Path:
 
 def _is_online(host: str = "www.cs.toronto.edu", port: int = 443, timeout: float = 2.0) -> bool:
     # A thread bounds the whole probe: a stalled DNS lookup ignores the socket timeout.
-    reachable: list[bool] = []
+    reachable = threading.Event()
 
     def probe() -> None:
-        try:
+        with contextlib.suppress(OSError):
             socket.create_connection((host, port), timeout=timeout).close()
-            reachable.append(True)
-        except OSError:
-            pass
+            reachable.set()
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
-    thread.join(timeout)
-    return bool(reachable)
-
-
-def _download(cache: Path) -> None:
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        download_and_extract_archive(URL, download_root=str(cache), md5=MD5)
-    except (OSError, RuntimeError, tarfile.TarError, EOFError) as e:
-        raise UserError(f"could not download CIFAR-10 from {URL} into {cache} ({_brief(e)}): check the "
-                        f"connection, or pass --data-dir PATH to a local copy") from e
+    thread.join(timeout)  # returns as soon as the probe ends: a refused connection is offline at once
+    return reachable.is_set()
 
 
 # --- decoded cache ---------------------------------------------------------------------------------------
 
 def _cache_key(path: Path) -> str:
-    if path.is_dir():
-        # A directory's own mtime misses edits inside class folders, so fingerprint every file read.
-        stats = sorted((rel, _size_and_mtime(f)) for rel, f in _scan_dir(path).items())
-        ident = repr((str(path), stats, FORMAT_VERSION))
-    else:
-        ident = repr((str(path), *_size_and_mtime(path), FORMAT_VERSION))
-    return hashlib.sha1(ident.encode()).hexdigest()
-
-
-def _size_and_mtime(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
+    # A directory's own mtime misses edits inside class folders, so a tree fingerprints every file read.
+    files = sorted(_scan_dir(path).items()) if path.is_dir() else [("", path)]
+    stats = [(rel, st.st_size, st.st_mtime_ns) for rel, st in ((rel, f.stat()) for rel, f in files)]
+    return hashlib.sha1(repr((str(path), stats, FORMAT_VERSION)).encode()).hexdigest()
 
 
 def _read_cache(cache_file: Path, key: str) -> CifarData | None:
@@ -231,13 +209,18 @@ def _read_cache(cache_file: Path, key: str) -> CifarData | None:
         with np.load(cache_file, allow_pickle=False) as z:
             if set(z.files) != _CACHE_KEYS or str(z["key"]) != key:
                 raise ValueError("stale or foreign cache file")
-            arrays = {name: z[name] for name in _CACHE_KEYS}
-        data = CifarData(*(arrays[name] for name in _CACHE_ARRAYS), classes=[str(c) for c in arrays["classes"]],
-                         mean=_triple(arrays["mean"]), std=_triple(arrays["std"]), source=str(arrays["source"]))
-        _check(data)
+            data = CifarData(*(z[name] for name in _CACHE_ARRAYS), classes=z["classes"].tolist(),
+                             mean=tuple(z["mean"].tolist()), std=tuple(z["std"].tolist()), source=str(z["source"]))
+        for images, labels in ((data.train_images, data.train_labels), (data.test_images, data.test_labels)):
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (_SIZE, _SIZE, 3):
+                raise ValueError(f"bad images {images.dtype} {images.shape}")
+            if labels.dtype != np.int64 or labels.shape != (len(images),):
+                raise ValueError(f"bad labels {labels.dtype} {labels.shape}")
+            if len(labels) and not 0 <= labels.min() <= labels.max() < len(data.classes):
+                raise ValueError("labels out of range")
         return data
     except Exception as e:  # any damage, whatever numpy or zipfile raises, means: decode again
-        warnings.warn(f"ignoring unusable decoded cache {cache_file} ({_brief(e)}); rebuilding it", stacklevel=3)
+        warnings.warn(f"ignoring unusable decoded cache {cache_file} ({first_line(e)}); rebuilding it", stacklevel=3)
         return None
 
 
@@ -245,28 +228,9 @@ def _write_cache(cache_file: Path, key: str, data: CifarData) -> None:
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **{name: getattr(data, name) for name in _CACHE_ARRAYS}, classes=np.array(data.classes),
-                     mean=np.array(data.mean), std=np.array(data.std), key=np.array(key),
-                     source=np.array(data.source))
+            np.savez(f, **vars(data), key=np.array(key))
     except OSError as e:  # a read-only or full cache disk should not stop training
-        warnings.warn(f"could not write decoded cache {cache_file} ({_brief(e)})", stacklevel=3)
-
-
-def _triple(values: np.ndarray) -> tuple[float, float, float]:
-    if values.shape != (3,):
-        raise ValueError(f"expected 3 channel values, got shape {values.shape}")
-    return float(values[0]), float(values[1]), float(values[2])
-
-
-def _check(data: CifarData) -> None:
-    """Raise ValueError unless `data` has the documented shapes, dtypes and label range."""
-    for images, labels in ((data.train_images, data.train_labels), (data.test_images, data.test_labels)):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (_SIZE, _SIZE, 3):
-            raise ValueError(f"bad images {images.dtype} {images.shape}")
-        if labels.dtype != np.int64 or labels.shape != (len(images),):
-            raise ValueError(f"bad labels {labels.dtype} {labels.shape}")
-        if len(labels) and not 0 <= labels.min() <= labels.max() < len(data.classes):
-            raise ValueError("labels out of range")
+        warnings.warn(f"could not write decoded cache {cache_file} ({first_line(e)})", stacklevel=3)
 
 
 # --- reading members of a directory or an archive --------------------------------------------------------
@@ -279,17 +243,36 @@ def _decode_source(path: Path) -> CifarData:
 
 
 def _list_members(path: Path) -> Members:
+    members: Members = {}
     if path.is_dir():
-        return dict(_scan_dir(path))
+        for rel, file in _scan_dir(path).items():
+            try:
+                members[rel] = file.read_bytes()
+            except OSError as e:
+                raise UserError(f"cannot read {file} ({first_line(e)}): check that it exists and is readable") from e
+        return members
     if not os.access(path, os.R_OK):
         raise UserError(f"cannot read {path}: permission denied; fix its permissions or copy it")
     name = path.name.lower()
-    if name.endswith(".zip"):
-        return _read_zip(path)
-    if name.endswith((".tar", ".tgz", ".tbz2", ".txz")) or ".tar." in name:
-        return _read_tar(path)
-    raise UserError(f"unsupported data file type ({path}): pass a directory, or a .tar, .tar.gz/.tgz or .zip "
-                    f"archive of an image-folder tree, or the official {OFFICIAL_ARCHIVE}")
+    is_zip = name.endswith(".zip")
+    if not is_zip and not name.endswith((".tar", ".tgz", ".tbz2", ".txz")) and ".tar." not in name:
+        raise UserError(f"unsupported data file type ({path}): pass a directory, or a .tar, .tar.gz/.tgz or .zip "
+                        f"archive of an image-folder tree, or the official {OFFICIAL_ARCHIVE}")
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if not info.is_dir() and _wanted(parts := _parts(info.filename)):
+                        members["/".join(parts)] = zf.read(info)
+        else:
+            with _open_tar_bytes(path) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
+                for info in tar:
+                    if info.isfile() and _wanted(parts := _parts(info.name)):
+                        members["/".join(parts)] = tar.extractfile(info).read()
+                _check_tar_end(stream, tar.offset)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
+        raise UserError(f"truncated or corrupt archive ({path}): {first_line(e)}; re-download or re-create it") from e
+    return members
 
 
 def _parts(name: str) -> tuple[str, ...]:
@@ -301,18 +284,16 @@ def _ignored(part: str) -> bool:
     return part.startswith(".") or part in _JUNK
 
 
-def _is_image_member(parts: tuple[str, ...]) -> bool:
-    """[root/]train|test/<class>/<file>."""
-    return len(parts) in (3, 4) and parts[-3] in _SPLITS
-
-
 def _is_official(parts: tuple[str, ...]) -> bool:
     """[cifar-10-batches-py/]data_batch_N and friends."""
-    return len(parts) <= 2 and parts[-1] in _OFFICIAL_FILES and not _is_image_member(parts)
+    return len(parts) <= 2 and parts[-1] in _OFFICIAL_FILES
 
 
 def _wanted(parts: tuple[str, ...]) -> bool:
-    return bool(parts) and not any(_ignored(p) for p in parts) and (_is_image_member(parts) or _is_official(parts))
+    """An official file, or an image at [root/]train|test/<class>/<file>; nothing hidden or junk."""
+    if not parts or any(_ignored(p) for p in parts):
+        return False
+    return _is_official(parts) or (len(parts) in (3, 4) and parts[-3] in _SPLITS)
 
 
 def _may_hold_wanted(parts: tuple[str, ...]) -> bool:
@@ -322,38 +303,17 @@ def _may_hold_wanted(parts: tuple[str, ...]) -> bool:
 
 
 def _scan_dir(root: Path) -> dict[str, Path]:
+    def unreadable(e: OSError) -> None:
+        raise UserError(f"cannot read directory {e.filename} ({first_line(e)}): check its permissions")
+
     found: dict[str, Path] = {}
-    pending: list[tuple[str, ...]] = [()]
-    while pending:
-        rel = pending.pop()
-        try:
-            entries = list(os.scandir(root.joinpath(*rel)))
-        except OSError as e:
-            raise UserError(f"cannot read directory {root.joinpath(*rel)} ({_brief(e)}): check its permissions")
-        for entry in entries:
-            parts = (*rel, entry.name)
-            if _ignored(entry.name):
-                continue
-            if entry.is_dir():
-                if _may_hold_wanted(parts):
-                    pending.append(parts)
-            elif _wanted(parts):
-                found["/".join(parts)] = Path(entry.path)
+    for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
+        rel = _parts(os.path.relpath(folder, root))
+        dirs[:] = [d for d in dirs if not _ignored(d) and _may_hold_wanted((*rel, d))]
+        for name in files:
+            if _wanted(parts := (*rel, name)):
+                found["/".join(parts)] = Path(folder, name)
     return found
-
-
-def _read_tar(path: Path) -> Members:
-    members: Members = {}
-    try:
-        with _open_tar_bytes(path) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
-            for info in tar:
-                parts = _parts(info.name)
-                if info.isfile() and _wanted(parts):
-                    members["/".join(parts)] = tar.extractfile(info).read()
-            _check_tar_end(stream, tar.offset)
-    except _CORRUPT_ARCHIVE as e:
-        raise UserError(f"truncated or corrupt archive ({path}): {_brief(e)}; re-download or re-create it") from e
-    return members
 
 
 def _open_tar_bytes(path: Path) -> BinaryIO:
@@ -375,114 +335,71 @@ def _check_tar_end(stream: BinaryIO, offset: int) -> None:
     """Require zero blocks from where tarfile stopped to the end of the data.
 
     tarfile ends iteration silently at a damaged header or at a truncation on a member boundary; only
-    the end-of-archive marker tells those apart from a complete archive. Reading to the end also makes
-    gzip verify its CRC.
+    the end-of-archive marker tells those apart from a complete archive.
     """
     stream.seek(offset)
-    size = 0
-    while chunk := stream.read(1 << 20):
-        if chunk.strip(b"\0"):
-            raise tarfile.ReadError(f"damaged tar header at byte {offset}")
-        size += len(chunk)
-    if size < tarfile.BLOCKSIZE:
+    rest = stream.read()  # a complete archive leaves the marker and its record padding: at most a few KB
+    if rest.strip(b"\0"):
+        raise tarfile.ReadError(f"damaged tar header at byte {offset}")
+    if len(rest) < tarfile.BLOCKSIZE:
         raise tarfile.ReadError(f"no end-of-archive marker after byte {offset}")
-
-
-def _read_zip(path: Path) -> Members:
-    members: Members = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                parts = _parts(info.filename)
-                if not info.is_dir() and _wanted(parts):
-                    members["/".join(parts)] = zf.read(info)
-    except (*_CORRUPT_ARCHIVE, zipfile.LargeZipFile) as e:
-        raise UserError(f"truncated or corrupt archive ({path}): {_brief(e)}; re-download or re-create it") from e
-    return members
-
-
-def _read(member: bytes | Path) -> bytes:
-    if isinstance(member, bytes):
-        return member
-    try:
-        return member.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {member} ({_brief(e)}): check that it exists and is readable") from e
 
 
 def _member_name(source: Path, rel: str) -> str:
     return str(source / rel) if source.is_dir() else f"{source}:{rel}"
 
 
-def _brief(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 # --- image-folder trees ----------------------------------------------------------------------------------
 
 def _decode_folders(members: Members, source: Path) -> CifarData:
-    files = _split_files(members, source)
-    classes = sorted({cls for cls, _ in files["train"]})
-    for cls, rel in files["test"]:
-        if cls not in classes:
-            folder = rel.rsplit("/", 1)[0]
-            raise UserError(f"test class folder {_member_name(source, folder)} has no matching train folder: "
-                            f"rename or remove it (train classes: {', '.join(classes)})")
-    index = {cls: i for i, cls in enumerate(classes)}
-    arrays = {}
-    for split in _SPLITS:
-        entries = sorted(files[split], key=lambda e: (index[e[0]], e[1]))
-        arrays[split] = (_decode_images([(rel, members[rel]) for _, rel in entries], source),
-                         np.array([index[cls] for cls, _ in entries], dtype=np.int64))
-    kind = "image-folder directory" if source.is_dir() else "image-folder archive"
-    return _assemble(arrays, classes, f"{kind} {source}")
-
-
-def _split_files(members: Members, source: Path) -> dict[str, list[tuple[str, str]]]:
-    """{split: [(class, rel)]} for the single [root/]train|test/<class>/<file> tree in `members`."""
-    roots = {parts[:-3] for parts in map(_parts, members)}
+    """The single [root/]train|test/<class>/<file> tree in `members`."""
+    roots: set[tuple[str, ...]] = set()
+    files: dict[str, list[tuple[str, str]]] = {split: [] for split in _SPLITS}  # split -> [(class, rel)]
+    for rel in members:
+        parts = _parts(rel)
+        roots.add(parts[:-3])
+        files[parts[-3]].append((parts[-2], rel))
     if len(roots) > 1:
         listed = ", ".join(sorted("/".join(r) or "." for r in roots))
         raise UserError(f"several train/test trees in {source} ({listed}): point --data-dir at one of them")
-    files: dict[str, list[tuple[str, str]]] = {split: [] for split in _SPLITS}
-    for rel in members:
-        parts = _parts(rel)
-        files[parts[-3]].append((parts[-2], rel))
     if not files["train"] or not files["test"]:
         missing = " and ".join(f"{s}/<class>/" for s in _SPLITS if not files[s])
         raise UserError(f"no {missing} images in {source}: pass an image-folder tree with train/<class>/ and "
                         f"test/<class>/ folders, or the official {OFFICIAL_DIR} files")
-    return files
+    classes = sorted({cls for cls, _ in files["train"]})
+    for cls, rel in files["test"]:
+        if cls not in classes:
+            raise UserError(f"test class folder {_member_name(source, rel.rpartition('/')[0])} has no matching "
+                            f"train folder: rename or remove it (train classes: {', '.join(classes)})")
+    index = {cls: i for i, cls in enumerate(classes)}
+    arrays = []  # train images, train labels, test images, test labels
+    for split in _SPLITS:
+        entries = sorted(files[split])  # by class, then by file name
+        arrays += [_decode_images([(rel, members[rel]) for _, rel in entries], source),
+                   np.array([index[cls] for cls, _ in entries], dtype=np.int64)]
+    kind = "image-folder directory" if source.is_dir() else "image-folder archive"
+    return CifarData(*arrays, classes, *channel_stats(arrays[0]), f"{kind} {source}")
 
 
-def _decode_images(entries: Sequence[tuple[str, bytes | Path]], source: Path) -> np.ndarray:
+def _decode_images(entries: Sequence[tuple[str, bytes]], source: Path) -> np.ndarray:
     # A plain loop: PIL holds the GIL for most of a 32x32 decode, so a thread pool measured slower.
     out = np.empty((len(entries), _SIZE, _SIZE, 3), dtype=np.uint8)
-    for i, (rel, member) in enumerate(entries):
+    for i, (rel, data) in enumerate(entries):
         try:
-            out[i] = _decode_image(_read(member))
-        except _BadImage as e:
-            raise UserError(f"{e.args[0]} ({_member_name(source, rel)}): {e.args[1]}") from e.__cause__
+            with Image.open(io.BytesIO(data)) as im:
+                size = im.size
+                if size == (_SIZE, _SIZE):
+                    out[i] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+        except UnidentifiedImageError as e:
+            raise UserError(f"not an image ({_member_name(source, rel)}): remove it or replace it with a "
+                            f"PNG/JPEG") from e
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
+            raise UserError(f"corrupt image ({_member_name(source, rel)}): {first_line(e)}; remove it or replace it "
+                            f"with a PNG/JPEG") from e
+        if size != (_SIZE, _SIZE):
+            raise UserError(f"image is {size[0]}x{size[1]}, not {_SIZE}x{_SIZE} ({_member_name(source, rel)}): "
+                            f"resize or remove it")
     return out
-
-
-class _BadImage(Exception):
-    """(what is wrong, what to do); the caller adds the file name."""
-
-
-def _decode_image(data: bytes) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.size != (_SIZE, _SIZE):
-                raise _BadImage(f"image is {im.size[0]}x{im.size[1]}, not {_SIZE}x{_SIZE}", "resize or remove it")
-            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    except _BadImage:
-        raise
-    except UnidentifiedImageError as e:
-        raise _BadImage("not an image", "remove it or replace it with a PNG/JPEG") from e
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
-        raise _BadImage("corrupt image", f"{_brief(e)}; remove it or replace it with a PNG/JPEG") from e
 
 
 # --- official python batches -----------------------------------------------------------------------------
@@ -511,40 +428,35 @@ def _unpickle(data: bytes, name: str) -> dict[str, object]:
     try:
         obj = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # pickle raises a zoo of exceptions on damaged input
-        raise UserError(f"corrupt CIFAR-10 batch ({name}): {_brief(e)}; re-download the official files") from e
+        raise UserError(f"corrupt CIFAR-10 batch ({name}): {first_line(e)}; re-download the official files") from e
     if not isinstance(obj, dict):
         raise UserError(f"corrupt CIFAR-10 batch ({name}): not a dict; re-download the official files")
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
 
 
 def _decode_official(members: Members, source: Path) -> CifarData:
-    found = {PurePosixPath(rel).name: rel for rel in members if _is_official(_parts(rel))}
+    found = {rel.rpartition("/")[2]: rel for rel in members if _is_official(_parts(rel))}
     missing = [f for f in _OFFICIAL_FILES if f not in found]
     if missing:
         raise UserError(f"incomplete official CIFAR-10 files in {source}: missing {', '.join(missing)}; "
                         f"delete it and download {OFFICIAL_ARCHIVE} again (--download)")
-    if len({PurePosixPath(found[f]).parent for f in _OFFICIAL_FILES}) > 1:
+    if len({found[f].rpartition("/")[0] for f in _OFFICIAL_FILES}) > 1:
         raise UserError(f"official CIFAR-10 files spread over several folders in {source}: point --data-dir "
                         f"at the {OFFICIAL_DIR} folder")
-    classes = _meta_classes(members[found["batches.meta"]], _member_name(source, found["batches.meta"]))
+    meta = _member_name(source, found["batches.meta"])
+    names = _unpickle(members[found["batches.meta"]], meta).get("label_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
+        raise UserError(f"corrupt CIFAR-10 meta file ({meta}): no label_names list; re-download the official files")
+    classes = [n.decode() if isinstance(n, bytes) else n for n in names]
     batches = {f: _batch(members[found[f]], _member_name(source, found[f]), len(classes))
                for f in (*_TRAIN_BATCHES, "test_batch")}
-    train = [batches[f] for f in _TRAIN_BATCHES]
-    arrays = {"train": (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])),
-              "test": batches["test_batch"]}
-    return _assemble(arrays, classes, f"official CIFAR-10 python batches {source}")
+    train = [np.concatenate(parts) for parts in zip(*(batches[f] for f in _TRAIN_BATCHES))]
+    return CifarData(*train, *batches["test_batch"], classes, *channel_stats(train[0]),
+                     f"official CIFAR-10 python batches {source}")
 
 
-def _meta_classes(member: bytes | Path, name: str) -> list[str]:
-    names = _unpickle(_read(member), name).get("label_names")
-    if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
-        raise UserError(f"corrupt CIFAR-10 meta file ({name}): no label_names list; re-download the "
-                        f"official files")
-    return [n.decode() if isinstance(n, bytes) else n for n in names]
-
-
-def _batch(member: bytes | Path, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    batch = _unpickle(_read(member), name)
+def _batch(member: bytes, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(member, name)
     data, labels = batch.get("data"), batch.get("labels")
     if not isinstance(data, np.ndarray) or labels is None:
         raise UserError(f"corrupt CIFAR-10 batch ({name}): no 'data' array or 'labels'; re-download the "
@@ -560,12 +472,6 @@ def _batch(member: bytes | Path, name: str, num_classes: int) -> tuple[np.ndarra
     # Rows are channel-planar (R plane, G plane, B plane); the rest of fastcifar uses HWC.
     images = np.ascontiguousarray(data.reshape(-1, 3, _SIZE, _SIZE).transpose(0, 2, 3, 1))
     return images, labels.astype(np.int64)
-
-
-def _assemble(arrays: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequence[str], source: str) -> CifarData:
-    (train_x, train_y), (test_x, test_y) = arrays["train"], arrays["test"]
-    mean, std = channel_stats(train_x)
-    return CifarData(train_x, train_y, test_x, test_y, list(classes), mean, std, source)
 
 
 # --- command line ----------------------------------------------------------------------------------------
@@ -589,9 +495,9 @@ def format_data_summary(data: CifarData) -> str:
     train = np.bincount(data.train_labels, minlength=len(data.classes))
     test = np.bincount(data.test_labels, minlength=len(data.classes))
     width = max(12, *(len(c) for c in data.classes))
-    lines = [f"source: {data.source}", f"{'class':<{width}} {'train':>8} {'test':>8}"]
-    lines += [f"{c:<{width}} {a:>8} {b:>8}" for c, a, b in zip(data.classes, train, test)]
-    lines.append(f"{'total':<{width}} {len(data.train_labels):>8} {len(data.test_labels):>8}")
+    rows = [("class", "train", "test"), *zip(data.classes, train, test),
+            ("total", len(data.train_labels), len(data.test_labels))]
+    lines = [f"source: {data.source}"] + [f"{c:<{width}} {a:>8} {b:>8}" for c, a, b in rows]
     lines.append("train mean: " + " ".join(f"{v:.5f}" for v in data.mean))
     lines.append("train std:  " + " ".join(f"{v:.5f}" for v in data.std))
     return "\n".join(lines)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-EXIT_USAGE = 2
-
 
 class UserError(Exception):
     """A problem the user can fix. The message is one line: what, where (file or flag), what to do."""
@@ -26,21 +24,15 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
             prog: str = "fastcifar") -> int:
-    """Run `main(argv)` and map user errors to one line on stderr and exit code 2.
-
-    `--debug` anywhere in argv re-raises instead, so the full traceback is shown.
-    """
+    """Run `main(argv)`; a UserError becomes one line on stderr and exit code 2, unless `--debug` is anywhere
+    in argv: then it is re-raised, so the full traceback is shown."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
         return int(main(args) or 0)
-    except UserError as e:
+    except (UserError, KeyboardInterrupt) as e:
         if debug:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        interrupted = isinstance(e, KeyboardInterrupt)
+        print(f"{prog}: interrupted" if interrupted else f"{prog}: error: {e}", file=sys.stderr)
+        return 130 if interrupted else 2  # 128 + SIGINT, or argparse's code for a usage error

@@ -18,30 +18,23 @@ from torch.utils.data import DataLoader, Dataset
 from fastcifar.errors import UserError
 
 
-def _albumentations():
+def reference_transform(mean: Sequence[float], std: Sequence[float], *, train: bool, translate: int = 4,
+                        cutout: int = 8, flip: bool = True, pad_mode: str = "reflect", seed: int | None = None):
+    """The albumentations Compose for training (augmenting) or evaluation (normalize only); `seed` fixes its
+    own random state (albumentations ignores the global seeds)."""
     try:
         import albumentations as A
         import cv2
     except ImportError:
         raise UserError("the albumentations pipeline needs albumentations: pip install 'fastcifar[albumentations]'"
                         " (or use --pipeline gpu)") from None
-    return A, cv2
-
-
-def reference_transform(mean: Sequence[float], std: Sequence[float], *, train: bool, translate: int = 4,
-                        cutout: int = 8, flip: bool = True, pad_mode: str = "reflect", size: int = 32,
-                        seed: int | None = None):
-    """The albumentations Compose for training (augmenting) or evaluation (normalize only).
-
-    `seed` fixes the Compose's own random state (albumentations ignores the global seeds)."""
-    A, cv2 = _albumentations()
     steps = [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)]
     if train:
         if translate:
             border = cv2.BORDER_REFLECT_101 if pad_mode == "reflect" else cv2.BORDER_CONSTANT
-            steps += [A.PadIfNeeded(min_height=size + 2 * translate, min_width=size + 2 * translate,
+            steps += [A.PadIfNeeded(min_height=32 + 2 * translate, min_width=32 + 2 * translate,
                                     border_mode=border, fill=0),
-                      A.RandomCrop(height=size, width=size)]
+                      A.RandomCrop(height=32, width=32)]
         if flip:
             steps.append(A.HorizontalFlip(p=0.5))
         if cutout:
@@ -80,9 +73,8 @@ def reference_loader(images: np.ndarray, labels: np.ndarray, *, mean: Sequence[f
 def _init_worker(worker_id: int) -> None:
     """One thread per worker (the DataLoader sets torch's; OpenCV would otherwise start one per core in every
     worker), and each worker its own augmentation stream (copies of the Compose would repeat each other)."""
-    _, cv2 = _albumentations()
+    import cv2  # installed: reference_transform built this worker's Compose
+
     cv2.setNumThreads(1)
-    info = torch.utils.data.get_worker_info()
-    transform = info.dataset.transform
-    if transform.seed is not None:
-        transform.set_random_seed(transform.seed * 1000 + worker_id)
+    transform = torch.utils.data.get_worker_info().dataset.transform
+    transform.set_random_seed(transform.seed * 1000 + worker_id)  # reference_loader always seeds it

@@ -15,15 +15,11 @@ from torch import nn
 
 
 def patch_eigens(images: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending) and eigenvectors (rows) of the covariance of kernel x kernel patches.
-
-    Args:
-        images: normalized NCHW float images.
-    """
+    """Eigenvalues (descending) and eigenvectors (rows) of the covariance of the kernel x kernel patches of
+    normalized NCHW float `images`."""
     patches = F.unfold(images.float(), kernel_size=kernel)  # (N, C*k*k, L)
     patches = patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
-    patches = patches - patches.mean(0)
-    cov = patches.T @ patches / len(patches)
+    cov = torch.cov(patches.T, correction=0)
     values, vectors = torch.linalg.eigh(cov)
     return values.flip(0), vectors.T.flip(0)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastcifar import augment
-from fastcifar.augment import DeviceLoader, batch_cutout, gather_crops, normalize_images, pad_images
+from fastcifar.augment import DeviceLoader, batch_cutout, gather_crops, normalize_images
 from fastcifar.data import CifarData
 
 
@@ -198,10 +198,12 @@ def test_gather_crops_matches_slicing():
     assert torch.equal(out[0], src[2, 1:7, 4:10]) and torch.equal(out[1], src[0, 3:9, 0:6])
 
 
-def test_pad_images_reflect_matches_numpy():
-    x = torch.rand(2, 5, 6, 3)
-    got = pad_images(x, 2, "reflect").numpy()
-    np.testing.assert_allclose(got, np.pad(x.numpy(), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect"))
+@pytest.mark.parametrize("pad_mode", ["reflect", "zeros"])
+def test_normalize_images_pads_like_numpy(pad_mode):
+    images, _ = random_images(2)
+    got = normalize_images(images, **IDENTITY, pad=2, pad_mode=pad_mode).numpy()
+    mode = "reflect" if pad_mode == "reflect" else "constant"
+    np.testing.assert_array_equal(got, np.pad(images.astype(np.float32), ((0, 0), (2, 2), (2, 2), (0, 0)), mode=mode))
 
 
 def test_reference_pipeline_shapes_and_normalization():
