@@ -88,10 +88,10 @@ def threads() -> int:
 def model():
     import torch
 
-    from fastcifar.model import resnet9
+    from fastcifar.model import ModelConfig, ResNet9
 
     torch.manual_seed(0)
-    return resnet9(width=64).eval()
+    return ResNet9(ModelConfig(width=64)).eval()
 
 
 def model_macs(model) -> int:

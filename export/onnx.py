@@ -116,7 +116,7 @@ def export_onnx(model: nn.Module, info: ModelInfo, path: str | Path, opset: int 
         "classes": json.dumps(info.classes), "mean": json.dumps(info.mean), "std": json.dumps(info.std),
         "input_format": INPUT_FORMAT, "output": "logits (N, classes); softmax gives probabilities",
         "test_acc": json.dumps(info.test_acc), "run_extra": json.dumps(info.extra),  # e.g. test_acc_tta
-        "model_config": json.dumps(info.config.to_dict()), "fastcifar_version": __version__, "exporter": exporter})
+        "model_config": json.dumps(asdict(info.config)), "fastcifar_version": __version__, "exporter": exporter})
     proto.doc_string = f"fastcifar ResNet-9 (width {info.config.width}); input '{INPUT_NAME}' {INPUT_FORMAT}, " \
                        f"output '{OUTPUT_NAME}'"
     onnx.save(proto, str(path))

@@ -44,7 +44,7 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps({"model": self.config.to_dict(), "classes": self.classes, "mean": self.mean,
+        return json.dumps({"model": asdict(self.config), "classes": self.classes, "mean": self.mean,
                            "std": self.std, "test_acc": self.test_acc, "version": __version__, "extra": self.extra})
 
     @classmethod

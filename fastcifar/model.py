@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -41,9 +41,6 @@ class ModelConfig:
         if self.widths is not None:
             object.__setattr__(self, "widths", tuple(int(c) for c in self.widths))
         object.__setattr__(self, "residual", tuple(sorted(int(i) for i in self.residual)))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def conv_bn(c_in: int, c_out: int, config: ModelConfig, pool: bool = False, kernel: int = 3) -> nn.Sequential:
@@ -85,10 +82,6 @@ class ResNet9(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))
         return self.fc(torch.flatten(self.pool(x), 1)) * self.config.logit_scale
-
-
-def resnet9(width: int = 64, num_classes: int = 10, logit_scale: float = 0.125) -> ResNet9:
-    return ResNet9(ModelConfig(width=width, num_classes=num_classes, logit_scale=logit_scale))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from fastcifar.atomic import write_json, write_text
+from fastcifar.atomic import write_text
 from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
@@ -145,10 +145,6 @@ def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, param
 def reported_accuracy(summary: dict[str, Any]) -> float:
     """The accuracy a run reports as its own: with its TTA when it has one, else plain (a fraction)."""
     return float(summary["test_acc_tta"] if summary["test_acc_tta"] is not None else summary["test_acc"])
-
-
-def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    write_json(out / SUMMARY_FILE, summary)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -39,7 +39,7 @@ from fastcifar.model import ResNet9, count_parameters, summary as model_summary
 from fastcifar.recipe import build_criterion, build_loaders, build_model, build_optimizer, build_scheduler, \
     check_batch_size, epoch_steps, init_weights, loader_seconds, seed_everything, stop_whitening_bias, total_steps
 from fastcifar.report import METRICS_FILE, check_out_dir, create_out_dir, epoch_row, format_summary, \
-    progress_bar, run_summary, seed_line, work_line, write_metrics, write_summary
+    progress_bar, run_summary, seed_line, work_line, write_metrics, SUMMARY_FILE
 from fastcifar.runtime import SignalGuard, StopRequested, Timer, amp_dtype, autocast, configure_backends, \
     environment, out_of_memory_is_one_line, select_device
 
@@ -268,7 +268,7 @@ def finish_seed(session: Session, training: Training) -> dict[str, Any]:
                           world_size=session.dist.world_size, environment=environment(device),
                           flops=session.flops, **session.clocks)
     if session.dist.is_main:
-        write_summary(session.out, summary)
+        write_json(session.out / SUMMARY_FILE, summary)
     return summary
 
 

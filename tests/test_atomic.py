@@ -14,7 +14,8 @@ import json
 import pytest
 
 from fastcifar import atomic
-from fastcifar.report import write_metrics, write_summary
+from fastcifar.atomic import write_json
+from fastcifar.report import SUMMARY_FILE, write_metrics
 
 
 class Boom(Exception):
@@ -48,5 +49,5 @@ def test_metrics_and_summary_are_replaced_in_one_rename(tmp_path, monkeypatch, w
     row = {"seed": 0, "epoch": 1, "lr": 0.1, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.0,
            "test_acc": 0.5, "epoch_seconds": 1.0}
     with pytest.raises(Boom):
-        write_metrics(path, [row]) if write == "metrics" else write_summary(tmp_path, {"test_acc": 0.5})
+        write_metrics(path, [row]) if write == "metrics" else write_json(tmp_path / SUMMARY_FILE, {"test_acc": 0.5})
     assert path.read_text() == "previous complete file\n"

@@ -25,7 +25,7 @@ from export_helpers import checkpoint, export_output, exported, shared, tiny_dat
 from fastcifar.checkpoint import ModelInfo, load_model, save_model
 from fastcifar.data import CLASSES
 from fastcifar.errors import run_cli
-from fastcifar.model import resnet9
+from fastcifar.model import ModelConfig, ResNet9
 
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
@@ -49,7 +49,7 @@ def randomize_batchnorm(model: nn.Module, seed: int, negative: bool = False) -> 
 
 def tiny_model(width: int = 8, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return randomize_batchnorm(resnet9(width=width, logit_scale=1.0), seed)
+    return randomize_batchnorm(ResNet9(ModelConfig(width=width, logit_scale=1.0)), seed)
 
 
 def cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -83,7 +83,7 @@ def test_split(tiny_data):
 
 @pytest.mark.parametrize("negative", [False, True])
 def test_fold_batchnorm_is_exact(negative):
-    model = randomize_batchnorm(resnet9(width=8, logit_scale=1.0), seed=1, negative=negative)
+    model = randomize_batchnorm(ResNet9(ModelConfig(width=8, logit_scale=1.0)), seed=1, negative=negative)
     folded = fold_batchnorm(model)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert n_bn == (3 if negative else 0)  # with negative scales, the three pooled blocks keep their BN
@@ -211,7 +211,7 @@ def _bad_checkpoints(root: Path) -> dict[str, Path]:
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
     mismatched = root / "mismatched.safetensors"
     small = tiny_model(width=8)
-    save_model(mismatched, small, ModelInfo(resnet9(width=16).config, list(CLASSES), MEAN, STD))
+    save_model(mismatched, small, ModelInfo(ResNet9(ModelConfig(width=16)).config, list(CLASSES), MEAN, STD))
     return {"missing": root / "nope", "corrupt": corrupt, "mismatched": mismatched}
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcifar.model import resnet9
+from fastcifar.model import ModelConfig, ResNet9
 from fastcifar.whiten import init_whitening, patch_eigens
 
 
@@ -15,7 +15,7 @@ def test_whitened_first_layer_outputs_are_decorrelated_with_unit_variance():
     torch.manual_seed(0)
     x = torch.randn(300, 3, 32, 32)
     x[:, 1] = 0.9 * x[:, 0] + 0.1 * x[:, 1]  # strongly correlated channels
-    model = resnet9(width=64)
+    model = ResNet9(ModelConfig(width=64))
     before = model.prep[0].weight[54:].clone()
     init_whitening(model.prep[0], x, eps=0)
     w = model.prep[0].weight
@@ -46,7 +46,7 @@ def test_patch_eigens_are_the_known_spectrum_largest_first():
 
 def test_narrow_prep_conv_gets_the_largest_directions():
     """A conv with fewer filters than 2 x 27 keeps the largest directions (fails with the smallest first)."""
-    model = resnet9(width=4)
+    model = ResNet9(ModelConfig(width=4))
     init_whitening(model.prep[0], scaled_noise(), eps=0)
     w = model.prep[0].weight.detach().reshape(4, 27)
     assert w[:, 9:].abs().max() < 0.02  # only channel 0, the largest-variance channel
@@ -71,7 +71,7 @@ def test_training_init_whitens_on_images_from_every_class(monkeypatch):
     images = np.random.default_rng(0).integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8)
     images[:, 0, 0, 0] = np.arange(1000) // 100  # the class of each image, 100 per class, in order
     data = SimpleNamespace(train_images=images, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    model = resnet9(width=4)
+    model = ResNet9(ModelConfig(width=4))
     init_weights(model, TrainConfig(width=4, whiten=True), data, seed=0, whiten_sample=50)
     assert len(seen["images"]) == 50 and set(seen["images"][:, 0, 0, 0].tolist()) == set(range(10))
 
