@@ -94,6 +94,35 @@ def real_cifar(tmp_path_factory):
     return load_cifar10(path, download=False, cache_dir=tmp_path_factory.mktemp("real_cifar_cache"))
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """The export tests' data, trained model and export (export_helpers.shared_export: made once per session)."""
+    from export_helpers import shared_export
+
+    return shared_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(shared) -> Path:
+    return shared.data
+
+
+@pytest.fixture(scope="module")
+def checkpoint(shared) -> Path:
+    return shared.checkpoint
+
+
+@pytest.fixture(scope="module")
+def export_output(shared) -> tuple[Path, str]:
+    """model.onnx (fp32; model.int8.onnx next to it, calibrated on 16 images) and what the export printed."""
+    return shared.onnx, shared.stdout
+
+
+@pytest.fixture(scope="module")
+def exported(export_output) -> Path:
+    return export_output[0]
+
+
 # tests import their helpers (tests/synthetic.py) as top-level modules
 import sys  # noqa: E402
 

@@ -1,7 +1,6 @@
 """What the export tests share: a tiny model trained on learnable data until it decides every image the
-tests read clearly, and the export command run in-process with its output captured.
-
-    from export_helpers import checkpoint, export_output, shared, tiny_data  # the fixtures below
+tests read clearly, and the export command run in-process with its output captured. Their fixtures on it
+(shared, tiny_data, checkpoint, export_output, exported) are in conftest.py.
 """
 
 from __future__ import annotations
@@ -93,29 +92,3 @@ def shared_export(tmp_path_factory) -> SharedExport:
         assert code == 0, stderr
         log.write_text(stdout)
     return SharedExport(root / "data", root / "run" / "model.safetensors", root / "out" / "model.onnx", log.read_text())
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> SharedExport:
-    return shared_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(shared) -> Path:
-    return shared.data
-
-
-@pytest.fixture(scope="module")
-def checkpoint(shared) -> Path:
-    return shared.checkpoint
-
-
-@pytest.fixture(scope="module")
-def export_output(shared) -> tuple[Path, str]:
-    """model.onnx (fp32; model.int8.onnx next to it, calibrated on 16 images) and what the export printed."""
-    return shared.onnx, shared.stdout
-
-
-@pytest.fixture(scope="module")
-def exported(export_output) -> Path:
-    return export_output[0]

@@ -227,7 +227,6 @@ def test_reference_pipeline_shapes_and_normalization():
 @pytest.mark.slow
 def test_augment_grid_is_written(tmp_path):
     pytest.importorskip("matplotlib")
-    from fastcifar.data import CifarData
     from fastcifar.plots import save_augment_grid
 
     images, labels = random_images(20)
@@ -259,8 +258,6 @@ def test_reseed_equals_a_fresh_loader(alt_flip):
 
 
 def test_the_device_loader_times_its_upload_apart_from_its_preparation(monkeypatch, napping):
-    import numpy as np
-
     monkeypatch.setattr(augment, "normalize_images", napping(augment.normalize_images, lambda *a, **k: NORMALIZE_NAP))
     images = np.zeros((8, 32, 32, 3), np.uint8)
     loader = augment.DeviceLoader(images, np.zeros(8), mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=4)

@@ -24,7 +24,6 @@ from export.onnx import int8_path
 from export.predict import main as predict_main
 from export.predict import run_batches
 from export_helpers import label_images, run_export
-from export_helpers import checkpoint, export_output, shared, tiny_data  # noqa: F401 (fixtures)
 from fastcifar.errors import run_cli
 
 HAS_OPENVINO = openvino_version() is not None

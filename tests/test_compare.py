@@ -13,11 +13,10 @@ import pytest
 stats = pytest.importorskip("scipy.stats")
 
 import fastcifar.train  # noqa: E402
-from fastcifar.compare import analyse, main, parse_arm, save_strip_plot  # noqa: E402
+from fastcifar.compare import analyse, main, parse_arm, reproduce_command, save_strip_plot  # noqa: E402
 from fastcifar.errors import run_cli  # noqa: E402
 from fastcifar.stats import holm  # noqa: E402
 from synthetic import write_learnable_dataset  # noqa: E402
-from fastcifar.compare import parse_arm, reproduce_command
 
 REAL_TRAIN = fastcifar.train.train
 COMMON = ["--width", "4", "--batch-size", "32", "--device", "cpu", "--epochs", "0.5", "--no-plots"]

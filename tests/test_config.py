@@ -10,15 +10,15 @@ import re
 import time
 
 import pytest
+from torch import nn
 
-from fastcifar.config import TrainConfig, environment_fields, get_args_parser, parse_config, resume_config
+from fastcifar.config import (PRESETS, TrainConfig, environment_fields, get_args_parser, model_options, parse_config,
+                              resume_config)
 from fastcifar.errors import UserError, run_cli
+from fastcifar.model import ModelConfig, ResNet9
 from fastcifar.report import check_out_dir
 from fastcifar.runtime import select_device
 from fastcifar.train import main
-from torch import nn
-from fastcifar.config import PRESETS, TrainConfig, model_options
-from fastcifar.model import ModelConfig, ResNet9
 
 
 def test_help_lists_every_field_with_its_default():
@@ -129,8 +129,6 @@ def test_resume_honours_every_environment_flag(name, saved, requested):
 def test_keys_of_a_config_file_count_as_given_for_resume(tmp_path):
     """Sabotage: parse_config not adding the --config file's keys to args.explicit (a --resume with a TOML file
     that changes the recipe would be silently ignored instead of refused)."""
-    from fastcifar.config import parse_config
-    from fastcifar.errors import UserError
 
     toml = tmp_path / "c.toml"
     toml.write_text("lr = 0.5\nwidth = 8\n")
@@ -150,8 +148,6 @@ def test_keys_of_a_config_file_count_as_given_for_resume(tmp_path):
 def test_every_range_check_refuses_its_bad_value_up_front(flag, value):
     """Sabotage: any one line of config.validate's checks deleted (e.g. --eval-every 0 would crash with a
     ZeroDivisionError after the first epoch, --tta-translate 5 would pad past what TTA supports)."""
-    from fastcifar.config import parse_config
-    from fastcifar.errors import UserError
 
     name = "--div-factor" if flag == "--final-div-factor" else flag  # both div factors share one message
     with pytest.raises(UserError, match=f"^invalid {name} "):

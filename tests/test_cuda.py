@@ -55,7 +55,7 @@ def test_fp16_trains_with_a_grad_scaler_where_bf16_is_unsupported(tmp_path, tiny
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # an older GPU, as far as we know
     monkeypatch.setattr(torch.amp, "GradScaler", CountingScaler)
-    summary = train(tmp_path, tiny_data, "--no-compile")
+    train(tmp_path, tiny_data, "--no-compile")
     assert steps and all(math.isfinite(s) and s > 0 for s in steps)  # every step went through the scaler
 
 

@@ -109,12 +109,6 @@ def local_rank(pid: int) -> int | None:
                     (shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists()),
                     reason="needs torchrun and Linux /proc")
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
-    import re
-    import signal
-    import time
-
-    from fastcifar.checkpoint import load_checkpoint
-
     data = write_learnable_dataset(tmp_path / "data", train_per_class=16, test_per_class=2)
     env = {**os.environ, "FASTCIFAR_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
@@ -142,8 +136,6 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_p
 def test_the_batch_size_check_counts_the_images_of_one_process():
     """Sabotage: check_batch_size comparing with all training images instead of one rank's share (under torchrun
     a rank would then get no full batch and train zero steps)."""
-    from fastcifar.distributed import Dist
-    from fastcifar.errors import UserError
     from fastcifar.recipe import check_batch_size
 
     check_batch_size(TrainConfig(batch_size=50), 100, Dist(world_size=2))

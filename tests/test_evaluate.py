@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 
 
 def test_shift_translates_exactly_and_tta_averages_views():
-    from fastcifar.evaluate import shift, tta_logits
+    from fastcifar.evaluate import tta_logits
 
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
     moved = shift(x, 1, 1)
@@ -85,7 +85,7 @@ def test_gathered_predictions_come_back_in_test_set_order(monkeypatch):
     """Sabotage: gather_interleaved concatenating the ranks' shards instead of interleaving them (the confusion
     matrix and misclassified images would pair predictions with the wrong labels)."""
     from fastcifar import distributed
-    from fastcifar.distributed import Dist, gather_interleaved
+    from fastcifar.distributed import gather_interleaved
 
     full = torch.arange(7) * 10
     shards = [full[r::2] for r in range(2)]
@@ -101,8 +101,6 @@ def test_evaluate_command_uses_the_amp_dtype_flag(tmp_path, monkeypatch, capsys)
     """Sabotage: fastcifar.evaluate.main calling amp_dtype without --amp-dtype (always auto)."""
     import fastcifar.evaluate as evaluate_mod
     from fastcifar.checkpoint import ModelInfo, save_model
-    from fastcifar.model import ModelConfig, ResNet9
-    from synthetic import CLASSES, write_learnable_dataset
 
     data = write_learnable_dataset(tmp_path / "data", train_per_class=1, test_per_class=1)
     save_model(tmp_path / "model.safetensors", ResNet9(ModelConfig(width=4)),

@@ -21,7 +21,6 @@ from export.backends import make_runner
 from export.onnx import MAX_LOGIT_DIFF, compare, fold_batchnorm, int8_path, main, reference_logits
 from export.predict import run_batches
 from export_helpers import CLEAR_MARGIN, label_images, lead, run_export
-from export_helpers import checkpoint, export_output, exported, shared, tiny_data  # noqa: F401 (fixtures)
 from fastcifar.checkpoint import ModelInfo, load_model, save_model
 from fastcifar.data import CLASSES
 from fastcifar.errors import run_cli

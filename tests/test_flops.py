@@ -13,9 +13,6 @@ from torch import nn
 
 from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.flops import forward_flops, meta_model, recipe_flops, train_step_flops
-from fastcifar.model import ModelConfig
-from fastcifar.config import TrainConfig
-from fastcifar.flops import forward_flops, meta_model, train_step_flops
 from fastcifar.model import ModelConfig, main
 from fastcifar.report import SEED_CLOCKS, run_summary
 
@@ -120,7 +117,6 @@ def test_the_model_command_prints_the_training_count_next_to_the_forward_count(c
 def test_under_torchrun_the_run_counts_the_global_batch():
     """World size 2, batch 100 per rank: 1050 images give 5 steps of 200 per epoch (drop_last), 12 steps in
     2.5 epochs (as total_steps rounds), not 25 steps of 100."""
-    from fastcifar.flops import recipe_flops
     from fastcifar.recipe import total_steps
 
     config = TrainConfig(width=8, epochs=2.5, batch_size=100, tta=False)

@@ -62,8 +62,6 @@ def test_the_default_family_options_are_the_classic_net_with_its_parameter_names
 
 @pytest.mark.parametrize("prep_kernel, side", [(3, 32), (2, 31)])
 def test_stage_widths_residual_placement_and_the_first_conv_shape_the_net(prep_kernel, side):
-    import torch
-
     model = ResNet9(ModelConfig(widths=(6, 8, 12, 16), residual=(2,), prep_kernel=prep_kernel,
                                 activation="gelu", bn_momentum=0.4)).eval()
     assert model.prep[0].weight.shape == (6, 3, prep_kernel, prep_kernel)

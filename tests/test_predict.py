@@ -18,7 +18,6 @@ from PIL import Image
 from export.onnx import int8_path
 from export.predict import read_image, to_input
 from fastcifar.data import CLASSES
-from export_helpers import export_output, exported, shared  # noqa: F401 (fixtures)
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -280,7 +280,6 @@ def test_adam_cycles_beta1():
 
 def test_adam_applies_the_configured_weight_decay():
     """Sabotage: Adam's weight_decay a constant in build_optimizer (SGD's: test_sgd_steps_are_nesterov_...)."""
-    from fastcifar.recipe import build_optimizer
 
     moved = {}
     for wd in (0.0, 0.05):
@@ -297,9 +296,7 @@ def test_adam_applies_the_configured_weight_decay():
 def test_init_weights_with_whiten_leaves_a_whitening_first_layer():
     """Sabotage caught: the init_whitening call in recipe.init_weights replaced by `pass`."""
     from fastcifar.augment import normalize_images
-    from fastcifar.config import TrainConfig
-    from fastcifar.data import CLASSES, CifarData
-    from fastcifar.recipe import build_model, init_weights
+    from fastcifar.data import CLASSES
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)

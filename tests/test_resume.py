@@ -192,7 +192,7 @@ def test_a_stop_before_the_first_checkpoint_says_there_is_none(learnable, tmp_pa
 def test_resume_restores_the_grad_scaler(tmp_path):
     """Sabotage: Training.restore skipping the GradScaler (an fp16 run would resume at the initial loss scale,
     not the one it had reached)."""
-    from fastcifar.checkpoint import RunState, Training, load_checkpoint
+    from fastcifar.checkpoint import RunState, Training
 
     def training(scale: float, enabled: bool = True) -> Training:
         model = nn.Linear(2, 2)
@@ -254,7 +254,6 @@ def test_agreeing_recipe_flags_and_environment_flags_are_accepted(finished_run, 
 def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(finished_run, tmp_path, capsys, one_line_error):
     """A checkpoint written while mid-epoch stops were saved (format 1: step_in_epoch, partial) names its
     format instead of failing inside RunState."""
-    import torch
 
     run = tmp_path / "old"
     shutil.copytree(finished_run, run)

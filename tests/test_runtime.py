@@ -56,8 +56,6 @@ def test_an_explicit_amp_dtype_wins_and_no_amp_means_none(monkeypatch):
     ("model name\t: bf16 in the name only", None),
 ])
 def test_auto_on_the_cpu_uses_bf16_only_with_bf16_instructions(tmp_path, monkeypatch, flags, expected):
-    from fastcifar import runtime
-
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\n{flags}\n")
     monkeypatch.setattr(runtime, "CPUINFO", str(cpuinfo))
@@ -68,12 +66,6 @@ def test_auto_on_the_cpu_uses_bf16_only_with_bf16_instructions(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_amp_dtype_flag_reaches_training_fp16_through_a_grad_scaler(tmp_path, monkeypatch):
-    from synthetic import write_learnable_dataset
-
-    from fastcifar.config import parse_config
-    from fastcifar.errors import UserError
-    from fastcifar.train import main
-
     steps = []
 
     class CountingScaler(torch.amp.GradScaler):
@@ -98,11 +90,9 @@ def test_amp_dtype_flag_reaches_training_fp16_through_a_grad_scaler(tmp_path, mo
 def _guarded_steps(rank: int, world_size: int, init_file: str, results: str) -> None:
     """One rank of a 2-process gloo group: steps until the guard stops it; rank 1 gets SIGTERM at step 5."""
     import os
-    import signal
 
     import torch.distributed as dist
 
-    from fastcifar.distributed import Dist
     from fastcifar.runtime import SignalGuard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -122,8 +112,6 @@ def _guarded_steps(rank: int, world_size: int, init_file: str, results: str) -> 
 
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
-    import signal
-
     import torch.multiprocessing as mp
 
     mp.spawn(_guarded_steps, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
@@ -169,7 +157,6 @@ def test_mps_auto_amp_is_fp16():
 def test_the_guard_finishes_its_vote_in_flight_before_the_process_group_goes(monkeypatch):
     """Sabotage: SignalGuard.__exit__ not waiting for the vote it started (every rank started it; a process
     group destroyed under it can hang or abort)."""
-    from fastcifar.distributed import Dist
 
     read = []
 

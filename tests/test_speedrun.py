@@ -224,8 +224,6 @@ class FakeAirbench:
 
     class CifarLoader:
         def __init__(self, path, train=True, batch_size=500, **kwargs):
-            import torch
-
             data = torch.load(os.path.join(path, "train.pt" if train else "test.pt"))
             assert data["images"].dtype == torch.uint8 and data["images"].shape[1:] == (32, 32, 3)
             assert data["labels"].dtype == torch.int64 and len(data["labels"]) == len(data["images"])
@@ -237,8 +235,6 @@ class FakeAirbench:
 
     @staticmethod
     def make_net94():
-        import torch
-
         return torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, bias=False), torch.nn.Flatten(),
                                    torch.nn.Linear(2 * 30 * 30, 10, bias=False))
 
@@ -314,8 +310,6 @@ def test_with_airbench_the_methods_alternate_seed_by_seed_on_one_clock(tmp_path,
 
 
 def test_an_airbench_seed_out_of_memory_is_recorded_and_the_rest_continue(tmp_path, monkeypatch):
-    import torch
-
     class Crashing(FakeAirbench):
         def train94(self, run=0, verbose=True):
             if run == 1:
@@ -351,7 +345,6 @@ def test_real_airbench_94_on_the_cpu_reports_its_own_event_clock(tmp_path, monke
     airbench = pytest.importorskip("airbench")
     import airbench.lib_airbench94 as lib94
     import airbench.utils as utils
-    import torch
 
     class Event:  # torch.cuda.Event on the CPU: every timed span reads 250 ms
         def __init__(self, enable_timing=False):
@@ -386,7 +379,6 @@ def test_real_airbench_runs_on_the_cpu_under_our_patch_with_the_host_clock(tmp_p
     bf16 its convolutions compute in bf16 while its weights stay fp32."""
     airbench = pytest.importorskip("airbench")
     import airbench.lib_airbench94 as lib94
-    import torch
 
     for block in ("block1", "block2", "block3"):
         monkeypatch.setitem(lib94.hyp["net"]["widths"], block, 8)

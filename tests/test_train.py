@@ -118,8 +118,6 @@ def test_fractional_epochs_train_that_many_steps_and_finish_the_cycle(learnable,
 def test_evaluate_command_reports_three_views(learnable, tmp_path, capsys, monkeypatch):
     """Each printed line is the evaluation of its own view: plain, flip TTA, flip + translate TTA. fp32 at the
     run's batch size, so the plain line repeats the run's own evaluation on every CPU."""
-    import fastcifar.evaluate
-    from fastcifar.evaluate import main as evaluate_main
 
     out = tmp_path / "run"
     train(learnable, out, "--epochs", "1", "--no-plots", "--no-amp")
@@ -254,7 +252,6 @@ def test_run_seconds_is_prep_init_steps_and_the_final_tta_eval_and_nothing_else(
 def test_warm_up_leaves_the_loaders_random_choices_where_they_were():
     """Sabotage: warm_up not restoring the training loader's state (the compiled run's first seed would draw
     other batches than an uncompiled one); warm_up not restoring the weights (BatchNorm statistics)."""
-    from fastcifar.augment import DeviceLoader
     from fastcifar.train import warm_up
 
     rng = np.random.default_rng(0)
@@ -277,10 +274,6 @@ def test_warm_up_leaves_the_loaders_random_choices_where_they_were():
 def test_each_seed_of_a_multi_seed_run_trains_as_that_seed_alone(tmp_path):
     """Sabotage: start_seed reseeding the reused device loader with the first seed (or not at all), so seeds
     after the first would not see their own data order and augmentations."""
-    from safetensors.torch import load_file
-
-    from fastcifar.train import main
-    from synthetic import write_learnable_dataset
 
     data = write_learnable_dataset(tmp_path / "data", train_per_class=8, test_per_class=1)
     common = ["--data-dir", str(data), "--width", "4", "--batch-size", "16", "--device", "cpu", "--epochs", "1",
@@ -308,7 +301,6 @@ def test_amp_runs_the_training_step_under_bf16_autocast_on_the_cpu():
 def test_an_epoch_reads_nothing_from_the_device_until_reduce_epoch_reads_it_once(monkeypatch):
     """The hot loop never waits for the device: sabotage, a per-step `loss.item()` (say, for the non-finite
     check) or `float(loss)` in train_one_epoch, or a second read in reduce_epoch."""
-    from fastcifar.distributed import Dist
     from fastcifar.lookahead import Lookahead
     from fastcifar.train import reduce_epoch
 
