@@ -5,13 +5,9 @@
 
 Each ARM is `[NAME=]SPEC`: a preset name, a TOML file for `fastcifar.train --config`, or a quoted flag
 string (`"--lr 0.6 --label-smoothing 0.1"`; a single flag without a value needs a name: `whiten=--whiten`).
-Flags after `--` apply to every arm, after its own. Every arm trains once per seed, seed-major so that a
-stopped comparison stays paired, on the test set (with --val-split N on N held-out training images).
-Each later arm is compared with the first over the seeds that all finished (fastcifar.stats) and gets a
-verdict (`verdict`; --margin for equal accuracy); a failed run is recorded and left out of the pairing.
-OUT gets results.json (rewritten after every run: a rerun skips finished runs, --seeds can grow, recorded
-failures stay unless --retry-failed), runs/<arm>/seed-<s>/ (each run's directory and train.log), row.md
-(a bench/RESULTS.md row with the command that reproduces it) and strip.png (per-seed accuracy and time).
+Flags after `--` apply to every arm, after its own. docs/tune-and-compare.md says how each later arm is
+compared with the first, what the verdicts mean and what OUT holds (results.json, row.md, strip.png and
+runs/<arm>/seed-<s>/ with each run's train.log).
 """
 
 from __future__ import annotations
@@ -54,9 +50,7 @@ def parse_arm(text: str, index: int) -> Arm:
         argv = ["--preset", spec]
     elif spec.startswith("-"):
         argv = shlex.split(spec)
-    elif spec.endswith(".toml") or Path(spec).is_file():
-        if not Path(spec).is_file():
-            raise UserError(f"arm {index + 1}: config file not found ({spec}): check the path")
+    elif spec.endswith(".toml") or Path(spec).is_file():  # a missing file fails in parse_config, before training
         argv = ["--config", spec]
     else:
         raise UserError(f"arm {index + 1} ({spec!r}) is not a preset ({', '.join(PRESETS)}), an existing .toml "
@@ -132,8 +126,7 @@ def analyse(arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int],
 
 
 def verdict(acc: dict[str, Any], secs: dict[str, Any], margin: float, lost_seeds: Sequence[int] = ()) -> str:
-    """Kept only when better, or faster at equal accuracy (within `margin` points); rejected when worse;
-    otherwise undecided or not adopted. An arm that failed on seeds the first arm finished is never kept."""
+    """Kept only when better, or faster at equal accuracy (within `margin` points); rejected when worse."""
     if acc["untested"]:
         return f"undecided: {acc['untested']}"
     low, high = acc["ci_low"], acc["ci_high"]
@@ -298,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
 
     out.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
+    for seed in seeds:  # seed-major: a stopped comparison stays paired
         for arm in arms:
             earlier = runs[arm.name].get(str(seed))
             if earlier is None or (args.retry_failed and not finished(earlier)):
