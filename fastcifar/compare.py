@@ -47,18 +47,16 @@ def parse_arm(text: str, index: int) -> Arm:
     if sep and head and not head.startswith("-") and " " not in head and "/" not in head:
         name, spec = head, rest.strip()
     if spec in PRESETS:
-        argv = ["--preset", spec]
+        argv, default_name = ["--preset", spec], spec
     elif spec.startswith("-"):
         argv = shlex.split(spec)
+        default_name = "".join(c if c.isalnum() or c in "._" else "-" for c in spec.lstrip("-")).strip("-")[:40]
     elif spec.endswith(".toml") or Path(spec).is_file():  # a missing file fails in parse_config, before training
-        argv = ["--config", spec]
+        argv, default_name = ["--config", spec], Path(spec).stem
     else:
         raise UserError(f"arm {index + 1} ({spec!r}) is not a preset ({', '.join(PRESETS)}), an existing .toml "
                         "file or a flag string starting with --")
-    if not name:
-        name = Path(spec).stem if argv[0] == "--config" else spec if argv[0] == "--preset" else \
-            "".join(c if c.isalnum() or c in "._" else "-" for c in spec.lstrip("-")).strip("-")[:40]
-    return Arm(name, spec, argv)
+    return Arm(name or default_name, spec, argv)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -82,9 +80,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def arm_config(arm: Arm, common: list[str], seed: int, run_dir: Path) -> TrainConfig:
     """The arm's configuration for one seed: its flags, then the common ones, then the run's own."""
-    config, _ = parse_config([*arm.argv, *common, "--seed", str(seed), "--runs", "1", "--out-dir", str(run_dir),
-                              "--overwrite", "--checkpoint-every", "0"])
-    return config
+    return parse_config([*arm.argv, *common, "--seed", str(seed), "--runs", "1", "--out-dir", str(run_dir),
+                         "--overwrite", "--checkpoint-every", "0"])[0]
 
 
 def recipe(config: TrainConfig) -> dict[str, Any]:

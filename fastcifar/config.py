@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,9 +21,9 @@ from typing import Any, Collection, Literal, Sequence
 
 from fastcifar.errors import UserError
 
-if sys.version_info >= (3, 11):
+try:
     import tomllib
-else:  # pragma: no cover
+except ModuleNotFoundError:  # pragma: no cover  (Python 3.10: the tomli backport)
     import tomli as tomllib
 
 

@@ -149,8 +149,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     runs = summary["runs"]
     line = f"{len(runs['seeds'])} run(s): test acc {100 * runs['mean']:.2f}% +- {100 * runs['std']:.2f}"
     if runs["mean_tta"] is not None:
-        line += (f", {describe_views(summary['tta'])} {100 * runs['mean_tta']:.2f}% +- "
-                 f"{100 * runs['std_tta']:.2f}")
+        line += f", {describe_views(summary['tta'])} {100 * runs['mean_tta']:.2f}% +- {100 * runs['std_tta']:.2f}"
     run = runs.get("median_run_seconds")
     line += f"; median train {runs['median_train_seconds']:.1f}s"
     line += (f", run {run:.1f}s" if run is not None else "") + f" on {summary['device']}"
