@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fastcifar.atomic import write_json, write_text
-from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, non_recipe_fields, parse_config, \
-    split_at_double_dash, to_dict
+from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, non_recipe_fields, parse_config, split_at_double_dash
 from fastcifar.errors import UserError, first_line, run_cli
 from fastcifar.plots import pyplot, save_figure
 from fastcifar.report import reported_accuracy
@@ -86,7 +85,7 @@ def arm_config(arm: Arm, common: list[str], seed: int, run_dir: Path) -> TrainCo
 
 def recipe(config: TrainConfig) -> dict[str, Any]:
     """What identifies an arm: every field but the environment and the run bookkeeping (config.py)."""
-    return {k: v for k, v in to_dict(config).items() if k not in non_recipe_fields()}
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in non_recipe_fields()}
 
 
 def finished(run: dict[str, Any] | None) -> bool:
