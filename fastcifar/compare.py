@@ -5,13 +5,9 @@
 
 Each ARM is `[NAME=]SPEC`: a preset name, a TOML file for `fastcifar.train --config`, or a quoted flag
 string (`"--lr 0.6 --label-smoothing 0.1"`; a single flag without a value needs a name: `whiten=--whiten`).
-Flags after `--` apply to every arm, after its own. Every arm trains once per seed, seed-major so that a
-stopped comparison stays paired, on the test set (with --val-split N on N held-out training images).
-Each later arm is compared with the first over the seeds that all finished (fastcifar.stats) and gets a
-verdict (`verdict`; --margin for equal accuracy); a failed run is recorded and left out of the pairing.
-OUT gets results.json (rewritten after every run: a rerun skips finished runs, --seeds can grow, recorded
-failures stay unless --retry-failed), runs/<arm>/seed-<s>/ (each run's directory and train.log), row.md
-(a bench/RESULTS.md row with the command that reproduces it) and strip.png (per-seed accuracy and time).
+Flags after `--` apply to every arm, after its own. docs/tune-and-compare.md says how each later arm is
+compared with the first, what the verdicts mean and what OUT holds (results.json, row.md, strip.png and
+runs/<arm>/seed-<s>/ with each run's train.log).
 """
 
 from __future__ import annotations
@@ -27,8 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fastcifar.atomic import write_json, write_text
-from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, non_recipe_fields, parse_config, \
-    split_at_double_dash, to_dict
+from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, non_recipe_fields, parse_config, split_at_double_dash
 from fastcifar.errors import UserError, first_line, run_cli
 from fastcifar.plots import pyplot, save_figure
 from fastcifar.report import reported_accuracy
@@ -51,20 +46,16 @@ def parse_arm(text: str, index: int) -> Arm:
     if sep and head and not head.startswith("-") and " " not in head and "/" not in head:
         name, spec = head, rest.strip()
     if spec in PRESETS:
-        argv = ["--preset", spec]
+        argv, default_name = ["--preset", spec], spec
     elif spec.startswith("-"):
         argv = shlex.split(spec)
-    elif spec.endswith(".toml") or Path(spec).is_file():
-        if not Path(spec).is_file():
-            raise UserError(f"arm {index + 1}: config file not found ({spec}): check the path")
-        argv = ["--config", spec]
+        default_name = "".join(c if c.isalnum() or c in "._" else "-" for c in spec.lstrip("-")).strip("-")[:40]
+    elif spec.endswith(".toml") or Path(spec).is_file():  # a missing file fails in parse_config, before training
+        argv, default_name = ["--config", spec], Path(spec).stem
     else:
         raise UserError(f"arm {index + 1} ({spec!r}) is not a preset ({', '.join(PRESETS)}), an existing .toml "
                         "file or a flag string starting with --")
-    if not name:
-        name = Path(spec).stem if argv[0] == "--config" else spec if argv[0] == "--preset" else \
-            "".join(c if c.isalnum() or c in "._" else "-" for c in spec.lstrip("-")).strip("-")[:40]
-    return Arm(name, spec, argv)
+    return Arm(name or default_name, spec, argv)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -88,14 +79,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def arm_config(arm: Arm, common: list[str], seed: int, run_dir: Path) -> TrainConfig:
     """The arm's configuration for one seed: its flags, then the common ones, then the run's own."""
-    config, _ = parse_config([*arm.argv, *common, "--seed", str(seed), "--runs", "1", "--out-dir", str(run_dir),
-                              "--overwrite", "--checkpoint-every", "0"])
-    return config
+    return parse_config([*arm.argv, *common, "--seed", str(seed), "--runs", "1", "--out-dir", str(run_dir),
+                         "--overwrite", "--checkpoint-every", "0"])[0]
 
 
 def recipe(config: TrainConfig) -> dict[str, Any]:
     """What identifies an arm: every field but the environment and the run bookkeeping (config.py)."""
-    return {k: v for k, v in to_dict(config).items() if k not in non_recipe_fields()}
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in non_recipe_fields()}
 
 
 def finished(run: dict[str, Any] | None) -> bool:
@@ -132,8 +122,7 @@ def analyse(arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int],
 
 
 def verdict(acc: dict[str, Any], secs: dict[str, Any], margin: float, lost_seeds: Sequence[int] = ()) -> str:
-    """Kept only when better, or faster at equal accuracy (within `margin` points); rejected when worse;
-    otherwise undecided or not adopted. An arm that failed on seeds the first arm finished is never kept."""
+    """Kept only when better, or faster at equal accuracy (within `margin` points); rejected when worse."""
     if acc["untested"]:
         return f"undecided: {acc['untested']}"
     low, high = acc["ci_low"], acc["ci_high"]
@@ -298,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
 
     out.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
+    for seed in seeds:  # seed-major: a stopped comparison stays paired
         for arm in arms:
             earlier = runs[arm.name].get(str(seed))
             if earlier is None or (args.retry_failed and not finished(earlier)):

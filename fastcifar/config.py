@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,13 +21,10 @@ from typing import Any, Collection, Literal, Sequence
 
 from fastcifar.errors import UserError
 
-if sys.version_info >= (3, 11):
+try:
     import tomllib
-else:  # pragma: no cover
+except ModuleNotFoundError:  # pragma: no cover  (Python 3.10: the tomli backport)
     import tomli as tomllib
-
-
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # --device values; cuda:N picks one GPU
 
 
 def option(default: Any, help: str, *, aliases: tuple[str, ...] = (), environment: bool = False) -> Any:
@@ -143,8 +139,7 @@ def environment_fields() -> frozenset[str]:
 
 
 def non_recipe_fields() -> frozenset[str]:
-    """Fields that are not the recipe: the environment plus where results go and which seeds run. compare
-    identifies an arm by the other fields; tune neither searches these nor writes them to best.toml."""
+    """Fields that are not the recipe: the environment plus where results go and which seeds run."""
     return environment_fields() | {"out_dir", "overwrite", "seed", "runs"}
 
 
@@ -160,8 +155,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def split_at_double_dash(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(a wrapper's own flags, the training flags): everything after the first `--` goes to training, as
-    `python -m fastcifar.compare ... -- --width 16` and `bench/speedrun.py ... -- --epochs 2` use it."""
+    """(a wrapper's own flags, the training flags): everything after the first `--` goes to training."""
     argv = list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     return argv[:cut], argv[cut + 1:]
@@ -185,16 +179,15 @@ def get_args_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                         help="show tracebacks instead of one-line errors")
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        hint = hints[f.name]
+        types = (hints[f.name], *typing.get_args(hints[f.name]))  # `int | None` -> (int | None, int, NoneType)
         choices = field_choices(f.name)
-        kw: dict[str, Any] = dict(default=none if suppress_defaults else f.default,
-                                  help=f.metadata["help"].replace("%", "%%") or " ")
-        if bool in (hint, *typing.get_args(hint)):
+        kw: dict[str, Any] = dict(default=none or f.default, help=f.metadata["help"].replace("%", "%%"))
+        if bool in types:
             kw["action"] = argparse.BooleanOptionalAction
         elif choices is not None:
             kw.update(type=type(choices[0]), choices=choices)
         else:
-            kw["type"] = next((t for t in (int, float) if t in (hint, *typing.get_args(hint))), str)
+            kw["type"] = next((t for t in (int, float) if t in types), str)
         names = sorted([_flag(f.name), *f.metadata["aliases"]], key=lambda name: name.startswith("--"))
         parser.add_argument(*names, dest=f.name, **kw)  # a short name first: usage shows the first name
     return parser
@@ -225,10 +218,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 def layered_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse with the preset's and the config file's values as defaults, so explicit flags win."""
     first, _ = parser.parse_known_args(argv)
-    defaults = dict(PRESETS[first.preset])
-    if first.config:
-        defaults.update(load_toml(first.config))
-    parser.set_defaults(**defaults)
+    parser.set_defaults(**{**PRESETS[first.preset], **(load_toml(first.config) if first.config else {})})
     return parser.parse_args(argv)
 
 
@@ -243,12 +233,8 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argpar
     config = config_from_args(args)
     validate(config)
     given = vars(get_args_parser(suppress_defaults=True).parse_args(argv))
-    explicit = set(given) & {f.name for f in fields(TrainConfig)}
-    if "preset" in given:
-        explicit |= set(PRESETS[args.preset])
-    if "config" in given:
-        explicit |= set(load_toml(args.config))
-    args.explicit = frozenset(explicit)
+    from_files = {*PRESETS.get(given.get("preset"), {}), *(load_toml(args.config) if "config" in given else {})}
+    args.explicit = frozenset((set(given) | from_files) & {f.name for f in fields(TrainConfig)})
     return config, args
 
 
@@ -260,10 +246,9 @@ def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: Colle
         config = TrainConfig(**saved)
     except TypeError as e:
         raise UserError(f"checkpoint has no valid config ({run_dir}): {e}; start a new run") from None
-    environment = environment_fields()
     for name in sorted(explicit if explicit is not None else (f.name for f in fields(TrainConfig))):
         new, old = getattr(requested, name), getattr(config, name)
-        if name in environment:
+        if name in environment_fields():
             setattr(config, name, new)
         elif name == "out_dir":
             if new is not None and Path(new).resolve() != Path(run_dir).resolve():
@@ -312,13 +297,11 @@ def validate(c: TrainConfig) -> None:
         (0 <= c.muon_momentum < 1, "muon_momentum", "must be in [0, 1)"),
         (c.whiten_bias_epochs >= 0 and (c.whiten or not c.whiten_bias_epochs), "whiten_bias_epochs",
          "must be >= 0, and needs --whiten"),
-        (bool(DEVICE_PATTERN.fullmatch(str(c.device))), "device", "must be auto, cpu, mps, cuda or cuda:N"),
+        (bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(c.device))), "device",
+         "must be auto, cpu, mps, cuda or cuda:N"),
     ]
-    for f in fields(TrainConfig):
-        choices = field_choices(f.name)
-        if choices is not None:
-            value = getattr(c, f.name)
-            checks.append((value in choices, f.name, f"must be one of {', '.join(map(str, choices))} (got {value!r})"))
+    checks += [(getattr(c, f.name) in choices, f.name, f"must be one of {', '.join(map(str, choices))}")
+               for f in fields(TrainConfig) if (choices := field_choices(f.name)) is not None]
     for ok, name, what in checks:
         if not ok:
             raise UserError(f"invalid {_flag(name)} ({getattr(c, name)!r}): {what}")
@@ -334,8 +317,7 @@ def _int_list(text: str) -> list[int] | None:
 
 def model_options(c: TrainConfig) -> dict[str, Any]:
     """The ModelConfig keyword arguments that the recipe sets."""
-    widths = _int_list(c.widths)
-    return dict(width=c.width, logit_scale=c.logit_scale, widths=tuple(widths) if widths else None,
+    return dict(width=c.width, logit_scale=c.logit_scale, widths=tuple(_int_list(c.widths)) or None,
                 residual=tuple(_int_list(c.residual)), prep_kernel=c.prep_kernel, activation=c.activation,
                 bn_momentum=c.bn_momentum)
 

@@ -36,11 +36,10 @@ def check_out_dir(config: TrainConfig, resume: bool) -> Path:
     out = Path(config.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out-dir is a file ({out}): choose a directory path")
-    if out.is_dir() and not resume and not config.overwrite:
-        existing = [f for f in RESULT_FILES if (out / f).exists()]
-        if existing:
-            raise UserError(f"run directory already has results ({out / existing[0]}): "
-                            "use --overwrite to replace them, --resume to continue, or another --out-dir")
+    existing = [f for f in RESULT_FILES if (out / f).exists()]
+    if existing and not resume and not config.overwrite:
+        raise UserError(f"run directory already has results ({out / existing[0]}): "
+                        "use --overwrite to replace them, --resume to continue, or another --out-dir")
     return out
 
 
@@ -49,7 +48,7 @@ def create_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"x" * 65536)  # also fails early on a full disk
+        probe.write_bytes(b"x" * 65536)
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to --out-dir ({out}): {e.strerror}; choose a writable directory")
@@ -110,11 +109,9 @@ SEED_CLOCKS = ("run_seconds", "train_seconds", "wall_seconds", "prep_seconds", "
 def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, params: int, world_size: int,
                 environment: dict[str, Any], compile_seconds: float | None, data_seconds: float,
                 upload_seconds: float = 0.0, flops: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What summary.json holds: the last seed's numbers at the top, every seed under `runs` (with
-    stats.describe's mean and std) and the per-seed results. docs/training.md says what each clock covers;
-    run_seconds is airbench94's: prep + init + train + the final evaluation whose accuracy is reported.
-    `flops` (fastcifar.flops.recipe_flops) is the work of one seed: training steps + the final evaluation
-    with the recipe's TTA; its `total` covers every seed so far."""
+    """What summary.json holds: the last seed's numbers at the top, every seed under `runs` and the per-seed
+    results. docs/training.md says what each clock covers. `flops` (fastcifar.flops.recipe_flops) is the work
+    of one seed; its `total` covers every seed so far."""
     accs = [r["test_acc"] for r in results]
     ttas = [r["test_acc_tta"] for r in results if r["test_acc_tta"] is not None]
     clocks = {key: [r.get(key) for r in results] for key in SEED_CLOCKS}
@@ -152,8 +149,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     runs = summary["runs"]
     line = f"{len(runs['seeds'])} run(s): test acc {100 * runs['mean']:.2f}% +- {100 * runs['std']:.2f}"
     if runs["mean_tta"] is not None:
-        line += (f", {describe_views(summary['tta'])} {100 * runs['mean_tta']:.2f}% +- "
-                 f"{100 * runs['std_tta']:.2f}")
+        line += f", {describe_views(summary['tta'])} {100 * runs['mean_tta']:.2f}% +- {100 * runs['std_tta']:.2f}"
     run = runs.get("median_run_seconds")
     line += f"; median train {runs['median_train_seconds']:.1f}s"
     line += (f", run {run:.1f}s" if run is not None else "") + f" on {summary['device']}"

@@ -59,9 +59,8 @@ def cpu_native_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def amp_dtype(device: torch.device, amp: bool, choice: str = "auto") -> torch.dtype | None:
-    """The autocast dtype: None without AMP; `choice` bf16 or fp16 as asked; auto = bf16 where the device
-    computes in it (no loss scaling needed: CUDA of capability >= 8.0, a CPU with bf16 instructions), fp16
-    (+ GradScaler) on other GPUs, and None (fp32) on a CPU without bf16: emulated bf16 is slower there."""
+    """The autocast dtype (None: fp32): auto prefers bf16, which needs no loss scaling, where the device
+    computes in it natively; other GPUs get fp16 (+ GradScaler)."""
     if not amp:
         return None
     if choice != "auto":
@@ -74,9 +73,7 @@ def amp_dtype(device: torch.device, amp: bool, choice: str = "auto") -> torch.dt
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 class Timer:
