@@ -12,7 +12,6 @@ defaults, and `config.json` in a run directory is `dataclasses.asdict(config)`. 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -320,7 +319,3 @@ def model_options(c: TrainConfig) -> dict[str, Any]:
     return dict(width=c.width, logit_scale=c.logit_scale, widths=tuple(_int_list(c.widths)) or None,
                 residual=tuple(_int_list(c.residual)), prep_kernel=c.prep_kernel, activation=c.activation,
                 bn_momentum=c.bn_momentum)
-
-
-def to_dict(c: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(c)

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
@@ -29,7 +29,7 @@ import fastcifar.data
 from fastcifar.atomic import write_json
 from fastcifar.augment import DeviceLoader
 from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE, ModelInfo, RunState, Training, load_resume, save_model
-from fastcifar.config import TrainConfig, parse_config, resume_config, to_dict, validate
+from fastcifar.config import TrainConfig, parse_config, resume_config, validate
 from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, process_group
 from fastcifar.errors import UserError, run_cli
 from fastcifar.evaluate import evaluate, evaluation_record, tta_inputs
@@ -121,7 +121,7 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device) -
     check_batch_size(config, len(data.train_labels), dist)
     if dist.is_main:
         create_out_dir(out)
-        write_json(out / "config.json", to_dict(config))
+        write_json(out / "config.json", asdict(config))
     model_without_ddp = build_model(config, len(data.classes), device)
     print(model_summary(model_without_ddp))
     if config.sync_bn and dist.enabled:
@@ -228,7 +228,7 @@ def end_epoch(session: Session, training: Training, sums: torch.Tensor, lrs: lis
     if config.checkpoint_every and (run.epoch % config.checkpoint_every == 0 or last):
         run.wall_seconds = time.perf_counter() - training.origin
         if session.dist.is_main:
-            training.save(session.out / CHECKPOINT_FILE, to_dict(config), session.device)
+            training.save(session.out / CHECKPOINT_FILE, asdict(config), session.device)
     return row
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fastcifar.config import TrainConfig, config_from_args, get_args_parser as train_args_parser, layered_args, \
-    to_dict, validate
+    validate
 from fastcifar.errors import UserError, run_cli
 from fastcifar.report import reported_accuracy
 from fastcifar.search_space import SearchSpace, load_search_space
@@ -134,7 +134,7 @@ class Objective:
         run_dir = trial_dir(self.out, trial.number)
         config = dataclasses.replace(self.space.apply(self.base, values), out_dir=str(run_dir), overwrite=True,
                                      runs=1, plots=False, checkpoint_every=0)
-        trial.set_user_attr("config", to_dict(config))
+        trial.set_user_attr("config", dataclasses.asdict(config))
         trial.set_user_attr("seed", config.seed)
         # counted on the meta device, before training: known for a trial stopped early too
         flops = recipe_flops(config, *self.split_sizes)["per_run"]

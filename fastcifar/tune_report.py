@@ -21,6 +21,7 @@ import shutil
 import sys
 import warnings
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -28,7 +29,7 @@ import numpy as np
 import optuna
 
 from fastcifar.atomic import write_json, write_text
-from fastcifar.config import TrainConfig, to_dict
+from fastcifar.config import TrainConfig
 from fastcifar.errors import first_line
 from fastcifar.plots import pyplot
 from fastcifar.search_space import NOT_SEARCHABLE
@@ -57,7 +58,7 @@ def recipe_toml(config: TrainConfig, header: Sequence[str] = ()) -> str:
     machine's or run's, nor the validation split (NOT_SEARCHABLE: best.toml trains on all images), so it
     trains the same recipe under any --preset."""
     lines = [f"# {line}" for line in header]
-    for name, value in to_dict(config).items():
+    for name, value in asdict(config).items():
         # JSON's scalars are TOML's (a float as repr, a string with escapes TOML reads); inf and nan are not
         if name not in NOT_SEARCHABLE and value is not None and (isinstance(value, str) or math.isfinite(value)):
             lines.append(f"{name} = {json.dumps(value)}")

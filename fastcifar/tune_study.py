@@ -10,14 +10,14 @@ import contextlib
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import optuna
 
-from fastcifar.config import TrainConfig, non_recipe_fields, to_dict
+from fastcifar.config import TrainConfig, non_recipe_fields
 from fastcifar.errors import UserError, first_line
 from fastcifar.search_space import SearchSpace
 
@@ -155,7 +155,7 @@ def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goa
     base recipe field no trial varies. Not --seed (recorded per trial), nor where and how trials run (device,
     data path, torch.compile), so machines of several kinds can share one study."""
     searched = {p.name for p in space.params}
-    recipe = {name: value for name, value in to_dict(space.apply(base, {})).items()
+    recipe = {name: value for name, value in asdict(space.apply(base, {})).items()
               if name not in non_recipe_fields() and name not in searched}
     settings = {"preset": preset, "objective": goal.name, "max_train_seconds": max_train_seconds,
                 "space": space.describe(), **recipe}
