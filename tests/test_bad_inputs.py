@@ -135,6 +135,22 @@ def case(name: str, command: Callable, build: Callable[[Inputs], tuple[list[str]
     return pytest.param(command, build, expected, id=name, marks=[pytest.mark.slow] if uses_run else [])
 
 
+# (flag, bad value, the flag the message names): both div factors share one message
+RANGE_CHECKS = [
+    ("--epochs", "0", "--epochs"), ("--batch-size", "0", "--batch-size"), ("--width", "0", "--width"),
+    ("--lr", "0", "--lr"), ("--lr", "-1", "--lr"), ("--pct-start", "0", "--pct-start"),
+    ("--pct-start", "1", "--pct-start"), ("--div-factor", "0", "--div-factor"),
+    ("--final-div-factor", "0", "--div-factor"), ("--momentum", "1", "--momentum"),
+    ("--weight-decay", "-1", "--weight-decay"), ("--bias-lr", "0", "--bias-lr"),
+    ("--label-smoothing", "1", "--label-smoothing"), ("--translate", "17", "--translate"),
+    ("--translate", "-1", "--translate"), ("--cutout", "33", "--cutout"), ("--tta-translate", "5", "--tta-translate"),
+    ("--tta-translate", "-1", "--tta-translate"), ("--runs", "0", "--runs"), ("--eval-every", "0", "--eval-every"),
+    ("--checkpoint-every", "-1", "--checkpoint-every"), ("--workers", "-1", "--workers"),
+    ("--logit-scale", "0", "--logit-scale"), ("--min-momentum", "0.95", "--min-momentum"),
+    ("--val-split", "-1", "--val-split"), ("--muon-lr", "0", "--muon-lr"), ("--muon-momentum", "1", "--muon-momentum"),
+]
+
+
 CASES = [
     case("train-missing-data", train_main, lambda b: b.train(data=b.tmp / "nope"), "nope"),
     case("train-empty-data", train_main, lambda b: b.train(data=folder(b.tmp / "empty")), "empty"),
@@ -144,11 +160,6 @@ CASES = [
     case("train-not-an-image", train_main, lambda b: b.train(data=not_an_image(b.tmp / "n")), "notes.png"),
     case("train-truncated-archive", train_main, lambda b: b.train(data=archive(b.tmp, truncate=True)), "data.tar.gz"),
     case("train-garbage-archive", train_main, lambda b: b.train(data=archive(b.tmp, garbage=True)), "data.tar.gz"),
-    case("train-epochs-zero", train_main, lambda b: b.train("--epochs", "0"), "--epochs"),
-    case("train-pct-start", train_main, lambda b: b.train("--pct-start", "1"), "--pct-start"),
-    case("train-negative-lr", train_main, lambda b: b.train("--lr", "-1"), "--lr"),
-    case("train-cutout-too-big", train_main, lambda b: b.train("--cutout", "33"), "--cutout"),
-    case("train-bias-lr-zero", train_main, lambda b: b.train("--bias-lr", "0"), "--bias-lr"),
     case("train-widths-three", train_main, lambda b: b.train("--widths", "8,16,32"), "--widths"),
     case("train-widths-not-numbers", train_main, lambda b: b.train("--widths", "a,b,c,d"), "--widths"),
     case("train-residual-layer-four", train_main, lambda b: b.train("--residual", "1,4"), "--residual"),
@@ -156,7 +167,6 @@ CASES = [
     case("train-bn-momentum-zero", train_main, lambda b: b.train("--bn-momentum", "0"), "--bn-momentum"),
     case("train-whiten-bias-epochs-without-whiten", train_main, lambda b: b.train("--whiten-bias-epochs", "2"),
          "--whiten-bias-epochs"),
-    case("train-unknown-choice", train_main, lambda b: b.train("--optimizer", "lion"), "--optimizer"),
     case("train-not-a-number", train_main, lambda b: b.train("--width", "wide"), "--width"),
     case("train-cuda-missing", train_main, lambda b: b.train("--device", "cuda"), "--device"),
     case("train-batch-larger-than-data", train_main, lambda b: b.train("--batch-size", "4096"), "--batch-size"),
@@ -164,6 +174,9 @@ CASES = [
          "--val-split (20)"),
     case("train-config-unknown-key", train_main,
          lambda b: b.train("--config", str(made(b.tmp / "c.toml", "epochz = 1\n"))), "epochz"),
+    case("train-config-value-not-a-choice", train_main,
+         lambda b: b.train("--config", str(made(b.tmp / "c.toml", 'pad_mode = "mirror"\n'))),
+         "--pad-mode ('mirror'): must be one of reflect, zeros"),
     case("train-config-bad-toml", train_main,
          lambda b: b.train("--config", str(made(b.tmp / "c.toml", "epochs = [\n"))), "c.toml"),
     case("train-config-is-a-directory", train_main, lambda b: b.train("--config", str(folder(b.tmp / "conf"))),
@@ -179,6 +192,12 @@ CASES = [
     case("train-resume-truncated-checkpoint", train_main,
          lambda b: (["--resume", str(copy_run(b.run, b.tmp, "checkpoint.pt", "truncate"))], None), "checkpoint.pt",
          uses_run=True),
+    # every range check of config.validate and every choice, a row each (deleting any check fails its row)
+    *(case(f"train-{flag[2:]}-{value}", train_main, lambda b, f=flag, v=value: b.train(f, v), f"error: invalid {name} ")
+      for flag, value, name in RANGE_CHECKS),
+    *(case(f"train-{flag[2:]}-{value}", train_main, lambda b, f=flag, v=value: b.train(f, v), flag)
+      for flag, value in [("--optimizer", "lion"), ("--pipeline", "dali"), ("--device", "tpu"), ("--device", "cuda:"),
+                          ("--pad-mode", "mirror")]),
     case("data-missing-path", data_main, lambda b: (["--data-dir", str(b.tmp / "nope")], None), "nope"),
     case("data-unknown-file-type", data_main, lambda b: (["--data-dir", str(made(b.tmp / "x.rar", "rar"))], None),
          "x.rar"),

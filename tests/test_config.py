@@ -14,11 +14,10 @@ from torch import nn
 
 from fastcifar.config import (PRESETS, TrainConfig, environment_fields, get_args_parser, model_options, parse_config,
                               resume_config)
-from fastcifar.errors import UserError, run_cli
+from fastcifar.errors import UserError
 from fastcifar.model import ModelConfig, ResNet9
 from fastcifar.report import check_out_dir
 from fastcifar.runtime import select_device
-from fastcifar.train import main
 
 
 def test_help_lists_every_field_with_its_default():
@@ -36,24 +35,6 @@ def test_precedence_defaults_preset_config_flags(tmp_path):
     toml.write_text('epochs = 7\nlr = 0.01\n')
     c, _ = parse_config(["--preset", "seed", "--config", str(toml), "--lr", "0.02"])
     assert (c.optimizer, c.epochs, c.lr) == ("adam", 7, 0.02)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("argv, flag", [
-    (["--epochs", "0"], "--epochs"), (["--pct-start", "1.5"], "--pct-start"),
-    (["--batch-size", "0"], "--batch-size"), (["--width", "0"], "--width"),
-    (["--cutout", "40"], "--cutout"), (["--translate", "-1"], "--translate"),
-])
-def test_bad_flag_values_are_rejected_up_front(argv, flag):
-    with pytest.raises(UserError, match=flag):
-        parse_config(argv)
-
-
-def test_config_file_with_unknown_key(tmp_path):
-    toml = tmp_path / "c.toml"
-    toml.write_text("epochz = 3\n")
-    with pytest.raises(UserError, match="epochz"):
-        parse_config(["--config", str(toml)])
 
 
 def test_resume_config_keeps_the_recipe_and_takes_the_environment():
@@ -77,24 +58,6 @@ def test_short_flags_output_dir_alias_and_cuda_index():
     assert select_device("cpu").type == "cpu"
     with pytest.raises(UserError, match=r"--device \(cuda:99\)"):
         select_device("cuda:99")  # no machine has 100 GPUs; without CUDA: not available
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("argv, flag", [(["--optimizer", "rmsprop"], "--optimizer"),
-                                        (["--pipeline", "dali"], "--pipeline"),
-                                        (["--device", "tpu"], "--device"),
-                                        (["--device", "cuda:"], "--device")])
-def test_values_outside_the_allowed_ones_are_one_line_errors(argv, flag, capsys, one_line_error):
-    assert run_cli(main, argv) == 2
-    assert flag in one_line_error()
-
-
-def test_literal_choices_also_bind_config_files(tmp_path, capsys, one_line_error):
-    toml = tmp_path / "c.toml"
-    toml.write_text('pad_mode = "mirror"\n')
-    assert run_cli(main, ["--config", str(toml)]) == 2
-    line = one_line_error()
-    assert "--pad-mode" in line and "reflect, zeros" in line
 
 
 def test_help_comes_from_the_fields_not_the_source_file(monkeypatch):
@@ -136,22 +99,6 @@ def test_keys_of_a_config_file_count_as_given_for_resume(tmp_path):
     assert args.explicit == {"lr", "width", "epochs"}
     with pytest.raises(UserError, match="--lr 0.5 conflicts"):
         resume_config(vars(TrainConfig(lr=0.2, width=8, epochs=3)), config, args.explicit, "runs/x")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("flag, value", [
-    ("--epochs", "0"), ("--batch-size", "0"), ("--width", "0"), ("--lr", "0"), ("--pct-start", "0"),
-    ("--div-factor", "0"), ("--final-div-factor", "0"), ("--momentum", "1"), ("--weight-decay", "-1"),
-    ("--bias-lr", "0"), ("--label-smoothing", "1"), ("--translate", "17"), ("--translate", "-1"), ("--cutout", "33"),
-    ("--tta-translate", "5"), ("--tta-translate", "-1"), ("--runs", "0"), ("--eval-every", "0"),
-    ("--checkpoint-every", "-1"), ("--workers", "-1"), ("--logit-scale", "0")])
-def test_every_range_check_refuses_its_bad_value_up_front(flag, value):
-    """Sabotage: any one line of config.validate's checks deleted (e.g. --eval-every 0 would crash with a
-    ZeroDivisionError after the first epoch, --tta-translate 5 would pad past what TTA supports)."""
-
-    name = "--div-factor" if flag == "--final-div-factor" else flag  # both div factors share one message
-    with pytest.raises(UserError, match=f"^invalid {name} "):
-        parse_config([flag, value])
 
 
 def test_val_split_is_a_flag_and_a_toml_key(tmp_path):
