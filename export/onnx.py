@@ -126,13 +126,14 @@ def export_onnx(model: nn.Module, info: ModelInfo, path: str | Path, opset: int 
 def _export_dynamo(graph: nn.Module, example: torch.Tensor, opset: int | None) -> onnx.ModelProto:
     # For an opset it cannot target, this exporter logs a warning and a traceback and keeps its own opset:
     # the check below says so in one line instead.
+    quiet_before = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
         program = torch.onnx.export(graph, (example,), None, dynamo=True, verbose=False, opset_version=opset,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(quiet_before)
     proto = program.model_proto
     if opset is not None and opset_of(proto) != opset:
         raise RuntimeError(f"asked for opset {opset}, got {opset_of(proto)}")

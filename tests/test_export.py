@@ -7,6 +7,7 @@ random tiny models where no data is involved).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -194,9 +195,12 @@ def test_export_reports_accuracy(export_output, checkpoint):
 
 
 @pytest.mark.slow
-def test_unreachable_opset_falls_back_to_torchscript(workdir, checkpoint, capsys):
+def test_unreachable_opset_falls_back_to_torchscript(workdir, checkpoint, capsys, monkeypatch):
+    """Also pins that quieting the exporter's logging gives back the caller's setting afterwards."""
     out = workdir / "opset13.onnx"
+    monkeypatch.setattr(logging.root.manager, "disable", logging.DEBUG)  # the caller's own choice
     code, stdout, stderr = cli(["--checkpoint", str(checkpoint), "--out", str(out), "--opset", "13"], capsys)
+    assert logging.root.manager.disable == logging.DEBUG
     assert code == 0, stderr
     assert "falling back to the TorchScript exporter" in stderr
     assert "exported with torch.onnx TorchScript (legacy), opset 13" in stdout
