@@ -51,3 +51,26 @@ def test_metrics_and_summary_are_replaced_in_one_rename(tmp_path, monkeypatch, w
     with pytest.raises(Boom):
         write_metrics(path, [row]) if write == "metrics" else write_json(tmp_path / SUMMARY_FILE, {"test_acc": 0.5})
     assert path.read_text() == "previous complete file\n"
+
+
+def test_the_new_file_gets_the_umasks_permissions_and_a_taken_temporary_name_is_never_reused(tmp_path,
+                                                                                              monkeypatch):
+    """Sabotage: the temporary file created 0600 (results unreadable to the group), or without O_EXCL (a file
+    already at the temporary name, say a planted link, would be written through)."""
+    import os
+    import stat
+    import uuid
+
+    old = os.umask(0o022)
+    try:
+        atomic.write_json(tmp_path / "summary.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o644
+    fixed = uuid.UUID(int=7)
+    monkeypatch.setattr(atomic.uuid, "uuid4", lambda: fixed)
+    taken = tmp_path / f".metrics.csv.{fixed.hex}.tmp"
+    taken.write_text("someone else's")
+    with pytest.raises(FileExistsError):
+        atomic.write_text(tmp_path / "metrics.csv", "new")
+    assert taken.read_text() == "someone else's" and not (tmp_path / "metrics.csv").exists()

@@ -171,6 +171,15 @@ def test_ranks_get_disjoint_shards_of_one_permutation():
     assert torch.equal(torch.stack(orders, 1).reshape(-1), single[:100])
 
 
+def test_an_evaluation_shard_counts_its_extra_image():
+    """9 images on 2 ranks: rank 0 evaluates 5, in 2 batches of 4. Sabotage: samples_per_epoch of an evaluation
+    loader as num_images // world_size (4: len() one batch short of what it serves)."""
+    images, labels = random_images(9)
+    for rank, served_images in ((0, 5), (1, 4)):
+        ld = loader(images, labels, train=False, rank=rank, world_size=2, batch_size=4)
+        assert ld.samples_per_epoch == served_images and len(ld) == len(list(ld)) == -(-served_images // 4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_output_is_channels_last_in_the_compute_dtype(dtype):
     images, labels = random_images(32)

@@ -148,6 +148,10 @@ RANGE_CHECKS = [
     ("--checkpoint-every", "-1", "--checkpoint-every"), ("--workers", "-1", "--workers"),
     ("--logit-scale", "0", "--logit-scale"), ("--min-momentum", "0.95", "--min-momentum"),
     ("--val-split", "-1", "--val-split"), ("--muon-lr", "0", "--muon-lr"), ("--muon-momentum", "1", "--muon-momentum"),
+    # the other end of each two-sided range
+    ("--cutout", "-1", "--cutout"), ("--momentum", "-0.1", "--momentum"), ("--min-momentum", "-0.1", "--min-momentum"),
+    ("--label-smoothing", "-0.1", "--label-smoothing"), ("--muon-momentum", "-0.1", "--muon-momentum"),
+    ("--bn-momentum", "1.5", "--bn-momentum"), ("--widths", "0,8,8,8", "--widths"),
 ]
 
 
@@ -166,6 +170,8 @@ CASES = [
     case("train-prep-kernel-five", train_main, lambda b: b.train("--prep-kernel", "5"), "--prep-kernel"),
     case("train-bn-momentum-zero", train_main, lambda b: b.train("--bn-momentum", "0"), "--bn-momentum"),
     case("train-whiten-bias-epochs-without-whiten", train_main, lambda b: b.train("--whiten-bias-epochs", "2"),
+         "--whiten-bias-epochs"),
+    case("train-whiten-bias-epochs-negative", train_main, lambda b: b.train("--whiten", "--whiten-bias-epochs", "-1"),
          "--whiten-bias-epochs"),
     case("train-not-a-number", train_main, lambda b: b.train("--width", "wide"), "--width"),
     case("train-cuda-missing", train_main, lambda b: b.train("--device", "cuda"), "--device"),

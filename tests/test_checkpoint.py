@@ -103,3 +103,31 @@ def test_training_restore_sets_the_global_generators(monkeypatch):
             "rng": {"marker": 1}}
     training.restore(ckpt, torch.device("cpu"))
     assert seen == [{"marker": 1}]
+
+
+@pytest.mark.parametrize("edit, named", [("drop", "Missing key(s)"), ("extra", "Unexpected key(s)"),
+                                         ("reshape", "size mismatch")])
+def test_weights_that_do_not_match_the_stated_model_are_refused_naming_the_tensor(tmp_path, edit, named):
+    """Sabotage: load_model loading with strict=False (a missing or extra tensor is silently ignored: part of the
+    model stays at its random init), or the message losing the torch line that names the tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from fastcifar.checkpoint import ModelInfo, load_model, save_model
+    from fastcifar.model import ModelConfig, ResNet9
+
+    path = tmp_path / "model.safetensors"
+    save_model(path, ResNet9(ModelConfig(width=4)), ModelInfo(ModelConfig(width=4), list("abcdefghij"), [0.5] * 3,
+                                                             [0.25] * 3))
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if edit == "drop":
+        del tensors["fc.bias"]
+    elif edit == "extra":
+        tensors["fc.extra"] = torch.zeros(1)
+    else:
+        tensors["fc.bias"] = torch.zeros(11)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(UserError, match="weights do not match") as caught:
+        load_model(path)
+    assert named in str(caught.value) and "fc." in str(caught.value) and "\n" not in str(caught.value)

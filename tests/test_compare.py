@@ -13,7 +13,8 @@ import pytest
 stats = pytest.importorskip("scipy.stats")
 
 import fastcifar.train  # noqa: E402
-from fastcifar.compare import analyse, main, parse_arm, reproduce_command, save_strip_plot  # noqa: E402
+from fastcifar.compare import analyse, format_report, main, markdown_rows, parse_arm, reproduce_command, \
+    save_strip_plot  # noqa: E402
 from fastcifar.errors import run_cli  # noqa: E402
 from fastcifar.stats import holm  # noqa: E402
 from synthetic import write_learnable_dataset  # noqa: E402
@@ -115,6 +116,7 @@ def test_arm_specs(tmp_path):
     assert parse_arm("speedrun", 0).argv == ["--preset", "speedrun"]
     assert parse_arm(str(tmp_path / "best.toml"), 0).name == "best"
     assert parse_arm("w=--whiten", 0).argv == ["--whiten"] and parse_arm("w=--whiten", 0).name == "w"
+    assert parse_arm("--lr=0.6", 0).argv == ["--lr=0.6"]  # a flag's own '=' does not make a name
     arm = parse_arm("--lr 0.6 --label-smoothing 0.1", 0)
     assert arm.argv == ["--lr", "0.6", "--label-smoothing", "0.1"] and arm.name == "lr-0.6---label-smoothing-0.1"
 
@@ -125,6 +127,7 @@ def test_arm_specs(tmp_path):
     (["default", "default"], "share the name 'default'"),
     (["default"], "at least two arms"),
     (["default", "x=--lr -1"], "invalid --lr"),
+    (["default", "v=--val-split 50"], "different --val-split"),
 ])
 def test_bad_arms_exit_2_with_one_line(tmp_path, data, capsys, arms, message):
     code = run_cli(main, [*arms, "--out-dir", str(tmp_path / "out"), "--", "--data-dir", str(data), *COMMON])
@@ -240,6 +243,24 @@ def test_several_arms_are_corrected_for_multiple_comparisons():
                                                                              cc["acc"]["p_value"]]))
     assert cb["acc"]["p_holm"] > cb["acc"]["p_value"]
     assert "97.5%" in both["correction"] and "Bonferroni" in both["correction"] and "Holm" in both["correction"]
+
+
+def test_the_row_and_the_report_give_the_holm_adjusted_p_value():
+    """Sabotage: the row and the report showing the raw p-value of a comparison when several arms are compared
+    (it understates the evidence needed); they share the wording of the interval."""
+    sd = 0.01 * 3 ** 0.5 / 5
+    runs = synthetic_runs(a=BASE[:3], b=shifted([0.01 - sd, 0.01, 0.01 + sd]), c=shifted([0.002, -0.004, 0.001]))
+    arms = [parse_arm(f"{name}=--lr 0.{i + 1}", i) for i, name in enumerate(runs)]
+    result = {"eval_split": "test", "command": "python -m fastcifar.compare ...",
+              "analysis": analyse(arms, runs, [0, 1, 2], 0.95, 0.1)}
+    result["markdown"] = markdown_rows(result, arms, [], "test")
+    report = format_report(result).splitlines()
+    adjusted = [c["acc"]["p_holm"] != c["acc"]["p_value"] for c in result["analysis"]["comparisons"]]
+    assert any(adjusted)
+    for c, row, holm_shown in zip(result["analysis"]["comparisons"], result["markdown"], adjusted):
+        p = f"p = {c['acc']['p_holm']:.2g}{' (Holm)' if holm_shown else ''};"
+        assert p in row, row
+        assert any(line.startswith(f"  {c['arm']} - a: ") and p in line for line in report), report
 
 
 def test_strip_plot_means_use_paired_seeds_only(tmp_path, monkeypatch):

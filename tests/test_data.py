@@ -135,11 +135,14 @@ def sources(tiny, tmp_path_factory) -> dict[str, Path]:
         "folder-tar.gz": make_tar(tmp / "cifar10-png.tar.gz", folders, "w:gz", "cifar10-png"),
         "folder-tgz-dot": make_tar(tmp / "dot.tgz", folders, "w:gz", "."),
         "folder-zip": make_zip(tmp / "cifar10-png.zip", folders, "cifar10-png"),
+        # told apart by their magic numbers: bz2 and xz as well as gzip
+        "folder-tar.bz2": make_tar(tmp / "cifar10-png.tar.bz2", folders, "w:bz2", "cifar10-png"),
+        "folder-txz": make_tar(tmp / "cifar10-png.txz", folders, "w:xz", "cifar10-png"),
     }
 
 
 FORMATS = ["official-dir", "official-parent", "official-tar.gz", "folder-dir", "folder-nested-dir", "folder-tar",
-           "folder-tar.gz", "folder-tgz-dot", "folder-zip"]
+           "folder-tar.gz", "folder-tgz-dot", "folder-zip", "folder-tar.bz2", "folder-txz"]
 
 
 def assert_same(a: CifarData, b: CifarData) -> None:
@@ -290,6 +293,56 @@ def test_edited_image_folder_invalidates_cache(tiny, tmp_path):
     assert not load_cifar10(root, cache_dir=cache).train_images[0].any()
 
 
+def test_the_cache_key_is_the_sources_path_size_and_mtime(sources, tmp_path, monkeypatch):
+    """Sabotage: the size or the path left out of the key. Another archive with the same mtime (cp -p, a
+    restored backup) must decode again, and an equal copy at another path must not read as the first one."""
+    calls = count_decodes(monkeypatch)
+    cache = tmp_path / "cache"
+    first, second = (tmp_path / name / "data.tar" for name in ("a", "b"))
+    for copy in (first, second):
+        copy.parent.mkdir()
+        copy.write_bytes(sources["folder-tar"].read_bytes())
+        os.utime(copy, ns=(0, 10**18))
+    assert str(first) in load_cifar10(first, cache_dir=cache).source
+    assert str(second) in load_cifar10(second, cache_dir=cache).source and len(calls) == 2
+    first.write_bytes(sources["folder-tar.gz"].read_bytes())  # the same images, gzipped: another size
+    os.utime(first, ns=(0, 10**18))
+    load_cifar10(first, cache_dir=cache)
+    assert len(calls) == 3
+
+
+def test_symlinked_folders_are_followed_and_junk_is_skipped(tiny, tmp_path):
+    """Sabotage: os.walk without followlinks (a train/ or test/ linked from elsewhere reads as empty); Thumbs.db,
+    desktop.ini or __MACOSX/ no longer junk (an image below __MACOSX/ would make a second train/test tree)."""
+    real = write_folders(tmp_path / "real", tiny)
+    root = tmp_path / "linked"
+    root.mkdir()
+    for split in ("train", "test"):
+        (root / split).symlink_to(real / split, target_is_directory=True)
+    (real / "train" / CLASSES[1] / "Thumbs.db").write_bytes(b"junk")
+    (real / "test" / CLASSES[2] / "desktop.ini").write_bytes(b"junk")
+    stray = root / "__MACOSX" / "train" / CLASSES[0] / "000.png"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes((real / "train" / CLASSES[0] / "000.png").read_bytes())
+    d = load_cifar10(root, use_cache=False)
+    np.testing.assert_array_equal(d.train_images, tiny["train"][0])
+    np.testing.assert_array_equal(d.test_labels, tiny["test"][1])
+
+
+def test_the_walk_stays_off_folders_that_cannot_hold_the_data(tiny, tmp_path, monkeypatch):
+    """Sabotage: no pruning in _scan_dir. Below a top-level folder that is not train/ or test/ nothing can be read,
+    and followlinks=True would walk a link loop there about 40 levels deep (till ELOOP)."""
+    root = write_folders(tmp_path / "tree", tiny).resolve()  # as load_cifar10 walks it
+    (root / "notes").mkdir()
+    (root / "notes" / "loop").symlink_to(root, target_is_directory=True)
+    scanned = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": scanned.append(Path(path)) or real_scandir(path))
+    d = load_cifar10(root, use_cache=False)
+    np.testing.assert_array_equal(d.train_images, tiny["train"][0])
+    assert root / "notes" in scanned and not [p for p in scanned if (root / "notes") in p.parents]
+
+
 def test_no_cache_writes_nothing(sources, tmp_path, monkeypatch):
     load_cifar10(sources["folder-tar"], cache_dir=tmp_path, use_cache=False)
     assert not any(tmp_path.iterdir())
@@ -389,6 +442,7 @@ BAD_INPUTS = {
                       "extra"),
     "truncated tar.gz": (lambda t, d, s: _damaged(s["folder-tar.gz"], t / "cut.tar.gz", 0.5), "cut.tar.gz"),
     "corrupt tar.gz": (lambda t, d, s: _flipped(s["folder-tar.gz"], t / "flip.tar.gz"), "flip.tar.gz"),
+    "corrupt txz": (lambda t, d, s: _flipped(s["folder-txz"], t / "flip.txz"), "flip.txz"),  # lzma's own error
     "garbage tgz": (lambda t, d, s: _file(t / "junk.tgz", b"\x1f\x8bjunk" * 100), "junk.tgz"),
     "tar cut at a member": (lambda t, d, s: _tar_broken_at_member(s["folder-tar"], t / "cut.tar", "cut"),
                             "cut.tar"),

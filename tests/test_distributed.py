@@ -141,3 +141,22 @@ def test_the_batch_size_check_counts_the_images_of_one_process():
     check_batch_size(TrainConfig(batch_size=50), 100, Dist(world_size=2))
     with pytest.raises(UserError, match="--batch-size"):
         check_batch_size(TrainConfig(batch_size=51), 100, Dist(world_size=2))
+
+
+def test_the_process_group_is_destroyed_on_the_way_out_of_a_failed_run(monkeypatch):
+    """torchrun's variables give this rank and world size; the group goes even when the run raises. Sabotage:
+    process_group without its finally (a process that trains again, as tune and compare do, would find the old
+    default group: init_process_group refuses a second one)."""
+    from fastcifar import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="boom"):
+        with distributed.process_group(torch.device("cpu")) as (d, device):
+            assert (d.rank, d.world_size, d.enabled, device) == (1, 2, True, torch.device("cpu"))
+            raise UserError("boom")
+    assert calls == [("init", "gloo"), ("destroy",)]

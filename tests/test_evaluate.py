@@ -81,6 +81,22 @@ def test_tta_views_keep_the_input_dtype_and_channels_last_layout_under_cpu_autoc
         assert view.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_each_tta_input_is_the_view_tta_views_names_at_its_place():
+    """Sabotage: tta_inputs ordering the shifted views by mirror first (x+t, x-t, flip+t, flip-t) while tta_views
+    names them shift first (shift+t, flip+shift+t, shift-t, flip+shift-t): the evaluation record would name them
+    wrongly."""
+    from fastcifar.evaluate import tta_inputs, tta_views
+
+    x = torch.randn(2, 3, 8, 8)
+    by_name = {"identity": x, "flip": x.flip(3)}
+    for t in (2, -2):
+        by_name[f"shift{t:+d}"], by_name[f"flip+shift{t:+d}"] = shift(x, t, t), shift(x.flip(3), t, t)
+    names = tta_views(True, 2)
+    assert sorted(names) == sorted(by_name)
+    for name, view in zip(names, tta_inputs(x, 2), strict=True):
+        assert torch.equal(view, by_name[name]), name
+
+
 def test_gathered_predictions_come_back_in_test_set_order(monkeypatch):
     """Sabotage: gather_interleaved concatenating the ranks' shards instead of interleaving them (the confusion
     matrix and misclassified images would pair predictions with the wrong labels)."""

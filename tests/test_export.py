@@ -124,6 +124,68 @@ def test_parity_agreement_leaves_out_only_near_ties():
     assert compare(tie_swapped, expected).agreement == pytest.approx(2 / 3)  # tie 0: every image counts
 
 
+def test_the_dynamo_exporter_gives_logging_back(monkeypatch):
+    """Sabotage: logging.disable(WARNING) around the dynamo export left in place (every later warning of the
+    process, an in-process caller's included, silenced), on success or when the exporter raises."""
+    import logging
+
+    def exporter_fails(*args, **kwargs):
+        assert not logging.getLogger("torch.onnx").isEnabledFor(logging.WARNING)  # quiet while it runs
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.onnx, "export", exporter_fails)
+    with pytest.raises(RuntimeError, match="unsupported operator"):
+        export_onnx_cli._export_dynamo(nn.Identity(), torch.rand(2, 3, 32, 32), None)
+    assert logging.getLogger("fastcifar").isEnabledFor(logging.WARNING)
+
+
+def test_int8_calibration_metadata_is_what_the_reader_fed(tmp_path, monkeypatch):
+    """onnxruntime's quantizer replaced by one that drains the reader: the metadata must count and average the
+    images it was really fed (200: three batches of 64 and a partial one). Sabotage: a reader that drops the
+    partial last batch while the metadata still says 200."""
+    import onnxruntime.quantization as quantization
+
+    fed = []
+
+    def quantize_static(model_in, model_out, reader, **kwargs):
+        while (feed := reader.get_next()) is not None:
+            fed.append(feed[export_onnx_cli.INPUT_NAME])
+        shutil.copyfile(model_in, model_out)
+
+    monkeypatch.setattr(quantization, "quant_pre_process", lambda src, dst, **kw: shutil.copyfile(src, dst))
+    monkeypatch.setattr(quantization, "quantize_static", quantize_static)
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["input"], ["logits"])], "g",
+                                   [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, None)],
+                                   [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)])
+    onnx.save(onnx.helper.make_model(graph), str(tmp_path / "fp32.onnx"))
+    images = np.random.default_rng(0).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    used = export_onnx_cli.quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", images)
+    seen = np.concatenate(fed)
+    assert used["images"] == len(seen) == 200
+    assert used["pixel_mean"] == round(float(seen.mean(dtype=np.float64)), 4)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "int8.onnx")).metadata_props}
+    assert json.loads(meta["calibration"]) == used and "on 200 images (random images)" in meta["quantization"]
+
+
+def test_a_backend_that_cannot_run_the_file_is_recorded_not_raised(tmp_path, monkeypatch):
+    """Sabotage: check_backends catching fewer exceptions than every runtime raises (a RuntimeError of OpenVINO's
+    compiler would fail an export whose onnxruntime gates passed)."""
+    from export.backends import Runner
+
+    def cannot_compile(path, backend="onnxruntime", mode="latency", threads=None, precision="auto"):
+        raise RuntimeError("Exception from src/inference/src/core.cpp: cannot compile")
+
+    monkeypatch.setattr(export_onnx_cli, "make_runner", cannot_compile)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"graph")
+    ort = Runner("onnxruntime", "latency", 1, "f32", "1.0", lambda x: np.zeros((len(x), 10), np.float32))
+    record = export_onnx_cli.check_backends("model.onnx", model, ort, None, np.zeros((2, 32, 32, 3), np.uint8),
+                                            None, ["onnxruntime", "openvino"], 1.0)
+    openvino = record["backends"]["openvino"]
+    assert not openvino["verified"] and openvino["reason"].startswith("failed: RuntimeError: Exception from")
+    assert record["backends"]["onnxruntime"]["verified"] and record["file"] == "model.onnx"
+
+
 class Bf16Model(nn.Module):
     """The model under CPU bf16 autocast, as AMP evaluates it on a CPU with bf16 (emulated elsewhere: the same
     rounding, slower)."""
@@ -169,6 +231,15 @@ def test_graph_interface_and_metadata(exported, checkpoint):
     assert json.loads(meta["test_acc"]) == info.test_acc
     assert meta["fastcifar_version"] and meta["exporter"].startswith("torch.onnx")
     assert not list(exported.parent.glob(".*.tmp"))  # no temporary files left behind
+
+
+@pytest.mark.slow
+def test_each_verification_record_names_its_final_file(exported):
+    """The files are checked under temporary names. Sabotage: the record naming the temporary file it checked."""
+    from export.backends import record_path
+
+    for path in (exported, int8_path(exported)):
+        assert json.loads(record_path(path).read_text())["file"] == path.name
 
 
 @pytest.mark.slow

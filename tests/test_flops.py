@@ -87,6 +87,17 @@ def test_counting_leaves_no_memory_behind():
     assert torch.tensor(0).device.type == "cpu"  # the meta device context did not leak
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_counting_gives_the_model_its_mode_back(training):
+    """Sabotage: _per_image_flops leaving the model in the mode it counted in (eval after forward_flops, train after
+    train_step_flops)."""
+    model = meta_model(ModelConfig(width=4)).train(training)
+    forward_flops(model)
+    assert model.training is training
+    train_step_flops(model)
+    assert model.training is training
+
+
 def _seed(seed: int) -> dict:
     return {"seed": seed, "test_acc": 0.5 + seed / 100, "test_acc_tta": None, "images": 1000,
             **{key: 1.0 + seed for key in SEED_CLOCKS}}

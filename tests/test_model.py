@@ -46,6 +46,16 @@ def test_summary_lists_layers_and_total(capsys):
     assert "FLOPs per image: 48.1 M forward" in out  # 2 x the multiply-adds, see tests/test_flops.py
 
 
+def test_the_plain_summary_without_torchinfo_leaves_the_model_training(monkeypatch):
+    """Sabotage: the fallback table (no torchinfo installed) leaving the model in eval mode after its forward."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchinfo", None)  # import torchinfo raises ImportError
+    model = ResNet9(ModelConfig(width=4)).train()
+    table = summary(model)
+    assert "layer1" in table and f"{count_parameters(model):,}" in table and model.training
+
+
 def test_the_model_command_shows_a_presets_net(capsys):
     assert main(["--preset", "speedrun"]) == 0
     out = capsys.readouterr().out

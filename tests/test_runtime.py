@@ -174,3 +174,26 @@ def test_the_guard_finishes_its_vote_in_flight_before_the_process_group_goes(mon
         assert guard.stop_requested() is False  # starts a vote, reads none
         assert read == []
     assert read == [False]
+
+
+def test_the_guard_gives_back_the_signal_handlers_it_found():
+    """Sabotage: SignalGuard.__exit__ not restoring the handlers (after an in-process train(), as tune and compare
+    run it, Ctrl-C would only set the finished guard's flag instead of interrupting)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with runtime.SignalGuard(Dist()) as guard:
+        assert signal.getsignal(signal.SIGINT) == guard._handle
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_out_of_memory_during_training_is_one_line_on_any_device(monkeypatch, capsys):
+    """The CUDA test's wiring on the CPU. Sabotage: train() without out_of_memory_is_one_line around the run."""
+    import fastcifar.train as train_module
+    from fastcifar.errors import run_cli
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train_module, "setup", out_of_memory)
+    assert run_cli(main, ["--device", "cpu", "--batch-size", "64", "--width", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory on cpu at --batch-size 64, --width 8" in err[0], err

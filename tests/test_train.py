@@ -425,3 +425,37 @@ def test_split_seed_chooses_which_training_images_the_run_holds_out(tmp_path, mo
     everything = load_cifar10(source, download=False)
     training_images = {image.tobytes() for image in everything.train_images}
     assert all(h <= training_images for h in held)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_is_refused_before_anything_of_its_epoch_is_written(tmp_path, monkeypatch):
+    """Epoch 2's first step reports a non-finite loss. Sabotage: the check after the checkpoint is written (the
+    last good one replaced by the diverged weights), or `bad > 0` (a first step's NaN let through)."""
+    data = write_learnable_dataset(tmp_path / "data", train_per_class=2, test_per_class=1)
+    out = tmp_path / "run"
+    real, epochs = train_mod.train_one_epoch, []
+
+    def second_epoch_diverges(*args, **kwargs):
+        sums, lrs = real(*args, **kwargs)
+        epochs.append(len(lrs))
+        if len(epochs) == 2:
+            sums[3] = 0  # the first step whose loss was not finite
+        return sums, lrs
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", second_epoch_diverges)
+    config = TrainConfig(data_dir=str(data), out_dir=str(out), width=4, batch_size=10, epochs=3, device="cpu",
+                         plots=False, tta=False)
+    with pytest.raises(UserError, match=r"non-finite at step 1 of epoch 2 .*last good checkpoint is kept"):
+        train_mod.train(config)
+    assert load_checkpoint(out / "checkpoint.pt")["run"]["epoch"] == 1
+    assert (out / "metrics.csv").read_text().count("\n") == 2  # the header and epoch 1
+    assert not (out / "model.safetensors").exists()
+
+
+def test_the_train_api_checks_its_config_before_loading_anything(tmp_path):
+    """tune and compare call train() with configs of their own making. Sabotage: train() without its validate()
+    (the run would fail on the missing data here, or an hour in on a bad value)."""
+    config = TrainConfig(data_dir=str(tmp_path / "nowhere"), out_dir=str(tmp_path / "run"), epochs=0, device="cpu")
+    with pytest.raises(UserError, match=r"^invalid --epochs \(0\)"):
+        train_mod.train(config)
+    assert not (tmp_path / "run").exists()

@@ -512,3 +512,50 @@ def test_the_default_space_samples_rates_and_decays_on_a_log_scale():
         import tomli as tomllib
     space = tomllib.loads(DEFAULT_SPACE)
     assert space["lr"].get("log") is True and space["weight_decay"].get("log") is True
+
+
+class PruningTrial:
+    """The trial methods Objective.epoch_callback calls; its pruner always says stop."""
+
+    def __init__(self):
+        self.user_attrs, self.reported = {}, []
+
+    def set_user_attr(self, key, value):
+        self.user_attrs[key] = value
+
+    def report(self, value, step):
+        self.reported.append((step, value))
+
+    def should_prune(self):
+        return True
+
+
+@pytest.mark.parametrize("max_train_seconds", [None, 1.0])
+def test_the_last_epoch_is_never_stopped_by_the_pruner_or_the_time_budget(max_train_seconds):
+    """Stopping after the last epoch saves nothing and throws away a finished result. Sabotage: `before_last`
+    dropped from the pruning or the over-budget test of epoch_callback."""
+    from optuna import TrialPruned
+
+    from fastcifar.tune import Objective, OverBudget
+
+    objective = Objective(space=None, base=TrainConfig(), out=Path("unused"), cost=None,
+                          max_train_seconds=max_train_seconds, split_sizes=(0, 0))
+    trial = PruningTrial()
+    on_epoch = objective.epoch_callback(trial, last_epoch=2)
+    row = {"epoch": 1, "test_acc": 0.5, "total_seconds": 5.0}
+    with pytest.raises(OverBudget if max_train_seconds else TrialPruned):
+        on_epoch(row)
+    on_epoch({**row, "epoch": 2})  # the last: neither stops it
+    assert trial.user_attrs["epochs_done"] == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("width = 0\n\n[lr]\nlow = 0.1\nhigh = 1.0\n", "fixed values in"),
+    ("width = true\n", "'width' in"),
+    ("[lr]\nchoices = [0.1, true]\n", "'lr' in"),
+], ids=["fixed-width-0", "width-true", "lr-choice-true"])
+def test_fixed_values_are_checked_and_a_boolean_is_no_number(tmp_path, text, message):
+    """Sabotage: _check_values without the fixed values (a bad one blamed on a range, or not checked at all in a
+    space of fixed values only); _checked_value taking true for an int or float (width = true trains width 1)."""
+    with pytest.raises(UserError, match=message):
+        load_search_space(space_file(tmp_path, text), TrainConfig())

@@ -44,6 +44,15 @@ def test_patch_eigens_are_the_known_spectrum_largest_first():
     assert vectors[:9, 9:].abs().max() < 0.05 and vectors[18:, :18].abs().max() < 0.05
 
 
+def test_patch_eigens_are_of_the_covariance_so_an_offset_changes_nothing():
+    """Sabotage: the second moment instead of the covariance (patches not centered): a mean offset, as in images
+    normalized with another set's statistics, would become the largest direction."""
+    images = scaled_noise(16)
+    values, _ = patch_eigens(images, kernel=3)
+    shifted, _ = patch_eigens(images + torch.tensor([2.0, -1.0, 0.5])[:, None, None], kernel=3)
+    torch.testing.assert_close(shifted, values)
+
+
 def test_narrow_prep_conv_gets_the_largest_directions():
     """A conv with fewer filters than 2 x 27 keeps the largest directions (fails with the smallest first)."""
     model = ResNet9(ModelConfig(width=4))
