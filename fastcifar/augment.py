@@ -32,6 +32,9 @@ def normalize_images(images: np.ndarray | torch.Tensor, mean: Sequence[float], s
     and the padding run in fp32 (reflect padding lacks bf16 kernels on some backends), cast once at the end.
     """
     x = torch.as_tensor(images).to(device)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3 or pad_mode not in ("reflect", "zeros"):
+        raise ValueError(f"expected uint8 (N, H, W, 3) images and pad_mode 'reflect' or 'zeros', got {x.dtype} "
+                         f"{tuple(x.shape)} and {pad_mode!r}")
     m = torch.tensor(mean, device=device, dtype=torch.float32) * 255
     s = torch.tensor(std, device=device, dtype=torch.float32) * 255
     n, h, w, c = x.shape

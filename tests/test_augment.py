@@ -215,6 +215,15 @@ def test_normalize_images_pads_like_numpy(pad_mode):
     np.testing.assert_array_equal(got, np.pad(images.astype(np.float32), ((0, 0), (2, 2), (2, 2), (0, 0)), mode=mode))
 
 
+@pytest.mark.parametrize("images, pad_mode", [
+    (np.zeros((2, 32, 32, 3), np.uint8), "reflct"), (np.zeros((2, 32, 32, 3), np.float32), "reflect"),
+    (np.zeros((2, 3, 32, 32), np.uint8), "reflect")])
+def test_normalize_images_refuses_what_it_would_silently_get_wrong(images, pad_mode):
+    """Sabotage: the check dropped (a mistyped pad mode pads with zeros; float or NCHW input normalizes to noise)."""
+    with pytest.raises(ValueError, match="uint8 \\(N, H, W, 3\\)"):
+        normalize_images(images, **IDENTITY, pad=2, pad_mode=pad_mode)
+
+
 def test_reference_pipeline_shapes_and_normalization():
     pytest.importorskip("albumentations")
     from fastcifar.reference import reference_loader
