@@ -122,6 +122,11 @@ class Inputs:
         out = self.tmp / "m.onnx"
         return ["--checkpoint", str(checkpoint or self.run), "--out", str(out), *flags], out
 
+    def lr_find(self, *flags: str) -> tuple[list[str], Path]:
+        """A tiny LR range test on the good data with `flags`; its --out plot must not appear."""
+        out = self.tmp / "lr.png"
+        return ["--data-dir", str(self.data), *TINY, "--out", str(out), *flags], out
+
     def evaluate(self, *flags: str) -> tuple[list[str], None]:
         return ["--checkpoint", str(self.run), "--data-dir", str(self.data), "--device", "cpu", *flags], None
 
@@ -207,9 +212,20 @@ CASES = [
     case("data-missing-path", data_main, lambda b: (["--data-dir", str(b.tmp / "nope")], None), "nope"),
     case("data-unknown-file-type", data_main, lambda b: (["--data-dir", str(made(b.tmp / "x.rar", "rar"))], None),
          "x.rar"),
-    case("lr-find-bad-range", lr_find_main,
-         lambda b: (["--data-dir", str(b.data), *TINY, "--start-lr", "1", "--end-lr", "0.1", "--out",
-                     str(b.tmp / "lr.png")], b.tmp / "lr.png"), "--end-lr"),
+    case("lr-find-bad-range", lr_find_main, lambda b: b.lr_find("--start-lr", "1", "--end-lr", "0.1"), "--end-lr"),
+    *(case(f"lr-find-{name}", lr_find_main, lambda b, a=argv: b.lr_find(*a), flag) for name, argv, flag in [
+        ("too-few-steps", ["--steps", "9"], "--steps"),
+        ("steps-not-a-number", ["--steps", "many"], "--steps"),
+        ("equal-ends", ["--start-lr", "1", "--end-lr", "1"], "--end-lr"),
+        ("start-lr-zero", ["--start-lr", "0"], "--start-lr"),
+        ("diverge-one", ["--diverge", "1"], "--diverge"),
+        ("width-zero", ["--width", "0"], "--width"),
+        ("resume", ["--resume", "runs/x"], "--resume"),
+        ("unknown-flag", ["--no-such-flag"], "--no-such-flag")]),
+    case("lr-find-out-not-png", lr_find_main, lambda b: (["--data-dir", str(b.data), *TINY, "--out",
+                                                          str(b.tmp / "curve.jpg")], b.tmp / "curve.jpg"), "--out"),
+    case("lr-find-out-is-a-directory", lr_find_main,
+         lambda b: (["--data-dir", str(b.data), *TINY, "--out", str(folder(b.tmp / "d.png"))], None), "is a directory"),
     case("export-missing-checkpoint", export_main, lambda b: b.export(checkpoint=b.tmp / "none"), "none"),
     case("export-corrupt-checkpoint", export_main,
          lambda b: b.export(checkpoint=copy_run(b.run, b.tmp, "model.safetensors", "garbage")), "model.safetensors",

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from fastcifar.config import TrainConfig
-from fastcifar.errors import run_cli
 from fastcifar.lr_find import BETA, csv_path, get_args_parser, lr_range_test, main, parse_args, suggest
 from fastcifar.recipe import build_optimizer
 from synthetic import learnable_images, write_learnable_dataset
@@ -168,27 +167,3 @@ def test_training_flags_and_presets_apply():
     config, _ = parse_args(["--preset", "seed"])
     assert config.optimizer == "adam" and config.weight_decay == 1e-4
     assert "--start-lr" in get_args_parser().format_help() and "--weight-decay" in get_args_parser().format_help()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("argv, flag", [
-    (["--steps", "9"], "--steps"),
-    (["--start-lr", "1", "--end-lr", "1"], "--end-lr"),
-    (["--start-lr", "0"], "--start-lr"),
-    (["--diverge", "1"], "--diverge"),
-    (["--out", "curve.jpg"], "--out"),
-    (["--steps", "many"], "--steps"),
-    (["--width", "0"], "--width"),
-    (["--resume", "runs/x"], "--resume"),
-    (["--no-such-flag"], "--no-such-flag"),
-])
-def test_bad_flags_exit_2_with_one_line(argv, flag, capsys):
-    assert run_cli(main, argv, prog="fastcifar.lr_find") == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("fastcifar.lr_find: error:") and flag in err
-
-
-def test_out_that_is_a_directory_is_refused(tmp_path, capsys):
-    (tmp_path / "d.png").mkdir()
-    assert run_cli(main, ["--out", str(tmp_path / "d.png")], prog="fastcifar.lr_find") == 2
-    assert "is a directory" in capsys.readouterr().err
