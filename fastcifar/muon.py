@@ -5,7 +5,8 @@
 `torch.optim.Muon` orthogonalizes 2D updates only, so each trainable conv weight (out, in, k, k) is handed to
 it as an (out, in*k*k) matrix sharing the weight's storage, in the weight's memory layout (channels_last: (out,
 k, k, in)): a permutation of columns commutes with the orthogonalization, so the update is the same in either.
-One Cycle schedules both halves through `param_groups` (the Muon groups carry `lr_scale` = muon_lr / lr).
+One Cycle schedules both halves through `param_groups`: the Muon groups carry `lr_scale` = muon_lr / lr, and
+`fixed_momentum`, Muon's own momentum, which the cycle leaves as it is.
 Muon's weight decay is off: BatchNorm follows every conv, so a filter's scale does not matter.
 """
 
@@ -36,7 +37,8 @@ class MuonWithSGD(torch.optim.Optimizer):
         self.views = [nn.Parameter(matrix_view(w.detach())) for w in matrices]  # share the weights' storage
         self.sgd = torch.optim.SGD(sgd_groups, lr=lr, momentum=momentum, nesterov=True,
                                    weight_decay=weight_decay, **({"fused": True} if fused else {}))
-        self.muon = torch.optim.Muon([dict(params=self.views, lr_scale=muon_lr / lr)], lr=muon_lr,
+        self.muon = torch.optim.Muon([dict(params=self.views, lr_scale=muon_lr / lr, fixed_momentum=muon_momentum)],
+                                     lr=muon_lr,
                                      momentum=muon_momentum, nesterov=True, weight_decay=0.0)
         self.defaults = self.sgd.defaults
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}

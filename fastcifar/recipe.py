@@ -148,13 +148,16 @@ def epoch_steps(config: TrainConfig, steps_per_epoch: int) -> list[int]:
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
     """One Cycle over all steps: lr from lr/div up to lr at pct_start, then down to lr/(div*final_div);
-    momentum (or Adam's beta1) cycles the opposite way between momentum and min_momentum."""
+    momentum (or Adam's beta1) cycles the opposite way between momentum and min_momentum, except in groups
+    with a `fixed_momentum` (Muon's)."""
+    groups = optimizer.param_groups
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[config.lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups],
+        optimizer, max_lr=[config.lr * g.get("lr_scale", 1.0) for g in groups],
         total_steps=total_steps(config, steps_per_epoch), pct_start=config.pct_start,
         anneal_strategy=config.anneal, div_factor=config.div_factor, final_div_factor=config.final_div_factor,
-        cycle_momentum=config.min_momentum < config.momentum, base_momentum=config.min_momentum,
-        max_momentum=config.momentum)
+        cycle_momentum=config.min_momentum < config.momentum,
+        base_momentum=[g.get("fixed_momentum", config.min_momentum) for g in groups],
+        max_momentum=[g.get("fixed_momentum", config.momentum) for g in groups])
 
 
 def init_weights(model: ResNet9, config: TrainConfig, data, seed: int, whiten_sample: int = 5000) -> None:

@@ -121,3 +121,18 @@ def test_after_a_load_the_groups_a_scheduler_sets_are_the_ones_that_step():
     (model2(torch.randn(4, 3, 32, 32)) ** 2).mean().backward()
     again.step()
     assert all(torch.equal(b, p) for b, p in zip(before, model2.parameters()))
+
+
+@muon_available
+def test_one_cycle_leaves_muons_momentum_alone():
+    """Sabotage: build_scheduler gives every group the cycled momentum (Muon would run at 0.9 -> 0.85, not 0.6)."""
+    from fastcifar.recipe import build_model, build_optimizer, build_scheduler
+
+    config = TrainConfig(width=4, optimizer="muon", momentum=0.9, min_momentum=0.85, muon_momentum=0.6)
+    optimizer = build_optimizer(config, build_model(config, 10, CPU), CPU)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch=10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert [group["momentum"] for group in optimizer.muon.param_groups] == [0.6]
+    assert all(group["momentum"] < 0.9 for group in optimizer.sgd.param_groups)  # the SGD half does cycle
