@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastcifar.data import load_cifar10
     from fastcifar.distributed import Dist
     from fastcifar.recipe import (build_criterion, build_loaders, build_model, build_optimizer, check_batch_size,
-                                  init_weights, seed_everything)
+                                  check_optimizer_dtype, init_weights, seed_everything)
     from fastcifar.runtime import amp_dtype, configure_backends, select_device
 
     config, args = parse_args(argv)
@@ -213,9 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"cannot write to the directory of --out ({out.parent}): choose a writable path")
     device = select_device(config.device)
     configure_backends(device)
+    dtype = amp_dtype(device, config.amp, config.amp_dtype)
+    check_optimizer_dtype(config, dtype)
     data = load_cifar10(config.data_dir, download=config.download or None)
     check_batch_size(config, len(data.train_labels), Dist())
-    dtype = amp_dtype(device, config.amp, config.amp_dtype)
     seed_everything(config.seed)
     train_loader, _ = build_loaders(replace(config, pipeline="gpu"), data, device, dtype, config.seed)
     batches = itertools.chain.from_iterable(itertools.repeat(train_loader))  # fresh epochs, endlessly

@@ -130,6 +130,13 @@ def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device)
                            weight_decay=config.weight_decay, **fused)
 
 
+def check_optimizer_dtype(config: TrainConfig, dtype: torch.dtype | None) -> None:
+    """Muon's matrices get their gradients inside its step, where a GradScaler cannot unscale them: no fp16."""
+    if config.optimizer == "muon" and dtype == torch.float16:
+        raise UserError("invalid --optimizer muon with fp16 (a GradScaler cannot unscale Muon's matrices): train "
+                        "in bf16 (--amp-dtype bf16) or fp32 (--no-amp)")
+
+
 def build_criterion(config: TrainConfig) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 

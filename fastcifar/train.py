@@ -37,9 +37,10 @@ from fastcifar.flops import recipe_flops
 from fastcifar.lookahead import Lookahead
 from fastcifar.model import ResNet9, count_parameters, summary as model_summary
 from fastcifar.recipe import build_criterion, build_loaders, build_model, build_optimizer, build_scheduler, \
-    check_batch_size, epoch_steps, init_weights, loader_seconds, seed_everything, stop_whitening_bias, total_steps
-from fastcifar.report import METRICS_FILE, check_out_dir, create_out_dir, epoch_row, format_summary, \
-    progress_bar, run_summary, seed_line, work_line, write_metrics, SUMMARY_FILE
+    check_batch_size, check_optimizer_dtype, epoch_steps, init_weights, loader_seconds, seed_everything, \
+    stop_whitening_bias, total_steps
+from fastcifar.report import METRICS_FILE, SUMMARY_FILE, check_out_dir, create_out_dir, epoch_row, format_summary, \
+    progress_bar, run_summary, seed_line, work_line, write_metrics
 from fastcifar.runtime import SignalGuard, StopRequested, Timer, amp_dtype, autocast, configure_backends, \
     environment, out_of_memory_is_one_line, select_device
 
@@ -110,9 +111,7 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device) -
     """Run directory, data, model (compiled, wrapped), loss, loaders and the warm-up of every compilation."""
     configure_backends(device)
     dtype = amp_dtype(device, config.amp, config.amp_dtype)
-    if config.optimizer == "muon" and dtype == torch.float16:
-        raise UserError("invalid --optimizer muon with fp16 (a GradScaler cannot unscale Muon's matrices): train "
-                        "in bf16 (--amp-dtype bf16) or fp32 (--no-amp)")
+    check_optimizer_dtype(config, dtype)
     out = check_out_dir(config, resume=resume)
     with Timer(torch.device("cpu")) as data_timer:
         data = fastcifar.data.load_cifar10(config.data_dir, download=config.download or None)

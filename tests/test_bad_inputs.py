@@ -222,6 +222,8 @@ CASES = [
         ("width-zero", ["--width", "0"], "--width"),
         ("resume", ["--resume", "runs/x"], "--resume"),
         ("unknown-flag", ["--no-such-flag"], "--no-such-flag")]),
+    case("lr-find-muon-with-fp16", lr_find_main, lambda b: b.lr_find("--optimizer", "muon", "--amp-dtype", "fp16"),
+         "--optimizer muon with fp16"),
     case("lr-find-out-not-png", lr_find_main, lambda b: (["--data-dir", str(b.data), *TINY, "--out",
                                                           str(b.tmp / "curve.jpg")], b.tmp / "curve.jpg"), "--out"),
     case("lr-find-out-is-a-directory", lr_find_main,
