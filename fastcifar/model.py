@@ -96,8 +96,8 @@ def summary(model: ResNet9) -> str:
     try:
         import torchinfo
     except ImportError:
-        torchinfo = None
-    if torchinfo is not None:
+        pass
+    else:
         return str(torchinfo.summary(model, input_size=shape, depth=3, verbose=0, device=device,
                                      col_names=("output_size", "num_params")))
     rows: list[tuple[str, str, int]] = []
@@ -118,6 +118,7 @@ def summary(model: ResNet9) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from fastcifar.config import PRESETS, TrainConfig, model_options
     from fastcifar.flops import forward_flops, meta_model, train_step_flops
+    from fastcifar.recipe import frozen_parameter_names
 
     parser = argparse.ArgumentParser(prog="python -m fastcifar.model",
                                      description="Print the model summary, parameters and FLOPs per image.")
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = TrainConfig(**{**PRESETS[args.preset], **({"width": args.width} if args.width else {})})
     model = ResNet9(ModelConfig(num_classes=args.num_classes, **model_options(recipe)))
     print(summary(model))
-    counted = meta_model(model.config)
+    counted = meta_model(model.config, frozen_parameter_names(recipe))  # as the recipe trains it
     print(f"parameters: {count_parameters(model):,}")
     print(f"FLOPs per image: {forward_flops(counted) / 1e6:,.1f} M forward, "
           f"{train_step_flops(counted) / 1e6:,.1f} M forward + backward")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastcifar.config import PRESETS, TrainConfig
+from fastcifar.flops import recipe_flops
 from fastcifar.model import ModelConfig, ResNet9, count_parameters, main, summary
 
 
@@ -60,6 +62,9 @@ def test_the_model_command_shows_a_presets_net(capsys):
     assert main(["--preset", "speedrun"]) == 0
     out = capsys.readouterr().out
     assert "parameters: 2,009,818" in out and "FLOPs per image: 205.7 M forward" in out
+    # the frozen whitening filters need no weight gradient, as in the run's own count
+    per_image_train = recipe_flops(TrainConfig(**PRESETS["speedrun"]), 50_000, 10_000)["per_image_train"]
+    assert f"{per_image_train / 1e6:,.1f} M forward + backward" in out and "616.0 M" in out
 
 
 def test_the_default_family_options_are_the_classic_net_with_its_parameter_names():
