@@ -338,10 +338,12 @@ def _check_tar_end(stream: BinaryIO, offset: int) -> None:
     the end-of-archive marker tells those apart from a complete archive.
     """
     stream.seek(offset)
-    rest = stream.read()  # a complete archive leaves the marker and its record padding: at most a few KB
-    if rest.strip(b"\0"):
-        raise tarfile.ReadError(f"damaged tar header at byte {offset}")
-    if len(rest) < tarfile.BLOCKSIZE:
+    length = 0
+    while chunk := stream.read(1 << 20):  # in chunks: after a damaged header the rest can be most of the file
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(f"damaged tar header at byte {offset}")
+        length += len(chunk)
+    if length < tarfile.BLOCKSIZE:
         raise tarfile.ReadError(f"no end-of-archive marker after byte {offset}")
 
 
