@@ -258,10 +258,10 @@ class BackendCheck:
 
 def check_backends(name: str, path: Path, ort: Runner, ort_acc: float | None, check_images: np.ndarray,
                    data: CifarData | None, backends: Sequence[str], max_diff: float) -> dict:
-    """Report the file `name` (now at `path`, `ort` running it) under every backend in `backends` and return
-    its verification record. onnxruntime was gated already (parity, accuracy); another backend runs in its
-    default precision and is verified when its test accuracy lies within `max_diff` points of `ort_acc`. A
-    backend that cannot read or run the file is recorded as failed, never raised."""
+    """Report the file `name` (still at its temporary `path`, `ort` running it) under every backend in
+    `backends` and return its verification record. onnxruntime was gated already (parity, accuracy); another
+    backend runs in its default precision and is verified when its test accuracy lies within `max_diff` points
+    of `ort_acc`. A backend that cannot read or run the file is recorded as failed, never raised."""
     print(f"{name} under {', '.join(backends)}:")
     ort_logits = run_batches(ort, check_images)
     checks = [BackendCheck("onnxruntime", ort.version, "f32", True,
