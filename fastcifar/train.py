@@ -120,6 +120,8 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device) -
     check_batch_size(config, len(data.train_labels), dist)
     if dist.is_main:
         create_out_dir(out)
+        if not resume:  # an --overwrite run: a stop before its first checkpoint must not offer the old run's
+            (out / CHECKPOINT_FILE).unlink(missing_ok=True)
         write_json(out / "config.json", asdict(config))
     model_without_ddp = build_model(config, len(data.classes), device)
     print(model_summary(model_without_ddp))

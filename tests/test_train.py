@@ -185,6 +185,17 @@ def test_sync_bn_is_refused_on_the_cpu_under_torchrun(tiny_dir, tmp_path):
         setup(config, resume=False, dist=Dist(rank=0, world_size=2), device=CPU)
 
 
+def test_an_overwrite_run_drops_the_replaced_runs_checkpoint(tiny_dir, tmp_path):
+    """Sabotage: the old checkpoint.pt left in place (a stop before the new run's first checkpoint would then
+    offer --resume of the replaced run)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"the replaced run's")
+    config = TrainConfig(data_dir=str(tiny_dir), out_dir=str(out), device="cpu", width=4, batch_size=8, overwrite=True)
+    setup(config, resume=False, dist=Dist(), device=CPU)
+    assert not (out / "checkpoint.pt").exists()
+
+
 @pytest.mark.slow
 def test_seed_runs_eval_every_checkpoint_every_plots_and_tta_shape_the_run(tiny_dir, tmp_path):
     """Sabotage: seed = run_index in start_seed; eval_every ignored (every epoch); checkpoint_every ignored;
