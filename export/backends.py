@@ -137,8 +137,8 @@ def _openvino_runner(path: str | os.PathLike, mode: str, threads: int, precision
         requests = [compiled.create_infer_request() for _ in range(count)]
 
         def infer(x: np.ndarray) -> np.ndarray:
-            # plain requests, no Python callbacks: an AsyncInferQueue callback (with a Core per runner) made
-            # a later SIGINT in the same process crash it
+            # plain requests, no Python callbacks: with an AsyncInferQueue callback (and a Core per runner), a
+            # later SIGINT in the same process crashes it
             running = list(zip(requests, np.array_split(x, min(count, len(x)))))
             for request, part in running:
                 request.start_async({0: part})

@@ -341,7 +341,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="training images to calibrate int8 on (default: 512)")
     p.add_argument("--max-int8-drop", type=float, default=DEFAULT_MAX_INT8_DROP, metavar="POINTS",
                    help="fail when int8 test accuracy is this many points below fp32; also how far another "
-                        "backend may be from the checkpoint's accuracy to be verified (default: %(default)s)")
+                        "backend may be from onnxruntime's accuracy on the same file to be verified "
+                        "(default: %(default)s)")
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                    help="runtimes to check besides onnxruntime (always the gate): auto = every installed one, "
                         "openvino = OpenVINO too (an error when absent), onnxruntime = none (default: auto)")
