@@ -245,9 +245,10 @@ def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: Colle
         config = TrainConfig(**saved)
     except TypeError as e:
         raise UserError(f"checkpoint has no valid config ({run_dir}): {e}; start a new run") from None
+    environment = environment_fields()
     for name in sorted(explicit if explicit is not None else (f.name for f in fields(TrainConfig))):
         new, old = getattr(requested, name), getattr(config, name)
-        if name in environment_fields():
+        if name in environment:
             setattr(config, name, new)
         elif name == "out_dir":
             if new is not None and Path(new).resolve() != Path(run_dir).resolve():
