@@ -234,6 +234,9 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argpar
     given = vars(get_args_parser(suppress_defaults=True).parse_args(argv))
     from_files = {*PRESETS.get(given.get("preset"), {}), *(load_toml(args.config) if "config" in given else {})}
     args.explicit = frozenset((set(given) | from_files) & {f.name for f in fields(TrainConfig)})
+    if "width" in given and config.widths:  # --widths (a preset's too) sets every stage: --width would do nothing
+        raise UserError(f"invalid --width ({config.width}) with --widths ({config.widths}), which sets every "
+                        "stage: scale --widths instead")
     return config, args
 
 

@@ -170,6 +170,8 @@ CASES = [
     case("train-truncated-archive", train_main, lambda b: b.train(data=archive(b.tmp, truncate=True)), "data.tar.gz"),
     case("train-garbage-archive", train_main, lambda b: b.train(data=archive(b.tmp, garbage=True)), "data.tar.gz"),
     case("train-widths-three", train_main, lambda b: b.train("--widths", "8,16,32"), "--widths"),
+    case("train-width-with-the-speedrun-widths", train_main, lambda b: b.train("--preset", "speedrun"),
+         "--width (4) with --widths (24,64,256,256)"),
     case("train-widths-not-numbers", train_main, lambda b: b.train("--widths", "a,b,c,d"), "--widths"),
     case("train-residual-layer-four", train_main, lambda b: b.train("--residual", "1,4"), "--residual"),
     case("train-prep-kernel-five", train_main, lambda b: b.train("--prep-kernel", "5"), "--prep-kernel"),
