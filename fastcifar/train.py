@@ -275,12 +275,13 @@ def finish_seed(session: Session, training: Training) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def stop_keeps_the_checkpoint(guard: SignalGuard, out: Path) -> Iterator[None]:
-    """A signal's stop exits 130 (SIGINT) or 143 (SIGTERM), the last finished epoch's checkpoint untouched."""
+    """A signal's stop exits 130 (SIGINT) or 143 (SIGTERM), the last checkpoint written untouched."""
     try:
         yield
     except StopRequested:
-        kept = (f"the checkpoint of the last finished epoch is kept; resume with: python -m fastcifar.train "
-                f"--resume {out}" if (out / CHECKPOINT_FILE).exists() else "no checkpoint was written yet")
+        kept = ("no checkpoint was written yet" if not (out / CHECKPOINT_FILE).exists() else
+                f"the last checkpoint written (every --checkpoint-every epochs) is kept; resume with: python -m "
+                f"fastcifar.train --resume {out}")
         print(f"\nstopped by signal {guard.signum} after step {guard.steps}; {kept}", file=sys.stderr)
         raise SystemExit(130 if guard.signum == signal.SIGINT else 143) from None
 
