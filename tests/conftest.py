@@ -22,8 +22,9 @@ def real_cifar_path() -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def cpu_bf16_from_environment(tmp_path_factory):
     """FASTCIFAR_TEST_CPU_BF16=1: this CPU reports AVX-512 BF16, so `--amp-dtype auto` trains and evaluates in
-    bf16 (emulated where the CPU lacks it: slower, the same rounding) as on Zen 4 or a Xeon with AMX. The suite
-    then sees the numerics of those CPUs on any CPU; tests that set the CPU flags themselves still do."""
+    bf16 (emulated where the CPU lacks it: slower) as on Zen 4 or a Xeon with AMX: the same bf16 inputs and
+    outputs, not the native chips' exact sums. In this pytest process only: subprocess tests run as the CPU is.
+    Tests that set the CPU flags themselves still do."""
     if os.environ.get("FASTCIFAR_TEST_CPU_BF16") != "1":
         yield
         return

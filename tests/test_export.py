@@ -105,7 +105,7 @@ def test_parity_at_batch_1_7_256(exported, checkpoint):
         assert got.shape == (n, 10)
         assert np.abs(got - expected).max() <= 1e-3
         decided = lead(expected, expected.argmax(1)) > 2e-3
-        assert (got.argmax(1) == expected.argmax(1))[decided].all()
+        assert (got.argmax(1) == expected.argmax(1))[decided].all() and decided.mean() > 0.9  # few near-ties
 
 
 def test_parity_agreement_leaves_out_only_near_ties():

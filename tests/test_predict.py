@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from export.backends import make_runner
 from export.onnx import int8_path
-from export.predict import read_image, to_input
+from export.predict import read_image, run_batches, to_input
 from fastcifar.data import CLASSES
 
 
@@ -73,12 +74,17 @@ def test_predict_classifies_resizes_and_reports_failures(exported, tmp_path):
 @pytest.mark.slow
 def test_predict_top_k_matches_the_session(exported, tmp_path):
     image = write_png(tmp_path / "a.png", 32, seed=3)
-    result = run_predict(str(int8_path(exported)), str(image), "--top", "3")
+    result = run_predict(str(int8_path(exported)), str(image), "--top", "3", "--backend", "onnxruntime")
     assert result.returncode == 0, result.stderr
     fields = result.stdout.strip().split("\t")
     assert fields[0] == str(image) and len(fields) == 4
     probs = [float(f.split()[1]) for f in fields[1:]]
     assert probs == sorted(probs, reverse=True)
+    logits = run_batches(make_runner(int8_path(exported)), read_image(image)[None])[0]  # a session of our own
+    reference = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    best = np.argsort(-reference)[:3]
+    assert [f.split()[0] for f in fields[1:]] == [CLASSES[i] for i in best]
+    assert probs == pytest.approx(reference[best], abs=1e-4)
 
 
 def test_documented_input_recipes_match_predict(tmp_path):

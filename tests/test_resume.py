@@ -208,8 +208,9 @@ def test_resume_restores_the_grad_scaler(tmp_path):
     # --amp-dtype auto resumed on a GPU without native bf16: the bf16 run saved a disabled scaler's empty state,
     # which an enabled scaler cannot load (torch raises); the fp16 run starts its scale afresh instead
     training(8.0, enabled=False).save(tmp_path / "checkpoint.pt", {}, CPU)
-    fresh.restore(load_checkpoint(tmp_path / "checkpoint.pt"), CPU)
-    assert fresh.scaler.get_scale() == 8.0
+    afresh = training(65536.0)
+    afresh.restore(load_checkpoint(tmp_path / "checkpoint.pt"), CPU)
+    assert afresh.scaler.get_scale() == 65536.0
 
 
 RESUME_FAST = ["--width", "8", "--batch-size", "32", "--device", "cpu", "--lr", "0.2", "--no-tta"]

@@ -40,7 +40,7 @@ def test_paired_comparison_interval_and_p():
 
 @pytest.mark.parametrize("a, b, why", [
     ([0.5], [0.6], "fewer than 3 paired seeds (1)"),
-    ([0.5, 0.6], [0.6, 0.7], "fewer than 3 paired seeds (2)"),  # identical differences at n = 2: p was 0
+    ([0.5, 0.6], [0.6, 0.7], "fewer than 3 paired seeds (2)"),  # identical differences at n = 2: scipy says p = 0
     ([0.5, 0.6, 0.7], [0.5, 0.6, 0.7], "no spread"),
     ([0.1, 0.2, 0.3, 0.4], [0.113, 0.213, 0.313, 0.413], "no spread"),  # rounding only: scipy's p is 4e-47
 ])
