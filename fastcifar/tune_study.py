@@ -88,12 +88,11 @@ def open_storage(url: str):
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """An Optuna sampler made afresh for each trial, seeded by a SeedSequence of (seed, trial number).
-
-    One seeded sampler per process would draw the same values in every process given the same --seed, and
-    again in a resumed invocation. Trial numbers are unique within a study, so no two trials share a draw,
-    and a study run from scratch is reproducible from its seed. Samplers keep their state in the storage
-    (TPE's history, NSGA-II's generations), so a fresh one per trial loses nothing."""
+    """An Optuna sampler made afresh for each trial, seeded by a SeedSequence of (seed, trial number). One
+    seeded sampler per process would draw the same values in every process given the same --seed, and again
+    in a resumed invocation. Trial numbers are unique within a study, so no two trials share a draw, and a
+    study run from scratch is reproducible from its seed. Samplers keep their state in the storage (TPE's
+    history, NSGA-II's generations), so a fresh one per trial loses nothing."""
 
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
         self._make, self._seed = make, seed
