@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fastcifar.atomic import write_json, write_text
-from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, non_recipe_fields, parse_config, split_at_double_dash
+from fastcifar.config import PRESETS, ArgumentParser, TrainConfig, parse_config, recipe_values, split_at_double_dash
 from fastcifar.errors import UserError, first_line, run_cli
 from fastcifar.plots import pyplot, save_figure
 from fastcifar.report import reported_accuracy
@@ -81,11 +81,6 @@ def arm_config(arm: Arm, common: list[str], seed: int, run_dir: Path) -> TrainCo
     """The arm's configuration for one seed: its flags, then the common ones, then the run's own."""
     return parse_config([*arm.argv, *common, "--seed", str(seed), "--runs", "1", "--out-dir", str(run_dir),
                          "--overwrite", "--checkpoint-every", "0"])[0]
-
-
-def recipe(config: TrainConfig) -> dict[str, Any]:
-    """What identifies an arm: every field but the environment and the run bookkeeping (config.py)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in non_recipe_fields()}
 
 
 def finished(run: dict[str, Any] | None) -> bool:
@@ -256,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     out = Path(args.out_dir or "runs/compare/" + "-vs-".join(names))
     # every arm's configuration checked (and its flags parsed) before anything trains
-    recipes = {a.name: recipe(arm_config(a, common, seeds[0], out)) for a in arms}
+    recipes = {a.name: recipe_values(arm_config(a, common, seeds[0], out)) for a in arms}
     split = "val" if any(r["val_split"] for r in recipes.values()) else "test"
     if len({r["val_split"] for r in recipes.values()}) > 1:
         raise UserError("arms use different --val-split values: pass --val-split after -- so all share one")
@@ -286,7 +281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(results_path, result)
         return result
 
-    out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:  # seed-major: a stopped comparison stays paired
         for arm in arms:
             earlier = runs[arm.name].get(str(seed))

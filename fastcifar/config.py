@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Collection, Literal, Sequence
 
@@ -140,6 +140,11 @@ def environment_fields() -> frozenset[str]:
 def non_recipe_fields() -> frozenset[str]:
     """Fields that are not the recipe: the environment plus where results go and which seeds run."""
     return environment_fields() | {"out_dir", "overwrite", "seed", "runs"}
+
+
+def recipe_values(config: TrainConfig) -> dict[str, Any]:
+    """What identifies a recipe: every field of `config` but the non_recipe_fields()."""
+    return {k: v for k, v in asdict(config).items() if k not in non_recipe_fields()}
 
 
 def _flag(name: str) -> str:

@@ -52,11 +52,10 @@ class LRFindResult:
 def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, criterion: nn.Module,
                   *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int = 200, diverge: float = 4.0,
                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LRFindResult:
-    """Train `model` for up to `steps` steps of `batches` ((inputs, labels) on `device`), the lr of every group
-    start_lr * (end_lr / start_lr) ** (i / (steps - 1)) at step i, and record the losses. Stops once the smoothed
-    loss exceeds `diverge` x its best (that step recorded), the loss is not finite (not recorded) or `batches`
-    ends. `dtype`: autocast's (None: none; float16 adds a GradScaler). The model (weights, buffers, grads, mode)
-    and the optimizer (state, hyperparameters) are restored afterwards, even on error."""
+    """Train `model` on up to `steps` `batches` ((inputs, labels) on `device`), the lr growing exponentially from
+    start_lr to end_lr, recording the losses until the smoothed loss exceeds `diverge` x its best (that step
+    recorded), the loss is not finite (not recorded) or `batches` ends. `dtype`: autocast's (None: none; float16
+    adds a GradScaler). Model (weights, buffers, grads, mode) and optimizer are restored after, even on error."""
     from fastcifar.runtime import autocast
 
     device = torch.device(device)

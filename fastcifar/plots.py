@@ -110,10 +110,8 @@ def save_run_plots(out: Path, rows: list[dict[str, Any]], lrs: Sequence[float], 
 
 
 def save_augment_grid(data, path: str | Path, seed: int = 0, count: int = 8) -> None:
-    """The same `count` training images: original, through the fast path, through the reference pipeline.
-
-    The reference row needs albumentations; without it the grid has two rows and says so.
-    """
+    """The same `count` training images: original, through the fast path, through the reference pipeline
+    (albumentations; without it the grid has two rows and says so)."""
     import torch
 
     from fastcifar.augment import DeviceLoader

@@ -14,8 +14,7 @@ key after a `[table]` header into that table, so a `width = 16` below `[batch_si
     choices = [256, 512]
 
 Integer fields get integer ranges. Every value is checked against the training validation up front, so a
-bad bound fails before the first trial, naming the file and the field. Without --space, fastcifar.tune
-searches DEFAULT_SPACE: the One Cycle schedule and the regularizers of the recipe.
+bad bound fails before the first trial, naming the file and the field.
 """
 
 from __future__ import annotations

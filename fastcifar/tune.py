@@ -6,12 +6,10 @@
 
 Training flags set the base configuration; the search space (--space FILE, see fastcifar.search_space;
 by default its DEFAULT_SPACE) says which fields each trial varies. Each trial is an in-process training run
-on the training images minus --val-split held-out ones, evaluated on those. --objective accuracy maximizes
-the validation accuracy (the pruner stops poor trials); accuracy-seconds and accuracy-flops also minimize
-a cost and find the Pareto front. --max-train-seconds T is an Optuna constraint: a trial past T stops at
-its next evaluated epoch and is never the best. The study lives in --storage with the settings its trials
-share (tune_study): the same command continues it, also from several processes at once, each trial drawing
-with a sampler seed of its own; other settings are refused unless --new-study. Outputs: fastcifar.tune_report.
+on the training images minus --val-split held-out ones, evaluated on those (--objective and
+--max-train-seconds: see --help). The study lives in --storage with the settings its trials share
+(tune_study): the same command continues it, also from several processes at once, each trial drawing with
+a sampler seed of its own; other settings are refused unless --new-study. Outputs: fastcifar.tune_report.
 
 Needs the `tune` extra: pip install -e ".[tune]".
 """

@@ -202,9 +202,8 @@ def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
 
 
 def readable_slice(axes):
-    """Optuna's slice plot (log axes for log-scaled parameters) with room for every panel, log axes
-    labelled at 1 and 3 times powers of ten as plain numbers, and tick labels that do not run into each
-    other (matplotlib labels minor log ticks in a way that overlaps on narrow panels)."""
+    """Optuna's slice plot with room for every panel and x tick labels that do not overlap (matplotlib's
+    minor log tick labels run into each other on narrow panels): log axes at 1 and 3 times powers of ten."""
     from matplotlib.category import StrCategoryLocator
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 

@@ -10,14 +10,14 @@ import contextlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import optuna
 
-from fastcifar.config import TrainConfig, non_recipe_fields
+from fastcifar.config import TrainConfig, recipe_values
 from fastcifar.errors import UserError, first_line
 from fastcifar.search_space import SearchSpace
 
@@ -88,12 +88,11 @@ def open_storage(url: str):
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """An Optuna sampler made afresh for each trial, seeded by a SeedSequence of (seed, trial number).
-
-    One seeded sampler per process would draw the same values in every process given the same --seed, and
-    again in a resumed invocation. Trial numbers are unique within a study, so no two trials share a draw,
-    and a study run from scratch is reproducible from its seed. Samplers keep their state in the storage
-    (TPE's history, NSGA-II's generations), so a fresh one per trial loses nothing."""
+    """An Optuna sampler made afresh for each trial, seeded by a SeedSequence of (seed, trial number). One
+    seeded sampler per process would draw the same values in every process given the same --seed, and again
+    in a resumed invocation. Trial numbers are unique within a study, so no two trials share a draw, and a
+    study run from scratch is reproducible from its seed. Samplers keep their state in the storage (TPE's
+    history, NSGA-II's generations), so a fresh one per trial loses nothing."""
 
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
         self._make, self._seed = make, seed
@@ -155,8 +154,7 @@ def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goa
     base recipe field no trial varies. Not --seed (recorded per trial), nor where and how trials run (device,
     data path, torch.compile), so machines of several kinds can share one study."""
     searched = {p.name for p in space.params}
-    recipe = {name: value for name, value in asdict(space.apply(base, {})).items()
-              if name not in non_recipe_fields() and name not in searched}
+    recipe = {name: value for name, value in recipe_values(space.apply(base, {})).items() if name not in searched}
     settings = {"preset": preset, "objective": goal.name, "max_train_seconds": max_train_seconds,
                 "space": space.describe(), **recipe}
     return json.loads(json.dumps(settings))  # as the storage gives it back: tuples become lists

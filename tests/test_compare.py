@@ -155,13 +155,12 @@ def test_changed_arm_configuration_is_refused_in_the_same_out_dir(tmp_path, data
 
 def test_an_arm_is_its_recipe_not_its_environment():
     """A rerun with another --eval-every, --device or --compile is the same arm (its finished seeds count);
-    another --lr or --val-split is not. Sabotage: an environment field left in compare.recipe."""
-    from fastcifar.compare import recipe
-    from fastcifar.config import TrainConfig
+    another --lr or --val-split is not. Sabotage: an environment field left in config.recipe_values."""
+    from fastcifar.config import TrainConfig, recipe_values
 
-    base = recipe(TrainConfig())
-    assert recipe(TrainConfig(eval_every=3, device="cpu", compile=True, plots=False, seed=7)) == base
-    assert recipe(TrainConfig(lr=0.5)) != base and recipe(TrainConfig(val_split=100)) != base
+    base = recipe_values(TrainConfig())
+    assert recipe_values(TrainConfig(eval_every=3, device="cpu", compile=True, plots=False, seed=7)) == base
+    assert recipe_values(TrainConfig(lr=0.5)) != base and recipe_values(TrainConfig(val_split=100)) != base
 
 
 @pytest.mark.slow
