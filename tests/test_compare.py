@@ -72,9 +72,9 @@ def test_two_arms_paired_statistics_outputs_and_resume(tmp_path, data, monkeypat
     # a second invocation trains nothing; more seeds train only the new ones
     calls = []
     counting(monkeypatch, calls)
-    again = compare(out, data, *arms, seeds=3, flags=["--first-seed", "1"])
+    again = compare(out, data, *arms, seeds=3, flags=["--first-seed", "1"], common=["--no-amp"])
     assert calls == [] and again["arms"] == r["arms"]
-    more = compare(out, data, *arms, seeds=4, flags=["--first-seed", "1"])
+    more = compare(out, data, *arms, seeds=4, flags=["--first-seed", "1"], common=["--no-amp"])
     assert sorted(calls) == [(4, 0.01), (4, 0.4)] and more["analysis"]["paired_seeds"] == [1, 2, 3, 4]
 
 
