@@ -19,6 +19,18 @@ def real_cifar_path() -> Path:
     return Path(os.environ.get("FASTCIFAR_DATA") or REPO_ROOT.parent / "shared/data/cifar10-png.tar.gz")
 
 
+@pytest.fixture(scope="session")
+def train_seed() -> int:
+    """The --seed of the models the tests train and then assert on (add an offset where one test trains
+    several): FASTCIFAR_TEST_SEED, default 0. Another CPU's rounding (or thread count) trains another model, as
+    another seed does, so `FASTCIFAR_TEST_SEED=N pytest` for a few N checks that no assertion on a trained model
+    holds by the luck of one CPU (tests/README.md)."""
+    value = os.environ.get("FASTCIFAR_TEST_SEED", "0")
+    if not value.isdigit():
+        raise pytest.UsageError(f"FASTCIFAR_TEST_SEED must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def cpu_bf16_from_environment(tmp_path_factory):
     """FASTCIFAR_TEST_CPU_BF16=1: this CPU reports AVX-512 BF16, so `--amp-dtype auto` trains and evaluates in
@@ -96,16 +108,24 @@ def real_cifar(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
+def shared(tmp_path_factory, train_seed):
     """The export tests' data, trained model and export (export_helpers.shared_export: made once per session)."""
     from export_helpers import shared_export
 
-    return shared_export(tmp_path_factory)
+    return shared_export(tmp_path_factory, train_seed)
 
 
 @pytest.fixture(scope="module")
 def tiny_data(shared) -> Path:
     return shared.data
+
+
+@pytest.fixture(scope="module")
+def test_split(shared, tmp_path_factory):
+    """The export tests' data as `CifarData` (the splits tiny_data holds), decoded into a private cache."""
+    from fastcifar.data import load_cifar10
+
+    return load_cifar10(shared.data, download=False, cache_dir=tmp_path_factory.mktemp("export-data-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from export.backends import Runner, choose_backend, make_runner, openvino_versio
 from export.onnx import int8_path
 from export.predict import main as predict_main
 from export.predict import run_batches
-from export_helpers import label_images, run_export
+from export_helpers import CLEAR_MARGIN, DECIDED_SHARE, TIE_MARGIN, assert_same_classes_where_decided, decided, \
+    label_images, run_export
 from fastcifar.errors import run_cli
 
 HAS_OPENVINO = openvino_version() is not None
@@ -80,7 +81,11 @@ def fake_openvino(monkeypatch, scramble: bool) -> None:
 
 @pytest.mark.slow
 @needs_openvino
-def test_export_verifies_both_files_under_openvino(export_output):
+def test_export_verifies_both_files_under_openvino(export_output, test_split):
+    """OpenVINO runs each file in its default precision (bf16 on CPUs with AMX or AVX512_BF16), which may flip
+    the near-ties of a model trained in this run, never a class onnxruntime decides by CLEAR_MARGIN: its
+    accuracy and agreement may differ from onnxruntime's by the share of the other test images only (the
+    parity images are the whole test split here)."""
     out, stdout = export_output
     for path in (out, int8_path(out)):
         record = json.loads(record_path(path).read_text())
@@ -88,8 +93,10 @@ def test_export_verifies_both_files_under_openvino(export_output):
         ov, ort = record["backends"]["openvino"], record["backends"]["onnxruntime"]
         assert ov["verified"], ov["reason"]
         assert ov["version"] == openvino_version() and ov["precision"] in ("f32", "bf16")
-        # every test image is decided clearly (test_export.py), in f32 and in bf16 (CPUs with AMX or AVX512_BF16)
-        assert ov["accuracy"] == ort["accuracy"] and ov["agreement_with_onnxruntime"] == 1.0
+        clear = decided(run_batches(make_runner(path, "onnxruntime"), test_split.test_images), CLEAR_MARGIN)
+        assert clear.mean() >= DECIDED_SHARE
+        assert abs(ov["accuracy"] - ort["accuracy"]) <= 1 - clear.mean() + 1e-9
+        assert ov["agreement_with_onnxruntime"] >= clear.mean() - 1e-9
     assert f"openvino {openvino_version()} (" in stdout and "test accuracy" in stdout
     assert json.loads(record_path(int8_path(out)).read_text())["calibration"]["images"] == 16
 
@@ -120,8 +127,8 @@ def test_auto_uses_openvino_only_with_a_valid_record(export_output, tmp_path):
 @needs_openvino
 @pytest.mark.parametrize("mode", ["latency", "throughput"])
 def test_openvino_runs_like_onnxruntime(export_output, mode):
-    """fp32 in f32: the same logits; int8: the same classes (on images like the data, which the fixture decides
-    clearly: random ones leave it near ties, where one int8 rounding step flips the class)."""
+    """fp32 in f32: the same logits; both files: the same classes on the images onnxruntime decides by a margin
+    (export_helpers), most of these images like the data."""
     out, _ = export_output
     images = label_images()["openvino vs onnxruntime"]
     for path in (out, int8_path(out)):
@@ -132,7 +139,8 @@ def test_openvino_runs_like_onnxruntime(export_output, mode):
         assert ov.shape == (37, 10)
         if path == out:
             np.testing.assert_allclose(ov, ort, atol=1e-4)
-        np.testing.assert_array_equal(ov.argmax(1), ort.argmax(1))
+        margin = TIE_MARGIN if path == out else CLEAR_MARGIN  # int8: two runtimes' rounding of activations
+        assert_same_classes_where_decided(ov, ort, margin, path.name)
 
 
 @pytest.mark.slow
@@ -146,8 +154,11 @@ def test_predict_auto_picks_the_verified_openvino(export_output, tmp_path):
     assert f"note: openvino {openvino_version()} (throughput," in stderr and "verified by the export" in stderr
     code, stdout_ort, stderr = predict(str(int8_path(out)), str(folder), "--backend", "onnxruntime")
     assert code == 0 and "note: onnxruntime" in stderr
-    classes = [line.split("\t")[1] for line in stdout.splitlines()]
-    assert classes == [line.split("\t")[1] for line in stdout_ort.splitlines()]
+    ov_classes, ort_classes = (np.array([line.split("\t")[1] for line in s.splitlines()]) for s in (stdout, stdout_ort))
+    reference = run_batches(make_runner(int8_path(out), "onnxruntime"), label_images()["predict's photos"])
+    clear = decided(reference, CLEAR_MARGIN)  # the near-ties of a model trained in this run may fall either way
+    assert clear.mean() >= DECIDED_SHARE
+    np.testing.assert_array_equal(ov_classes[clear], ort_classes[clear])
     code, _, stderr = predict(str(out), str(folder / "00.png"))  # one image: latency mode
     assert code == 0 and "(latency," in stderr
 
