@@ -242,7 +242,6 @@ def test_reference_pipeline_shapes_and_normalization():
     assert x.shape == (4, 3, 32, 32) and (zeros == 64).all()
 
 
-@pytest.mark.slow
 def test_augment_grid_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     from fastcifar.plots import save_augment_grid
@@ -282,6 +281,7 @@ def test_the_device_loader_times_its_upload_apart_from_its_preparation(monkeypat
     assert loader.prep_seconds >= NORMALIZE_NAP > loader.upload_seconds >= 0
 
 
+@pytest.mark.slow  # a DataLoader worker process
 def test_albumentations_workers_run_one_thread_each(monkeypatch):
     """The seed recipe's DataLoader workers each use one thread (torch's and OpenCV's), so a CPU comparison
     counts processes, not hidden thread pools. Sabotage: cv2.setNumThreads(1) dropped from the worker init."""

@@ -333,6 +333,7 @@ def test_real_command_line_exit_code_and_single_line(module, argv, expected, tmp
     assert done.returncode == 2 and len(lines) == 1 and expected in lines[0], done.stderr
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
     env = {**os.environ, "FASTCIFAR_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "fastcifar.data", "--data-dir", str(tmp_path / "x"), "--debug"],

@@ -34,6 +34,7 @@ def checkpoint_epochs_seen_after_each_epoch(tmp_path, **settings) -> list[int | 
     return seen
 
 
+@pytest.mark.slow
 def test_checkpoint_every_2_over_3_epochs_writes_at_epochs_2_and_3_only(tmp_path):
     """Sabotage: the every-N test dropped (a checkpoint every epoch); `or last` dropped (the final epoch's
     checkpoint missing when N does not divide the epochs)."""

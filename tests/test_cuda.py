@@ -41,10 +41,13 @@ def train(tmp_path: Path, data: Path, *flags: str) -> dict:
     out = tmp_path / "run"
     assert run_cli(train_module.main, ["--data-dir", str(data), "--out-dir", str(out), *TINY_CUDA, *flags]) == 0
     summary = json.loads((out / "summary.json").read_text())
+    # Five steps learn too little to assert on (on the CPU even twenty leave some seeds at 0.3 on these 40
+    # images, chance 0.1): these runs pin the GPU wiring; test_train.py asserts what training learns.
     assert 0.0 <= summary["test_acc"] <= 1.0 and math.isfinite(summary["train_seconds"])
     return summary
 
 
+@pytest.mark.slow
 def test_fp16_trains_with_a_grad_scaler_where_bf16_is_unsupported(tmp_path, tiny_data, monkeypatch):
     steps = []
 
@@ -59,6 +62,7 @@ def test_fp16_trains_with_a_grad_scaler_where_bf16_is_unsupported(tmp_path, tiny
     assert steps and all(math.isfinite(s) and s > 0 for s in steps)  # every step went through the scaler
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, lr", [("sgd", "0.4"), ("adam", "0.001")])
 def test_the_fused_optimizers_train(tmp_path, tiny_data, monkeypatch, optimizer, lr):
     made = []
@@ -74,6 +78,7 @@ def test_the_fused_optimizers_train(tmp_path, tiny_data, monkeypatch, optimizer,
     assert made == [True]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["--channels-last", "--no-channels-last"])
 def test_both_memory_layouts_train_and_evaluate(tmp_path, tiny_data, layout):
     summary = train(tmp_path, tiny_data, "--no-compile", layout)
@@ -94,6 +99,7 @@ def test_out_of_memory_is_one_line_naming_the_flags_to_lower(tmp_path, tiny_data
     assert "out of memory on cuda" in err[0] and "--batch-size" in err[0] and "--width" in err[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # reduce-overhead: CUDA graphs
 def test_compiled_training_evaluates_with_tta(tmp_path, tiny_data, mode):
     summary = train(tmp_path, tiny_data, "--compile", "--compile-mode", mode, "--tta-translate", "1")

@@ -468,7 +468,6 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_a_one_line_user_error(case, tiny, sources, tmp_path, capsys):
     build, expected = BAD_INPUTS[case]
@@ -491,6 +490,7 @@ def test_debug_flag_shows_the_exception(tmp_path):
         run_cli(main, ["--data-dir", str(tmp_path / "nowhere"), "--debug"])
 
 
+@pytest.mark.slow
 def test_module_entry_point_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastcifar.data", "--data-dir", str(tmp_path / "nowhere")],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,

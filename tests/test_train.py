@@ -44,9 +44,9 @@ def train(data: Path, out: Path, *extra: str) -> dict:
 
 
 @pytest.mark.slow
-def test_two_epochs_learn_far_above_chance_and_write_every_artifact(learnable, tmp_path):
+def test_two_epochs_learn_far_above_chance_and_write_every_artifact(learnable, tmp_path, train_seed):
     out = tmp_path / "run"
-    s = train(learnable, out, "--epochs", "2")
+    s = train(learnable, out, "--epochs", "2", "--seed", str(train_seed))
     assert s["test_acc"] >= 0.3  # chance is 0.1 (0.03 std on 100 images); a model that learned is far above
     for key in ("test_acc", "test_acc_tta", "train_seconds", "compile_seconds", "images_per_second", "epochs",
                 "params", "device", "torch", "runs"):
@@ -63,9 +63,9 @@ def test_two_epochs_learn_far_above_chance_and_write_every_artifact(learnable, t
 
 
 @pytest.mark.slow
-def test_shuffled_training_labels_stay_near_chance(tmp_path):
+def test_shuffled_training_labels_stay_near_chance(tmp_path, train_seed):
     data = write_learnable_dataset(tmp_path / "shuffled", 40, 10, shuffle_train_labels=True)
-    s = train(data, tmp_path / "run", "--epochs", "3", "--no-plots")
+    s = train(data, tmp_path / "run", "--epochs", "3", "--no-plots", "--seed", str(train_seed))
     assert s["test_acc"] < 0.3  # a leak of test data into training would show up here
 
 
@@ -330,7 +330,8 @@ def test_an_epoch_reads_nothing_from_the_device_until_reduce_epoch_reads_it_once
                                 iter(loader), CPU, None, Lookahead(model, len(loader)))
     assert reads == [] and len(lrs) == len(loader)
     loss, acc, seen, bad = reduce_epoch(sums, Dist())
-    assert reads == ["tolist"] and seen == 64 and bad == -1 and 0 <= acc <= 1
+    assert reads == ["tolist"] and seen == 64 and bad == -1
+    assert acc * seen == pytest.approx(round(acc * seen))  # a count of right answers over the images seen
 
 
 @pytest.fixture(scope="module")
@@ -360,13 +361,14 @@ def test_lookahead_steps_and_ends_on_the_slow_weights_and_final_tta_uses_the_tra
 
 
 @pytest.mark.slow
-def test_seed_recipe_trains_end_to_end_with_albumentations_and_adam(small_learnable, tmp_path):
+def test_seed_recipe_trains_end_to_end_with_albumentations_and_adam(small_learnable, tmp_path, train_seed):
     """The original notebook's recipe: Adam, One Cycle from lr/100, no label smoothing, the albumentations
     DataLoader (one worker here), fp32, no TTA."""
     pytest.importorskip("albumentations")
     out = tmp_path / "seed"
     assert main(["--preset", "seed", "--data-dir", str(small_learnable), "--out-dir", str(out), "--width", "4",
-                 "--batch-size", "20", "--device", "cpu", "--epochs", "3", "--workers", "1", "--no-plots"]) == 0
+                 "--batch-size", "20", "--device", "cpu", "--epochs", "3", "--workers", "1", "--no-plots",
+                 "--seed", str(train_seed)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["pipeline"], config["optimizer"], config["amp"], config["tta"]) == ("albumentations", "adam",
                                                                                       False, False)
@@ -375,7 +377,8 @@ def test_seed_recipe_trains_end_to_end_with_albumentations_and_adam(small_learna
     assert len(run["lrs"]) == 15 and run["lrs"][0] == pytest.approx(4.79e-2 / 100)
     first, last = run["rows"][0], run["rows"][-1]
     assert last["train_loss"] < first["train_loss"] and last["train_acc"] > 0.4  # chance is 0.1
-    assert summary["test_acc_tta"] is None and 0 <= summary["test_acc"] <= 1
+    assert summary["test_acc_tta"] is None and summary["test_acc"] == last["test_acc"]  # 20 test images: too few
+    # to tell this run's test accuracy from chance; its last epoch's training accuracy (100 images) shows it learned
 
 
 @pytest.mark.slow
