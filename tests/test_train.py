@@ -367,16 +367,17 @@ def test_seed_recipe_trains_end_to_end_with_albumentations_and_adam(small_learna
     pytest.importorskip("albumentations")
     out = tmp_path / "seed"
     assert main(["--preset", "seed", "--data-dir", str(small_learnable), "--out-dir", str(out), "--width", "4",
-                 "--batch-size", "20", "--device", "cpu", "--epochs", "3", "--workers", "1", "--no-plots",
+                 "--batch-size", "20", "--device", "cpu", "--epochs", "6", "--workers", "1", "--no-plots",
                  "--seed", str(train_seed)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["pipeline"], config["optimizer"], config["amp"], config["tta"]) == ("albumentations", "adam",
                                                                                       False, False)
     summary = json.loads((out / "summary.json").read_text())
     run = load_checkpoint(out / "checkpoint.pt")["run"]
-    assert len(run["lrs"]) == 15 and run["lrs"][0] == pytest.approx(4.79e-2 / 100)
+    assert len(run["lrs"]) == 30 and run["lrs"][0] == pytest.approx(4.79e-2 / 100)
     first, last = run["rows"][0], run["rows"][-1]
-    assert last["train_loss"] < first["train_loss"] and last["train_acc"] > 0.4  # chance is 0.1
+    # chance is 0.1 (0.03 std on 100 images); 30 steps reach 0.45 to 0.82 under seeds 0-9, 15 steps as little as 0.2
+    assert last["train_loss"] < first["train_loss"] and last["train_acc"] > 0.3
     assert summary["test_acc_tta"] is None and summary["test_acc"] == last["test_acc"]  # 20 test images: too few
     # to tell this run's test accuracy from chance; its last epoch's training accuracy (100 images) shows it learned
 
