@@ -64,7 +64,8 @@ def test_a_folder_of_class_folders_stands_for_every_image_below_it(tmp_path):
 @pytest.mark.slow
 def test_predict_classifies_resizes_and_reports_failures(exported, tmp_path):
     """Each image's line is its top class and probability in a session of ours (the big one resized as
-    read_image does). Sabotage: predict feeding 0-255 pixels, or not resizing."""
+    read_image does; the input recipe itself is checked below against torchvision and OpenCV). Sabotage: a
+    probability from another softmax, or a line paired with another image's result."""
     small = write_png(tmp_path / "small.png", 32, seed=1)
     big = write_png(tmp_path / "big.png", 64, seed=2)
     junk = tmp_path / "junk.png"
