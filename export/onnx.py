@@ -8,14 +8,14 @@
 
 The graph takes what torchvision's `to_tensor` or `cv2.dnn.blobFromImage(img, 1/255, swapRB=True)` give:
 input `input`, float32 NCHW RGB in [0, 1], any batch size; it normalizes with the training mean/std inside
-and returns `logits` (N, classes). With `--tta`, the graph averages the logits of the training recipe's TTA views
-(`fastcifar.evaluate.tta_plan`: flip, reflect-padded translations, the same weights), so the file scores the
-run's TTA accuracy. Class names, mean/std, the input layout, the TTA, the run's test accuracy and the fastcifar
-version are in the model's metadata_props.
+and returns `logits` (N, classes); with `--tta`, the weighted mean over the trainer's TTA views (`tta_plan`), so
+the file scores the run's TTA accuracy. Class names, mean/std, the input layout, the TTA, the run's test
+accuracy and the fastcifar version are in the model's metadata_props.
 
 Every file is written under a temporary name and renamed into place only after it passed `onnx.checker`,
 parity with an independent PyTorch reference and, with `--data-dir`, the accuracy gates (the test accuracy
-against the checkpoint's for the same TTA; with `--int8`, the drop against fp32); a failed check exits 2 and replaces nothing.
+against the checkpoint's with the same TTA; with `--int8`, the drop against fp32); a failed check exits 2 and
+replaces nothing.
 Every other installed runtime (`export.backends`) then runs each file, and `<file>.verified.json` records
 whether `export.predict --backend auto` may use it. docs/export.md has the bounds, the int8 settings
 (`--int8` adds `<stem>.int8.onnx`) and the OpenVINO checks.
@@ -93,11 +93,6 @@ class WithTTA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.net(torch.cat([apply_view(x, view) for view in self.views]))
         return (logits.unflatten(0, (len(self.views), -1)) * self.weights).sum(0)
-
-
-def with_tta(model: nn.Module, flip: bool, translate: int) -> nn.Module:
-    """The model to export: `model` itself without TTA, else `WithTTA`."""
-    return WithTTA(unwrap(model), flip, translate) if flip else model
 
 
 # --- export ----------------------------------------------------------------------------------------------
@@ -377,13 +372,16 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: np.
         # Symbolic shape inference (meant for transformers) cannot follow ReduceMax -> Reshape in our graph;
         # ONNX's own shape inference, which quantization needs, still runs.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        logging.root.addFilter(_per_tensor_fallback)
+        # onnxruntime warns "Axis 1 is out-of-range for weight '...' with rank 1" for each 1-D weight (the scale of
+        # a batch norm fold_batchnorm left) and quantizes it per tensor, as it must: noise to the reader
+        per_tensor = lambda record: "is out-of-range for weight" not in record.getMessage()  # noqa: E731
+        logging.root.addFilter(per_tensor)
         try:
             quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
         finally:
-            logging.root.removeFilter(_per_tensor_fallback)
+            logging.root.removeFilter(per_tensor)
     calibration = {"method": "MinMax", "images": len(calib_images),
                    "pixel_mean": round(float(calib_images.mean()) / 255, 4), "source": source}
     proto = onnx.load(str(out_path))
@@ -393,13 +391,6 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: np.
                         f"False, MinMax calibration on {len(calib_images)} images ({source})"})
     onnx.save(proto, str(out_path))
     return calibration
-
-
-def _per_tensor_fallback(record: logging.LogRecord) -> bool:
-    """A logging filter: onnxruntime warns "Axis 1 is out-of-range for weight '...' with rank 1" for each 1-D
-    weight (the scale of a batch norm that fold_batchnorm left) and quantizes it per tensor, as a 1-D weight must
-    be: noise to the reader."""
-    return "is out-of-range for weight" not in record.getMessage()
 
 
 # --- command line ----------------------------------------------------------------------------------------
@@ -478,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     np.random.default_rng(0).integers(0, 256, (RANDOM_IMAGES, 32, 32, 3), dtype=np.uint8))
     records: dict[Path, dict] = {}
     with atomic_path(out) as tmp:
-        graph = with_tta(model, *tta)
+        graph = WithTTA(unwrap(model), *tta) if tta[0] else model
         inside = f"; {graph.label} inside: {len(graph.views)} views averaged" if tta[0] else ""
         print(f"exported with {export_onnx(graph, info, tmp, args.opset)}{inside}")
         print(f"parity with PyTorch ({'test' if data is not None else 'random'} images{', same TTA' * tta[0]}): "

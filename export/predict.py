@@ -52,8 +52,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata_props of an exported model; UserError when the file is missing or no ONNX model."""
+def read_metadata(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """(class names, metadata_props) of a model written by export.onnx; UserError when the file is missing, not
+    ONNX or without class names."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model not found ({path}): pass the .onnx file written by `python -m export.onnx`")
@@ -64,17 +65,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, OSError, ValueError) as e:
         raise UserError(f"invalid ONNX model ({path}): {first_line(e)}") from e
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def read_classes(path: str | os.PathLike, meta: dict[str, str] | None = None) -> list[str]:
-    """Class names from the metadata of an exported model (`meta`: read from `path` when None); UserError when
-    missing or not one of ours."""
+    meta = {p.key: p.value for p in proto.metadata_props}
     try:
-        classes = json.loads((read_metadata(path) if meta is None else meta)["classes"])
+        return [str(c) for c in json.loads(meta["classes"])], meta
     except (KeyError, ValueError) as e:
         raise UserError(f"no class names in the metadata of {path}: export it with `python -m export.onnx`") from e
-    return [str(c) for c in classes]
 
 
 def tta_note(meta: dict[str, str]) -> str | None:
@@ -157,8 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     names = expand_images(args.images)
     mode = args.mode if args.mode != "auto" else ("latency" if len(names) == 1 else "throughput")
-    meta = read_metadata(args.model)
-    classes = read_classes(args.model, meta)
+    classes, meta = read_metadata(args.model)
     runner, why = runner_for(args.model, args.backend, mode, args.threads, args.precision)
     if not 1 <= args.top <= len(classes):
         raise UserError(f"--top must be between 1 and {len(classes)}, got {args.top}")

@@ -64,7 +64,7 @@ def top_two_gap(logits: np.ndarray) -> np.ndarray:
 def test_a_tta_auto_file_scores_the_checkpoints_tta_accuracy(tta_run, tmp_path):
     """The file is the trainer's TTA: its logits lie within the parity bound of fastcifar.evaluate.tta_logits,
     so each image that the trainer's TTA decides by more than twice the bound gets the same class, and its
-    test accuracy is the stored TTA accuracy up to the images left undecided. Sabotage: with_tta returning the
+    test accuracy is the stored TTA accuracy up to the images left undecided. Sabotage: main exporting the
     plain model (its logits differ from the TTA ones by far more than the bound, checked here)."""
     data, run = tta_run
     _, info = load_model(run)
