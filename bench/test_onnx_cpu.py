@@ -14,6 +14,8 @@ Backends (all with the same thread count, one per core, in each result's extra_i
   ort-fp32/int8  onnxruntime CPU on the exported files (export.backends, latency or throughput mode)
   ov-fp32/int8   OpenVINO CPU on the same files (skipped when not installed); ov-fp32 runs bf16 where the CPU
                  has it, ov-fp32-f32 forces f32 there to show what bf16 buys (only on such CPUs)
+  ...-tta        the same runtime on the file exported with `--tta flip-translate1` (the speedrun recipe's TTA:
+                 6 views in one batch), next to the plain file in the second table
 Batch 1 runs latency mode only; batch 256 both modes. Weights are random (speed does not depend on them);
 int8 is calibrated on random images. Inputs are prepared outside the timed call. Run it on an idle machine:
 with another busy process on the two cores, onnxruntime's spin-waiting threads lose up to half their speed.
@@ -40,7 +42,11 @@ CASES = [(b, "latency", 1) for b in ("torch-fp32", "torch-best", "torch-compile"
 CASES += [(b, "latency", 256) for b in ("torch-fp32", "torch-best", "torch-compile")]
 CASES += [(b, m, 256) for b in ("ort-fp32", "ort-int8", "ov-fp32", "ov-fp32-f32", "ov-int8")
           for m in ("latency", "throughput")]
-ORDER = [c[0] for c in CASES[:8]]
+# the TTA files: batch-1 latency and batch-256 throughput, to set beside the plain files
+CASES += [(f"{b}-tta", m, n) for b in ("ort-fp32", "ort-int8", "ov-fp32", "ov-int8")
+          for m, n in (("latency", 1), ("throughput", 256))]
+ORDER = [c[0] for c in CASES[:8]] + [f"{b}-tta" for b in ("ort-fp32", "ort-int8", "ov-fp32", "ov-int8")]
+TTA = (True, 1)  # flip + translate 1, the speedrun preset's: 6 views, so 6 model images per input image
 
 # Multiply-accumulates per cycle per core, for a core with two 512-bit FMA units (Xeon Scalable), from
 # Intel's figures for Sapphire Rapids in operations per cycle (1 MAC = 2 operations): AVX-512 FP32 FMA 64,
@@ -118,18 +124,21 @@ def model_macs(model) -> int:
 
 @pytest.fixture(scope="module")
 def onnx_files(model, tmp_path_factory) -> dict[str, Path]:
-    """fp32 and int8 exports, made once for the module."""
-    from export.onnx import export_onnx, quantize_int8
+    """fp32 and int8 exports, plain and with TTA, made once for the module."""
+    from export.onnx import WithTTA, export_onnx, quantize_int8
     from fastcifar.checkpoint import ModelInfo
     from fastcifar.data import CLASSES
 
     tmp = tmp_path_factory.mktemp("onnx_bench")
     info = ModelInfo(model.config, list(CLASSES), [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
-    fp32, int8 = tmp / "model.onnx", tmp / "model.int8.onnx"
-    export_onnx(model, info, fp32)
     calib = np.random.default_rng(1).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
-    quantize_int8(fp32, int8, calib)
-    return {"fp32": fp32, "int8": int8}
+    files = {}
+    for suffix, graph in (("", model), ("-tta", WithTTA(model, *TTA))):
+        fp32, int8 = tmp / f"model{suffix}.onnx", tmp / f"model{suffix}.int8.onnx"
+        export_onnx(graph, info, fp32)
+        quantize_int8(fp32, int8, calib)
+        files.update({f"fp32{suffix}": fp32, f"int8{suffix}": int8})
+    return files
 
 
 def torch_runner(backend: str, model, x: np.ndarray) -> tuple[Callable[[], object], str]:
@@ -166,14 +175,15 @@ def make_runner(backend: str, mode: str, batch: int, model, onnx_files: dict[str
         return torch_runner(backend, model, x)
     from export.backends import make_runner as runtime_runner, openvino_version
 
-    runtime, file, *forced = backend.split("-")
+    runtime, file, *rest = backend.split("-")
+    forced, file = "f32" in rest, file + ("-tta" if "tta" in rest else "")
     if runtime == "ov" and openvino_version() is None:
         pytest.skip("OpenVINO is not installed (pip install 'fastcifar[openvino]')")
     if forced and not cpu_native_bf16():
         pytest.skip("no bf16 on this CPU: ov-fp32 already runs in f32")
     runner = runtime_runner(onnx_files[file], "openvino" if runtime == "ov" else "onnxruntime", mode,
                             threads=threads(), precision="f32" if forced else "auto")
-    precision = runner.precision if file == "fp32" else f"int8 + {runner.precision}"
+    precision = runner.precision if file.startswith("fp32") else f"int8 + {runner.precision}"
     return (lambda: runner.infer(x)), precision
 
 
@@ -185,7 +195,8 @@ def test_inference(benchmark, model, onnx_files, backend, mode, batch):
     info = cpu_info()
     benchmark.extra_info.update(backend=backend, mode=mode, batch=batch, precision=precision, threads=threads(),
                                 images_per_s=round(batch / benchmark.stats.stats.mean, 1),
-                                macs_per_image=model_macs(model), cpu=info["model"], cpu_ghz=info["ghz"],
+                                macs_per_image=model_macs(model) * (6 if backend.endswith("-tta") else 1),
+                                cpu=info["model"], cpu_ghz=info["ghz"],
                                 peak_macs_per_s=cpu_peak(info))
 
 
@@ -211,6 +222,22 @@ def summarize(path: str) -> str:
     lines.append(f"CPU: {first['cpu']}, {first['threads']} threads, clock {first['cpu_ghz']} GHz (/proc/cpuinfo); "
                  f"model {first['macs_per_image'] / 1e6:.0f} M MACs per image")
     lines.append("peak GMAC/s: " + ", ".join(f"{isa} {v / 1e9:.0f}" for isa, v in peaks.items()))
+    return "\n".join(lines + ["", tta_table(runs)])
+
+
+def tta_table(runs: dict) -> str:
+    """Plain file beside TTA file per runtime: batch-1 latency (ms) and batch-256 throughput (images/s)."""
+    lines = [f"{'file':<10} {'plain ms (1)':>12} {'TTA ms (1)':>11} {'plain img/s (256)':>18} "
+             f"{'TTA img/s (256)':>16} {'TTA cost':>9}"]
+    for plain in ("ort-fp32", "ort-int8", "ov-fp32", "ov-int8"):
+        cells = [runs.get((name, mode, batch)) for name in (plain, f"{plain}-tta")
+                 for mode, batch in (("latency", 1), ("throughput", 256))]
+        if None in cells:
+            continue
+        ms = [1000 * c["stats"]["mean"] for c in cells[::2]]
+        ips = [c["extra_info"]["images_per_s"] for c in cells[1::2]]
+        lines.append(f"{plain:<10} {ms[0]:>12.2f} {ms[1]:>11.2f} {ips[0]:>18.0f} {ips[1]:>16.0f} "
+                     f"{ips[0] / ips[1]:>8.1f}x")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fastcifar.errors import UserError, first_line
+from fastcifar.errors import UserError, first_line, require
 
 BACKENDS = ("onnxruntime", "openvino")
 MODES = ("latency", "throughput")
@@ -88,8 +88,7 @@ def make_runner(path: str | os.PathLike, backend: str = "onnxruntime", mode: str
 
 
 def _onnxruntime_runner(path: str | os.PathLike, mode: str, threads: int) -> Runner:
-    import onnxruntime as ort
-
+    ort = require("onnxruntime", "onnx")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
     options.intra_op_num_threads = 1 if mode == "throughput" else threads

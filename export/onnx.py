@@ -3,16 +3,19 @@
     python -m export.onnx --checkpoint runs/default --out model.onnx
     python -m export.onnx --checkpoint runs/default --out model.onnx --int8 \
         --data-dir ../shared/data/cifar10-png.tar.gz          # also model.int8.onnx, calibrated on 512 images
+    python -m export.onnx --checkpoint runs/sr-1 --out sr.onnx --tta auto   # with the run's own TTA in the graph
     python -m export.predict model.onnx cat.png               # torch-free inference
 
 The graph takes what torchvision's `to_tensor` or `cv2.dnn.blobFromImage(img, 1/255, swapRB=True)` give:
 input `input`, float32 NCHW RGB in [0, 1], any batch size; it normalizes with the training mean/std inside
-and returns `logits` (N, classes). Class names, mean/std, the input layout, the run's test accuracy and the
-fastcifar version are in the model's metadata_props.
+and returns `logits` (N, classes); with `--tta`, the weighted mean over the trainer's TTA views (`tta_plan`), so
+the file scores the run's TTA accuracy. Class names, mean/std, the input layout, the TTA, the run's test
+accuracy and the fastcifar version are in the model's metadata_props.
 
 Every file is written under a temporary name and renamed into place only after it passed `onnx.checker`,
 parity with an independent PyTorch reference and, with `--data-dir`, the accuracy gates (the test accuracy
-against the checkpoint's; with `--int8`, the drop against fp32); a failed check exits 2 and replaces nothing.
+against the checkpoint's with the same TTA; with `--int8`, the drop against fp32); a failed check exits 2 and
+replaces nothing.
 Every other installed runtime (`export.backends`) then runs each file, and `<file>.verified.json` records
 whether `export.predict --backend auto` may use it. docs/export.md has the bounds, the int8 settings
 (`--int8` adds `<stem>.int8.onnx`) and the OpenVINO checks.
@@ -32,7 +35,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 import numpy as np
-import onnx
 import torch
 from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
@@ -44,7 +46,13 @@ from fastcifar import __version__
 from fastcifar.atomic import atomic_path, write_json
 from fastcifar.checkpoint import ModelInfo, load_model, unwrap
 from fastcifar.data import CifarData, load_cifar10
-from fastcifar.errors import UserError, first_line, run_cli
+from fastcifar.errors import UserError, first_line, require, run_cli
+from fastcifar.evaluate import apply_view, describe_views, tta_logits, tta_plan
+
+try:
+    import onnx
+except ModuleNotFoundError:  # main says, in one line, what to install
+    onnx = None
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 INPUT_FORMAT = "NCHW float32 RGB [0,1], 32x32"
@@ -56,6 +64,7 @@ CALIB_SEED = 1
 PARITY_IMAGES = 1000  # enough for a 99.9% agreement bound to mean something, quick even at width 64
 RANDOM_IMAGES = 256
 MIN_OPSET = 7  # the oldest the TorchScript exporter writes; the dynamo one starts at 18 and converts down
+TTA_CHOICES = ("off", "auto", "flip", *(f"flip-translate{t}" for t in range(1, 5)))  # TrainConfig's 0-4 pixels
 
 
 class InferenceGraph(nn.Module):
@@ -69,6 +78,21 @@ class InferenceGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x - self.mean) / self.std)
+
+
+class WithTTA(nn.Module):
+    """`model` averaged over the TTA views of `tta_plan(flip, translate)`: all views in one batch (one model call
+    of N x views images), then the weighted sum of their logits."""
+
+    def __init__(self, model: nn.Module, flip: bool, translate: int):
+        super().__init__()
+        self.net, self.views = model, tta_plan(flip, translate)
+        self.label = describe_views({"flip": flip, "translate": translate})
+        self.register_buffer("weights", torch.tensor([v.weight for v in self.views]).view(-1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(torch.cat([apply_view(x, view) for view in self.views]))
+        return (logits.unflatten(0, (len(self.views), -1)) * self.weights).sum(0)
 
 
 # --- export ----------------------------------------------------------------------------------------------
@@ -95,11 +119,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def export_onnx(model: nn.Module, info: ModelInfo, path: str | Path, opset: int | None = None) -> str:
-    """Write the model as ONNX (weights inline, metadata set) to `path`; return the exporter and opset.
-
-    Prefers the torch.export-based exporter (`dynamo=True`); falls back to the TorchScript one only if
-    that raises, because the new one is the maintained path and gives a cleaner graph.
-    """
+    """Write the model (a `WithTTA` for a graph with TTA) as ONNX (weights inline, metadata set) to `path`;
+    return the exporter and opset. Prefers the torch.export-based exporter (`dynamo=True`); falls back to the
+    TorchScript one only if that raises: the new one is the maintained path and gives a cleaner graph."""
     graph = InferenceGraph(fold_batchnorm(unwrap(model)), info.mean, info.std).eval()
     example = torch.rand(2, 3, 32, 32)  # batch 2: torch.export specializes a size-1 dimension
     try:
@@ -116,7 +138,9 @@ def export_onnx(model: nn.Module, info: ModelInfo, path: str | Path, opset: int 
         "classes": json.dumps(info.classes), "mean": json.dumps(info.mean), "std": json.dumps(info.std),
         "input_format": INPUT_FORMAT, "output": "logits (N, classes); softmax gives probabilities",
         "test_acc": json.dumps(info.test_acc), "run_extra": json.dumps(info.extra),  # e.g. test_acc_tta
-        "model_config": json.dumps(asdict(info.config)), "fastcifar_version": __version__, "exporter": exporter})
+        "model_config": json.dumps(asdict(info.config)), "fastcifar_version": __version__, "exporter": exporter,
+        "tta": getattr(model, "label", "plain"),  # and the views with their weights:
+        "tta_views": json.dumps({v.name: v.weight for v in getattr(model, "views", tta_plan(False))})})
     proto.doc_string = f"fastcifar ResNet-9 (width {info.config.width}); input '{INPUT_NAME}' {INPUT_FORMAT}, " \
                        f"output '{OUTPUT_NAME}'"
     onnx.save(proto, str(path))
@@ -184,15 +208,18 @@ def compare(got: np.ndarray, expected: np.ndarray, tie: float = 0.0) -> Parity:
 
 
 @torch.no_grad()
-def reference_logits(model: nn.Module, info: ModelInfo, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def reference_logits(model: nn.Module, info: ModelInfo, images: np.ndarray, batch_size: int = 256,
+                     tta: tuple[bool, int] = (False, 0)) -> np.ndarray:
     """The independent reference for uint8 (N, 32, 32, 3) images: the unwrapped, unfolded PyTorch model on
-    images normalized right here from the checkpoint's mean/std. It shares no code with the exported graph
-    (`InferenceGraph`, `fold_batchnorm`) nor with the ONNX side's input (`to_input`, raw [0, 1] pixels), so
-    a graph that lost or changed its normalization cannot agree with it."""
+    images normalized right here from the checkpoint's mean/std, with `tta` (flip, translate) the trainer's own
+    TTA (`fastcifar.evaluate.tta_logits`). It shares no code with the exported graph (`InferenceGraph`,
+    `WithTTA`, `fold_batchnorm`) nor with the ONNX side's input (`to_input`, raw [0, 1] pixels), so a graph that
+    lost or changed its normalization, a view or a weight cannot agree with it."""
     mean, std = np.asarray(info.mean, dtype=np.float32), np.asarray(info.std, dtype=np.float32)
     normalized = torch.from_numpy(((images.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2))
-    net = unwrap(model).eval()
-    return torch.cat([net(batch.contiguous()) for batch in normalized.split(batch_size)]).numpy()
+    net, (flip, translate) = unwrap(model).eval(), tta
+    return torch.cat([tta_logits(net, batch.contiguous(), translate) if flip else net(batch.contiguous())
+                      for batch in normalized.split(batch_size)]).numpy()
 
 
 def check_file(path: str | Path) -> None:
@@ -202,32 +229,63 @@ def check_file(path: str | Path) -> None:
         raise UserError(f"exported model fails onnx.checker: {first_line(e, 300)}") from e
 
 
-def verify(model: nn.Module, info: ModelInfo, path: str | Path, images: np.ndarray) -> Parity:
-    """Check the file at `path` and compare onnxruntime, fed raw [0, 1] images, with `reference_logits`;
-    UserError with the figures when a bound is missed."""
+def verify(model: nn.Module, info: ModelInfo, path: str | Path, images: np.ndarray,
+           tta: tuple[bool, int] = (False, 0)) -> Parity:
+    """Check the file at `path` and compare onnxruntime, fed raw [0, 1] images, with `reference_logits` with
+    the same TTA; UserError with the figures when a bound is missed."""
     check_file(path)
     # Logits within MAX_LOGIT_DIFF of the reference may swap the top two classes where those lie within twice
     # that: random images hold such near-ties, and which way they fall depends on the CPU's rounding. On any
     # other image a different class means a logit moved by more than the limit.
-    parity = compare(run_batches(make_runner(path), images), reference_logits(model, info, images),
+    parity = compare(run_batches(make_runner(path), images), reference_logits(model, info, images, tta=tta),
                      tie=2 * MAX_LOGIT_DIFF)
     if not parity.ok:
         raise UserError(f"ONNX output does not match PyTorch: {parity}; nothing was written")
     return parity
 
 
-def check_accuracy(acc: float, info: ModelInfo, images: int) -> str:
-    """Fail unless the ONNX fp32 test accuracy is within MAX_ACC_DIFF points of the checkpoint's stored one
-    (both without TTA: `test_acc` is the plain figure, `test_acc_tta` the TTA one). Returns the report."""
-    if info.test_acc is None:
-        return "the checkpoint stores no test accuracy: accuracy gate skipped"
-    diff = 100 * abs(acc - info.test_acc)
+def check_accuracy(acc: float, info: ModelInfo, images: int, tta: tuple[bool, int] = (False, 0),
+                   own_tta: tuple[bool, int] | None = (False, 0)) -> str:
+    """Fail unless the ONNX fp32 test accuracy is within MAX_ACC_DIFF points of the checkpoint's stored one with
+    the same TTA: `test_acc` without, `test_acc_tta` with the run's own TTA `own_tta` (None: unknown); there is
+    none for another TTA. Returns the report."""
+    label = describe_views({"flip": tta[0], "translate": tta[1]}) if tta[0] else "no TTA"
+    stored = info.test_acc if not tta[0] else (info.extra.get("test_acc_tta") if tta == own_tta else None)
+    if stored is None:
+        return f"the checkpoint stores no test accuracy{f' with {label}' if tta[0] else ''}: accuracy gate skipped"
+    diff = 100 * abs(acc - stored)
     if diff > MAX_ACC_DIFF:
         raise UserError(f"ONNX fp32 test accuracy {_percent(acc)} differs from the checkpoint's "
-                        f"{_percent(info.test_acc)} (no TTA) by {diff:.2f} points (limit {MAX_ACC_DIFF}) on {images} "
+                        f"{_percent(stored)} ({label}) by {diff:.2f} points (limit {MAX_ACC_DIFF}) on {images} "
                         "test images: the graph is wrong or --data-dir is not the data the model was evaluated on; "
                         "nothing was written")
-    return f"within {diff:.2f} points of the checkpoint's {_percent(info.test_acc)} (limit {MAX_ACC_DIFF}, no TTA)"
+    return f"within {diff:.2f} points of the checkpoint's {_percent(stored)} (limit {MAX_ACC_DIFF}, {label})"
+
+
+def checkpoint_tta(info: ModelInfo, checkpoint: str | Path) -> tuple[bool, int] | None:
+    """(flip, translate) of the TTA whose accuracy the checkpoint stores as test_acc_tta; None when unknown (a
+    model file from before they named it, without its run's summary.json next to it)."""
+    if info.extra.get("test_acc_tta") is None:
+        return False, 0
+    tta = info.extra.get("tta")
+    if tta is None:
+        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        try:
+            tta = json.loads((folder / "summary.json").read_text())["tta"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return (True, int(tta["translate"])) if tta and tta["flip"] else (False, 0)
+
+
+def requested_tta(choice: str, own: tuple[bool, int] | None) -> tuple[bool, int]:
+    """(flip, translate) for a --tta choice (TTA_CHOICES); `own` is the checkpoint's (`checkpoint_tta`)."""
+    if choice == "auto":
+        if own is None:
+            raise UserError("--tta auto: the checkpoint does not say which TTA its run used (a model file written "
+                            "before fastcifar stored it, without its run's summary.json): pass --tta off, flip or "
+                            "flip-translateN")
+        return own
+    return choice != "off", int(choice.removeprefix("flip-translate")) if "translate" in choice else 0
 
 
 def accuracy(runner: Runner, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
@@ -294,11 +352,11 @@ def check_backends(name: str, path: Path, ort: Runner, ort_acc: float | None, ch
 # --- int8 ------------------------------------------------------------------------------------------------
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: np.ndarray, *,
-                  source: str = "random images", quant_format: str = "QDQ", activation_type: str = "QUInt8",
-                  reduce_range: bool = False, calibrate_method: str = "MinMax", per_channel: bool = True) -> dict:
-    """Static int8 quantization of the fp32 model with onnxruntime, calibrated on uint8 NHWC images. The
-    defaults are the fastest accurate choice measured (bench/RESULTS.md); the quantizer keeps fp32's metadata,
-    to which the settings and the calibration images are added."""
+                  source: str = "random images") -> dict:
+    """Static int8 quantization of the fp32 model with onnxruntime, calibrated on uint8 NHWC images: QDQ, uint8
+    activations, per-channel int8 weights, MinMax calibration, the fastest accurate choice measured
+    (bench/RESULTS.md). The quantizer keeps fp32's metadata, to which the settings and the calibration images
+    are added."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quant_pre_process, quantize_static)
 
@@ -314,18 +372,23 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: np.
         # Symbolic shape inference (meant for transformers) cannot follow ReduceMax -> Reshape in our graph;
         # ONNX's own shape inference, which quantization needs, still runs.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(out_path), Reader(),
-                        quant_format=QuantFormat[quant_format], per_channel=per_channel,
-                        reduce_range=reduce_range, activation_type=QuantType[activation_type],
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod[calibrate_method])
-    calibration = {"method": calibrate_method, "images": len(calib_images),
+        # onnxruntime warns "Axis 1 is out-of-range for weight '...' with rank 1" for each 1-D weight (the scale of
+        # a batch norm fold_batchnorm left) and quantizes it per tensor, as it must: noise to the reader
+        per_tensor = lambda record: "is out-of-range for weight" not in record.getMessage()  # noqa: E731
+        logging.root.addFilter(per_tensor)
+        try:
+            quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        finally:
+            logging.root.removeFilter(per_tensor)
+    calibration = {"method": "MinMax", "images": len(calib_images),
                    "pixel_mean": round(float(calib_images.mean()) / 255, 4), "source": source}
     proto = onnx.load(str(out_path))
     onnx.helper.set_model_props(proto, {
         **{p.key: p.value for p in proto.metadata_props}, "calibration": json.dumps(calibration),
-        "quantization": f"onnxruntime static int8: {quant_format}, activations {activation_type}, per-channel "
-                        f"weights {per_channel}, reduce_range {reduce_range}, {calibrate_method} calibration on "
-                        f"{len(calib_images)} images ({source})"})
+        "quantization": f"onnxruntime static int8: QDQ, activations QUInt8, per-channel weights True, reduce_range "
+                        f"False, MinMax calibration on {len(calib_images)} images ({source})"})
     onnx.save(proto, str(out_path))
     return calibration
 
@@ -349,6 +412,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", metavar="PATH", help="CIFAR-10 (see fastcifar.data): real test images for the "
                    "check and accuracy, training images for calibration (default: random images, no int8)")
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's)")
+    p.add_argument("--tta", choices=TTA_CHOICES, default="off",
+                   help="test-time augmentation inside the graph, as the trainer averages it: auto = the checkpoint's "
+                        "own (its accuracy with TTA is then the file's), flip, flip-translateN = flip + views "
+                        "shifted by N pixels (default: off)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
@@ -359,6 +426,8 @@ def int8_path(out: Path) -> Path:
 
 
 def _check_args(args: argparse.Namespace) -> Path:
+    for module in ("onnx", "onnxruntime"):
+        require(module, "onnx")
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UserError(f"output directory does not exist ({out.parent}): create it or pass another --out")
@@ -393,20 +462,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = _check_args(args)
     backends = ["onnxruntime"] if args.backend == "onnxruntime" else installed_backends()
     model, info = load_model(args.checkpoint)
+    own_tta = checkpoint_tta(info, args.checkpoint)
+    tta = requested_tta(args.tta, own_tta)
     data = load_cifar10(args.data_dir, download=False) if args.data_dir is not None else None
     check_images = (_sample(data.test_images, PARITY_IMAGES, seed=0) if data is not None else
                     np.random.default_rng(0).integers(0, 256, (RANDOM_IMAGES, 32, 32, 3), dtype=np.uint8))
     records: dict[Path, dict] = {}
     with atomic_path(out) as tmp:
-        print(f"exported with {export_onnx(model, info, tmp, args.opset)}")
-        print(f"parity with PyTorch ({'test' if data is not None else 'random'} images): "
-              f"{verify(model, info, tmp, check_images)}")
+        graph = WithTTA(unwrap(model), *tta) if tta[0] else model
+        inside = f"; {graph.label} inside: {len(graph.views)} views averaged" if tta[0] else ""
+        print(f"exported with {export_onnx(graph, info, tmp, args.opset)}{inside}")
+        print(f"parity with PyTorch ({'test' if data is not None else 'random'} images{', same TTA' * tta[0]}): "
+              f"{verify(model, info, tmp, check_images, tta)}")
         ort = make_runner(tmp)
         acc = logits = None
         if data is not None:
             acc, logits = accuracy(ort, data.test_images, data.test_labels)
             print(f"accuracy on the {len(data.test_labels)} test images: onnx fp32 {_percent(acc)}, "
-                  f"{check_accuracy(acc, info, len(data.test_labels))}")
+                  f"{check_accuracy(acc, info, len(data.test_labels), tta, own_tta)}")
         records[out] = check_backends(out.name, tmp, ort, acc, check_images, data, backends, args.max_int8_drop)
         if args.int8:
             path = int8_path(out)

@@ -30,7 +30,7 @@ import numpy as np
 
 from export.backends import BACKENDS, MODES, PRECISIONS, Runner, runner_for
 # fastcifar.errors is torch-free; tests/test_predict.py checks this module stays so
-from fastcifar.errors import UserError, first_line, run_cli
+from fastcifar.errors import UserError, first_line, require, run_cli
 
 IMAGE_SIZE = 32
 EXIT_SOME_FAILED = 1
@@ -52,12 +52,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def read_classes(path: str | os.PathLike) -> list[str]:
-    """Class names from the metadata of an exported model; UserError when missing or not one of ours."""
+def read_metadata(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """(class names, metadata_props) of a model written by export.onnx; UserError when the file is missing, not
+    ONNX or without class names."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model not found ({path}): pass the .onnx file written by `python -m export.onnx`")
-    import onnx
+    onnx = require("onnx", "onnx", "export.predict")
     from google.protobuf.message import DecodeError
 
     try:
@@ -66,10 +67,19 @@ def read_classes(path: str | os.PathLike) -> list[str]:
         raise UserError(f"invalid ONNX model ({path}): {first_line(e)}") from e
     meta = {p.key: p.value for p in proto.metadata_props}
     try:
-        classes = json.loads(meta["classes"])
+        return [str(c) for c in json.loads(meta["classes"])], meta
     except (KeyError, ValueError) as e:
         raise UserError(f"no class names in the metadata of {path}: export it with `python -m export.onnx`") from e
-    return [str(c) for c in classes]
+
+
+def tta_note(meta: dict[str, str]) -> str | None:
+    """What stderr says of a model that averages TTA views inside (`export.onnx --tta`); None for a plain one."""
+    views = json.loads(meta.get("tta_views", "{}"))
+    if len(views) < 2:
+        return None
+    weights = ", ".join(f"{name} {weight:g}" for name, weight in views.items())
+    return (f"note: {meta['tta']} inside the model: each image's logits are the weighted mean of {len(views)} "
+            f"views ({weights})")
 
 
 def expand_images(names: Sequence[str]) -> list[str]:
@@ -142,12 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     names = expand_images(args.images)
     mode = args.mode if args.mode != "auto" else ("latency" if len(names) == 1 else "throughput")
-    classes = read_classes(args.model)
+    classes, meta = read_metadata(args.model)
     runner, why = runner_for(args.model, args.backend, mode, args.threads, args.precision)
     if not 1 <= args.top <= len(classes):
         raise UserError(f"--top must be between 1 and {len(classes)}, got {args.top}")
     print(f"note: {runner.backend} {runner.version} ({runner.mode}, {runner.threads} threads, {runner.precision}): "
           f"{why}", file=sys.stderr)
+    if (note := tta_note(meta)) is not None:
+        print(note, file=sys.stderr)
     loaded: list[tuple[str, np.ndarray]] = []
     for name in names:
         try:

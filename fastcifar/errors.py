@@ -7,7 +7,9 @@ file). Command-line entry points wrap their `main` in `run_cli`, which turns it 
 
 from __future__ import annotations
 
+import importlib
 import sys
+from types import ModuleType
 from typing import Callable, Sequence
 
 
@@ -20,6 +22,16 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     (a truncated file can raise `EOFError('')`)."""
     lines = str(e).strip().splitlines()
     return lines[0][:limit] if lines else type(e).__name__
+
+
+def require(module: str, extra: str, purpose: str = "") -> ModuleType:
+    """`import module`, or, when it is not installed, a UserError naming the pyproject.toml extra that brings it
+    (`purpose`: what the module is needed for, said in the message)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise UserError(f"{(e.name or module).split('.')[0]} is not installed{f' ({purpose})' if purpose else ''}: "
+                        f"pip install 'fastcifar[{extra}]'") from None
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -34,14 +35,45 @@ def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., pad - dy:pad - dy + x.shape[-2], pad - dx:pad - dx + x.shape[-1]]
 
 
+@dataclass(frozen=True)
+class View:
+    """One TTA view: the image, mirrored when `flip`, then translated by `shift` pixels down and right (negative:
+    up and left; the border reflected, see `shift`); its logits count with `weight` in the average."""
+    name: str
+    flip: bool
+    shift: int
+    weight: float
+
+
+def tta_plan(flip: bool, translate: int = 0) -> list[View]:
+    """The TTA views and their weights, the one definition that evaluation, the trainer's warm-up and export.onnx's
+    graph all use. Without `flip`, the image alone; with it, the image and its mirror 1:1 and, with `translate`,
+    that pair at half weight and the other half spread over both shifted by +translate and by -translate
+    (airbench's TTA level 2)."""
+    if not flip:
+        return [View("identity", False, 0, 1.0)]
+    pair = 0.5 if translate else 1.0
+    views = [View("identity", False, 0, pair / 2), View("flip", True, 0, pair / 2)]
+    return views + [View(f"{'flip+' * mirror}shift{t:+d}", mirror, t, 0.125)
+                    for t in ((translate, -translate) if translate else ()) for mirror in (False, True)]
+
+
+def tta_views(flip: bool, translate: int) -> list[str]:
+    """The names of the views whose logits are averaged (`tta_plan`)."""
+    return [view.name for view in tta_plan(flip, translate)]
+
+
+def apply_view(x: torch.Tensor, view: View) -> torch.Tensor:
+    x = x.flip(3) if view.flip else x
+    return shift(x, view.shift, view.shift) if view.shift else x
+
+
 def tta_inputs(x: torch.Tensor, translate: int = 0) -> list[torch.Tensor]:
-    """The batches tta_logits runs the model on, in the order tta_views names them: x, its mirror and, with
-    `translate`, both shifted by +translate, then both by -translate. All come in `x`'s dtype and memory format,
-    so a compiled model sees one input signature and never recompiles: a reflection pad may return another
-    layout (CUDA: contiguous NCHW) or, under CPU autocast, fp32."""
+    """The batches tta_logits runs the model on, in `tta_plan`'s order. All come in `x`'s dtype and memory
+    format, so a compiled model sees one input signature and never recompiles: a reflection pad may return
+    another layout (CUDA: contiguous NCHW) or, under CPU autocast, fp32."""
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    views = [x, x.flip(3)]
-    views += [shift(v, t, t) for t in ((translate, -translate) if translate else ()) for v in views]
+    views = [apply_view(x, view) for view in tta_plan(True, translate)]
     return [x] + [v.to(x.dtype).contiguous(memory_format=layout) for v in views[1:]]
 
 
@@ -52,17 +84,9 @@ def owned_float(logits: torch.Tensor) -> torch.Tensor:
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, translate: int = 0) -> torch.Tensor:
-    """Mean logits of the image and its mirror; with `translate`, averaged 1:1 with the mean over both
-    views shifted by +translate and -translate pixels in each direction (airbench's TTA level 2)."""
-    logits = torch.stack([owned_float(model(v)) for v in tta_inputs(x, translate)])
-    return 0.5 * logits[:2].mean(0) + 0.5 * logits[2:].mean(0) if translate else logits.mean(0)
-
-
-def tta_views(flip: bool, translate: int) -> list[str]:
-    """The views whose logits are averaged, by name: 'identity', 'flip', 'shift+t', 'flip+shift-t', ..."""
-    shifts = (translate, -translate) if flip and translate else ()
-    names = ["identity", "flip"] if flip else ["identity"]
-    return names + [f"{mirror}shift{t:+d}" for t in shifts for mirror in ("", "flip+")]
+    """The `tta_plan` weighted sum of the logits of the image, its mirror and, with `translate`, both shifted."""
+    weights = [view.weight for view in tta_plan(True, translate)]
+    return sum(w * owned_float(model(v)) for w, v in zip(weights, tta_inputs(x, translate), strict=True))
 
 
 def evaluation_record(result: dict[str, Any], flip: bool, translate: int) -> dict[str, Any]:

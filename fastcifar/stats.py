@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fastcifar.errors import require
+
 # A t interval from two pairs has one degree of freedom (t = 12.7 at 95%) and a standard deviation that is
 # one number's distance from another: too little to decide anything on.
 MIN_PAIRS = 3
@@ -48,8 +50,7 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], confidence: float 
     elif result["std_diff"] <= MIN_RELATIVE_SPREAD * np.abs(np.concatenate([first, second])).max():
         result["untested"] = "no spread: the paired differences are identical (std 0 or rounding error only)"
     else:
-        from scipy import stats as scipy_stats
-
+        scipy_stats = require("scipy.stats", "tune", "the confidence interval of a paired comparison")
         test = scipy_stats.ttest_rel(second, first)
         interval = test.confidence_interval(confidence)
         result.update(ci_low=float(interval.low), ci_high=float(interval.high), p_value=float(test.pvalue))

@@ -256,7 +256,8 @@ def finish_seed(session: Session, training: Training) -> dict[str, Any]:
     if session.dist.is_main:
         save_model(session.out / MODEL_FILE, session.model_without_ddp,
                    ModelInfo(session.model_without_ddp.config, list(data.classes), list(data.mean), list(data.std),
-                             final["acc"], extra={"test_acc_tta": result["test_acc_tta"], "seed": seed}))
+                             final["acc"], extra={"test_acc_tta": result["test_acc_tta"], "seed": seed,
+                                    "tta": {"flip": config.tta, "translate": config.tta_translate}}))
         if config.plots:
             from fastcifar.plots import save_run_plots
 
