@@ -250,8 +250,7 @@ def check_args(args: argparse.Namespace) -> list[Arm]:
 
 
 def earlier_runs(path: Path, recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict]]:
-    """{arm: {seed: run}} from an earlier invocation's results.json (none without one); an arm whose recipe
-    changed since is refused."""
+    """{arm: {seed: run}} of an earlier results.json (none without one); an arm whose recipe changed is refused."""
     try:
         previous = json.loads(path.read_text()) if path.exists() else {}
     except (ValueError, OSError) as e:

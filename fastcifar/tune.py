@@ -4,9 +4,8 @@
         --epochs 1.5 --device cpu --trials 12 --out-dir runs/tune/w16 \\
         --storage sqlite:///runs/tune/w16/study.db --study w16
 
-Training flags set the base configuration, the search space (--space FILE, fastcifar.search_space) the fields
-each trial varies in an in-process run evaluated on --val-split held-out training images. How a study is
-stored, shared and continued (tune_study) and what it writes (tune_report): docs/tune-and-compare.md.
+Training flags set the base configuration, --space (fastcifar.search_space) what each trial varies; the study
+(tune_study), how it is shared and continued, and what it writes (tune_report): docs/tune-and-compare.md.
 
 Needs the `tune` extra: pip install -e ".[tune]".
 """
@@ -191,8 +190,7 @@ def check_data(base: TrainConfig) -> tuple[int, int]:
 
 
 def quiet_optuna() -> Any:
-    """The optuna module (a one-line error without it), its per-trial log lines and experimental-feature notes
-    off: this command prints its own rows."""
+    """The optuna module (a one-line error without it), its per-trial log and experimental notes off."""
     try:
         import optuna
     except ImportError:
@@ -204,8 +202,7 @@ def quiet_optuna() -> Any:
 
 def open_tune_study(args: argparse.Namespace, base: TrainConfig, space: SearchSpace, goal: Goal, pruner: str,
                     out: Path) -> Any:
-    """--study in --storage: created, continued, or replaced with its outputs in `out` deleted (--new-study);
-    a study not continued runs the base configuration first (--enqueue-base)."""
+    """--study in --storage, created, continued or replaced (its outputs deleted); a new one runs the base first."""
     from fastcifar.tune_report import remove_outputs
     from fastcifar.tune_study import display_url, make_pruner, make_sampler, open_storage, open_study, \
         study_settings
