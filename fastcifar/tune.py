@@ -200,21 +200,20 @@ def quiet_optuna() -> Any:
     return optuna
 
 
-def open_tune_study(args: argparse.Namespace, base: TrainConfig, space: SearchSpace, goal: Goal, pruner: str,
-                    out: Path) -> Any:
+def open_tune_study(args: argparse.Namespace, base: TrainConfig, space: SearchSpace, goal: Goal,
+                    about: dict[str, Any], out: Path) -> Any:
     """--study in --storage, created, continued or replaced (its outputs deleted); a new one runs the base first."""
     from fastcifar.tune_report import remove_outputs
-    from fastcifar.tune_study import display_url, make_pruner, make_sampler, open_storage, open_study, \
-        study_settings
+    from fastcifar.tune_study import make_pruner, make_sampler, open_storage, open_study, study_settings
 
     settings = study_settings(base, space, args.preset, goal, args.max_train_seconds)
     study, status = open_study(open_storage(args.storage), args.study, goal,
                                make_sampler(args.sampler, space, base.seed, args.startup_trials),
-                               make_pruner(pruner, args.prune_after), settings, args.storage, args.new_study)
+                               make_pruner(about["pruner"], args.prune_after), settings, args.storage, args.new_study)
     if status == "replaced":
         remove_outputs(out)
-        print(f"--new-study: deleted the earlier study '{args.study}' in {display_url(args.storage)} and its "
-              f"outputs in {out}", file=sys.stderr)
+        print(f"--new-study: deleted the earlier study '{args.study}' in {about['storage']} and its outputs in {out}",
+              file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     if args.enqueue_base and args.sampler != "grid" and status != "continued":
         params = {p.name: getattr(base, p.name) for p in space.params}
@@ -252,16 +251,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = config_from_args(args)
     goal = GOALS[args.objective]
     check_search_args(args, base, goal.cost is not None)
-    pruner = args.pruner or ("none" if goal.cost else "median")
     space = load_search_space(args.space, base, grid=args.sampler == "grid")
     split_sizes = check_data(base)
     out = Path(base.out_dir or f"runs/tune/{args.study}")
-    study = open_tune_study(args, base, space, goal, pruner, out)
-    about = {"storage": display_url(args.storage), "sampler": args.sampler, "pruner": pruner,
-             "space": space.source, "max_train_seconds": args.max_train_seconds}
+    about = {"storage": display_url(args.storage), "sampler": args.sampler,
+             "pruner": args.pruner or ("none" if goal.cost else "median"), "space": space.source,
+             "max_train_seconds": args.max_train_seconds}  # the invocation, for study.json
+    study = open_tune_study(args, base, space, goal, about, out)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     print(f"study '{args.study}' in {about['storage']}: {done} finished trial(s), running until {args.trials}; "
-          f"objective {goal.name}, sampler {args.sampler}, pruner {pruner}, outputs in {out}", flush=True)
+          f"objective {goal.name}, sampler {args.sampler}, pruner {about['pruner']}, outputs in {out}", flush=True)
     if done < args.trials:
         study.optimize(Objective(space, base, out, goal.cost, args.max_train_seconds, split_sizes),
                        n_trials=args.trials - done, catch=(UserError,),

@@ -374,6 +374,13 @@ def test_bad_input_exits_2_with_one_line(tmp_path, data, capsys, space, extra, m
     assert not (tmp_path / "x.db").exists()  # nothing created before the inputs are checked
 
 
+def test_without_optuna_the_error_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what `import optuna` does where it is not installed
+    assert run_cli(main, ["--val-split", "100"]) == 2
+    assert capsys.readouterr().err.strip().endswith("optuna is not installed: pip install -e \".[tune]\" (or pip "
+                                                    "install optuna)")
+
+
 def test_an_interrupted_trial_is_recorded_as_failed_and_the_study_continues(tmp_path, data, fake_train, monkeypatch,
                                                                            capsys):
     def stopped(config, **kw):  # what train() does on Ctrl-C: checkpoint, then SystemExit(130)
