@@ -98,9 +98,8 @@ class SearchSpace:
         return dataclasses.replace(base, **self.fixed, **values)
 
 
-def load_search_space(path: str | Path | None, base: TrainConfig, grid: bool = False) -> SearchSpace:
-    """The TOML search space at `path` (DEFAULT_SPACE when None), checked against the `base` it modifies; with
-    `grid` (--sampler grid), also that every field has a finite set of values."""
+def load_search_space(path: str | Path | None, base: TrainConfig) -> SearchSpace:
+    """The TOML search space at `path` (DEFAULT_SPACE when None), checked against the `base` it modifies."""
     if path is None:
         data, source = tomllib.loads(DEFAULT_SPACE), "the default space (fastcifar.search_space.DEFAULT_SPACE)"
     else:
@@ -122,8 +121,6 @@ def load_search_space(path: str | Path | None, base: TrainConfig, grid: bool = F
             fixed[name] = _checked_value(name, spec, kinds[name], source)
     space = SearchSpace(params, fixed, source)
     _check_values(space, base)
-    if grid:
-        space.grid()  # a range without a step fails here, naming the field
     return space
 
 

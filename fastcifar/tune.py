@@ -207,8 +207,8 @@ def open_tune_study(args: argparse.Namespace, base: TrainConfig, space: SearchSp
     from fastcifar.tune_study import make_pruner, make_sampler, open_storage, open_study, study_settings
 
     settings = study_settings(base, space, args.preset, goal, args.max_train_seconds)
-    study, status = open_study(open_storage(args.storage), args.study, goal,
-                               make_sampler(args.sampler, space, base.seed, args.startup_trials),
+    sampler = make_sampler(args.sampler, space, base.seed, args.startup_trials)  # a grid fails here, not the storage
+    study, status = open_study(open_storage(args.storage), args.study, goal, sampler,
                                make_pruner(about["pruner"], args.prune_after), settings, args.storage, args.new_study)
     if status == "replaced":
         remove_outputs(out)
@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = config_from_args(args)
     goal = GOALS[args.objective]
     check_search_args(args, base, goal.cost is not None)
-    space = load_search_space(args.space, base, grid=args.sampler == "grid")
+    space = load_search_space(args.space, base)
     split_sizes = check_data(base)
     out = Path(base.out_dir or f"runs/tune/{args.study}")
     about = {"storage": display_url(args.storage), "sampler": args.sampler,

@@ -34,12 +34,12 @@ def test_space_types_and_grid_values(tmp_path):
     assert "lr" in {p.name for p in load_search_space(None, TrainConfig()).params}
 
 
-def test_a_grid_space_needs_a_finite_set_of_values_when_loaded(tmp_path):
-    """Sabotage: load_search_space ignoring `grid` (--sampler grid would fail only when the sampler is made)."""
-    path = space_file(tmp_path, "[lr]\nlow = 0.1\nhigh = 1.0\n\n[cutout]\nchoices = [0, 8]\n")
-    assert [p.name for p in load_search_space(path, TrainConfig()).params] == ["lr", "cutout"]
+def test_a_grid_needs_a_finite_set_of_values_for_every_field(tmp_path):
+    """--sampler grid walks SearchSpace.grid(): a float range needs a step (or choices)."""
+    space = load_search_space(space_file(tmp_path, "[lr]\nlow = 0.1\nhigh = 1.0\n\n[cutout]\nchoices = [0, 8]\n"),
+                              TrainConfig())
     with pytest.raises(UserError, match="--sampler grid needs a finite set of values for 'lr'"):
-        load_search_space(path, TrainConfig(), grid=True)
+        space.grid()
 
 
 def test_the_default_space_samples_rates_and_decays_on_a_log_scale():
