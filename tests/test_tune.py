@@ -246,11 +246,15 @@ def test_another_seed_or_device_continues_the_study(tmp_path, data, fake_train):
     assert [t["seed"] for t in ts] == [0, 3]
 
 
-def test_new_study_replaces_a_study_of_other_settings_and_continues_one_of_the_same(tmp_path, data, fake_train):
+def test_new_study_replaces_a_study_of_other_settings_and_continues_one_of_the_same(tmp_path, data, fake_train,
+                                                                                    capsys):
     space = space_file(tmp_path)
     tune(tmp_path, data, space, "--trials", "3")
     (tmp_path / "s" / "best-per-budget").mkdir()
+    capsys.readouterr()
     ts = tune(tmp_path, data, space, "--trials", "1", "--epochs", "2", "--new-study")
+    assert f"--new-study: deleted the earlier study 's' in sqlite:///{tmp_path / 'tune.db'} and its outputs in " \
+        f"{tmp_path / 's'}" in capsys.readouterr().err
     assert len(ts) == 1 and ts[0]["base"] and ts[0]["config"]["epochs"] == 2.0  # the old trials' files went
     summary = json.loads((tmp_path / "s" / "study.json").read_text())
     assert summary["settings"]["epochs"] == 2.0 and summary["trials"] == {"COMPLETE": 1}
