@@ -233,61 +233,69 @@ def run_arm(arm: Arm, common: list[str], seed: int, out: Path, debug: bool = Fal
     return run
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    own, common = split_at_double_dash(sys.argv[1:] if argv is None else argv)
-    args = get_args_parser().parse_args(own)
-    if args.seeds < 1:
-        raise UserError(f"invalid --seeds ({args.seeds}): must be >= 1")
-    if not 0 < args.confidence < 1:
-        raise UserError(f"invalid --confidence ({args.confidence}): must be between 0 and 1")
-    if not 0 < args.margin < 100:  # NaN fails too
-        raise UserError(f"invalid --margin ({args.margin}): accuracy points, between 0 and 100")
+def check_args(args: argparse.Namespace) -> list[Arm]:
+    """The ARM arguments (two or more, named apart), once --seeds, --confidence and --margin are checked."""
+    for ok, flag, rule in ((args.seeds >= 1, "seeds", "must be >= 1"),
+                           (0 < args.confidence < 1, "confidence", "must be between 0 and 1"),
+                           (0 < args.margin < 100, "margin", "accuracy points, between 0 and 100")):  # NaN fails
+        if not ok:
+            raise UserError(f"invalid --{flag} ({getattr(args, flag)}): {rule}")
     arms = [parse_arm(text, i) for i, text in enumerate(args.arms)]
     names = [a.name for a in arms]
     if len(arms) < 2:
         raise UserError("compare needs at least two arms, e.g. default speedrun")
     if len(set(names)) < len(names):
         raise UserError(f"two arms share the name '{max(names, key=names.count)}': name them, e.g. a=... b=...")
+    return arms
+
+
+def earlier_runs(path: Path, recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict]]:
+    """{arm: {seed: run}} of an earlier results.json (none without one); an arm whose recipe changed is refused."""
+    try:
+        previous = json.loads(path.read_text()) if path.exists() else {}
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read earlier results ({path}): {e}; remove it or use another --out-dir") from None
+    earlier = {name: arm for name, arm in previous.get("arms", {}).items() if name in recipes}
+    for name, arm in earlier.items():
+        if arm.get("config") != recipes[name]:
+            raise UserError(f"arm '{name}' in {path} was run with another configuration: "
+                            "use another --out-dir (or remove that file to start again)")
+    return {name: earlier.get(name, {}).get("runs", {}) for name in recipes}
+
+
+def save_results(path: Path, args: argparse.Namespace, arms: list[Arm], common: list[str], seeds: list[int],
+                 recipes: dict[str, dict[str, Any]], runs: dict[str, dict[str, dict]]) -> dict[str, Any]:
+    """results.json from the runs so far: each arm's recipe and runs, the analysis and the bench/RESULTS.md rows."""
+    split = "val" if any(r["val_split"] for r in recipes.values()) else "test"
+    analysis = analyse(arms, runs, seeds, args.confidence, args.margin)
+    result = {"eval_split": split, "seeds": seeds, "common_flags": common, "confidence": args.confidence,
+              "margin_points": args.margin,
+              "command": reproduce_command(arms, common, analysis["paired_seeds"], args.confidence, args.margin),
+              "arms": {a.name: {"spec": a.spec, "argv": a.argv, "config": recipes[a.name], "runs": runs[a.name]}
+                       for a in arms}, "analysis": analysis}
+    result["markdown"] = markdown_rows(result, arms, common, split)
+    write_json(path, result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    own, common = split_at_double_dash(sys.argv[1:] if argv is None else argv)
+    args = get_args_parser().parse_args(own)
+    arms = check_args(args)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    out = Path(args.out_dir or "runs/compare/" + "-vs-".join(names))
+    out = Path(args.out_dir or "runs/compare/" + "-vs-".join(a.name for a in arms))
     # every arm's configuration checked (and its flags parsed) before anything trains
     recipes = {a.name: recipe_values(arm_config(a, common, seeds[0], out)) for a in arms}
-    split = "val" if any(r["val_split"] for r in recipes.values()) else "test"
     if len({r["val_split"] for r in recipes.values()}) > 1:
         raise UserError("arms use different --val-split values: pass --val-split after -- so all share one")
-    results_path = out / "results.json"
-    try:
-        previous = json.loads(results_path.read_text()) if results_path.exists() else {}
-    except (ValueError, OSError) as e:
-        raise UserError(f"cannot read earlier results ({results_path}): {e}; remove it or use another "
-                        "--out-dir") from None
-    runs: dict[str, dict[str, dict]] = {a.name: {} for a in arms}
-    for name, earlier in previous.get("arms", {}).items():
-        if name in recipes and earlier.get("config") != recipes[name]:
-            raise UserError(f"arm '{name}' in {results_path} was run with another configuration: "
-                            "use another --out-dir (or remove that file to start again)")
-        if name in recipes:
-            runs[name] = earlier.get("runs", {})
-
-    def save() -> dict[str, Any]:
-        analysis = analyse(arms, runs, seeds, args.confidence, args.margin)
-        result = {"eval_split": split, "seeds": seeds, "common_flags": common, "confidence": args.confidence,
-                  "margin_points": args.margin,
-                  "command": reproduce_command(arms, common, analysis["paired_seeds"], args.confidence, args.margin),
-                  "arms": {a.name: {"spec": a.spec, "argv": a.argv, "config": recipes[a.name],
-                                    "runs": runs[a.name]} for a in arms},
-                  "analysis": analysis}
-        result["markdown"] = markdown_rows(result, arms, common, split)
-        write_json(results_path, result)
-        return result
-
+    runs = earlier_runs(out / "results.json", recipes)
     for seed in seeds:  # seed-major: a stopped comparison stays paired
         for arm in arms:
             earlier = runs[arm.name].get(str(seed))
             if earlier is None or (args.retry_failed and not finished(earlier)):
                 runs[arm.name][str(seed)] = run_arm(arm, common, seed, out, args.debug)
-                save()
-    result = save()
+                save_results(out / "results.json", args, arms, common, seeds, recipes, runs)
+    result = save_results(out / "results.json", args, arms, common, seeds, recipes, runs)
     save_strip_plot(out / "strip.png", arms, runs, seeds, result["analysis"])
     write_text(out / "row.md", "\n".join(result["markdown"]) + "\n")
     print(format_report(result))

@@ -4,12 +4,8 @@
         --epochs 1.5 --device cpu --trials 12 --out-dir runs/tune/w16 \\
         --storage sqlite:///runs/tune/w16/study.db --study w16
 
-Training flags set the base configuration; the search space (--space FILE, see fastcifar.search_space;
-by default its DEFAULT_SPACE) says which fields each trial varies. Each trial is an in-process training run
-on the training images minus --val-split held-out ones, evaluated on those (--objective and
---max-train-seconds: see --help). The study lives in --storage with the settings its trials share
-(tune_study): the same command continues it, also from several processes at once, each trial drawing with
-a sampler seed of its own; other settings are refused unless --new-study. Outputs: fastcifar.tune_report.
+Training flags set the base configuration, --space (fastcifar.search_space) what each trial varies; the study
+(tune_study), how it is shared and continued, and what it writes (tune_report): docs/tune-and-compare.md.
 
 Needs the `tune` extra: pip install -e ".[tune]".
 """
@@ -23,13 +19,16 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from fastcifar.config import TrainConfig, config_from_args, get_args_parser as train_args_parser, layered_args, \
     validate
 from fastcifar.errors import UserError, run_cli
 from fastcifar.report import reported_accuracy
 from fastcifar.search_space import SearchSpace, load_search_space
+
+if TYPE_CHECKING:  # tune_study imports optuna, which main imports with a one-line error where it is missing
+    from fastcifar.tune_study import Goal
 
 
 def get_args_parser():
@@ -78,8 +77,14 @@ def get_args_parser():
     return parser
 
 
-def check_search_args(args: argparse.Namespace, two_objectives: bool) -> None:
-    """Flag combinations that cannot work, before anything is opened."""
+def check_search_args(args: argparse.Namespace, base: TrainConfig, two_objectives: bool) -> None:
+    """The base configuration's values and the flag combinations that cannot work, before anything is opened."""
+    validate(base)
+    if args.resume:
+        raise UserError("--resume is for fastcifar.train: run the same tune command again to continue a study")
+    if base.val_split <= 0:
+        raise UserError("tune needs a validation split, so the test set is never read: pass --val-split N "
+                        "(e.g. 5000)")
     if args.trials < 1:
         raise UserError(f"invalid --trials ({args.trials}): must be >= 1")
     if args.sampler == "nsga2" and args.startup_trials < 2:
@@ -184,51 +189,30 @@ def check_data(base: TrainConfig) -> tuple[int, int]:
     return len(split.train_labels), len(split.test_labels)
 
 
-def trial_line(record: dict[str, Any], cost_label: str) -> str:
-    value = f"{record['value']:.4f}" if record["value"] is not None else "-"
-    cost = f"  {cost_label} {record['cost']:.4g}" if record["cost"] is not None else ""
-    return (f"trial {record['number']:4d} {record['state'].lower():8s} accuracy {value}{cost}  epochs "
-            f"{record['epochs_done']}  train {record['train_seconds'] or 0:.1f}s  {record['params']}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def quiet_optuna() -> Any:
+    """The optuna module (a one-line error without it), its per-trial log and experimental notes off."""
     try:
         import optuna
     except ImportError:
         raise UserError("optuna is not installed: pip install -e \".[tune]\" (or pip install optuna)") from None
-    from fastcifar.atomic import write_json
-    from fastcifar.plots import save_figure
-    from fastcifar.tune_report import draw_plots, remove_outputs, trial_dir, trial_record, write_outputs
-    from fastcifar.tune_study import GOALS, display_url, make_pruner, make_sampler, open_storage, open_study, \
-        study_settings
-
-    # Optuna's per-trial log lines and experimental-feature notes off: this command prints its own rows
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    args = layered_args(get_args_parser(), argv)
-    base = config_from_args(args)
-    validate(base)
-    goal = GOALS[args.objective]
-    if args.resume:
-        raise UserError("--resume is for fastcifar.train: run the same tune command again to continue a study")
-    if base.val_split <= 0:
-        raise UserError("tune needs a validation split, so the test set is never read: pass --val-split N "
-                        "(e.g. 5000)")
-    check_search_args(args, goal.cost is not None)
-    pruner_name = args.pruner or ("none" if goal.cost else "median")
-    space = load_search_space(args.space, base)
-    if args.sampler == "grid":
-        space.grid()  # a range without a step fails here, naming the field
-    split_sizes = check_data(base)
-    out = Path(base.out_dir or f"runs/tune/{args.study}")
-    url = display_url(args.storage)
+    return optuna
+
+
+def open_tune_study(args: argparse.Namespace, base: TrainConfig, space: SearchSpace, goal: Goal,
+                    about: dict[str, Any], out: Path) -> Any:
+    """--study in --storage, created, continued or replaced (its outputs deleted); a new one runs the base first."""
+    from fastcifar.tune_report import remove_outputs
+    from fastcifar.tune_study import make_pruner, make_sampler, open_storage, open_study, study_settings
+
     settings = study_settings(base, space, args.preset, goal, args.max_train_seconds)
-    study, status = open_study(open_storage(args.storage), args.study, goal,
-                               make_sampler(args.sampler, space, base.seed, args.startup_trials),
-                               make_pruner(pruner_name, args.prune_after), settings, args.storage, args.new_study)
+    sampler = make_sampler(args.sampler, space, base.seed, args.startup_trials)  # a grid fails here, not the storage
+    study, status = open_study(open_storage(args.storage), args.study, goal, sampler,
+                               make_pruner(about["pruner"], args.prune_after), settings, args.storage, args.new_study)
     if status == "replaced":
         remove_outputs(out)
-        print(f"--new-study: deleted the earlier study '{args.study}' in {url} and its outputs in {out}",
+        print(f"--new-study: deleted the earlier study '{args.study}' in {about['storage']} and its outputs in {out}",
               file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     if args.enqueue_base and args.sampler != "grid" and status != "continued":
@@ -237,27 +221,51 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("base configuration lies outside the search space: not enqueued", file=sys.stderr)
         else:
             study.enqueue_trial(params, user_attrs={"base": True})
+    return study
 
-    about = {"storage": url, "sampler": args.sampler, "pruner": pruner_name, "space": space.source,
-             "max_train_seconds": args.max_train_seconds}
 
-    def finished() -> int:  # complete, pruned or failed
-        return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+def after_each_trial(out: Path, goal: Goal, about: dict[str, Any], budget: float | None) -> Callable[..., None]:
+    """The Optuna callback: the trial's trial.json, the study's outputs and a printed row."""
+    from fastcifar.atomic import write_json
+    from fastcifar.tune_report import trial_dir, trial_record, write_outputs
 
     def after_trial(study, trial) -> None:
         record = trial_record(trial, goal)
         write_json(trial_dir(out, trial.number) / "trial.json", record)
-        write_outputs(study, out, goal, about, args.budget)
-        print(trial_line(record, goal.cost_label), flush=True)
-        if finished() >= args.trials:
-            study.stop()
+        write_outputs(study, out, goal, about, budget)
+        value = f"{record['value']:.4f}" if record["value"] is not None else "-"
+        cost = f"  {goal.cost_label} {record['cost']:.4g}" if record["cost"] is not None else ""
+        print(f"trial {record['number']:4d} {record['state'].lower():8s} accuracy {value}{cost}  epochs "
+              f"{record['epochs_done']}  train {record['train_seconds'] or 0:.1f}s  {record['params']}", flush=True)
 
-    done = finished()
-    print(f"study '{args.study}' in {url}: {done} finished trial(s), running until {args.trials}; objective "
-          f"{goal.name}, sampler {args.sampler}, pruner {pruner_name}, outputs in {out}", flush=True)
+    return after_trial
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    optuna = quiet_optuna()
+    from fastcifar.plots import save_figure
+    from fastcifar.tune_report import draw_plots, write_outputs
+    from fastcifar.tune_study import FINISHED, GOALS, display_url
+
+    args = layered_args(get_args_parser(), argv)
+    base = config_from_args(args)
+    goal = GOALS[args.objective]
+    check_search_args(args, base, goal.cost is not None)
+    space = load_search_space(args.space, base)
+    split_sizes = check_data(base)
+    out = Path(base.out_dir or f"runs/tune/{args.study}")
+    about = {"storage": display_url(args.storage), "sampler": args.sampler,
+             "pruner": args.pruner or ("none" if goal.cost else "median"), "space": space.source,
+             "max_train_seconds": args.max_train_seconds}  # the invocation, for study.json
+    study = open_tune_study(args, base, space, goal, about, out)
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    print(f"study '{args.study}' in {about['storage']}: {done} finished trial(s), running until {args.trials}; "
+          f"objective {goal.name}, sampler {args.sampler}, pruner {about['pruner']}, outputs in {out}", flush=True)
     if done < args.trials:
         study.optimize(Objective(space, base, out, goal.cost, args.max_train_seconds, split_sizes),
-                       n_trials=args.trials - done, catch=(UserError,), callbacks=[after_trial])
+                       n_trials=args.trials - done, catch=(UserError,),
+                       callbacks=[after_each_trial(out, goal, about, args.budget),
+                                  optuna.study.MaxTrialsCallback(args.trials, states=FINISHED)])  # of every process
     summary = write_outputs(study, out, goal, about, args.budget)
     if base.plots:  # --no-plots skips them (each trial's own plots are always off)
         for name, figure in draw_plots(study, goal):

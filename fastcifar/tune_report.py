@@ -1,14 +1,11 @@
-"""What a study leaves in its output directory, rewritten from the storage after every trial.
+"""What a study leaves in its output directory, rewritten from the storage after every trial: OUT/trials/NNNN/
+(each trial's run directory, train.log and trial.json), trials.csv (every trial), study.json (its settings,
+counts, best and base trials and Pareto front), best.toml (for `python -m fastcifar.train --config`); with two
+objectives pareto.csv (the front, cheapest first) and best-per-budget/trial-NNNN.toml (the most accurate trial
+at each cost of the front); plots at the end: history.png, importances.png, slice.png, pareto.png.
 
     python -c "from fastcifar.tune_report import recipe_toml; from fastcifar.config import TrainConfig; \\
 print(recipe_toml(TrainConfig()))"
-
-OUT/trials/NNNN/ (each trial's run directory, train.log and trial.json), OUT/trials.csv (every trial),
-OUT/study.json (the study: its settings, counts, best and base trials, and with two objectives the Pareto
-front) and OUT/best.toml (the best configuration, for `python -m fastcifar.train --config`). With two
-objectives also OUT/pareto.csv (the front, cheapest first) and OUT/best-per-budget/trial-NNNN.toml, one
-recipe per point of the front: the most accurate trial at its cost or below. Plots at the end:
-history.png, importances.png, slice.png and, with two objectives, pareto.png.
 """
 
 from __future__ import annotations
@@ -97,8 +94,7 @@ def write_csv(path: Path, records: list[dict[str, Any]], columns: Sequence[str])
 
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
-    keys = ("number", "state", "value", "cost", "val_acc", "val_acc_tta", "train_seconds", "flops", "seed",
-            "params")
+    keys = ("number", "state", "value", "cost", "val_acc", "val_acc_tta", "train_seconds", "flops", "seed", "params")
     return {k: r[k] for k in keys}
 
 
@@ -156,8 +152,7 @@ def write_recipe(path: Path, r: dict[str, Any], goal: Goal, settings: dict[str, 
     write_text(path, recipe_toml(TrainConfig(**r["config"]), [*title, *results]))
 
 
-def write_pareto(out: Path, front: list[dict[str, Any]], goal: Goal, study_name: str,
-                 settings: dict[str, Any]) -> None:
+def write_pareto(out: Path, front: list[dict[str, Any]], goal: Goal, study_name: str, settings: dict[str, Any]) -> None:
     """pareto.csv (with each point's TOML) and best-per-budget/trial-NNNN.toml for the current front;
     the TOMLs of trials that have left the front are removed."""
     (out / BUDGET_DIR).mkdir(exist_ok=True)

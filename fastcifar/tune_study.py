@@ -22,6 +22,7 @@ from fastcifar.errors import UserError, first_line
 from fastcifar.search_space import SearchSpace
 
 SETTINGS_KEY = "fastcifar_settings"  # the study's user attribute holding study_settings()
+FINISHED = tuple(s for s in optuna.trial.TrialState if s.is_finished())  # complete, pruned, failed: the --trials
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,7 @@ def open_storage(url: str):
     # exists" (OperationalError) or a duplicate alembic version (IntegrityError), and retries
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
-                                              grace_period=300)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=300)
         except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a locked or unreachable database
             reason = first_line(e)
             if type(e).__name__ not in ("OperationalError", "IntegrityError"):

@@ -136,13 +136,28 @@ def test_bad_arms_exit_2_with_one_line(tmp_path, data, capsys, arms, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("margin", ["0", "-0.1", "nan", "100"])
-def test_bad_margin_exits_2_with_one_line(tmp_path, data, capsys, margin):
-    code = run_cli(main, ["default", "b=--lr 0.2", "--margin", margin, "--out-dir", str(tmp_path / "out"), "--",
+@pytest.mark.parametrize("flag, value, shown", [
+    ("--margin", "0", "0.0"), ("--margin", "-0.1", "-0.1"), ("--margin", "nan", "nan"), ("--margin", "100", "100.0"),
+    ("--seeds", "0", "0"), ("--confidence", "1", "1.0"), ("--confidence", "0", "0.0"),
+])
+def test_bad_flags_exit_2_with_one_line(tmp_path, data, capsys, flag, value, shown):
+    code = run_cli(main, ["default", "b=--lr 0.2", flag, value, "--out-dir", str(tmp_path / "out"), "--",
                           "--data-dir", str(data), *COMMON])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and f"invalid --margin ({float(margin)})" in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and f"invalid {flag} ({shown})" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_earlier_results_exit_2_before_anything_trains(tmp_path, data, capsys, monkeypatch):
+    calls = []
+    counting(monkeypatch, calls)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text("{not json")
+    code = run_cli(main, ["default", "b=--lr 0.2", "--out-dir", str(tmp_path / "out"), "--", "--data-dir", str(data),
+                          *COMMON])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "cannot read earlier results" in err and "--out-dir" in err
+    assert calls == []
 
 
 @pytest.mark.slow
