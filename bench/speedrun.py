@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import platform
 import shlex
@@ -194,7 +195,7 @@ def method_stats(records: Sequence[dict[str, Any]], threshold: float, own_tta: s
 
     acc, own = column("acc"), column("acc_tta")
     return {
-        "runs": len(records), "finished": len(done), "acc": describe(acc), "acc_flip_tta": describe(column("acc_flip_tta")),
+        "runs": len(records), "finished": len(done), "failed": len(records) - len(done), "acc": describe(acc), "acc_flip_tta": describe(column("acc_flip_tta")),
         "acc_tta": describe(own), "tta": own_tta if own else None,
         "at_least_threshold": {"threshold": threshold, "acc": at_least(acc, threshold),
                                "acc_tta": at_least(own, threshold), "primary": "acc_tta" if own else "acc"},
@@ -220,7 +221,7 @@ def format_table(rows: list[tuple[str, dict[str, Any]]], reference: str | None =
     median run seconds relative to `reference`'s."""
     ref_s = _median(dict(rows)[reference]["run_seconds"]) if reference in dict(rows) else None
     thr_pct = f">={100 * rows[0][1]['at_least_threshold']['threshold']:g}%" if rows else ">=thr"
-    head = (f"{'method':<24} {'runs':>5}  {'acc %':>15}  {'flip TTA %':>15}  {'own TTA %':>15}  "
+    head = (f"{'method':<24} {'runs':>5}  {'failed':>6}  {'acc %':>15}  {'flip TTA %':>15}  {'own TTA %':>15}  "
             f"{thr_pct:>7}  {thr_pct + ' TTA':>11}  {'PFLOP':>6}  {'run s':>8}  {'steps s':>8}  {'wall s':>8}  "
             f"{'run ratio':>9}")
     lines = [head, "-" * len(head)]
@@ -231,7 +232,7 @@ def format_table(rows: list[tuple[str, dict[str, Any]]], reference: str | None =
         ratio = f"{run_s / ref_s:8.2f}x" if (run_s and ref_s) else f"{'-':>9}"
         secs = "  ".join(f"{v:8.2f}" if v is not None else f"{'-':>8}" for v in (run_s, steps_s, wall_s))
         pflop = f"{s['flops_per_run'] / 1e15:6.3f}" if s.get("flops_per_run") else f"{'-':>6}"
-        lines.append(f"{name:<24} {s['finished']:>2}/{s['runs']:<2}  {_pm(s['acc'])}  {_pm(s['acc_flip_tta'])}  "
+        lines.append(f"{name:<24} {s['finished']:>2}/{s['runs']:<2}  {s['failed']:>6}  {_pm(s['acc'])}  {_pm(s['acc_flip_tta'])}  "
                      f"{_pm(s['acc_tta'])}  {plain:>7}  {tta:>11}  {pflop}  {secs}  {ratio}")
     return "\n".join(lines)
 
@@ -282,6 +283,10 @@ class AirbenchOutputError(Exception):
     """airbench's printed table did not give its total_time_seconds (another version, or a changed format)."""
 
 
+class NonFiniteLoss(Exception):
+    """A seed's training loss was not finite: the seed failed, whatever accuracy its model still gives."""
+
+
 def require_airbench(device: str):
     """Import airbench, or raise UserError saying why it cannot run on `device` (a device type) here."""
     import torch
@@ -327,26 +332,30 @@ def write_airbench_data(data, root: Path) -> Path:
     return folder
 
 
-def parse_airbench_log(text: str) -> dict[str, float]:
-    """The final 'eval' row of airbench 0.1.8's verbose table: val_acc, tta_val_acc, total_time_seconds.
+def parse_airbench_log(text: str) -> dict[str, Any]:
+    """airbench 0.1.8's verbose table: the final 'eval' row's val_acc, tta_val_acc and total_time_seconds, and
+    every row's train_loss (its last batch's loss in each epoch).
 
-    Raises AirbenchOutputError when there is none: the harness never guesses airbench's time."""
-    found = None
+    Raises AirbenchOutputError when there is no final row: the harness never guesses airbench's time."""
+    found, losses = None, []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == len(AIRBENCH_COLUMNS) and cells[1] == "eval":
-            try:
+        if len(cells) != len(AIRBENCH_COLUMNS) or not (cells[1] == "eval" or cells[1].isdigit()):
+            continue
+        try:
+            losses.append(float(cells[AIRBENCH_COLUMNS.index("train_loss")]))
+            if cells[1] == "eval":
                 found = {k: float(cells[AIRBENCH_COLUMNS.index(k)]) for k in
                          ("val_acc", "tta_val_acc", "total_time_seconds")}
-            except ValueError:
-                continue
+        except ValueError:
+            continue
     if found is None:
         last = [line for line in text.splitlines() if line.strip()][-3:]
         raise AirbenchOutputError(
             f"no final '| eval |' row with a numeric total_time_seconds in airbench's output (this harness reads "
             f"airbench {AIRBENCH_VERSION}'s printed table, columns {', '.join(AIRBENCH_COLUMNS)}, and does not fall "
             f"back to wall time); its last lines: {last}")
-    return found
+    return {**found, "train_losses": losses}
 
 
 class _Tee(io.TextIOBase):
@@ -386,27 +395,36 @@ class HostClockEvent:
         return 1000.0 * (end.seconds - self.seconds)
 
 
+def lookahead_update(state, net, decay: float) -> None:
+    """airbench's LookaheadState.update for every float dtype: its own averages fp16 and fp32 tensors only and
+    would skip the bf16 weights that stand in for its fp16 ones on the CPU."""
+    for ema, param in zip(state.net_ema.values(), net.state_dict().values()):
+        if param.is_floating_point():
+            ema.lerp_(param, 1 - decay)
+            param.copy_(ema)
+
+
 @contextlib.contextmanager
 def airbench_on_cpu(airbench, dtype):
-    """airbench 0.1.8's own code on the CPU, with only what ties it to CUDA patched: its .cuda() calls stay on
-    the CPU, its loader loads there, its CUDA events read the host clock (synchronize has nothing to wait
-    for), and its half precision becomes fastcifar's on this CPU: fp32 weights and images, computing under
-    autocast in `dtype` (bf16 where the CPU computes in it natively; None = fp32, no autocast). Its lookahead
-    averages fp16 and fp32 tensors only, so fp32 weights keep it working."""
+    """airbench 0.1.8's own code on the CPU, computing what it computes on a GPU: where it uses fp16 (its net's
+    `.half()`, its loader's `images.half()`) it gets `dtype` (bf16 where the CPU computes in it natively; None:
+    fp32); its BatchNorm stays fp32, as it makes it, and its whitening fp32 (no autocast: that would make its
+    fp32 patch covariance a bf16 matmul, whose negative eigenvalues give NaN filters). Its .cuda() calls stay
+    on the CPU, its loader loads there and its CUDA events read the host clock."""
     import torch
     from unittest import mock
 
+    low = dtype or torch.float32
     loader_init = airbench.utils.CifarLoader.__init__
-    keep = lambda self, *args, **kwargs: self  # noqa: E731
+    patches = [(torch.cuda, "Event", HostClockEvent), (torch.cuda, "synchronize", lambda *args, **kwargs: None),
+               (torch.nn.Module, "cuda", lambda self, *args, **kwargs: self),
+               (torch.nn.Module, "half", lambda self: self.to(low)),
+               (torch.Tensor, "half", lambda self, *args, **kwargs: self.to(low, *args, **kwargs)),
+               (loader_init, "__defaults__", loader_init.__defaults__[:-1] + ("cpu",)),
+               (airbench.utils.LookaheadState, "update", lookahead_update)]
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(torch.cuda, "Event", HostClockEvent))
-        stack.enter_context(mock.patch.object(torch.cuda, "synchronize", lambda *args, **kwargs: None))
-        stack.enter_context(mock.patch.object(torch.nn.Module, "cuda", keep))
-        stack.enter_context(mock.patch.object(torch.nn.Module, "half", lambda self: self.float()))
-        stack.enter_context(mock.patch.object(torch.Tensor, "half", lambda self, *args, **kwargs: self.float()))
-        stack.enter_context(mock.patch.object(loader_init, "__defaults__", loader_init.__defaults__[:-1] + ("cpu",)))
-        if dtype is not None:
-            stack.enter_context(torch.autocast("cpu", dtype=dtype))
+        for target, name, value in patches:
+            stack.enter_context(mock.patch.object(target, name, value))
         yield
 
 
@@ -414,8 +432,6 @@ def airbench_flops(airbench, num_train: int, num_test: int) -> int:
     """airbench94's work per run, counted as fastcifar.flops counts ours: one image's training step (its
     whitening filters frozen) x the images its 9.9 epochs of batch-1024 steps see, plus one image's forward
     x 6 TTA views (tta_level 2) x the test images."""
-    import math
-
     from fastcifar.flops import forward_flops, train_step_flops
 
     hyp = airbench.lib_airbench94.hyp
@@ -457,6 +473,8 @@ class Airbench:
             model, wall = timed_call(lambda: self.airbench.train94(run=index, verbose=True))
             accs = [self.airbench.evaluate(model, self.test_loader, tta_level=level) for level in (0, 1, 2)]
         logged = parse_airbench_log(tee.buffer_text.getvalue())
+        if not all(math.isfinite(loss) for loss in logged["train_losses"]):
+            raise NonFiniteLoss(f"airbench's train_loss was not finite (per epoch: {logged['train_losses']})")
         return {"seed": seed, "acc": accs[0], "acc_flip_tta": accs[1], "acc_tta": accs[2],
                 "tta": "flip+translate (tta_level 2)", "flops": self.out.get("flops_per_run"),
                 "run_seconds": logged["total_time_seconds"],
@@ -561,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             context = lambda: airbench_on_cpu(airbench, dtype)  # noqa: E731
         runner = Airbench(airbench, data, scratch, results[AIRBENCH], context)
     errors: list[str] = []
-    seed_errors = (UserError, torch.cuda.OutOfMemoryError)  # this seed only; anything else stops its method
+    seed_errors = (UserError, NonFiniteLoss, torch.cuda.OutOfMemoryError)  # this seed only; anything else stops its method
 
     def save() -> dict[str, Any]:
         report = build_report(env, args, data_info, results)
