@@ -20,7 +20,7 @@ import pytest
 import torch
 from synthetic import write_learnable_dataset
 
-from bench import airbench_runner
+from bench import airbench_runner, gpu_report
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TRAIN = ["--width", "4", "--epochs", "1", "--batch-size", "64", "--device", "cpu"]
@@ -497,6 +497,27 @@ def test_real_airbench_loader_reads_our_files_on_the_cpu(tmp_path):
 
 def test_the_cuda_marker_is_registered_for_gpu_sh(pytestconfig):
     assert any(m.startswith("cuda:") for m in pytestconfig.getini("markers"))
+
+
+def test_gpu_report_rewrites_parts_and_summary_from_each_parts_json(tmp_path):
+    report = {"device": "cpu", "torch": "2.x", "data_source": "tiny", "table": "THE TABLE", "errors": ["seed 1: boom"],
+              "fastcifar": {"runs": [{"seed": 0, "error": "UserError: boom"}]}}
+    (tmp_path / "speedrun.json").write_text(json.dumps(report))
+    parts = [gpu_report.parse_part("speedrun|1|12|failed"), gpu_report.parse_part("cuda-tests|||skipped (5s left)")]
+    text = gpu_report.write_summary(tmp_path, "data.tar.gz", ["airbench skipped"], parts)
+    written = json.loads((tmp_path / "parts.json").read_text())
+    assert written["notes"] == ["airbench skipped"] and written["data"] == "data.tar.gz"
+    assert written["parts"] == [{"name": "speedrun", "exit_code": 1, "seconds": 12, "status": "failed"},
+                                {"name": "cuda-tests", "exit_code": None, "seconds": None, "status": "skipped (5s left)"}]
+    assert (tmp_path / "summary.txt").read_text() == text
+    lines = text.splitlines()
+    assert "note: airbench skipped" in lines and "speedrun: failed, exit 1, 12 s wall" in lines
+    assert "cuda-tests: skipped (5s left)" in lines and "THE TABLE" in lines and "error: seed 1: boom" in lines
+    assert not gpu_report.fastcifar_finished(tmp_path / "speedrun.json")  # its only seed failed
+    assert not gpu_report.fastcifar_finished(tmp_path / "absent.json")
+    report["fastcifar"]["runs"].append({"seed": 1, "acc": 0.9})
+    (tmp_path / "speedrun.json").write_text(json.dumps(report))
+    assert gpu_report.main(["finished", str(tmp_path / "speedrun.json")]) == 0
 
 
 def run_gpu_script(tmp_path: Path, data: Path, **env_vars: str) -> subprocess.CompletedProcess:
