@@ -1,15 +1,14 @@
 """Shared fixtures of the pytest-benchmark suites in bench/ (groups: augment, train-step, onnx-cpu).
 
     pytest bench/ --benchmark-json=out.json                  # every group, full numbers in out.json
-    pytest bench/test_augment.py                             # one group (also: -k, --benchmark-group-by)
+    pytest bench/test_augment_speed.py                       # one group (also: -k, --benchmark-group-by)
     pytest bench/ --benchmark-autosave                       # saves .benchmarks/<machine>/0001_<commit>_...json
     pytest bench/ --benchmark-autosave --benchmark-compare   # ... and compares with the latest saved run
     pytest bench/ --benchmark-compare=0001                   # compare with saved run 0001
     pytest-benchmark compare 0001 0002 --group-by=group      # two saved runs side by side (or pass JSON paths)
 
-Run bench/ on its own (`pytest tests bench` in one session clashes: both have a test_augment.py). On a busy
-2-core machine set OMP_NUM_THREADS=1: OpenMP threads spinning against other processes run several times
-slower than one thread. Each result's extra_info records the thread count and the images per second.
+On a busy 2-core machine set OMP_NUM_THREADS=1: OpenMP threads spinning against other processes run several
+times slower than one thread. Each result's extra_info records the thread count and the images per second.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""bench/speedrun.py and bench/gpu.sh on the CPU: statistics, the table, airbench's log and data files (with a
-fake airbench: the real one needs CUDA), a tiny end-to-end run, and the GPU script's smoke mode."""
+"""bench/speedrun.py, bench/airbench_runner.py and bench/gpu.sh on the CPU: statistics, the table, airbench's log
+and data files (a fake airbench, and the real one under the CPU patch), tiny end-to-end runs that must learn,
+and the GPU script's smoke mode."""
 
 from __future__ import annotations
 
 import contextlib
 
+import csv
 import importlib.util
 import json
 import os
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import write_learnable_dataset
 import torch
+from synthetic import write_learnable_dataset
+
+from bench import airbench_runner, gpu_report
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TRAIN = ["--width", "4", "--epochs", "1", "--batch-size", "64", "--device", "cpu"]
@@ -90,7 +94,7 @@ def test_stats_use_the_tta_accuracy_for_the_success_fraction_and_the_table_is_fi
                                   record(2, 0.945, 0.95, 9.0, 8.0), {"seed": 3, "error": "UserError: boom"}],
                                  0.94, "flip")
     assert fast["run_seconds"]["median"] == 5.0 and fast["train_seconds"]["median"] == 4.0
-    assert fast["runs"] == 4 and fast["finished"] == 3 and fast["run_seconds_missing"] == 0
+    assert fast["runs"] == 4 and fast["finished"] == 3
     assert fast["acc"]["std"] == pytest.approx(np.std([0.93, 0.935, 0.945], ddof=1))
     assert fast["at_least_threshold"]["primary"] == "acc_tta"
     assert fast["at_least_threshold"]["acc_tta"]["count"] == 2 and fast["at_least_threshold"]["acc"]["count"] == 1
@@ -105,19 +109,12 @@ def test_stats_use_the_tta_accuracy_for_the_success_fraction_and_the_table_is_fi
     assert " 1/1 " in lines[3] and lines[3].split()[-5] == "-"  # no TTA: its success column is empty
 
 
-def test_a_missing_run_seconds_is_shown_empty_never_replaced_by_the_steps_seconds():
-    stats = speedrun.method_stats([record(0, 0.9, run=None, steps=3.0)], 0.94, None)
-    assert stats["run_seconds"]["n"] == 0 and stats["run_seconds_missing"] == 1
-    row = speedrun.format_table([("fastcifar[x]", stats)]).splitlines()[2].split()
-    assert row[-4:] == ["-", "3.00", "1.00", "-"]  # run s, steps s, wall s, ratio
-
-
-def test_fastcifar_record_reads_the_summary_and_keeps_run_seconds_absent_when_the_trainer_lacks_it():
-    translate = trainer_summary({"seed": 3, "test_acc": 0.9, "test_acc_tta": 0.92, "train_seconds": 4.0},
-                                translate=1)
+def test_fastcifar_record_reads_the_summary_and_names_the_presets_own_tta():
+    translate = trainer_summary({"seed": 3, "test_acc": 0.9, "test_acc_tta": 0.92, "train_seconds": 4.0,
+                                 "run_seconds": 4.5}, translate=1)
     rec = speedrun.fastcifar_record(translate)
     assert rec["seed"] == 3 and rec["acc_tta"] == 0.92 and rec["acc_flip_tta"] is None
-    assert rec["tta"] == "flip + translate 1" and rec["train_seconds"] == 4.0 and rec["run_seconds"] is None
+    assert rec["tta"] == "flip + translate 1" and rec["train_seconds"] == 4.0 and rec["run_seconds"] == 4.5
     flip = trainer_summary({"seed": 0, "test_acc": 0.9, "test_acc_tta": 0.91, "train_seconds": 4.0,
                             "run_seconds": 4.5, "wall_seconds": 6.0})
     rec = speedrun.fastcifar_record(flip)
@@ -132,16 +129,17 @@ def test_the_schedule_interleaves_seed_by_seed_and_alternates_who_goes_first():
 
 
 def test_parse_airbench_log_reads_the_final_eval_row_and_fails_loudly_without_one():
-    assert speedrun.parse_airbench_log(AIRBENCH_LOG) == {"val_acc": 0.9412, "tta_val_acc": 0.944,
-                                                        "total_time_seconds": 3.4662}
+    assert airbench_runner.parse_airbench_log(AIRBENCH_LOG) == {"val_acc": 0.9412, "tta_val_acc": 0.944,
+                                                        "total_time_seconds": 3.4662,
+                                                        "train_losses": [2.3047, 2.3047, 2.3047]}
     for text in ("no table here", AIRBENCH_LOG.replace("3.4662", "      ")):
-        with pytest.raises(speedrun.AirbenchOutputError, match="does not fall back to wall time"):
-            speedrun.parse_airbench_log(text)
+        with pytest.raises(airbench_runner.AirbenchOutputError, match="does not fall back to wall time"):
+            airbench_runner.parse_airbench_log(text)
 
 
 def test_airbench_refuses_a_device_it_cannot_run_on_with_a_clear_message():
     with pytest.raises(speedrun.UserError, match="not on mps.*--device cpu"):
-        speedrun.require_airbench("mps")
+        airbench_runner.require_airbench("mps")
 
 
 def test_unknown_preset_and_bad_trainer_flags_fail_up_front(capsys):
@@ -176,7 +174,6 @@ def test_tiny_end_to_end_run_trains_each_seed_in_its_own_call_and_writes_the_rep
         assert r["wall_seconds"] > r["train_seconds"] > 0
     # the trainer's own run_seconds (airbench's clock), which holds the steps and more, is what is read
     assert all(r["run_seconds"] > r["train_seconds"] for r in runs) and stats["run_seconds"]["n"] == 2
-    assert report["notes"] == []
     assert report["airbench"] is None and report["errors"] == []
     printed = capsys.readouterr().out.splitlines()
     assert any(line.startswith("fastcifar[default]") for line in printed[-9:]), printed[-9:]
@@ -213,7 +210,8 @@ def test_a_user_error_in_one_seed_is_recorded_and_the_other_seeds_continue(tmp_p
     assert report["fastcifar"]["runs"][1]["error"].startswith("UserError: loss became non-finite")
     assert report["errors"] == ["fastcifar seed 1: UserError: loss became non-finite at step 3 of epoch 1 (lr 0.6)"]
     stats = report["methods"]["fastcifar[default]"]
-    assert stats["finished"] == 2 and stats["run_seconds"]["median"] == 1.5 and report["notes"] == []
+    assert stats["finished"] == 2 and stats["failed"] == 1 and stats["run_seconds"]["median"] == 1.5
+    assert report["table"].splitlines()[2].split()[1:4] == ["2/3", "1", "90.00"]  # runs, failed, acc % of the 2
 
 
 class FakeAirbench:
@@ -256,7 +254,7 @@ def test_airbench_runner_writes_its_data_files_and_reads_its_own_clock(tmp_path)
     cwd = os.getcwd()
     fake = FakeAirbench()
     out: dict = {}
-    runner = speedrun.Airbench(fake, synthetic_data(), tmp_path, out)
+    runner = airbench_runner.Airbench(fake, synthetic_data(), tmp_path, out)
     runs = [runner.run_seed(i, 5 + i) for i in range(2)]
     assert os.getcwd() == cwd and fake.calls == ["warmup", "train0", "train1"]
     assert [r["seed"] for r in runs] == [5, 6] and out["warmup_seconds"] >= 0
@@ -302,7 +300,7 @@ def interleaved_main(tmp_path, monkeypatch, airbench, runs=2, airbench_runs=2):
 
 def test_with_airbench_the_methods_alternate_seed_by_seed_on_one_clock(tmp_path, monkeypatch):
     code, report, calls = interleaved_main(tmp_path, monkeypatch, FakeAirbench(), runs=3, airbench_runs=3)
-    assert code == 0 and report["errors"] == [] and report["notes"] == []
+    assert code == 0 and report["errors"] == []
     assert calls == ["fastcifar0", "airbench0", "airbench1", "fastcifar1", "fastcifar2", "airbench2"]
     assert report["methods"]["airbench94"]["run_seconds"]["median"] == 4.0  # 3.0, 4.0, 5.0 as printed
     assert report["time_ratio_fastcifar_over_airbench"] == pytest.approx(6.0 / 4.0)
@@ -338,15 +336,52 @@ def test_unreadable_airbench_output_stops_airbench_loudly_and_never_uses_wall_ti
     assert "error: airbench94 stopped" in capsys.readouterr().out
 
 
+def learnable_data(per_class: int = 100):
+    """CifarData whose class is its colour (tests/synthetic.py): learnt to well above chance in a few steps."""
+    from fastcifar.data import CLASSES, CifarData
+    from synthetic import learnable_images
+
+    train, test = learnable_images(per_class, seed=0), learnable_images(20, seed=1)
+    return CifarData(*train, *test, list(CLASSES), (0.5,) * 3, (0.25,) * 3, "learnable")
+
+
+def small_airbench(monkeypatch):
+    """airbench94 at widths 16, batch 50: 20 steps an epoch on `learnable_data`, seconds on a CPU."""
+    import airbench.lib_airbench94 as lib94
+
+    for block in ("block1", "block2", "block3"):
+        monkeypatch.setitem(lib94.hyp["net"]["widths"], block, 16)
+    monkeypatch.setitem(lib94.hyp["opt"], "batch_size", 50)
+
+
+def test_a_seed_whose_loss_is_not_finite_is_failed_in_the_json_and_the_table_never_an_accuracy(
+        tmp_path, monkeypatch, capsys):
+    class Diverging(FakeAirbench):
+        def train94(self, run=0, verbose=True):
+            self.calls.append(f"train{run}")
+            print(AIRBENCH_LOG.replace("2.3047", "   nan"))  # what a NaN whitening prints; accuracies still print
+            return object()
+
+    code, report, calls = interleaved_main(tmp_path, monkeypatch, Diverging(), runs=1, airbench_runs=2)
+    assert code == 1 and calls == ["fastcifar0", "airbench0", "airbench1"]
+    runs = report["airbench"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and all("acc" not in r for r in runs)
+    assert all(r["error"].startswith("NonFiniteLoss: airbench's train_loss was not finite") for r in runs)
+    stats = report["methods"]["airbench94"]
+    assert (stats["finished"], stats["failed"], stats["acc"]["n"], stats["acc_tta"]["n"]) == (0, 2, 0, 0)
+    row = next(line for line in report["table"].splitlines() if line.startswith("airbench94"))
+    assert row.split()[1:5] == ["0/2", "2", "-", "-"]  # runs, failed, acc %, flip TTA %
+    assert report["time_ratio_fastcifar_over_airbench"] is None
+    assert "error: airbench94 seed 1: NonFiniteLoss" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_real_airbench_94_on_the_cpu_reports_its_own_event_clock(tmp_path, monkeypatch):
-    """airbench 0.1.8's own train94/train/evaluate/print code, with its CUDA calls sent to the CPU: each CUDA
-    event pair it times reads 250 ms, so its clock must read 0.25 s x (whitening + 10 epochs + TTA eval)."""
+    """airbench 0.1.8's own train94/train/evaluate/print code under airbench_on_cpu, every CUDA event pair it
+    times reading 250 ms: its clock must read 0.25 s x (whitening + 10 epochs + TTA eval)."""
     airbench = pytest.importorskip("airbench")
-    import airbench.lib_airbench94 as lib94
-    import airbench.utils as utils
 
-    class Event:  # torch.cuda.Event on the CPU: every timed span reads 250 ms
+    class Event:  # every timed span reads 250 ms
         def __init__(self, enable_timing=False):
             pass
 
@@ -356,48 +391,90 @@ def test_real_airbench_94_on_the_cpu_reports_its_own_event_clock(tmp_path, monke
         def elapsed_time(self, end):
             return 250.0
 
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, device=None: self)
-    defaults = utils.CifarLoader.__init__.__defaults__  # (train, batch_size, aug, drop_last, shuffle, altflip, gpu)
-    monkeypatch.setattr(utils.CifarLoader.__init__, "__defaults__", defaults[:-1] + ("cpu",))
-    for block in ("block1", "block2", "block3"):  # a small net and batch: seconds, not hours, on a CPU
-        monkeypatch.setitem(lib94.hyp["net"]["widths"], block, 8)
-    monkeypatch.setitem(lib94.hyp["opt"], "batch_size", 20)
-    runner = speedrun.Airbench(airbench, synthetic_data(), tmp_path, {})
+    monkeypatch.setattr(airbench_runner, "HostClockEvent", Event)
+    small_airbench(monkeypatch)
+    runner = airbench_runner.Airbench(airbench, learnable_data(), tmp_path, {},
+                               context=lambda: airbench_runner.airbench_on_cpu(airbench, None))
     result = runner.run_seed(0, 0)
     assert result["run_seconds"] == pytest.approx(0.25 * 12)
     assert result["logged"]["total_time_seconds"] == result["run_seconds"]
-    assert 0 <= result["acc_tta"] <= 1 and result["wall_seconds"] > 0
+    assert result["acc_tta"] >= 0.5 and result["wall_seconds"] > 0  # it learnt the colours (chance: 0.1)
+
+
+def record_whitening(monkeypatch, airbench) -> list[dict]:
+    """Wraps airbench's whitening init: per call, the eigenvalues of its patch covariance, their float64
+    reference from the same patches (numpy) and the filters it wrote."""
+    utils = airbench.utils
+    real_parameters, real_init = utils.get_whitening_parameters, utils.init_whitening_conv
+    calls: list[dict] = []
+
+    def parameters(patches):
+        eigenvalues, eigenvectors = real_parameters(patches)
+        flat = patches.reshape(len(patches), -1).double().numpy()
+        calls.append({"eigenvalues": eigenvalues.flatten().double().numpy(),
+                      "reference": np.linalg.eigvalsh(flat.T @ flat / len(flat))[::-1]})
+        return eigenvalues, eigenvectors
+
+    def init(layer, train_set, eps=5e-4):
+        real_init(layer, train_set, eps)
+        calls[-1]["filters"] = layer.weight.detach().clone()
+
+    monkeypatch.setattr(utils, "get_whitening_parameters", parameters)
+    monkeypatch.setattr(utils, "init_whitening_conv", init)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def learnable_folder(tmp_path_factory) -> Path:
+    return write_learnable_dataset(tmp_path_factory.mktemp("learnable"), train_per_class=100, test_per_class=20)
+
+
+LEARNABLE_TRAIN = ["--device", "cpu", "--widths", "8,16,16,16", "--batch-size", "50", "--lr", "0.3", "--epochs", "5"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype_name", [None, "bfloat16"])
-def test_real_airbench_runs_on_the_cpu_under_our_patch_with_the_host_clock(tmp_path, monkeypatch, dtype_name):
-    """airbench 0.1.8's own code through airbench_on_cpu (what `-- --device cpu` uses), a tiny net and set for
-    a few steps: no CUDA call escapes, its clock is the host's (within the wall time of the call), and with
-    bf16 its convolutions compute in bf16 while its weights stay fp32."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_comparator_learns_on_both_sides_in_fp32_and_bf16(learnable_folder, tmp_path, monkeypatch, precision):
+    """Both methods through speedrun.main on the CPU, the real airbench under airbench_on_cpu, on images whose
+    class is their colour: each must learn (finite loss, well above chance), airbench's whitening must be its
+    fp32 one (finite filters, eigenvalues as float64 gives them), and bf16 must mean bf16 kernels, with bf16
+    weights for airbench (its fp16 on a GPU) and fp32 BatchNorm. Any CPU: without native bf16 it is slower."""
     airbench = pytest.importorskip("airbench")
-    import airbench.lib_airbench94 as lib94
+    small_airbench(monkeypatch)
+    whitening = record_whitening(monkeypatch, airbench)
+    low = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    seen: dict[str, set] = {"airbench conv": set(), "airbench norm": set(), "fastcifar conv": set()}
 
-    for block in ("block1", "block2", "block3"):
-        monkeypatch.setitem(lib94.hyp["net"]["widths"], block, 8)
-    monkeypatch.setitem(lib94.hyp["opt"], "batch_size", 20)
-    monkeypatch.setitem(lib94.hyp["opt"], "train_epochs", 2)
-    dtype = getattr(torch, dtype_name) if dtype_name else None
-    conv_dtypes = set()
-    hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, inputs, output: conv_dtypes.add(output.dtype) if isinstance(module, torch.nn.Conv2d) else None)
+    def hook(module, inputs, output):
+        side = "airbench" if type(module).__module__.startswith("airbench") else "fastcifar"
+        if isinstance(module, torch.nn.Conv2d):
+            seen[f"{side} conv"].add(output.dtype)
+        elif isinstance(module, torch.nn.BatchNorm2d) and side == "airbench":
+            seen["airbench norm"].add(module.running_mean.dtype)
+
+    out = tmp_path / "report.json"
+    flags = ["--no-amp"] if precision == "fp32" else ["--amp-dtype", "bf16"]
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
-        runner = speedrun.Airbench(airbench, synthetic_data(), tmp_path, {},
-                                   context=lambda: speedrun.airbench_on_cpu(airbench, dtype))
-        result = runner.run_seed(0, 0)
+        code = speedrun.main(["--data-dir", str(learnable_folder), "--preset", "speedrun", "--runs", "1", "--airbench",
+                              "--out-dir", str(tmp_path / "run"), "--json", str(out), "--", *flags, *LEARNABLE_TRAIN])
     finally:
-        hook.remove()
-    assert 0 < result["run_seconds"] <= result["wall_seconds"]
-    assert 0 <= result["acc_tta"] <= 1 and runner.out["flops_per_run"] > 0
-    assert conv_dtypes == {dtype or torch.float32}
-    assert torch.nn.Module.cuda is not None and not hasattr(torch.cuda.Event, "seconds")  # patches undone
+        handle.remove()
+    report = json.loads(out.read_text())
+    assert code == 0 and report["errors"] == [], report["errors"]
+    assert report["airbench"]["cpu_precision"] == str(low)
+    (fast,), (ab,) = report["fastcifar"]["runs"], report["airbench"]["runs"]
+    assert fast["acc_tta"] >= 0.5 and ab["acc_tta"] >= 0.5  # chance: 0.1, what a NaN run gives
+    with open(Path(fast["out_dir"]) / "metrics.csv") as f:
+        assert all(np.isfinite(float(row["train_loss"])) for row in csv.DictReader(f))
+    assert np.isfinite(ab["logged"]["train_losses"]).all()
+    assert 0 < ab["run_seconds"] <= ab["wall_seconds"]
+    assert len(whitening) == 2  # warm-up and seed
+    for call in whitening:
+        assert call["filters"].dtype == low and torch.isfinite(call["filters"]).all()
+        assert np.abs(call["eigenvalues"] - call["reference"]).max() <= 1e-4 * call["reference"].max()
+    assert seen["airbench conv"] == {low} and seen["airbench norm"] == {torch.float32}
+    assert low in seen["fastcifar conv"]  # its training steps (its model summary runs in fp32)
 
 
 def test_real_airbench_loader_reads_our_files_on_the_cpu(tmp_path):
@@ -408,7 +485,7 @@ def test_real_airbench_loader_reads_our_files_on_the_cpu(tmp_path):
     data = CifarData(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 10,
                      rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), np.arange(16) % 10,
                      list(CLASSES), (0.5,) * 3, (0.25,) * 3, "synthetic")
-    folder = speedrun.write_airbench_data(data, tmp_path)
+    folder = airbench_runner.write_airbench_data(data, tmp_path)
     loader = airbench.CifarLoader(str(folder), train=True, batch_size=32, aug=dict(flip=True, translate=2),
                                   altflip=True, gpu="cpu")
     inputs, labels = next(iter(loader))
@@ -420,6 +497,27 @@ def test_real_airbench_loader_reads_our_files_on_the_cpu(tmp_path):
 
 def test_the_cuda_marker_is_registered_for_gpu_sh(pytestconfig):
     assert any(m.startswith("cuda:") for m in pytestconfig.getini("markers"))
+
+
+def test_gpu_report_rewrites_parts_and_summary_from_each_parts_json(tmp_path):
+    report = {"device": "cpu", "torch": "2.x", "data_source": "tiny", "table": "THE TABLE", "errors": ["seed 1: boom"],
+              "fastcifar": {"runs": [{"seed": 0, "error": "UserError: boom"}]}}
+    (tmp_path / "speedrun.json").write_text(json.dumps(report))
+    parts = [gpu_report.parse_part("speedrun|1|12|failed"), gpu_report.parse_part("cuda-tests|||skipped (5s left)")]
+    text = gpu_report.write_summary(tmp_path, "data.tar.gz", ["airbench skipped"], parts)
+    written = json.loads((tmp_path / "parts.json").read_text())
+    assert written["notes"] == ["airbench skipped"] and written["data"] == "data.tar.gz"
+    assert written["parts"] == [{"name": "speedrun", "exit_code": 1, "seconds": 12, "status": "failed"},
+                                {"name": "cuda-tests", "exit_code": None, "seconds": None, "status": "skipped (5s left)"}]
+    assert (tmp_path / "summary.txt").read_text() == text
+    lines = text.splitlines()
+    assert "note: airbench skipped" in lines and "speedrun: failed, exit 1, 12 s wall" in lines
+    assert "cuda-tests: skipped (5s left)" in lines and "THE TABLE" in lines and "error: seed 1: boom" in lines
+    assert not gpu_report.fastcifar_finished(tmp_path / "speedrun.json")  # its only seed failed
+    assert not gpu_report.fastcifar_finished(tmp_path / "absent.json")
+    report["fastcifar"]["runs"].append({"seed": 1, "acc": 0.9})
+    (tmp_path / "speedrun.json").write_text(json.dumps(report))
+    assert gpu_report.main(["finished", str(tmp_path / "speedrun.json")]) == 0
 
 
 def run_gpu_script(tmp_path: Path, data: Path, **env_vars: str) -> subprocess.CompletedProcess:
@@ -480,27 +578,6 @@ def test_gpu_script_skips_what_its_budget_cannot_fit_and_still_writes_the_summar
     assert "speedrun: skipped" in (out / "summary.txt").read_text()
 
 
-def test_a_signal_mid_run_keeps_every_finished_seed(tmp_path, monkeypatch):
-    import signal
-
-    def fake_seed(argv, out_dir):
-        seed = int(argv[argv.index("--seed") + 1])
-        if seed == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends; arrives inside this seed
-        return speedrun.fastcifar_record(trainer_summary(
-            {"seed": seed, "test_acc": 0.9, "test_acc_tta": 0.95, "train_seconds": 5.0, "run_seconds": 6.0}))
-
-    monkeypatch.setattr(speedrun, "run_fastcifar_seed", fake_seed)
-    use_synthetic_data(monkeypatch)
-    out = tmp_path / "report.json"
-    code = speedrun.main(["--data-dir", "synthetic", "--preset", "default", "--runs", "3",
-                          "--out-dir", str(tmp_path / "run"), "--json", str(out)])
-    report = json.loads(out.read_text())
-    assert code == 143 and [r["seed"] for r in report["fastcifar"]["runs"]] == [0]
-    assert report["errors"] == ["stopped early (signal 15); results are partial"]
-    assert report["methods"]["fastcifar[default]"]["run_seconds"]["median"] == 6.0
-
-
 def test_the_json_report_holds_each_seed_before_the_next_one_starts(tmp_path, monkeypatch):
     out = tmp_path / "report.json"
     seen = []
@@ -536,7 +613,8 @@ def _originals(airbench):
     return {"Module.cuda": torch.nn.Module.cuda, "Module.half": torch.nn.Module.half,
             "Tensor.half": torch.Tensor.half, "cuda.Event": torch.cuda.Event,
             "cuda.synchronize": torch.cuda.synchronize,
-            "loader defaults": airbench.utils.CifarLoader.__init__.__defaults__}
+            "loader defaults": airbench.utils.CifarLoader.__init__.__defaults__,
+            "LookaheadState.update": airbench.utils.LookaheadState.update}
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
@@ -545,10 +623,11 @@ def test_airbench_on_cpu_undoes_every_patch(dtype, fail):
     airbench = pytest.importorskip("airbench")
     before = _originals(airbench)
     try:
-        with speedrun.airbench_on_cpu(airbench, dtype):
-            assert torch.nn.Module.half is not before["Module.half"]  # the patches are in place inside
-            assert torch.cuda.Event is speedrun.HostClockEvent
-            assert torch.is_autocast_enabled("cpu") == (dtype is not None)
+        with airbench_runner.airbench_on_cpu(airbench, dtype):
+            inside = _originals(airbench)
+            assert all(inside[k] is not before[k] for k in before)  # every patch is in place inside
+            assert torch.ones(1).half().dtype == (dtype or torch.float32)  # airbench's fp16 is `dtype` here
+            assert not torch.is_autocast_enabled("cpu")  # its fp32 whitening stays fp32
             if fail:
                 raise RuntimeError("airbench failed")
     except RuntimeError:
@@ -556,4 +635,18 @@ def test_airbench_on_cpu_undoes_every_patch(dtype, fail):
     after = _originals(airbench)
     assert all(after[k] is before[k] or after[k] == before[k] for k in before), \
         [k for k in before if not (after[k] is before[k] or after[k] == before[k])]
-    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_airbench_lookahead_averages_bf16_weights_as_it_does_its_fp16_ones():
+    """airbench's own LookaheadState.update skips any dtype but fp16 and fp32: under the patch its bf16 weights
+    (its fp16 on a GPU) move to ema + (1 - decay) x (weights - ema) like the fp16 ones do."""
+    airbench = pytest.importorskip("airbench")
+    with airbench_runner.airbench_on_cpu(airbench, torch.bfloat16):
+        net = torch.nn.Linear(4, 2, bias=False).half()
+        state = airbench.utils.LookaheadState(net)
+        ema = net.weight.detach().float().clone()
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        state.update(net, decay=0.75)
+    assert net.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(net.weight.float(), ema + 0.25, atol=2e-2, rtol=0)

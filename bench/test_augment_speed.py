@@ -1,7 +1,7 @@
 """Group `augment`: images per second of ONE training epoch of augmentation on the CPU, 50,000 images, and the
 fast loader's one-time setup.
 
-    OMP_NUM_THREADS=1 pytest bench/test_augment.py --benchmark-json=/tmp/augment.json   # ~2 min on 2 cores
+    OMP_NUM_THREADS=1 pytest bench/test_augment_speed.py --benchmark-json=/tmp/augment.json   # ~2 min on 2 cores
 
 The fast loader (DeviceLoader on CPU tensors, bf16 and fp32) against the albumentations reference
 (`reference_loader`: per-image Normalize, reflect pad + random crop, flip, CoarseDropout; a DataLoader with
