@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402 (after the sys.path line)
 
 from fastcifar.config import split_at_double_dash  # noqa: E402
 from fastcifar.errors import UserError, first_line, run_cli  # noqa: E402
+from fastcifar.evaluate import describe_views  # noqa: E402
 from fastcifar.stats import describe  # noqa: E402
 
 from bench.airbench_runner import (  # noqa: E402
@@ -192,7 +193,7 @@ def fastcifar_record(summary: dict[str, Any]) -> dict[str, Any]:
     (run,) = summary["runs"]["per_seed"]
     tta = summary.get("tta")  # the trainer's TTA as fields: {"flip": True, "translate": N, "views": [...]}
     own = run.get("test_acc_tta")
-    name = (f"flip + translate {tta['translate']}" if tta["translate"] else "flip") if tta and own is not None else None
+    name = describe_views(tta).removesuffix(" TTA") if tta and own is not None else None
     return {"seed": run.get("seed"), "acc": run["test_acc"], "acc_tta": own,
             "acc_flip_tta": own if name == "flip" else None, "tta": name,
             "run_seconds": run["run_seconds"], "train_seconds": run["train_seconds"],
