@@ -115,6 +115,39 @@ class TrainConfig:
     plots: bool = option(True, 'curves.png, confusion.png, misclassified.png', environment=True)
 
 
+# The speedrun recipe: 94% at airbench94's budget of work (0.36 PFLOP per run): a smaller net of the family
+# with airbench94's optimizer settings in this trainer's units. airbench's lr and weight decay are
+# "decoupled": per 1024 images of a summed loss, divided by Nesterov's step gain 1 + 1 / (1 - momentum). For
+# our mean loss, lr = 11.5 / (1 + 1 / 0.15) = 1.5 and weight_decay = its per-step decay / lr = 0.0153 / 11.5.
+# bench/RESULTS.md has the measurements.
+_SPEEDRUN: dict[str, Any] = dict(
+    widths="24,64,256,256",  # channels of prep, layer1..3: airbench94's; a quarter of the classic net's FLOPs
+    residual="1,3",          # a residual block (two convs) after layers 1 and 3: where airbench has one conv
+    prep_kernel=2,           # 2x2 unpadded patches into the first conv: 12 dims, 24 whitening filters
+    activation="gelu",       # after every BatchNorm (airbench)
+    bn_momentum=0.4,         # weight of each batch in the running stats (airbench's 0.6 is 1 - this)
+    whiten=True,             # first conv = patch whitening of 5000 training images, frozen
+    whiten_bias_epochs=3,    # epochs the bias after the whitening conv trains, then stops (airbench: 3)
+    bn_weight=False,         # BatchNorm scales frozen at 1: the next conv scales freely
+    bias_lr=64.0,            # BatchNorm biases: 64x the lr per step, 1/64 the weight decay (same decay per step)
+    lookahead=True,          # every 5 steps the weights jump back to their EMA; the run ends on the EMA
+    epochs=9.9,              # passes over the 50,000 training images (airbench94's budget)
+    batch_size=1024,         # images per step
+    lr=1.5,                  # peak lr per step of the mean loss: airbench's 11.5 per 1024 images, decoupled
+    weight_decay=1.33e-3,    # per unit lr per step (mean loss): airbench's 0.0153 per 1024 images / 11.5
+    momentum=0.85,           # Nesterov, constant ...
+    min_momentum=0.85,       # ... (equal: no momentum cycle)
+    pct_start=0.23,          # fraction of the steps spent rising to the peak lr
+    div_factor=5.0,          # the first step's lr is 1/5 = 0.2x the peak
+    final_div_factor=0.2 / 0.07,  # relative to the first step's: the last step's lr is 0.07x the peak
+    anneal="linear",         # straight lines up and down: airbench's triangle
+    label_smoothing=0.2,     # of the one-hot targets, spread over the 10 classes
+    logit_scale=1 / 9,       # multiplies the logits: keeps early softmax outputs soft at this high lr
+    alt_flip=True,           # each image mirrored every other epoch (a random phase) instead of at random
+    translate=2,             # random crops shifted up to 2 pixels (reflect padding)
+    cutout=0,                # no cutout: 9.9 epochs are too few for it to pay
+    tta_translate=1)         # final evaluation: flip + shifts by +-1 pixel, 6 views (airbench's TTA level 2)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Page-style ResNet-9 recipe: >= 94% in 24 epochs on a GPU with the default net.
     "default": {},
@@ -123,74 +156,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                  final_div_factor=100.0, anneal="linear", momentum=0.95, min_momentum=0.85, epochs=24,
                  batch_size=512, label_smoothing=0.0, logit_scale=1.0, pipeline="albumentations",
                  amp=False, compile=False, channels_last=False, tta=False),
-    # The speedrun recipe: 94% at airbench94's budget of work (0.36 PFLOP per run): a smaller net of the family
-    # with airbench94's optimizer settings in this trainer's units. airbench's lr and weight decay are
-    # "decoupled": per 1024 images of a summed loss, divided by Nesterov's step gain 1 + 1 / (1 - momentum). For
-    # our mean loss, lr = 11.5 / (1 + 1 / 0.15) = 1.5 and weight_decay = its per-step decay / lr = 0.0153 / 11.5.
-    # bench/RESULTS.md has the measurements.
-    "speedrun": dict(
-        widths="24,64,256,256",  # channels of prep, layer1..3: airbench94's, a third of the classic net's work
-        residual="1,3",          # a residual block (two convs) after layers 1 and 3: where airbench has one conv
-        prep_kernel=2,           # 2x2 unpadded patches into the first conv: 12 dims, 24 whitening filters
-        activation="gelu",       # after every BatchNorm (airbench)
-        bn_momentum=0.4,         # weight of each batch in the running stats (airbench's 0.6 is 1 - this)
-        whiten=True,             # first conv = patch whitening of 5000 training images, frozen
-        whiten_bias_epochs=3,    # epochs the bias after the whitening conv trains, then stops (airbench: 3)
-        bn_weight=False,         # BatchNorm scales frozen at 1: the next conv scales freely
-        bias_lr=64.0,            # BatchNorm biases: 64x the lr per step, 1/64 the weight decay (same decay per step)
-        lookahead=True,          # every 5 steps the weights jump back to their EMA; the run ends on the EMA
-        epochs=9.9,              # passes over the 50,000 training images (airbench94's budget)
-        batch_size=1024,         # images per step
-        lr=1.5,                  # peak lr per step of the mean loss: airbench's 11.5 per 1024 images, decoupled
-        weight_decay=1.33e-3,    # per unit lr per step (mean loss): airbench's 0.0153 per 1024 images / 11.5
-        momentum=0.85,           # Nesterov, constant ...
-        min_momentum=0.85,       # ... (equal: no momentum cycle)
-        pct_start=0.23,          # fraction of the steps spent rising to the peak lr
-        div_factor=5.0,          # the first step's lr is 1/5 = 0.2x the peak
-        final_div_factor=0.2 / 0.07,  # relative to the first step's: the last step's lr is 0.07x the peak
-        anneal="linear",         # straight lines up and down: airbench's triangle
-        label_smoothing=0.2,     # of the one-hot targets, spread over the 10 classes
-        logit_scale=1 / 9,       # multiplies the logits: keeps early softmax outputs soft at this high lr
-        alt_flip=True,           # each image mirrored every other epoch (a random phase) instead of at random
-        translate=2,             # random crops shifted up to 2 pixels (reflect padding)
-        cutout=0,                # no cutout: 9.9 epochs are too few for it to pay
-        tta_translate=1),        # final evaluation: flip + shifts by +-1 pixel, 6 views (airbench's TTA level 2)
-    # airbench94 0.1.8 itself in this trainer (its net, init and recipe; the units as for speedrun): the speedrun
-    # preset's settings, and those where speedrun departs from it.
-    "airbench94": dict(
-        widths="24,64,256,256",  # whitening conv 2 x 3 x 2 x 2 = 24 filters, then its three ConvGroups
+    "speedrun": _SPEEDRUN,
+    # airbench94 0.1.8 itself in this trainer: the speedrun preset's values, and those where speedrun departs.
+    "airbench94": {**_SPEEDRUN, **dict(
         residual="",             # no residual blocks ...
         plain="1,2,3",           # ... but one more conv-BN-GELU after each layer: airbench's ConvGroup
-        prep_bn=False,           # the whitening conv has a bias and GELU, no BatchNorm
+        prep_bn=False,           # the whitening conv has a bias (1x the lr) and a GELU, no BatchNorm
         bn_eps=1e-12,            # BatchNorm eps
-        fc_bias=False,           # the final linear layer has no bias
+        fc_bias=False,           # no bias in the final linear layer
         dirac=True,              # each conv starts as the identity on its first in_channels filters
-        prep_kernel=2,           # 2x2 unpadded patches into the whitening conv
-        activation="gelu",       # after every BatchNorm and after the whitening conv
-        bn_momentum=0.4,         # weight of each batch in the running stats (airbench's 0.6 is 1 - this)
-        whiten=True,             # whitening init from 5000 training images, filters frozen
-        whiten_bias_epochs=3,    # the whitening conv's bias trains 3 epochs ...
-        whiten_bias_stop="grad",  # ... then requires_grad off, which also skips layer1's input gradient
-        bn_weight=False,         # BatchNorm scales frozen at 1
-        bias_lr=64.0,            # BatchNorm biases: 64x the lr, same decay per step (the conv bias: 1x)
-        lookahead=True,          # every 5 steps the weights jump back to their EMA; the run ends on the EMA
-        epochs=9.9,              # passes over the 50,000 training images ...
-        step_rounding="ceil",    # ... ceil(48 x 9.9) = 476 steps
-        batch_size=1024,         # images per step
-        lr=1.5,                  # peak lr per step of the mean loss: airbench's 11.5 per 1024 images, decoupled
-        weight_decay=0.0153 / 11.5,  # per unit lr per step (mean loss): airbench's 0.0153 per 1024 images
-        momentum=0.85,           # Nesterov, constant ...
-        min_momentum=0.85,       # ... (equal: no momentum cycle)
-        pct_start=0.23,          # fraction of the steps spent rising to the peak lr
-        div_factor=5.0,          # the first step's lr is 0.2x the peak
-        final_div_factor=0.2 / 0.07,  # relative to the first step's: the last step's lr is 0.07x the peak
-        anneal="linear",         # airbench's triangle
-        label_smoothing=0.2,     # of the one-hot targets, spread over the 10 classes
-        logit_scale=1 / 9,       # multiplies the logits
-        alt_flip=True,           # each image mirrored every other epoch (a random phase)
-        translate=2,             # random crops shifted up to 2 pixels (reflect padding)
-        cutout=0,                # no cutout
-        tta_translate=1),        # final evaluation: flip + shifts by +-1 pixel, 6 views (TTA level 2)
+        whiten_bias_stop="grad",  # after its 3 epochs the whitening bias stops needing (and getting) gradients
+        step_rounding="ceil",    # ceil(48 x 9.9) = 476 steps
+        weight_decay=0.0153 / 11.5)},  # per unit lr per step (mean loss): airbench's 0.0153 per 1024 images
 }
 
 
