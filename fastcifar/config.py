@@ -360,10 +360,8 @@ def validate(c: TrainConfig) -> None:
         (c.logit_scale > 0, "logit_scale", "must be > 0"),
         (widths is not None and len(widths) in (0, 4) and all(w >= 1 for w in widths), "widths",
          "must be four channel counts >= 1, e.g. 24,64,256,256"),
-        (residual is not None and set(residual) <= {1, 2, 3}, "residual",
-         "must list layers among 1,2,3 (comma-separated), or be empty"),
-        (plain is not None and set(plain) <= {1, 2, 3}, "plain",
-         "must list layers among 1,2,3 (comma-separated), or be empty"),
+        *[(layers is not None and set(layers) <= {1, 2, 3}, name, "must list layers among 1,2,3 (comma-separated), "
+           "or be empty") for name, layers in (("residual", residual), ("plain", plain))],
         (c.bn_eps > 0, "bn_eps", "must be > 0"),
         (0 < c.bn_momentum <= 1, "bn_momentum", "must be in (0, 1]"),
         (c.muon_lr > 0, "muon_lr", "must be > 0"),

@@ -3,12 +3,10 @@
     python -m fastcifar.flops --preset speedrun   # the recipe's net: layer table, parameters, FLOPs per image
     python -m fastcifar.flops --width 16
 
-A run's work is the training images it steps through x one image's forward + backward (frozen parameters
-need no weight gradient; a whitening bias stopped by requires_grad spares the next layer's input gradient
-too), plus its final evaluation: test images x the views of its TTA x one image's forward. The per-image
-counts come from the meta device: no memory, no time. Matrix multiplications and convolutions count, 2
-FLOPs per multiply-add (the convention of airbench's 0.36 PFLOP); BatchNorm, activations, pooling, the
-optimizer and the per-epoch evaluations (outside the run's clock too) do not. Every total in `recipe_flops`.
+A run's work (`recipe_flops`) is its training images x one image's forward + backward (frozen parameters need
+no gradient), plus its final evaluation: test images x its TTA views x one forward, counted on the meta device.
+Convolutions and matrix products count, 2 FLOPs per multiply-add (airbench's 0.36 PFLOP convention); BatchNorm,
+activations, pooling, the optimizer and the per-epoch evaluations (outside the run's clock too) do not.
 """
 
 from __future__ import annotations

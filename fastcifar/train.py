@@ -166,9 +166,10 @@ def warm_up(session: Session) -> float:
             init_weights(session.model_without_ddp, session.config, session.data, seed=0)
         inputs, labels = (t.to(device) for t in next(iter(loader)))
         model.train()
-        bias = session.model_without_ddp.whitening_bias()
-        for trained in [True, False][:1 + (session.config.whiten_bias_stop == "grad")]:  # a stopped bias: a graph
-            bias.requires_grad_(trained)
+        stops = session.config.whiten_bias_epochs and session.config.whiten_bias_stop == "grad"
+        for trained in [True, False][:1 + bool(stops)]:  # a bias stopped by requires_grad is one more graph
+            if stops:
+                session.model_without_ddp.whitening_bias().requires_grad_(trained)
             for _ in range(2):
                 with autocast(device, dtype):
                     session.criterion(model(inputs), labels).backward()

@@ -146,3 +146,12 @@ def test_print_config_shows_every_field_its_value_source_and_meaning_without_loa
     assert re.fullmatch(r"bias_lr +64\.0 +preset speedrun +lr multiplier for BatchNorm biases.*", rows["bias_lr"])
     assert re.fullmatch(r"seed +0 +default +the first seed.*", rows["seed"])
     assert value_sources(["--lr", "1"])["lr"] == "flag" and value_sources([])["lr"] == "default"
+
+
+def test_a_checkpoint_config_from_before_the_airbench_options_resumes_with_their_defaults():
+    """checkpoint.pt's config.json has no plain, prep_bn, bn_eps, fc_bias, dirac, step_rounding or
+    whiten_bias_stop when an older version wrote it: --resume takes the defaults, the recipe it trained."""
+    newer = {"plain", "prep_bn", "bn_eps", "fc_bias", "dirac", "step_rounding", "whiten_bias_stop"}
+    saved = {k: v for k, v in vars(TrainConfig(width=8)).items() if k not in newer}
+    assert resume_config(saved, TrainConfig(), explicit=[], run_dir="runs/x") == TrainConfig(width=8,
+                                                                                           out_dir="runs/x")
