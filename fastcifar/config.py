@@ -53,8 +53,15 @@ class TrainConfig:
     activation: Literal["relu", "gelu"] = option("relu", 'activation after every BatchNorm')
     bn_momentum: float = option(0.1, "BatchNorm running-stats momentum, PyTorch's convention (airbench: 0.4)")
     logit_scale: float = option(0.125, 'logits multiplier (Page); 1.0 = plain net')
+    plain: str = option('', 'layers (of 1,2,3) followed by one more conv-BN-activation, no skip (airbench); empty = none')
+    prep_bn: bool = option(True, 'BatchNorm after the first conv; --no-prep-bn: a conv bias instead (airbench)')
+    bn_eps: float = option(1e-5, "BatchNorm eps (PyTorch's default; airbench: 1e-12)")
+    fc_bias: bool = option(True, 'bias of the final linear layer (airbench: none)')
+    dirac: bool = option(False, "identity init of each conv's first in_channels filters (airbench)")
     # schedule (OneCycleLR, stepped per batch)
     epochs: float = option(24, 'passes over the data; a fraction ends the last one early (airbench: 9.9)')
+    step_rounding: Literal["round", "ceil"] = option(
+        "round", 'whole steps of --epochs x steps per epoch: round (9.9 x 48 = 475) or ceil (airbench: 476)')
     batch_size: int = option(512, 'per process; with torchrun the global batch is this x world size', aliases=("-b",))
     optimizer: Literal["sgd", "adam", "muon"] = option(
         "sgd", 'sgd (Nesterov), adam, or muon: torch.optim.Muon for the conv filters, SGD for the rest')
@@ -73,6 +80,9 @@ class TrainConfig:
     whiten_bias_epochs: float = option(
         0.0, 'with --whiten and N > 0: the whitened conv stays frozen and the BatchNorm bias after it trains '
         'for the first N epochs only (airbench: 3); 0 = the first layer trains like the others')
+    whiten_bias_stop: Literal["lr", "grad"] = option(
+        "lr", 'how that bias stops: lr = its scheduled lr becomes 0 (compiled graphs stay valid); grad = '
+        "requires_grad off (airbench), which also skips the next layer's input gradient; one more compilation")
     bn_weight: bool = option(True, 'train the BatchNorm scales; --no-bn-weight freezes them at 1 (airbench)')
     bias_lr: float = option(1.0, 'lr multiplier for BatchNorm biases, same decay per step (airbench: 64)')
     lookahead: bool = option(False, 'every 5 steps pull the weights back to their EMA (airbench); ends on the EMA')
@@ -105,6 +115,39 @@ class TrainConfig:
     plots: bool = option(True, 'curves.png, confusion.png, misclassified.png', environment=True)
 
 
+# The speedrun recipe: 94% at airbench94's budget of work (0.36 PFLOP per run): a smaller net of the family
+# with airbench94's optimizer settings in this trainer's units. airbench's lr and weight decay are
+# "decoupled": per 1024 images of a summed loss, divided by Nesterov's step gain 1 + 1 / (1 - momentum). For
+# our mean loss, lr = 11.5 / (1 + 1 / 0.15) = 1.5 and weight_decay = its per-step decay / lr = 0.0153 / 11.5.
+# bench/RESULTS.md has the measurements.
+_SPEEDRUN: dict[str, Any] = dict(
+    widths="24,64,256,256",  # channels of prep, layer1..3: airbench94's; a quarter of the classic net's FLOPs
+    residual="1,3",          # a residual block (two convs) after layers 1 and 3: where airbench has one conv
+    prep_kernel=2,           # 2x2 unpadded patches into the first conv: 12 dims, 24 whitening filters
+    activation="gelu",       # after every BatchNorm (airbench)
+    bn_momentum=0.4,         # weight of each batch in the running stats (airbench's 0.6 is 1 - this)
+    whiten=True,             # first conv = patch whitening of 5000 training images, frozen
+    whiten_bias_epochs=3,    # epochs the bias after the whitening conv trains, then stops (airbench: 3)
+    bn_weight=False,         # BatchNorm scales frozen at 1: the next conv scales freely
+    bias_lr=64.0,            # BatchNorm biases: 64x the lr per step, 1/64 the weight decay (same decay per step)
+    lookahead=True,          # every 5 steps the weights jump back to their EMA; the run ends on the EMA
+    epochs=9.9,              # passes over the 50,000 training images (airbench94's budget)
+    batch_size=1024,         # images per step
+    lr=1.5,                  # peak lr per step of the mean loss: airbench's 11.5 per 1024 images, decoupled
+    weight_decay=1.33e-3,    # per unit lr per step (mean loss): airbench's 0.0153 per 1024 images / 11.5
+    momentum=0.85,           # Nesterov, constant ...
+    min_momentum=0.85,       # ... (equal: no momentum cycle)
+    pct_start=0.23,          # fraction of the steps spent rising to the peak lr
+    div_factor=5.0,          # the first step's lr is 1/5 = 0.2x the peak
+    final_div_factor=0.2 / 0.07,  # relative to the first step's: the last step's lr is 0.07x the peak
+    anneal="linear",         # straight lines up and down: airbench's triangle
+    label_smoothing=0.2,     # of the one-hot targets, spread over the 10 classes
+    logit_scale=1 / 9,       # multiplies the logits: keeps early softmax outputs soft at this high lr
+    alt_flip=True,           # each image mirrored every other epoch (a random phase) instead of at random
+    translate=2,             # random crops shifted up to 2 pixels (reflect padding)
+    cutout=0,                # no cutout: 9.9 epochs are too few for it to pay
+    tta_translate=1)         # final evaluation: flip + shifts by +-1 pixel, 6 views (airbench's TTA level 2)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Page-style ResNet-9 recipe: >= 94% in 24 epochs on a GPU with the default net.
     "default": {},
@@ -113,16 +156,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                  final_div_factor=100.0, anneal="linear", momentum=0.95, min_momentum=0.85, epochs=24,
                  batch_size=512, label_smoothing=0.0, logit_scale=1.0, pipeline="albumentations",
                  amp=False, compile=False, channels_last=False, tta=False),
-    # The speedrun recipe: 94% at airbench94's budget of work (0.36 PFLOP per run). A smaller net of the family
-    # with airbench94's optimizer settings in this trainer's units: peak lr 1.5 for the mean loss is its 11.5 per
-    # 1024 images under its momentum-decoupled convention; the lr goes from 0.2x up to the peak and down to 0.07x.
-    # bench/RESULTS.md has the measurements.
-    "speedrun": dict(widths="24,64,256,256", residual="1,3", prep_kernel=2, activation="gelu", bn_momentum=0.4,
-                     whiten=True, whiten_bias_epochs=3, bn_weight=False, bias_lr=64.0, lookahead=True,
-                     epochs=9.9, batch_size=1024, lr=1.5, weight_decay=1.33e-3, momentum=0.85, min_momentum=0.85,
-                     pct_start=0.23, div_factor=5.0, final_div_factor=0.2 / 0.07, anneal="linear",
-                     label_smoothing=0.2, logit_scale=1 / 9, alt_flip=True, translate=2, cutout=0,
-                     tta_translate=1),
+    "speedrun": _SPEEDRUN,
+    # airbench94 0.1.8 itself in this trainer: the speedrun preset's values, and those where speedrun departs.
+    "airbench94": {**_SPEEDRUN, **dict(
+        residual="",             # no residual blocks ...
+        plain="1,2,3",           # ... but one more conv-BN-GELU after each layer: airbench's ConvGroup
+        prep_bn=False,           # the whitening conv has a bias (1x the lr) and a GELU, no BatchNorm
+        bn_eps=1e-12,            # BatchNorm eps
+        fc_bias=False,           # no bias in the final linear layer
+        dirac=True,              # each conv starts as the identity on its first in_channels filters
+        whiten_bias_stop="grad",  # after its 3 epochs the whitening bias stops needing (and getting) gradients
+        step_rounding="ceil",    # ceil(48 x 9.9) = 476 steps
+        weight_decay=0.0153 / 11.5)},  # per unit lr per step (mean loss): airbench's 0.0153 per 1024 images
 }
 
 
@@ -181,6 +226,8 @@ def get_args_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                              "recipe flags must agree with the checkpoint, environment flags may change")
     parser.add_argument("--debug", action="store_true", default=none or False,
                         help="show tracebacks instead of one-line errors")
+    parser.add_argument("--print-config", action="store_true", default=none or False,
+                        help="print every field's value, where it came from and its meaning, then exit")
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         types = (hints[f.name], *typing.get_args(hints[f.name]))  # `int | None` -> (int | None, int, NoneType)
@@ -232,17 +279,32 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     """Parse the command line into a validated TrainConfig (plus the namespace for --resume/--debug).
-    `args.explicit` names the fields set on the command line, by --config or by an explicit --preset."""
+    `args.sources` says where each field's value came from (value_sources); `args.explicit` names the fields
+    set on the command line, by --config or by an explicit --preset."""
     args = layered_args(get_args_parser(), argv)
     config = config_from_args(args)
     validate(config)
-    given = vars(get_args_parser(suppress_defaults=True).parse_args(argv))
-    from_files = {*PRESETS.get(given.get("preset"), {}), *(load_toml(args.config) if "config" in given else {})}
-    args.explicit = frozenset((set(given) | from_files) & {f.name for f in fields(TrainConfig)})
-    if "width" in given and config.widths:  # --widths (a preset's too) sets every stage: --width would do nothing
+    args.sources = value_sources(argv)
+    args.explicit = frozenset(name for name, source in args.sources.items() if source != "default")
+    if args.sources["width"] == "flag" and config.widths:  # --widths (a preset's too) sets every stage
         raise UserError(f"invalid --width ({config.width}) with --widths ({config.widths}), which sets every "
                         "stage: scale --widths instead")
     return config, args
+
+
+def value_sources(argv: Sequence[str] | None) -> dict[str, str]:
+    """Where each field's value comes from: 'flag', 'config' (the --config file), 'preset NAME' or 'default'."""
+    given = vars(get_args_parser(suppress_defaults=True).parse_args(argv))
+    preset = PRESETS[given.get("preset", "default")]
+    toml = load_toml(given["config"]) if "config" in given else {}
+    return {f.name: "flag" if f.name in given else "config" if f.name in toml else
+            f"preset {given['preset']}" if f.name in preset else "default" for f in fields(TrainConfig)}
+
+
+def format_config(config: TrainConfig, sources: dict[str, str]) -> str:
+    """One line per field: name, value, where it came from, and its --help text (the unit and meaning)."""
+    return "\n".join(f"{f.name:<19} {getattr(config, f.name)!r:<22} {sources[f.name]:<19} {f.metadata['help']}"
+                     for f in fields(TrainConfig))
 
 
 def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: Collection[str] | None,
@@ -272,7 +334,7 @@ def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: Colle
 
 def validate(c: TrainConfig) -> None:
     """Check every value up front, so a run never fails an hour in because of a typo."""
-    widths, residual = _int_list(c.widths), _int_list(c.residual)
+    widths, residual, plain = _int_list(c.widths), _int_list(c.residual), _int_list(c.plain)
     checks = [
         (c.epochs > 0, "epochs", "must be > 0"),
         (c.batch_size >= 1, "batch_size", "must be >= 1"),
@@ -298,8 +360,9 @@ def validate(c: TrainConfig) -> None:
         (c.logit_scale > 0, "logit_scale", "must be > 0"),
         (widths is not None and len(widths) in (0, 4) and all(w >= 1 for w in widths), "widths",
          "must be four channel counts >= 1, e.g. 24,64,256,256"),
-        (residual is not None and set(residual) <= {1, 2, 3}, "residual",
-         "must list layers among 1,2,3 (comma-separated), or be empty"),
+        *[(layers is not None and set(layers) <= {1, 2, 3}, name, "must list layers among 1,2,3 (comma-separated), "
+           "or be empty") for name, layers in (("residual", residual), ("plain", plain))],
+        (c.bn_eps > 0, "bn_eps", "must be > 0"),
         (0 < c.bn_momentum <= 1, "bn_momentum", "must be in (0, 1]"),
         (c.muon_lr > 0, "muon_lr", "must be > 0"),
         (0 <= c.muon_momentum < 1, "muon_momentum", "must be in [0, 1)"),
@@ -327,4 +390,5 @@ def model_options(c: TrainConfig) -> dict[str, Any]:
     """The ModelConfig keyword arguments that the recipe sets."""
     return dict(width=c.width, logit_scale=c.logit_scale, widths=tuple(_int_list(c.widths)) or None,
                 residual=tuple(_int_list(c.residual)), prep_kernel=c.prep_kernel, activation=c.activation,
-                bn_momentum=c.bn_momentum)
+                bn_momentum=c.bn_momentum, plain=tuple(_int_list(c.plain)), prep_bn=c.prep_bn, bn_eps=c.bn_eps,
+                fc_bias=c.fc_bias, dirac=c.dirac)

@@ -1,25 +1,29 @@
 """The work of a run in floating-point operations, counted with `torch.utils.flop_counter`, not by hand.
 
-    python -m fastcifar.model --width 16          # prints FLOPs per image next to the parameters
-    python -c "from fastcifar.config import TrainConfig; from fastcifar.flops import recipe_flops; \\
-        print(recipe_flops(TrainConfig(), 50000, 10000))"
+    python -m fastcifar.flops --preset speedrun   # the recipe's net: layer table, parameters, FLOPs per image
+    python -m fastcifar.flops --width 16
 
-A run's work is the training images it steps through x one image's forward + backward (frozen parameters
-need no weight gradient), plus its final evaluation: test images x the views of its TTA x one image's forward.
-Both per-image counts come from the meta device: no memory, no time. Matrix multiplications and convolutions
-count, 2 FLOPs per multiply-add (the convention of airbench's 0.36 PFLOP); BatchNorm, activations, pooling,
-the optimizer and the per-epoch evaluations (outside the run's clock too) do not.
+A run's work (`recipe_flops`) is its training images x one image's forward + backward (frozen parameters need
+no gradient), plus its final evaluation: test images x its TTA views x one forward, counted on the meta device.
+Convolutions and matrix products count, 2 FLOPs per multiply-add (airbench's 0.36 PFLOP convention); BatchNorm,
+activations, pooling, the optimizer and the per-epoch evaluations (outside the run's clock too) do not.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import sys
+from dataclasses import replace
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastcifar.model import ModelConfig, ResNet9
+from fastcifar.config import PRESETS, TrainConfig, model_options
+from fastcifar.evaluate import tta_views
+from fastcifar.model import ModelConfig, ResNet9, count_parameters, summary
+from fastcifar.recipe import frozen_parameter_names, total_steps, whiten_bias_steps
 
 COUNT_BATCH = 2  # BatchNorm in training mode needs more than one value per channel
 
@@ -57,20 +61,48 @@ def meta_model(model_config: ModelConfig, frozen: tuple[str, ...] = ()) -> ResNe
     return model
 
 
-def recipe_flops(config, num_train: int, num_test: int, num_classes: int = 10, world_size: int = 1) -> dict[str, Any]:
-    """The work of one run (one seed) of the TrainConfig `config` on `num_train` training and `num_test`
-    test images: {"train", "eval", "per_run"} in FLOPs, and the per-image counts they come from."""
-    from fastcifar.config import model_options
-    from fastcifar.evaluate import tta_views
-    from fastcifar.recipe import frozen_parameter_names, total_steps
-
+def recipe_flops(config: TrainConfig, num_train: int, num_test: int, num_classes: int = 10,
+                 world_size: int = 1) -> dict[str, Any]:
+    """The work of one run (one seed) of `config` on `num_train` training and `num_test` test images:
+    {"train", "eval", "per_run"} in FLOPs, and the per-image counts they come from ("per_image_train" while
+    the whitening bias trains, "per_image_train_stopped" after a --whiten-bias-stop grad)."""
     model = meta_model(ModelConfig(num_classes=num_classes, **model_options(config)), frozen_parameter_names(config))
     per_image_train, per_image_forward = train_step_flops(model), forward_flops(model)
+    per_image_stopped = per_image_train
+    if config.whiten_bias_epochs and config.whiten_bias_stop == "grad":
+        model.whitening_bias().requires_grad_(False)
+        per_image_stopped = train_step_flops(model)
     global_batch = config.batch_size * world_size
-    steps = total_steps(config, num_train // global_batch)
+    steps_per_epoch = num_train // global_batch
+    steps, trained = total_steps(config, steps_per_epoch), whiten_bias_steps(config, steps_per_epoch)
     views = len(tta_views(config.tta, config.tta_translate))  # the recipe's own final evaluation
-    train = per_image_train * steps * global_batch
+    train = (per_image_train * trained + per_image_stopped * (steps - trained)) * global_batch
     evaluation = per_image_forward * views * num_test
     return {"train": train, "eval": evaluation, "per_run": train + evaluation,
             "per_image_forward": per_image_forward, "per_image_train": per_image_train,
-            "train_images": steps * global_batch, "eval_views": views}
+            "per_image_train_stopped": per_image_stopped, "train_images": steps * global_batch,
+            "eval_views": views}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastcifar.flops",
+                                     description="Print the model summary, parameters and FLOPs per image.")
+    parser.add_argument("--width", type=int, default=None, help="channels of the prep layer (default: the preset's)")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="the net of this recipe")
+    parser.add_argument("--num-classes", type=int, default=10)
+    args = parser.parse_args(argv)
+    if (args.width is not None and args.width < 1) or args.num_classes < 1:
+        parser.error("--width and --num-classes must be >= 1")
+    recipe = TrainConfig(**PRESETS[args.preset])
+    recipe = replace(recipe, width=args.width) if args.width else recipe
+    model = ResNet9(ModelConfig(num_classes=args.num_classes, **model_options(recipe)))
+    print(summary(model))
+    counted = meta_model(model.config, frozen_parameter_names(recipe))  # as the recipe trains it
+    print(f"parameters: {count_parameters(model):,}")
+    print(f"FLOPs per image: {forward_flops(counted) / 1e6:,.1f} M forward, "
+          f"{train_step_flops(counted) / 1e6:,.1f} M forward + backward")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

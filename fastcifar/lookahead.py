@@ -2,10 +2,8 @@
 (weights and BatchNorm statistics) is an exponential moving average of the fast ones, updated every
 `every` steps; at each update the fast weights jump back to the slow copy and training goes on from there.
 
-The EMA decay ramps with the cube of training progress, decay(t) = final_decay * (t / total)**3: early
-training, where the weights move fast, is left alone; late training, where SGD only jitters around a
-minimum, is averaged. After the last step the weights are set to the slow copy (decay 1: the fast steps
-since the last update are dropped), so the run ends on the average.
+The decay ramps with the cube of progress, final_decay * (t / total)**3: early training, where the weights move
+fast, is left alone; late training, where SGD jitters around a minimum, is averaged. The run ends on the slow copy.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """The custom ResNet (a ResNet-9) and its config. Nothing else lives here.
 
-    python -m fastcifar.model --width 16           # layer table, output shapes, parameters, FLOPs per image
-    python -m fastcifar.model --preset speedrun    # the speedrun recipe's net
+    python -m fastcifar.flops --preset speedrun    # layer table, parameters, FLOPs per image of a recipe's net
 
     prep    conv3x3(3 -> w)                      BN ReLU           32x32
     layer1  conv3x3(w -> 2w)  maxpool2           BN ReLU  + R      16x16
@@ -12,15 +11,13 @@
 R is two (conv3x3 -> BN -> ReLU) blocks whose output is added to their input: y = x + F(x), the standard form.
 Pooling comes before BN (cheaper: BN runs on a quarter of the pixels). Convolutions have no bias (BN follows).
 At the default width 64 the net has 6,573,130 parameters. ModelConfig's other options make a family around it
-for smaller budgets; every default is the classic net.
+for smaller budgets, airbench94's net among them (a 2x2 first conv with a bias and no BN, a plain second
+conv-BN-GELU after each layer); every default is the classic net.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -36,18 +33,28 @@ class ModelConfig:
     prep_kernel: int = 3  # 3 (padded) or 2 (unpadded 2x2 patches, 31x31 out: airbench's whitening layer)
     activation: str = "relu"  # relu or gelu (airbench)
     bn_momentum: float = 0.1  # PyTorch's BatchNorm momentum: the weight of the newest batch in the running stats
+    plain: tuple[int, ...] = ()  # layers followed by one more conv-BN-activation, no skip (airbench's ConvGroup)
+    prep_bn: bool = True  # False: the prep conv has a bias (zero at init) and no BatchNorm (airbench)
+    bn_eps: float = 1e-5  # BatchNorm's eps (airbench: 1e-12)
+    fc_bias: bool = True  # the final linear layer's bias (airbench: none)
+    dirac: bool = False  # each conv's first in_channels filters start as the identity (airbench)
 
     def __post_init__(self):  # JSON gives lists; the config stays hashable and comparable
         if self.widths is not None:
             object.__setattr__(self, "widths", tuple(int(c) for c in self.widths))
-        object.__setattr__(self, "residual", tuple(sorted(int(i) for i in self.residual)))
+        for name in ("residual", "plain"):
+            object.__setattr__(self, name, tuple(sorted(int(i) for i in getattr(self, name))))
 
 
-def conv_bn(c_in: int, c_out: int, config: ModelConfig, pool: bool = False, kernel: int = 3) -> nn.Sequential:
-    conv = nn.Conv2d(c_in, c_out, kernel_size=kernel, padding=1 if kernel == 3 else 0, bias=False)
+def conv_bn(c_in: int, c_out: int, config: ModelConfig, pool: bool = False, kernel: int = 3,
+            norm: bool = True) -> nn.Sequential:
+    """conv (-> maxpool2) -> BN -> activation; without `norm` the conv has a bias, zero at init, and no BN."""
+    conv = nn.Conv2d(c_in, c_out, kernel_size=kernel, padding=1 if kernel == 3 else 0, bias=not norm)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
     activation = nn.GELU() if config.activation == "gelu" else nn.ReLU(inplace=True)
-    return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []),
-                         nn.BatchNorm2d(c_out, momentum=config.bn_momentum), activation)
+    bn = [nn.BatchNorm2d(c_out, eps=config.bn_eps, momentum=config.bn_momentum)] if norm else []
+    return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []), *bn, activation)
 
 
 class Residual(nn.Module):
@@ -67,17 +74,27 @@ class ResNet9(nn.Module):
         self.config = config
         w = config.width
         c0, c1, c2, c3 = config.widths or (w, 2 * w, 4 * w, 8 * w)
-        self.prep = conv_bn(3, c0, config, kernel=config.prep_kernel)
+        self.prep = conv_bn(3, c0, config, kernel=config.prep_kernel, norm=config.prep_bn)
         self.layer1 = self._layer(c0, c1, 1)
         self.layer2 = self._layer(c1, c2, 2)
         self.layer3 = self._layer(c2, c3, 3)
         self.pool = nn.AdaptiveMaxPool2d(1)  # = maxpool4 on 32x32 inputs, and exports with any size
-        self.fc = nn.Linear(c3, config.num_classes)
+        self.fc = nn.Linear(c3, config.num_classes, bias=config.fc_bias)
+        if config.dirac:
+            with torch.no_grad():
+                for conv in (m for m in self.modules() if isinstance(m, nn.Conv2d)):
+                    nn.init.dirac_(conv.weight[:conv.in_channels])
 
     def _layer(self, c_in: int, c_out: int, index: int) -> nn.Sequential:
-        down = conv_bn(c_in, c_out, self.config, pool=True)
-        # without a residual block (the classic layer2) the parameter names stay those of a plain conv_bn
-        return nn.Sequential(down, Residual(c_out, self.config)) if index in self.config.residual else down
+        blocks = [conv_bn(c_in, c_out, self.config, pool=True)]
+        blocks += [conv_bn(c_out, c_out, self.config)] if index in self.config.plain else []
+        blocks += [Residual(c_out, self.config)] if index in self.config.residual else []
+        # a lone conv_bn (the classic layer2) keeps the parameter names of a plain conv_bn
+        return nn.Sequential(*blocks) if len(blocks) > 1 else blocks[0]
+
+    def whitening_bias(self) -> nn.Parameter:
+        """The bias right after the first conv: its BatchNorm's, or with prep_bn=False the conv's own."""
+        return self.prep[1].bias if self.config.prep_bn else self.prep[0].bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))
@@ -113,30 +130,3 @@ def summary(model: ResNet9) -> str:
     lines = [f"{'layer':<10} {'output shape':<22} {'params':>12}", "-" * 46]
     lines += [f"{name:<10} {out:<22} {n:>12,}" for name, out, n in rows]
     return "\n".join(lines + ["-" * 46, f"{'total':<33} {count_parameters(model):>12,}"])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from fastcifar.config import PRESETS, TrainConfig, model_options
-    from fastcifar.flops import forward_flops, meta_model, train_step_flops
-    from fastcifar.recipe import frozen_parameter_names
-
-    parser = argparse.ArgumentParser(prog="python -m fastcifar.model",
-                                     description="Print the model summary, parameters and FLOPs per image.")
-    parser.add_argument("--width", type=int, default=None, help="channels of the prep layer (default: the preset's)")
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="the net of this recipe")
-    parser.add_argument("--num-classes", type=int, default=10)
-    args = parser.parse_args(argv)
-    if (args.width is not None and args.width < 1) or args.num_classes < 1:
-        parser.error("--width and --num-classes must be >= 1")
-    recipe = TrainConfig(**{**PRESETS[args.preset], **({"width": args.width} if args.width else {})})
-    model = ResNet9(ModelConfig(num_classes=args.num_classes, **model_options(recipe)))
-    print(summary(model))
-    counted = meta_model(model.config, frozen_parameter_names(recipe))  # as the recipe trains it
-    print(f"parameters: {count_parameters(model):,}")
-    print(f"FLOPs per image: {forward_flops(counted) / 1e6:,.1f} M forward, "
-          f"{train_step_flops(counted) / 1e6:,.1f} M forward + backward")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,6 +6,7 @@ and the fresh initialization of each seed.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -81,12 +82,13 @@ def frozen_parameter_names(config: TrainConfig) -> tuple[str, ...]:
     return tuple(names)
 
 
-def param_groups(config: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
+def param_groups(config: TrainConfig, model: ResNet9) -> list[dict[str, Any]]:
     """Trainable parameters in groups whose `lr_scale` is their multiple of the base lr. With --bias-lr the
     BatchNorm biases form a second group, lr scaled up and weight decay down (the same decay per step); with
-    --whiten-bias-epochs the first BatchNorm's bias is a group of its own, "whiten_bias" (stop_whitening_bias)."""
+    --whiten-bias-epochs the bias after the whitening conv is a group of its own, "whiten_bias", with the
+    settings of the group it would join (stop_whitening_bias)."""
     scale = config.bias_lr
-    prep_bias = model.prep[1].bias if config.whiten_bias_epochs else None
+    prep_bias = model.whitening_bias() if config.whiten_bias_epochs else None
     biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     trainable = [p for p in model.parameters() if p.requires_grad and p is not prep_bias]
     bias_group = dict(lr_scale=scale, lr=config.lr * scale, weight_decay=config.weight_decay / scale)
@@ -96,18 +98,25 @@ def param_groups(config: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
         groups = [dict(params=[p for p in trainable if id(p) not in biases], lr_scale=1.0),
                   dict(params=[p for p in trainable if id(p) in biases], **bias_group)]
     if prep_bias is not None:
-        groups.append(dict(params=[prep_bias], name="whiten_bias", **bias_group))
+        groups.append(dict(params=[prep_bias], name="whiten_bias",
+                           **(bias_group if id(prep_bias) in biases else dict(lr_scale=1.0))))
     return groups
 
 
 def stop_whitening_bias(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> None:
-    """From epoch `config.whiten_bias_epochs` on (0-based `epoch`), the "whiten_bias" group's scheduled lr
-    is zero, so the first layer stays as trained so far. Zeroing the schedule rather than requires_grad
-    keeps the compiled graphs valid."""
-    if config.whiten_bias_epochs and epoch >= config.whiten_bias_epochs:
-        for group in optimizer.param_groups:
-            if group.get("name") == "whiten_bias":
-                group.update({key: 0.0 for key in ("lr", "initial_lr", "max_lr", "min_lr") if key in group})
+    """From epoch `config.whiten_bias_epochs` on (0-based `epoch`), the "whiten_bias" group stops: its
+    scheduled lr is zero (keeps the compiled graphs valid), or with --whiten-bias-stop grad its bias stops
+    requiring a gradient, which also spares the backward pass through the first layer."""
+    if not config.whiten_bias_epochs:
+        return
+    stopped = epoch >= config.whiten_bias_epochs
+    for group in optimizer.param_groups:
+        if group.get("name") != "whiten_bias":
+            continue
+        if config.whiten_bias_stop == "grad":  # set every epoch: a model shared by several seeds starts trained
+            group["params"][0].requires_grad_(not stopped)
+        elif stopped:
+            group.update({key: 0.0 for key in ("lr", "initial_lr", "max_lr", "min_lr") if key in group})
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -143,7 +152,14 @@ def build_criterion(config: TrainConfig) -> nn.Module:
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     """Optimizer steps of one run: --epochs may be fractional, the last epoch then stops early."""
-    return max(1, round(config.epochs * steps_per_epoch))
+    steps = config.epochs * steps_per_epoch
+    return max(1, math.ceil(round(steps, 6)) if config.step_rounding == "ceil" else round(steps))  # 6: float noise
+
+
+def whiten_bias_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps that train the whitening bias (all of them unless --whiten-bias-epochs stops it)."""
+    total = total_steps(config, steps_per_epoch)
+    return min(total, math.ceil(config.whiten_bias_epochs) * steps_per_epoch) if config.whiten_bias_epochs else total
 
 
 def epoch_steps(config: TrainConfig, steps_per_epoch: int) -> list[int]:

@@ -29,7 +29,7 @@ import fastcifar.data
 from fastcifar.atomic import write_json
 from fastcifar.augment import DeviceLoader
 from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE, ModelInfo, RunState, Training, load_resume, save_model
-from fastcifar.config import TrainConfig, parse_config, resume_config, validate
+from fastcifar.config import TrainConfig, format_config, parse_config, resume_config, validate
 from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, process_group
 from fastcifar.errors import UserError, run_cli
 from fastcifar.evaluate import evaluate, evaluation_record, tta_inputs
@@ -118,6 +118,9 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device) -
         if config.val_split:  # from here on the "test" arrays are the held-out training images
             data = fastcifar.data.validation_split(data, config.val_split, config.split_seed)
     check_batch_size(config, len(data.train_labels), dist)
+    if dist.enabled and config.whiten_bias_epochs and config.whiten_bias_stop == "grad":  # DDP's hooks are fixed
+        raise UserError("invalid --whiten-bias-stop grad under torchrun (DDP cannot drop a parameter mid-run): "
+                        "use --whiten-bias-stop lr")
     if dist.is_main:
         create_out_dir(out)
         if not resume:  # an --overwrite run: a stop before its first checkpoint must not offer the old run's
@@ -163,9 +166,13 @@ def warm_up(session: Session) -> float:
             init_weights(session.model_without_ddp, session.config, session.data, seed=0)
         inputs, labels = (t.to(device) for t in next(iter(loader)))
         model.train()
-        for _ in range(2):
-            with autocast(device, dtype):
-                session.criterion(model(inputs), labels).backward()
+        stops = session.config.whiten_bias_epochs and session.config.whiten_bias_stop == "grad"
+        for trained in [True, False][:1 + bool(stops)]:  # a bias stopped by requires_grad is one more graph
+            if stops:
+                session.model_without_ddp.whitening_bias().requires_grad_(trained)
+            for _ in range(2):
+                with autocast(device, dtype):
+                    session.criterion(model(inputs), labels).backward()
         model.eval()
         test_inputs = next(iter(session.test_loader))[0].to(device)
         with torch.no_grad(), autocast(device, dtype):  # the views made as evaluate makes them
@@ -332,6 +339,9 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, args = parse_config(argv)
+    if args.print_config:
+        print(format_config(config, args.sources))
+        return 0
     train(config, resume_from=args.resume, explicit=args.explicit)
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import fields
 
 import pytest
 from torch import nn
@@ -110,10 +111,12 @@ def test_val_split_is_a_flag_and_a_toml_key(tmp_path):
 
 def test_model_options_carry_every_family_option():
     config = TrainConfig(widths="6,8,12,16", residual="3,2", prep_kernel=2, activation="gelu", bn_momentum=0.3,
-                         logit_scale=0.5, width=32)
+                         logit_scale=0.5, width=32, plain="2,1", prep_bn=False, bn_eps=1e-9, fc_bias=False,
+                         dirac=True)
     model_config = ModelConfig(**model_options(config))
     assert model_config == ModelConfig(width=32, logit_scale=0.5, widths=(6, 8, 12, 16), residual=(2, 3),
-                                       prep_kernel=2, activation="gelu", bn_momentum=0.3)
+                                       prep_kernel=2, activation="gelu", bn_momentum=0.3, plain=(1, 2),
+                                       prep_bn=False, bn_eps=1e-9, fc_bias=False, dirac=True)
 
 
 def test_the_speedrun_presets_net_has_gelu_and_its_bn_momentum():
@@ -122,3 +125,33 @@ def test_the_speedrun_presets_net_has_gelu_and_its_bn_momentum():
     assert bns and all(m.momentum == 0.4 for m in bns)
     assert any(isinstance(m, nn.GELU) for m in model.modules())
     assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+
+
+def test_print_config_shows_every_field_its_value_source_and_meaning_without_loading_data(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Sabotage caught: a source mislabelled (a flag reported as the preset's), a field left out, or the data
+    loaded before printing."""
+    import fastcifar.data
+    from fastcifar.config import value_sources
+    from fastcifar.train import main
+
+    monkeypatch.setattr(fastcifar.data, "load_cifar10", lambda *a, **k: pytest.fail("--print-config loaded data"))
+    (tmp_path / "c.toml").write_text("cutout = 4\n")
+    argv = ["--preset", "speedrun", "--config", str(tmp_path / "c.toml"), "--lr", "2.0", "--print-config"]
+    assert main(argv) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert set(rows) == {f.name for f in fields(TrainConfig)}
+    assert re.fullmatch(r"lr +2\.0 +flag +peak learning rate .*", rows["lr"])
+    assert re.fullmatch(r"cutout +4 +config +side of the cutout square, pixels.*", rows["cutout"])
+    assert re.fullmatch(r"bias_lr +64\.0 +preset speedrun +lr multiplier for BatchNorm biases.*", rows["bias_lr"])
+    assert re.fullmatch(r"seed +0 +default +the first seed.*", rows["seed"])
+    assert value_sources(["--lr", "1"])["lr"] == "flag" and value_sources([])["lr"] == "default"
+
+
+def test_a_checkpoint_config_from_before_the_airbench_options_resumes_with_their_defaults():
+    """checkpoint.pt's config.json has no plain, prep_bn, bn_eps, fc_bias, dirac, step_rounding or
+    whiten_bias_stop when an older version wrote it: --resume takes the defaults, the recipe it trained."""
+    newer = {"plain", "prep_bn", "bn_eps", "fc_bias", "dirac", "step_rounding", "whiten_bias_stop"}
+    saved = {k: v for k, v in vars(TrainConfig(width=8)).items() if k not in newer}
+    assert resume_config(saved, TrainConfig(), explicit=[], run_dir="runs/x") == TrainConfig(width=8,
+                                                                                           out_dir="runs/x")

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from fastcifar.config import PRESETS, TrainConfig
-from fastcifar.flops import forward_flops, meta_model, recipe_flops, train_step_flops
-from fastcifar.model import ModelConfig, main
+from fastcifar.flops import forward_flops, main, meta_model, recipe_flops, train_step_flops
+from fastcifar.model import ModelConfig
 from fastcifar.report import SEED_CLOCKS, run_summary
 
 
@@ -116,7 +116,7 @@ def test_the_summarys_flops_total_is_per_run_times_the_seeds_so_far():
     assert partial["flops"]["total"] == 2 * 42
 
 
-def test_the_model_command_prints_the_training_count_next_to_the_forward_count(capsys):
+def test_the_flops_command_prints_the_training_count_next_to_the_forward_count(capsys):
     assert main(["--width", "16"]) == 0
     out = capsys.readouterr().out
     counted = meta_model(ModelConfig(width=16))
@@ -133,3 +133,25 @@ def test_under_torchrun_the_run_counts_the_global_batch():
     assert work["train_images"] == 12 * 200
     assert work["train_images"] != recipe_flops(config, 1050, 200)["train_images"]
     assert work["train"] == work["per_image_train"] * work["train_images"]
+
+
+def test_the_airbench94_preset_counts_as_airbench94_and_its_stopped_whitening_bias_saves_layer1s_input_gradient():
+    """Per image as make_net94() counts (0.359 PFLOP per run when the whitening bias trains all 476 steps, as
+    bench/speedrun.py's airbench_flops counts it); stopping the bias with requires_grad after 3 epochs of 48
+    steps spares layer1's input gradient, by hand 24 x 64 x 9 multiply-adds at 31x31, in the remaining 332
+    steps. Sabotage caught: step_rounding or whiten_bias_stop deleted from the preset; recipe_flops ignoring
+    the stop; stop_whitening_bias leaving requires_grad on."""
+    from test_model import airbench_net94
+
+    reference = airbench_net94()
+    preset = TrainConfig(**PRESETS["airbench94"])
+    trained_all_run = recipe_flops(dataclasses.replace(preset, whiten_bias_stop="lr"), 50_000, 10_000)
+    assert trained_all_run["per_image_train"] == train_step_flops(reference)
+    assert trained_all_run["per_image_forward"] == forward_flops(reference)
+    airbench_count = train_step_flops(reference) * 476 * 1024 + forward_flops(reference) * 6 * 10_000
+    assert trained_all_run["per_run"] == airbench_count and round(airbench_count / 1e15, 3) == 0.359
+    work = recipe_flops(preset, 50_000, 10_000)
+    layer1_input_gradient = 2 * 24 * 64 * 9 * 31 * 31
+    assert work["per_image_train"] - work["per_image_train_stopped"] == layer1_input_gradient
+    assert airbench_count - work["per_run"] == layer1_input_gradient * (476 - 3 * 48) * 1024  # ~0.009 PFLOP
+    assert work["train_images"] == 476 * 1024

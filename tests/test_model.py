@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
-from fastcifar.config import PRESETS, TrainConfig
-from fastcifar.flops import recipe_flops
-from fastcifar.model import ModelConfig, ResNet9, count_parameters, main, summary
+from fastcifar.config import PRESETS, TrainConfig, model_options
+from fastcifar.flops import main, recipe_flops
+from fastcifar.model import ModelConfig, ResNet9, count_parameters, summary
+from fastcifar.recipe import build_model
 
 
 def test_default_width_has_the_classic_parameter_count():
@@ -58,7 +61,7 @@ def test_the_plain_summary_without_torchinfo_leaves_the_model_training(monkeypat
     assert "layer1" in table and f"{count_parameters(model):,}" in table and model.training
 
 
-def test_the_model_command_shows_a_presets_net(capsys):
+def test_the_flops_command_shows_a_presets_net(capsys):
     assert main(["--preset", "speedrun"]) == 0
     out = capsys.readouterr().out
     assert "parameters: 2,009,818" in out and "FLOPs per image: 205.7 M forward" in out
@@ -94,3 +97,75 @@ def test_a_family_config_survives_the_json_header_that_export_reads():
                          bn_momentum=0.4)
     info = ModelInfo.from_json(ModelInfo(config, ["a"] * 10, [0.5] * 3, [0.25] * 3).to_json())
     assert info.config == config and info.config.residual == (1, 3)
+
+
+def test_each_family_option_shapes_the_net_as_it_says():
+    """Sabotage caught: any of plain, prep_bn, bn_eps, fc_bias or dirac ignored by ResNet9."""
+    base = dict(widths=(6, 8, 12, 16), residual=())
+    net = ResNet9(ModelConfig(**base, plain=(2,), prep_bn=False, bn_eps=1e-12, fc_bias=False, dirac=True))
+    nn = torch.nn
+    assert [type(m) for m in net.layer2[1]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]  # no skip: not a Residual
+    assert net.layer2[1][0].weight.shape == (12, 12, 3, 3) and len(net.layer1) == 4  # layer 1: one conv_bn
+    assert [type(m) for m in net.prep] == [nn.Conv2d, nn.ReLU] and torch.equal(
+        net.prep[0].bias, torch.zeros(6)) and net.whitening_bias() is net.prep[0].bias
+    assert all(m.eps == 1e-12 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert net.fc.bias is None
+    x = torch.randn(1, 12, 5, 5)  # the plain conv starts as the identity: it passes its input through
+    torch.testing.assert_close(net.layer2[1][0](x), x)
+    classic = ResNet9(ModelConfig(**base))
+    assert classic.whitening_bias() is classic.prep[1].bias and classic.fc.bias is not None
+    identity = torch.nn.init.dirac_(torch.empty(8, 8, 3, 3))
+    assert not torch.equal(classic.layer1[0].weight[:6], identity[:6, :6])
+    assert torch.equal(net.layer1[0].weight[:6], identity[:6, :6])
+    assert all(m.eps == 1e-5 for m in classic.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_a_checkpoint_header_without_the_newer_family_fields_loads_with_their_defaults():
+    """What export/onnx.py and fastcifar.evaluate read from a model file written before these options existed."""
+    import json
+
+    from fastcifar.checkpoint import ModelInfo
+
+    header = json.loads(ModelInfo(ModelConfig(width=4), ["a"] * 10, [0.5] * 3, [0.25] * 3).to_json())
+    for name in ("plain", "prep_bn", "bn_eps", "fc_bias", "dirac"):
+        del header["model"][name]
+    assert ModelInfo.from_json(json.dumps(header)).config == ModelConfig(width=4)
+
+
+def airbench_net94() -> torch.nn.Module:
+    """airbench 0.1.8's make_net94() built on the CPU in fp32 (it calls .half().cuda())."""
+    airbench = pytest.importorskip("airbench")
+    with mock.patch.object(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self):
+        return airbench.make_net94().float()
+
+
+def test_the_airbench94_preset_is_make_net94_parameter_by_parameter():
+    """Shapes, which parameters train, BatchNorm eps and momentum, the identity-initialised filters, and the
+    same outputs from the same weights (train and eval mode). Sabotage caught: deleting any of widths, residual,
+    plain, prep_bn, bn_eps, fc_bias, dirac, prep_kernel, activation, bn_momentum, logit_scale, bn_weight or
+    whiten_bias_epochs from the preset."""
+    reference = airbench_net94()
+    ours = build_model(TrainConfig(**PRESETS["airbench94"], channels_last=False), 10, torch.device("cpu"))
+    pairs = list(zip(ours.parameters(), reference.parameters(), strict=True))
+    assert [(p.shape, p.requires_grad) for p, _ in pairs] == [(r.shape, r.requires_grad) for _, r in pairs]
+    norms = [[(m.eps, m.momentum) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+             for net in (ours, reference)]
+    assert norms[0] == norms[1] and norms[0][0] == (1e-12, pytest.approx(0.4))
+    for (p, r) in pairs:
+        if p.dim() == 4:  # airbench's Conv: dirac_ on the first in_channels filters
+            assert torch.equal(p[:p.shape[1]], r[:r.shape[1]])
+    assert torch.equal(ours.prep[0].bias, reference[0].bias)  # zero
+    with torch.no_grad():
+        for p, r in pairs:
+            p.copy_(r)
+    x = torch.randn(4, 3, 32, 32)
+    for train in (True, False):
+        torch.testing.assert_close(ours.train(train)(x), reference.train(train)(x))
+
+
+def test_the_airbench94_presets_net_has_airbench94s_forward_count(capsys):
+    assert main(["--preset", "airbench94"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 1,972,792" in out and "FLOPs per image: 236.3 M forward" in out
+    assert count_parameters(airbench_net94()) == 1_972_792
+    assert ModelConfig(**model_options(TrainConfig(**PRESETS["airbench94"]))).plain == (1, 2, 3)

@@ -20,7 +20,7 @@ from fastcifar.config import TrainConfig
 from fastcifar.data import CifarData
 from fastcifar.model import ModelConfig, ResNet9
 from fastcifar.recipe import (build_criterion, build_loaders, build_model, build_optimizer, build_scheduler,
-                              epoch_steps, init_weights)
+                              epoch_steps, init_weights, total_steps)
 from synthetic import CLASSES
 
 
@@ -171,8 +171,8 @@ def group_momentum(opt: torch.optim.Optimizer) -> float:
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_momentum_or_beta1_cycles_over_real_scheduler_steps(optimizer):
-    """Sabotage: cycle_momentum=False, or base/max momentum constants, in build_scheduler; the optimizer
-    setting ignored (always SGD)."""
+    """SGD's momentum and Adam's beta1 at the start, the peak lr and the end. Sabotage: cycle_momentum=False, or
+    base/max momentum constants, in build_scheduler; the optimizer setting ignored (always SGD)."""
     config = TrainConfig(optimizer=optimizer, epochs=1, lr=0.01, pct_start=0.25, momentum=0.95, min_momentum=0.8)
     param = torch.nn.Parameter(torch.ones(2))
     opt = build_optimizer(config, torch.nn.ParameterList([param]), CPU)
@@ -244,6 +244,15 @@ def test_epoch_steps_end_a_fractional_last_epoch_early(epochs, expected):
     assert epoch_steps(TrainConfig(epochs=epochs), steps_per_epoch=10) == expected
 
 
+@pytest.mark.parametrize("epochs, rounded, ceiled", [(9.9, 475, 476), (0.1 * 3, 14, 15), (2.0, 96, 96)])
+def test_step_rounding_ceil_takes_airbench94s_476_steps(epochs, rounded, ceiled):
+    """ceil(48 x 9.9) = 476, as airbench94; float noise (0.30000000000000004 x 48) does not add a step.
+    Sabotage: step_rounding ignored in total_steps."""
+    assert total_steps(TrainConfig(epochs=epochs), 48) == rounded
+    assert total_steps(TrainConfig(epochs=epochs, step_rounding="ceil"), 48) == ceiled
+    assert sum(epoch_steps(TrainConfig(epochs=9.9, step_rounding="ceil"), 48)) == 476
+
+
 def test_frozen_bn_scales_and_bias_lr_group():
     config = TrainConfig(width=4, epochs=1, lr=0.4, weight_decay=5e-4, bn_weight=False, bias_lr=64.0)
     model = build_model(config, 10, torch.device("cpu"))
@@ -265,17 +274,22 @@ def test_frozen_bn_scales_and_bias_lr_group():
     assert biases["weight_decay"] * 64 == pytest.approx(rest["weight_decay"])
 
 
+@pytest.mark.parametrize("prep_bn, scale", [(True, 64.0), (False, 1.0)])
+def test_the_whitening_bias_group_takes_the_settings_of_the_group_it_would_join(prep_bn, scale):
+    """A BatchNorm bias after the whitening conv trains like the other BatchNorm biases (64x); airbench's conv
+    bias like the weights (1x, the plain weight decay). Sabotage: the whiten_bias group always bias_lr's."""
+    config = TrainConfig(width=4, whiten=True, whiten_bias_epochs=1, bias_lr=64.0, prep_bn=prep_bn, lr=0.5,
+                         weight_decay=0.01)
+    model = build_model(config, 10, CPU)
+    group = next(g for g in build_optimizer(config, model, CPU).param_groups if g.get("name") == "whiten_bias")
+    assert group["params"] == [model.whitening_bias()]
+    assert (group["lr"], group["weight_decay"]) == (pytest.approx(0.5 * scale), pytest.approx(0.01 / scale))
+
+
 def test_no_bias_lr_means_one_group():
     model = build_model(TrainConfig(width=4), 10, torch.device("cpu"))
     opt = build_optimizer(TrainConfig(width=4), model, torch.device("cpu"))
     assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == len(list(model.parameters()))
-
-
-def test_adam_cycles_beta1():
-    config = TrainConfig(optimizer="adam", epochs=1, lr=0.01, momentum=0.95, min_momentum=0.85)
-    opt = build_optimizer(config, torch.nn.Linear(2, 2), torch.device("cpu"))
-    build_scheduler(config, opt, steps_per_epoch=10)
-    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["betas"][0] == pytest.approx(0.95)
 
 
 def test_adam_applies_the_configured_weight_decay():

@@ -135,3 +135,28 @@ def test_the_training_loop_stops_the_whitening_bias(tmp_path):
     train(config, on_epoch=lambda row: biases.append(load_resume(out)[1]["model"]["prep.1.bias"].clone()))
     assert not torch.equal(biases[0], torch.zeros_like(biases[0]))  # trained in epoch 1
     assert torch.equal(biases[0], biases[1]) and torch.equal(biases[1], biases[2])  # then frozen
+
+
+@pytest.mark.parametrize("prep_bn", [True, False])
+def test_whiten_bias_stop_grad_turns_requires_grad_off_after_n_epochs_and_on_again_for_the_next_seed(prep_bn):
+    """airbench's way: no gradient at all for the stopped bias (its BatchNorm's or, without one, the conv's), so
+    it does not move; epoch 0 of a next seed trains it again. Sabotage caught: whiten_bias_stop ignored (the lr
+    zeroed instead), or requires_grad only ever turned off."""
+    from fastcifar.config import TrainConfig
+    from fastcifar.recipe import build_model, build_optimizer, stop_whitening_bias
+
+    config = TrainConfig(width=4, whiten=True, whiten_bias_epochs=2, whiten_bias_stop="grad", prep_bn=prep_bn,
+                         lr=0.1, channels_last=False)
+    cpu = torch.device("cpu")
+    model = build_model(config, 10, cpu)
+    optimizer = build_optimizer(config, model, cpu)
+    bias = model.whitening_bias()
+    for epoch, trains in [(0, True), (1, True), (2, False), (5, False), (0, True)]:
+        stop_whitening_bias(optimizer, config, epoch)
+        before = bias.detach().clone()
+        optimizer.zero_grad(set_to_none=True)
+        model(torch.randn(8, 3, 32, 32)).square().mean().backward()
+        optimizer.step()
+        assert bias.requires_grad == trains and (bias.grad is not None) == trains, epoch
+        assert torch.equal(bias, before) != trains, epoch
+        assert next(g for g in optimizer.param_groups if g.get("name") == "whiten_bias")["lr"] == 0.1  # kept
