@@ -40,7 +40,6 @@ def openvino_version() -> str | None:
 
 
 def require_openvino() -> str:
-    """The installed OpenVINO's release; UserError when there is none."""
     version = openvino_version()
     if version is None:
         raise UserError(f"--backend openvino: OpenVINO is not installed; {INSTALL_OPENVINO} or use "

@@ -152,7 +152,6 @@ def save_plot(path: str | Path, result: LRFindResult, title: str) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The training parser (every TrainConfig flag, --preset, --config) plus the range-test flags."""
     base = train_config.get_args_parser()
     parser = train_config.ArgumentParser(
         prog="python -m fastcifar.lr_find", parents=[base], add_help=False,  # base brings -h

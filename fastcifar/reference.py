@@ -61,7 +61,6 @@ def reference_loader(images: np.ndarray, labels: np.ndarray, *, mean: Sequence[f
                      batch_size: int, train: bool, translate: int = 4, cutout: int = 8, flip: bool = True,
                      pad_mode: str = "reflect", num_workers: int = 2, drop_last: bool = False,
                      seed: int = 0) -> DataLoader:
-    """A standard DataLoader over `AlbumentationsCifar`, shuffled when training."""
     transform = reference_transform(mean, std, train=train, translate=translate, cutout=cutout, flip=flip,
                                     pad_mode=pad_mode, seed=seed)
     generator = torch.Generator().manual_seed(seed)
