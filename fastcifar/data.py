@@ -1,16 +1,10 @@
 """CIFAR-10 loading: the official python batches or an image-folder tree, as a directory or an archive.
 
-Sources, told apart by what the path is:
-
-* the official python version: `cifar-10-batches-py/`, a directory holding it, or `cifar-10-python.tar.gz`;
-* an image-folder tree `train/<class>/*`, `test/<class>/*` (optionally under one top-level folder), as a
-  directory or a `.tar`, `.tar.gz`/`.tgz` or `.zip` archive, read in place without extracting;
-* nothing: the cache directory, downloading the official archive into it when online.
-
-The decoded arrays are cached as `<cache>/decoded/<key>.npz`, keyed by the source's path, size and mtime,
-so every load after the first takes well under a second.
-
     python -m fastcifar.data --data-dir ../shared/data/cifar10-png.tar.gz
+
+The sources, told apart by what the path is, are listed in docs/training.md (Data). The decoded arrays are
+cached as `<cache>/decoded/<key>.npz`, keyed by the source's path and the size and mtime of every file read,
+so every load after the first takes well under a second.
 """
 
 from __future__ import annotations
