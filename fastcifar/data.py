@@ -93,7 +93,7 @@ def channel_stats(images: np.ndarray, chunk: int = 1024
 
 def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool | None = None,
                  cache_dir: str | os.PathLike | None = None, use_cache: bool = True) -> CifarData:
-    """Load CIFAR-10 from `data_dir` (see the module docstring), or from / into the cache when None;
+    """Load CIFAR-10 from `data_dir` (a source of docs/training.md, Data), or from / into the cache when None;
     `download=None` downloads only when no copy is found and the machine is online."""
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = _source_path(data_dir) if data_dir is not None else _find_or_download(cache, download)
