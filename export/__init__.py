@@ -2,5 +2,4 @@
 and the runtimes both use (`export.backends`: onnxruntime, OpenVINO).
 
     python -m export.onnx --checkpoint runs/default --out model.onnx --int8 --data-dir ../shared/data/cifar10-png.tar.gz
-    python -m export.predict model.int8.onnx cat.png dog.jpg --top 3
 """

@@ -2,15 +2,10 @@
 
     python -m export.predict model.int8.onnx photos/ --backend openvino --mode throughput
 
-torch-free, like `export.predict`. A `Runner` turns float32 NCHW [0, 1] batches into logits; `make_runner`
-builds one for a file, backend, mode and thread count. Latency mode runs a batch in one call on `threads`
-threads; throughput mode splits it into slices run in parallel: onnxruntime from `threads` Python threads
-with one intra-op thread each (it releases the GIL), OpenVINO (THROUGHPUT hint) through the plugin's
-optimal number of infer requests. On CPUs with bf16 (AVX512_BF16 or AMX) OpenVINO runs an fp32 model in
-bf16 unless `precision="f32"`; `Runner.precision` names what the compiled model really uses.
-
-`--backend auto` (`choose_backend`) takes OpenVINO only where `export.onnx` verified it on this very file
-with this OpenVINO version (`<file>.verified.json`), onnxruntime otherwise.
+torch-free, like `export.predict`. Latency mode runs a batch in one call on `threads` threads; throughput mode
+splits it into slices run in parallel: onnxruntime from `threads` Python threads with one intra-op thread each
+(it releases the GIL), OpenVINO through the plugin's optimal number of infer requests. On CPUs with bf16
+(AVX512_BF16 or AMX) OpenVINO runs an fp32 model in bf16 unless `precision="f32"`.
 """
 
 from __future__ import annotations
@@ -45,7 +40,6 @@ def openvino_version() -> str | None:
 
 
 def require_openvino() -> str:
-    """The installed OpenVINO's release; UserError when there is none."""
     version = openvino_version()
     if version is None:
         raise UserError(f"--backend openvino: OpenVINO is not installed; {INSTALL_OPENVINO} or use "
@@ -78,9 +72,8 @@ class Runner:
 
 def make_runner(path: str | os.PathLike, backend: str = "onnxruntime", mode: str = "latency",
                 threads: int | None = None, precision: str = "auto") -> Runner:
-    """A Runner for the model at `path` (`backend` in BACKENDS, `mode` in MODES, `precision` in PRECISIONS).
-    UserError for an uninstalled backend; an unreadable file raises the runtime's own error (`runner_for`
-    turns it into a UserError)."""
+    """A Runner for the model at `path`; UserError for an uninstalled backend, the runtime's own error for an
+    unreadable file (`runner_for` turns it into a UserError)."""
     threads = threads or physical_cores()
     if backend == "openvino":
         return _openvino_runner(path, mode, threads, precision)

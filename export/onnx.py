@@ -1,24 +1,13 @@
 """Export a trained fastcifar model to ONNX for CPU inference, verified against PyTorch on every export.
 
     python -m export.onnx --checkpoint runs/default --out model.onnx
-    python -m export.onnx --checkpoint runs/default --out model.onnx --int8 \
-        --data-dir ../shared/data/cifar10-png.tar.gz          # also model.int8.onnx, calibrated on 512 images
-    python -m export.onnx --checkpoint runs/sr-1 --out sr.onnx --tta auto   # with the run's own TTA in the graph
-    python -m export.predict model.onnx cat.png               # torch-free inference
 
 The graph takes what torchvision's `to_tensor` or `cv2.dnn.blobFromImage(img, 1/255, swapRB=True)` give:
 input `input`, float32 NCHW RGB in [0, 1], any batch size; it normalizes with the training mean/std inside
-and returns `logits` (N, classes); with `--tta`, the weighted mean over the trainer's TTA views (`tta_plan`), so
-the file scores the run's TTA accuracy. Class names, mean/std, the input layout, the TTA, the run's test
-accuracy and the fastcifar version are in the model's metadata_props.
-
-Every file is written under a temporary name and renamed into place only after it passed `onnx.checker`,
-parity with an independent PyTorch reference and, with `--data-dir`, the accuracy gates (the test accuracy
-against the checkpoint's with the same TTA; with `--int8`, the drop against fp32); a failed check exits 2 and
-replaces nothing.
-Every other installed runtime (`export.backends`) then runs each file, and `<file>.verified.json` records
-whether `export.predict --backend auto` may use it. docs/export.md has the bounds, the int8 settings
-(`--int8` adds `<stem>.int8.onnx`) and the OpenVINO checks.
+and returns `logits` (N, classes); with `--tta`, the weighted mean over the trainer's TTA views (`tta_plan`).
+Class names, mean/std, the input layout, the TTA, the run's test accuracy and the fastcifar version are in the
+model's metadata_props. A file replaces nothing until it passed every check; docs/export.md has the checks,
+their bounds, int8 and the `<file>.verified.json` record that `export.predict --backend auto` reads.
 """
 
 from __future__ import annotations
@@ -230,9 +219,8 @@ def check_file(path: str | Path) -> None:
 
 
 def verify(model: nn.Module, info: ModelInfo, path: str | Path, images: np.ndarray,
-           tta: tuple[bool, int] = (False, 0)) -> Parity:
-    """Check the file at `path` and compare onnxruntime, fed raw [0, 1] images, with `reference_logits` with
-    the same TTA; UserError with the figures when a bound is missed."""
+           tta: tuple[bool, int]) -> Parity:
+    """`check_file`, then onnxruntime on raw [0, 1] images against `reference_logits` (same TTA); UserError if off."""
     check_file(path)
     # Logits within MAX_LOGIT_DIFF of the reference may swap the top two classes where those lie within twice
     # that: random images hold such near-ties, and which way they fall depends on the CPU's rounding. On any
@@ -316,10 +304,9 @@ class BackendCheck:
 
 def check_backends(name: str, path: Path, ort: Runner, ort_acc: float | None, check_images: np.ndarray,
                    data: CifarData | None, backends: Sequence[str], max_diff: float) -> dict:
-    """Report the file `name` (still at its temporary `path`, `ort` running it) under every backend in
-    `backends` and return its verification record. onnxruntime was gated already (parity, accuracy); another
-    backend runs in its default precision and is verified when its test accuracy lies within `max_diff` points
-    of `ort_acc`. A backend that cannot read or run the file is recorded as failed, never raised."""
+    """The verification record of the file `name` (still at its temporary `path`, `ort` running it) under each of
+    `backends`, printed. A backend other than onnxruntime (gated already) is verified when its test accuracy is
+    within `max_diff` points of `ort_acc`; one that cannot run the file is recorded as failed, never raised."""
     print(f"{name} under {', '.join(backends)}:")
     ort_logits = run_batches(ort, check_images)
     checks = [BackendCheck("onnxruntime", ort.version, "f32", True,
@@ -353,19 +340,16 @@ def check_backends(name: str, path: Path, ort: Runner, ort_acc: float | None, ch
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: np.ndarray, *,
                   source: str = "random images") -> dict:
-    """Static int8 quantization of the fp32 model with onnxruntime, calibrated on uint8 NHWC images: QDQ, uint8
-    activations, per-channel int8 weights, MinMax calibration, the fastest accurate choice measured
-    (bench/RESULTS.md). The quantizer keeps fp32's metadata, to which the settings and the calibration images
-    are added."""
+    """Static int8 quantization of the fp32 model with onnxruntime, calibrated on uint8 NHWC images, with the
+    settings that measured fastest while accurate (bench/RESULTS.md); the metadata says what it used."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quant_pre_process, quantize_static)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = ({INPUT_NAME: to_input(calib_images[i:i + 64])} for i in range(0, len(calib_images), 64))
+    feeds = ({INPUT_NAME: to_input(calib_images[i:i + 64])} for i in range(0, len(calib_images), 64))
 
+    class Reader(CalibrationDataReader):
         def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.feeds, None)
+            return next(feeds, None)
 
     with tempfile.TemporaryDirectory(prefix="fastcifar-int8-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"

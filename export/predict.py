@@ -1,20 +1,12 @@
 """Classify image files with an exported model: onnxruntime or OpenVINO, Pillow and numpy only (no torch).
 
     python -m export.predict model.onnx cat.png dog.jpg
-    python -m export.predict model.int8.onnx photos/ --top 3          # every image in a folder tree
-    python -m export.predict model.int8.onnx photos/ --backend openvino --mode throughput --threads 2
 
 One line per file: `file<TAB>class<TAB>probability` (softmax), or with `--top K` the K best as
-`class probability` pairs. Class names come from the model's metadata (written by `export.onnx`). Images
-that are not 32x32 are resized (bilinear, as a note on stderr); a file that cannot be read is reported on
-stderr and the others are still classified. Exit code: 0, 1 if any file failed, 2 for usage errors (a
-missing or invalid model file, a bad flag).
-
-`--backend auto` (the default) runs OpenVINO only where `export.onnx` verified it on this file (see
-`export.backends`), onnxruntime otherwise; stderr names the runtime used and why.
-
-The helpers here (`to_input`, `run_batches`) are also what `export.onnx` verifies with, so the checked path
-and the deployed path are the same code.
+`class probability` pairs; class names come from the model's metadata. A file that cannot be read is
+reported on stderr and the others are still classified. Exit code: 0, 1 if any file failed, 2 for usage
+errors (a missing or invalid model file, a bad flag). `to_input` and `run_batches` are also what
+`export.onnx` verifies with, so the checked path and the deployed path are the same code.
 """
 
 from __future__ import annotations

@@ -16,10 +16,7 @@ from typing import Any, Iterator
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it is fsynced and renamed onto `path`.
-
-    On any exception the temporary file is removed and `path` is left untouched.
-    """
+    """Yield a temporary path next to `path`: fsynced and renamed onto `path` on success, removed on any error."""
     path = Path(path)
     tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp_path.touch(0o666, exist_ok=False)  # a fresh name, with the usual permissions (the umask applies)

@@ -1,16 +1,10 @@
 """CIFAR-10 loading: the official python batches or an image-folder tree, as a directory or an archive.
 
-Sources, told apart by what the path is:
-
-* the official python version: `cifar-10-batches-py/`, a directory holding it, or `cifar-10-python.tar.gz`;
-* an image-folder tree `train/<class>/*`, `test/<class>/*` (optionally under one top-level folder), as a
-  directory or a `.tar`, `.tar.gz`/`.tgz` or `.zip` archive, read in place without extracting;
-* nothing: the cache directory, downloading the official archive into it when online.
-
-The decoded arrays are cached as `<cache>/decoded/<key>.npz`, keyed by the source's path, size and mtime,
-so every load after the first takes well under a second.
-
     python -m fastcifar.data --data-dir ../shared/data/cifar10-png.tar.gz
+
+The sources, told apart by what the path is, are listed in docs/training.md (Data). The decoded arrays are
+cached as `<cache>/decoded/<key>.npz`, keyed by the source's path and the size and mtime of every file read,
+so every load after the first takes well under a second.
 """
 
 from __future__ import annotations
@@ -99,11 +93,8 @@ def channel_stats(images: np.ndarray, chunk: int = 1024
 
 def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool | None = None,
                  cache_dir: str | os.PathLike | None = None, use_cache: bool = True) -> CifarData:
-    """Load CIFAR-10 from `data_dir` (see the module docstring), or from / into the cache when None.
-
-    `download=None` downloads only when no copy is found and the machine is online. Raises UserError for
-    anything the user can fix.
-    """
+    """Load CIFAR-10 from `data_dir` (a source of docs/training.md, Data), or from / into the cache when None;
+    `download=None` downloads only when no copy is found and the machine is online."""
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = _source_path(data_dir) if data_dir is not None else _find_or_download(cache, download)
     if not use_cache:
@@ -118,13 +109,10 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool | 
 
 
 def validation_split(data: CifarData, size: int, seed: int = 0) -> CifarData:
-    """`data` with `size` training images held out as the evaluation set (in the test arrays), stratified.
-
-    Each class gives `size` x its share of the training set (largest remainders round), picked by a
-    permutation seeded with `seed`; the rest, in their original order, are the training set. Mean and std
-    are recomputed from those remaining training images, so nothing about the held-out images (and
-    nothing about the real test set, which is dropped) reaches training. `source` says so.
-    """
+    """`data` with `size` training images held out as the evaluation set (in the test arrays), stratified:
+    each class gives `size` x its share (largest remainders round), picked by a permutation seeded with `seed`.
+    Mean and std come from the remaining training images, so nothing about the held-out ones reaches training;
+    the real test set is dropped."""
     num_train = len(data.train_labels)
     if not 0 < size < num_train:
         raise UserError(f"invalid --val-split ({size}): must be between 1 and {num_train - 1}, fewer than the "
@@ -173,8 +161,6 @@ def _find_or_download(cache: Path, download: bool | None) -> Path:
     except (OSError, RuntimeError, tarfile.TarError, EOFError) as e:
         raise UserError(f"could not download CIFAR-10 from {URL} into {cache} ({first_line(e)}): check the "
                         f"connection, or pass --data-dir PATH to a local copy") from e
-    if not official.is_dir():
-        raise UserError(f"download finished but {official} is missing: pass --data-dir PATH to a local copy")
     return official.resolve()
 
 
@@ -493,7 +479,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def format_data_summary(data: CifarData) -> str:
-    """Per-class counts for both splits, totals and the training-split channel statistics."""
     train = np.bincount(data.train_labels, minlength=len(data.classes))
     test = np.bincount(data.test_labels, minlength=len(data.classes))
     width = max(12, *(len(c) for c in data.classes))

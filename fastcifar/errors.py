@@ -36,8 +36,7 @@ def require(module: str, extra: str, purpose: str = "") -> ModuleType:
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
             prog: str = "fastcifar") -> int:
-    """Run `main(argv)`; a UserError becomes one line on stderr and exit code 2, unless `--debug` is anywhere
-    in argv: then it is re-raised, so the full traceback is shown."""
+    """Run `main(argv)` as the module docstring says; with `--debug` anywhere in argv a UserError is re-raised."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:

@@ -2,13 +2,10 @@
 
     python -m fastcifar.lr_find --data-dir ../shared/data/cifar10-png.tar.gz --width 16 --device cpu --steps 150 --out /tmp/lr_find_w16.png
 
-From a fresh model (seeded like a training run) the lr grows exponentially from --start-lr to --end-lr over
---steps optimizer steps on the device-resident loader, until the loss, smoothed by a bias-corrected EMA,
-exceeds --diverge x its best or is not finite. Writes the curve as a plot (--out, log lr axis) and as
-`<stem>.csv` next to it (step, lr, loss, smoothed), and prints two suggestions for the one cycle's peak lr:
-where the smoothed loss falls fastest (min d loss / d log lr), and the lr of its minimum / 10 (fastai's rule
-of thumb). Every training flag applies (`--width`, `--optimizer`, `--preset`, `--config` ...); the schedule
-flags (`--lr`, `--epochs` ...) and `--pipeline` are ignored, and the model is not compiled.
+From a fresh model (seeded like a training run) on the device-resident loader, the lr grows exponentially
+until the loss, smoothed by a bias-corrected EMA, exceeds --diverge x its best or is not finite. Prints two
+suggestions for the one cycle's peak lr: where the smoothed loss falls fastest (min d loss / d log lr), and
+the lr of its minimum / 10 (fastai's rule of thumb). `--pipeline` is ignored and the model is not compiled.
 """
 
 from __future__ import annotations
@@ -52,10 +49,9 @@ class LRFindResult:
 def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, criterion: nn.Module,
                   *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int = 200, diverge: float = 4.0,
                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LRFindResult:
-    """Train `model` on up to `steps` `batches` ((inputs, labels) on `device`), the lr growing exponentially from
-    start_lr to end_lr, recording the losses until the smoothed loss exceeds `diverge` x its best (that step
-    recorded), the loss is not finite (not recorded) or `batches` ends. `dtype`: autocast's (None: none; float16
-    adds a GradScaler). Model (weights, buffers, grads, mode) and optimizer are restored after, even on error."""
+    """Train `model` on up to `steps` `batches` ((inputs, labels) on `device`) until the smoothed loss exceeds
+    `diverge` x its best (that step recorded) or the loss is not finite (not recorded). `dtype`: autocast's.
+    Model (weights, buffers, grads, mode) and optimizer are restored after, even on error."""
     from fastcifar.runtime import autocast
 
     device = torch.device(device)
@@ -156,7 +152,6 @@ def save_plot(path: str | Path, result: LRFindResult, title: str) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The training parser (every TrainConfig flag, --preset, --config) plus the range-test flags."""
     base = train_config.get_args_parser()
     parser = train_config.ArgumentParser(
         prog="python -m fastcifar.lr_find", parents=[base], add_help=False,  # base brings -h

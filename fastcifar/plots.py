@@ -1,9 +1,6 @@
 """Pictures people want to look at: augmented samples, training curves, confusion matrix, mistakes.
 
     python -m fastcifar.plots --data-dir ../shared/data/cifar10-png.tar.gz --augment-grid grid.png
-
-matplotlib with the Agg backend (no display needed); every file is written atomically. Training writes
-its figures through `save_run_plots`; the command line draws the augmentation grid of a data set.
 """
 
 from __future__ import annotations
@@ -103,7 +100,7 @@ def save_misclassified(path: str | Path, images: np.ndarray, labels: np.ndarray,
 
 def save_run_plots(out: Path, rows: list[dict[str, Any]], lrs: Sequence[float], steps_per_epoch: int,
                    final: dict[str, Any], data) -> None:
-    """curves.png, confusion.png and misclassified.png for one finished run."""
+    """The figures of one finished run."""
     save_curves(out / "curves.png", rows, lrs, steps_per_epoch)
     save_confusion(out / "confusion.png", final["labels"], final["preds"], data.classes)
     save_misclassified(out / "misclassified.png", data.test_images, final["labels"], final["preds"], data.classes)

@@ -1,10 +1,9 @@
 """The reference pipeline: the original notebook's per-image albumentations augmentation on the CPU.
 
-Normalize (training-split stats) -> PadIfNeeded to 32 + 2*translate -> RandomCrop 32 -> HorizontalFlip ->
-CoarseDropout (one cutout x cutout hole filled with 0, which after Normalize is the channel mean), served
-by a standard multi-worker DataLoader. It is slow by design; it is here to compare against (accuracy and
-speed) and to reproduce the notebook (`--preset seed`). albumentations is imported only when used:
-`pip install fastcifar[albumentations]`.
+    python -m fastcifar.train --preset seed --data-dir ../shared/data/cifar10-png.tar.gz
+
+Slow by design: it is here to compare the device-resident path against (accuracy and speed) and to
+reproduce the notebook. Needs `pip install fastcifar[albumentations]`.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ def reference_transform(mean: Sequence[float], std: Sequence[float], *, train: b
         if flip:
             steps.append(A.HorizontalFlip(p=0.5))
         if cutout:
+            # a hole of 0s: after Normalize, the channel mean
             steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(cutout, cutout),
                                          hole_width_range=(cutout, cutout), fill=0, p=1.0))
     return A.Compose(steps, seed=seed)
@@ -61,7 +61,6 @@ def reference_loader(images: np.ndarray, labels: np.ndarray, *, mean: Sequence[f
                      batch_size: int, train: bool, translate: int = 4, cutout: int = 8, flip: bool = True,
                      pad_mode: str = "reflect", num_workers: int = 2, drop_last: bool = False,
                      seed: int = 0) -> DataLoader:
-    """A standard DataLoader over `AlbumentationsCifar`, shuffled when training."""
     transform = reference_transform(mean, std, train=train, translate=translate, cutout=cutout, flip=flip,
                                     pad_mode=pad_mode, seed=seed)
     generator = torch.Generator().manual_seed(seed)
