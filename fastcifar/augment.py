@@ -1,8 +1,8 @@
 """The fast path: the whole data set resident on the device, augmented there in batches.
 
-Images are uploaded once as uint8 (`upload_seconds`), then normalized into the compute dtype, stored NHWC (that is
-channels_last memory), padded by `translate` pixels, with a mirrored copy when flipping is on (`prep_seconds`:
-the on-device preparation alone, which airbench's clock counts and the upload it does not). Each epoch draws
+Images are uploaded once as uint8 (timed as `upload_seconds`), then normalized into the compute dtype, stored NHWC
+(that is channels_last memory), padded by `translate` pixels, with a mirrored copy when flipping is on (timed as
+`prep_seconds`; fastcifar.runtime.CLOCKS says which clock counts which). Each epoch draws
 all its random numbers at once (an `EpochPlan`), and each batch is ONE row gather: every output row of 32
 pixels is a contiguous run of the padded (possibly mirrored) source, so shuffle + random crop + flip cost a
 single `index_select`. No per-image Python, no host-device sync inside an epoch. The same code runs on CPU

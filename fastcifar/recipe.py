@@ -45,15 +45,6 @@ def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.
             DeviceLoader(data.test_images, data.test_labels, train=False, pad_last=True, **common))
 
 
-def loader_seconds(*loaders) -> tuple[float, float]:
-    """(host-to-device upload, on-device preparation) seconds of the device-resident loaders among
-    `loaders`; (0, 0) for the albumentations one, which prepares every batch on the host while training."""
-    from fastcifar.augment import DeviceLoader
-
-    resident = [loader for loader in loaders if isinstance(loader, DeviceLoader)]
-    return sum(loader.upload_seconds for loader in resident), sum(loader.prep_seconds for loader in resident)
-
-
 def check_batch_size(config: TrainConfig, num_train: int, dist: Dist) -> None:
     per_process = num_train // dist.world_size
     if config.batch_size > per_process:
