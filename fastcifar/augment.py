@@ -93,24 +93,13 @@ def batch_cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int)
 
 
 class DeviceLoader:
-    """Device-resident CIFAR loader. Yields (inputs NCHW in channels_last memory, int64 labels).
-
-    Args:
-        images, labels: uint8 (N, H, W, 3) and int (N,), numpy or torch.
-        mean, std: per-channel normalization in [0, 1] pixel units (training split statistics).
-        batch_size: samples per batch (per rank).
-        train: augment and shuffle; False serves the images in order, unaugmented.
-        translate, pad_mode: random-crop padding in pixels (0: no cropping), 'reflect' or 'zeros' (the mean).
-        flip: random horizontal flips, p = 0.5; alt_flip: each image every other epoch from a random phase.
-        cutout: side of the square zeroed per image (0 disables).
-        drop_last: drop the last partial batch (keeps shapes static for torch.compile).
-        pad_last: evaluation only: fill the last partial batch up to `batch_size` with the shard's first
-            images, labelled IGNORE_LABEL (every image is served, in batches of one shape for torch.compile).
-        seed: seeds this loader's generator; the same seed gives the same batches.
-        device, dtype: where and in which dtype images live; use the autocast dtype.
-        channels_last: serve channels_last tensors (free: that is the storage layout); else contiguous.
-        rank, world_size: serve only this rank's shard of each epoch's shared permutation.
-    """
+    """Device-resident CIFAR loader of uint8 (N, H, W, 3) `images` and their labels, normalized by `mean` and
+    `std` ([0, 1] pixel units) into `dtype` (the autocast one). Yields (inputs NCHW in channels_last memory, or
+    contiguous, int64 labels), `batch_size` per rank. `train` shuffles and augments (the flags of the same names);
+    otherwise images come in order. `drop_last` and, for evaluation, `pad_last` keep every batch one shape for
+    torch.compile: the last one is dropped, or filled up with the shard's first images labelled IGNORE_LABEL.
+    Under torchrun a rank serves its shard (`rank` of `world_size`) of each epoch's shared permutation. The same
+    `seed` gives the same batches."""
 
     def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, *,
                  mean: Sequence[float], std: Sequence[float], batch_size: int, train: bool = True,

@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcifar.augment import IGNORE_LABEL
+from fastcifar.augment import IGNORE_LABEL, DeviceLoader
+from fastcifar.checkpoint import load_model
 from fastcifar.config import ArgumentParser, TrainConfig, validate
+from fastcifar.data import load_cifar10
 from fastcifar.distributed import Dist, all_reduce_sum, gather_interleaved
 from fastcifar.errors import run_cli
-from fastcifar.runtime import autocast
+from fastcifar.runtime import amp_dtype, autocast, environment, select_device
 
 ACCURACY_UNIT = "fraction"  # what every test_acc in the JSON is: correct / total, not a percentage
 
@@ -140,11 +142,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastcifar.augment import DeviceLoader
-    from fastcifar.checkpoint import load_model
-    from fastcifar.data import load_cifar10
-    from fastcifar.runtime import amp_dtype, environment, select_device
-
     args = get_args_parser().parse_args(argv)
     # the flags shared with training obey training's checks
     validate(TrainConfig(batch_size=args.batch_size, tta_translate=args.tta_translate, device=args.device))

@@ -109,12 +109,10 @@ SEED_CLOCKS = {  # per seed: the last seed's at the top of summary.json, a list 
                    "per-epoch evaluations, reading and decoding files, the host-to-device upload, building the net, "
                    "compilation and warm-up",
     "train_seconds": "the training steps alone, the epoch's random draws included",
-    "wall_seconds": "the host clock of the seed, from its start to its model and plots written; the first seed of "
-                    "an invocation also covers its setup (data, upload, warm-up); a resumed seed adds on to its "
-                    "wall seconds at the checkpoint",
-    "prep_seconds": "the on-device preparation of the uint8 images (normalize, pad, mirrored copy) of both loaders, "
-                    "measured once per invocation and added to every seed; 0 for the albumentations pipeline, "
-                    "which prepares every batch while training",
+    "wall_seconds": "the host clock of the seed, from its start (the first seed's: the setup's) to its model and "
+                    "plots written; a resumed seed adds on to the checkpoint's",
+    "prep_seconds": "the on-device preparation (normalize, pad, mirrored copy) of both loaders' uint8 images, "
+                    "measured once and counted in every seed; 0 with the albumentations pipeline",
     "init_seconds": "the seed's fresh initialization, whitening included",
     "final_eval_seconds": "the final evaluation whose accuracy the recipe reports: the TTA one with --tta, else "
                           "the plain one",
