@@ -26,11 +26,9 @@ IGNORE_LABEL = -100  # labels of the filler images of a padded last batch: cross
 def normalize_images(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float],
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, pad: int = 0,
                      pad_mode: str = "reflect") -> torch.Tensor:
-    """uint8 NHWC -> normalized NHWC in `dtype` on `device`, padded by `pad` pixels on each side.
-
-    mean/std are in [0, 1] pixel units; 'zeros' pads with 0, the mean in normalized space. The arithmetic
-    and the padding run in fp32 (reflect padding lacks bf16 kernels on some backends), cast once at the end.
-    """
+    """uint8 NHWC -> normalized NHWC in `dtype` on `device`, padded by `pad` pixels ('zeros': the mean), with
+    mean/std in [0, 1] pixel units. The arithmetic and the padding run in fp32 (reflect padding lacks bf16
+    kernels on some backends), cast once at the end."""
     x = torch.as_tensor(images).to(device)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3 or pad_mode not in ("reflect", "zeros"):
         raise ValueError(f"expected uint8 (N, H, W, 3) images and pad_mode 'reflect' or 'zeros', got {x.dtype} "
@@ -74,12 +72,9 @@ def gather_crops(source: torch.Tensor, index: torch.Tensor, dy: torch.Tensor, dx
 
 
 def batch_cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero one `size`x`size` square per NHWC image, top-left at (cy, cx), clipped at the border. In place.
-
-    Only the square's pixels are touched (an index_fill over B*size*size pixels, ~30x cheaper than a
-    full-image mask). Coordinates outside the image are clamped onto the border row/column, which lies
-    inside the clipped square because the square's centre is inside the image.
-    """
+    """Zero one `size`x`size` square per NHWC image, top-left at (cy, cx), clipped at the border, in place and
+    touching only the square's pixels. Coordinates outside the image are clamped onto the border row/column,
+    which lies inside the clipped square because the square's centre is inside the image."""
     if size == 0:
         return x
     b, h, w, c = x.shape

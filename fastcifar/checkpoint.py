@@ -128,7 +128,6 @@ class Training:
     origin: float = 0.0              # perf_counter() - origin = the seed's wall seconds (not saved)
 
     def save(self, path: str | os.PathLike, config: dict[str, Any], device: torch.device) -> None:
-        """Write the checkpoint atomically, in plain containers that `torch.load(weights_only=True)` reads."""
         state = {"format": CHECKPOINT_FORMAT, "config": config, "run": asdict(self.run),
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),

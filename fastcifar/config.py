@@ -338,7 +338,8 @@ def validate(c: TrainConfig) -> None:
     checks = [(getattr(c, name) > 0, name, "must be > 0")
               for name in ("epochs", "lr", "bias_lr", "logit_scale", "bn_eps", "muon_lr")]
     checks += [(getattr(c, name) >= 1, name, "must be >= 1") for name in ("batch_size", "width", "runs", "eval_every")]
-    checks += [(getattr(c, name) >= 0, name, "must be >= 0") for name in ("weight_decay", "checkpoint_every", "workers")]
+    checks += [(getattr(c, name) >= 0, name, "must be >= 0")
+               for name in ("weight_decay", "checkpoint_every", "workers")]
     checks += [(0 <= getattr(c, name) < 1, name, "must be in [0, 1)")
                for name in ("momentum", "label_smoothing", "muon_momentum")]
     checks += [

@@ -100,10 +100,8 @@ def evaluation_record(result: dict[str, Any], flip: bool, translate: int) -> dic
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
              tta: bool = False, dist: Dist = Dist(), tta_translate: int = 0) -> dict[str, Any]:
-    """Loss, accuracy and predictions on `loader`; with `tta`, logits averaged with the mirrored images
-    (and, with `tta_translate` > 0, half weight on both views shifted by +-tta_translate pixels).
-    Images labelled IGNORE_LABEL (the filler of a padded last batch) count nowhere.
-    Under torchrun each rank evaluates its shard and the sums (and predictions) are gathered."""
+    """Loss, accuracy, predictions and labels on `loader`, plain or with `tta` (tta_logits); the filler of a
+    padded last batch (IGNORE_LABEL) counts nowhere; under torchrun the ranks' shards are summed and gathered."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     preds, labels_all = [], []

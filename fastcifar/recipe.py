@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastcifar.augment import DeviceLoader, normalize_images
+from fastcifar import augment
 from fastcifar.config import TrainConfig, model_options
 from fastcifar.distributed import Dist
 from fastcifar.errors import UserError
@@ -41,9 +41,9 @@ def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.
                   dtype=dtype or torch.float32, channels_last=config.channels_last, rank=dist.rank,
                   world_size=dist.world_size)
     # the test set in one batch shape (the short last batch padded), so evaluation never recompiles
-    return (DeviceLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip, drop_last=True,
-                         seed=seed, **common, **aug),
-            DeviceLoader(data.test_images, data.test_labels, train=False, pad_last=True, **common))
+    return (augment.DeviceLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip,
+                                 drop_last=True, seed=seed, **common, **aug),
+            augment.DeviceLoader(data.test_images, data.test_labels, train=False, pad_last=True, **common))
 
 
 def check_batch_size(config: TrainConfig, num_train: int, dist: Dist) -> None:
@@ -174,7 +174,7 @@ def init_weights(model: ResNet9, config: TrainConfig, data, seed: int, whiten_sa
     if config.whiten:
         num_train = len(data.train_images)
         pick = np.linspace(0, num_train - 1, min(whiten_sample, num_train)).round().astype(np.int64)
-        images = normalize_images(data.train_images[pick], data.mean, data.std, next(model.parameters()).device)
+        images = augment.normalize_images(data.train_images[pick], data.mean, data.std, next(model.parameters()).device)
         init_whitening(model.prep[0], images.permute(0, 3, 1, 2))
 
 

@@ -107,9 +107,8 @@ def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, param
                 environment: dict[str, Any], clocks: Mapping[str, float | None],
                 flops: dict[str, Any] | None = None) -> dict[str, Any]:
     """What summary.json holds: the last seed's numbers at the top, every seed under `runs` and the per-seed
-    results, and the invocation's `clocks` (the SESSION_CLOCKS among them; fastcifar.runtime.CLOCKS says what
-    each clock covers). `flops` (fastcifar.flops.recipe_flops) is the work of one seed; its `total` covers every
-    seed so far."""
+    results, with the invocation's SESSION_CLOCKS from `clocks` (runtime.CLOCKS). `flops` (flops.recipe_flops)
+    is the work of one seed; its `total` covers every seed so far."""
     accs = [r["test_acc"] for r in results]
     ttas = [r["test_acc_tta"] for r in results if r["test_acc_tta"] is not None]
     seed_clocks = {key: [r.get(key) for r in results] for key in SEED_CLOCKS}

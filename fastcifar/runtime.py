@@ -41,7 +41,6 @@ def select_device(name: str) -> torch.device:
 
 
 def configure_backends(device: torch.device) -> None:
-    """TF32 matmuls/convolutions and cuDNN autotuning on CUDA; nothing elsewhere."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -161,9 +160,8 @@ class StopRequested(Exception):
 class SignalGuard:
     """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half. Under torchrun
     the ranks must stop after the same step (or the next all-reduce would hang): every `every` steps each rank
-    reads the vote it started `every` steps before (an asynchronous host-side all-reduce, long finished: no
-    device sync, no wait) and starts the next; all stop where a vote says some rank was signalled, at most
-    2 * `every` steps after the signal. Alone it costs nothing."""
+    reads the FlagVote it started `every` steps before and starts the next; all stop where a vote says some
+    rank was signalled, at most 2 * `every` steps after the signal. Alone it costs nothing."""
 
     def __init__(self, dist: Dist, device: torch.device = torch.device("cpu"), every: int = 8):
         self.signum: int | None = None
