@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402 (after the sys.path line)
 from fastcifar.config import split_at_double_dash  # noqa: E402
 from fastcifar.errors import UserError, first_line, run_cli  # noqa: E402
 from fastcifar.evaluate import describe_views  # noqa: E402
+from fastcifar.runtime import CLOCKS  # noqa: E402
 from fastcifar.stats import describe  # noqa: E402
 
 from bench.airbench_runner import (  # noqa: E402
@@ -52,14 +53,10 @@ THRESHOLD = 0.94
 DEFAULT_TRAIN_FLAGS = ("--no-plots", "--checkpoint-every", "0")
 PER_SEED_TRAIN_FLAGS = ("--runs", "--seed", "--out-dir", "--resume")  # speedrun sets these for each seed
 FASTCIFAR, AIRBENCH = "fastcifar", "airbench94"
-CLOCK = {  # device events on a GPU, the host clock on the CPU
-    "run_seconds": "airbench94's convention, for both methods: on-device preparation of the uint8 images already "
-                   "on the device + first-layer (whitening) init + every training step + the final evaluation with "
-                   "the method's own TTA. Not in it: per-epoch evaluations, reading and decoding files, the "
-                   "host-to-device upload, building the net, compilation and warm-up. fastcifar: its summary's "
-                   "run_seconds; airbench94: its own printed total_time_seconds (the final `eval` row), never "
-                   "replaced by another clock",
-    "train_seconds": "fastcifar only: its training steps alone (its summary's train_seconds)",
+CLOCK = {  # what each seconds column covers; the trainer's own clocks are fastcifar.runtime.CLOCKS
+    "run_seconds": f"for both methods, {CLOCKS['run_seconds']}. fastcifar: its summary's run_seconds; airbench94: "
+                   "its own printed total_time_seconds (the final `eval` row), never replaced by another clock",
+    "train_seconds": f"fastcifar only: its summary's train_seconds, {CLOCKS['train_seconds']}",
     "wall_seconds": "this harness's host clock, device synchronized, around each per-seed call: fastcifar's "
                     "includes its setup, warm-up and compilation (compile_seconds, apart); airbench's its loading "
                     "of train.pt/test.pt and its per-epoch evaluations. airbench's one-step warm-up (warmup94) "

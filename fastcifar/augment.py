@@ -1,8 +1,8 @@
 """The fast path: the whole data set resident on the device, augmented there in batches.
 
-Images are uploaded once as uint8 (`upload_seconds`), then normalized into the compute dtype, stored NHWC (that is
-channels_last memory), padded by `translate` pixels, with a mirrored copy when flipping is on (`prep_seconds`:
-the on-device preparation alone, which airbench's clock counts and the upload it does not). Each epoch draws
+Images are uploaded once as uint8 (timed as `upload_seconds`), then normalized into the compute dtype, stored NHWC
+(that is channels_last memory), padded by `translate` pixels, with a mirrored copy when flipping is on (timed as
+`prep_seconds`; fastcifar.runtime.CLOCKS says which clock counts which). Each epoch draws
 all its random numbers at once (an `EpochPlan`), and each batch is ONE row gather: every output row of 32
 pixels is a contiguous run of the padded (possibly mirrored) source, so shuffle + random crop + flip cost a
 single `index_select`. No per-image Python, no host-device sync inside an epoch. The same code runs on CPU
@@ -26,11 +26,9 @@ IGNORE_LABEL = -100  # labels of the filler images of a padded last batch: cross
 def normalize_images(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float],
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, pad: int = 0,
                      pad_mode: str = "reflect") -> torch.Tensor:
-    """uint8 NHWC -> normalized NHWC in `dtype` on `device`, padded by `pad` pixels on each side.
-
-    mean/std are in [0, 1] pixel units; 'zeros' pads with 0, the mean in normalized space. The arithmetic
-    and the padding run in fp32 (reflect padding lacks bf16 kernels on some backends), cast once at the end.
-    """
+    """uint8 NHWC -> normalized NHWC in `dtype` on `device`, padded by `pad` pixels ('zeros': the mean), with
+    mean/std in [0, 1] pixel units. The arithmetic and the padding run in fp32 (reflect padding lacks bf16
+    kernels on some backends), cast once at the end."""
     x = torch.as_tensor(images).to(device)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3 or pad_mode not in ("reflect", "zeros"):
         raise ValueError(f"expected uint8 (N, H, W, 3) images and pad_mode 'reflect' or 'zeros', got {x.dtype} "
@@ -74,12 +72,9 @@ def gather_crops(source: torch.Tensor, index: torch.Tensor, dy: torch.Tensor, dx
 
 
 def batch_cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero one `size`x`size` square per NHWC image, top-left at (cy, cx), clipped at the border. In place.
-
-    Only the square's pixels are touched (an index_fill over B*size*size pixels, ~30x cheaper than a
-    full-image mask). Coordinates outside the image are clamped onto the border row/column, which lies
-    inside the clipped square because the square's centre is inside the image.
-    """
+    """Zero one `size`x`size` square per NHWC image, top-left at (cy, cx), clipped at the border, in place and
+    touching only the square's pixels. Coordinates outside the image are clamped onto the border row/column,
+    which lies inside the clipped square because the square's centre is inside the image."""
     if size == 0:
         return x
     b, h, w, c = x.shape
@@ -93,24 +88,13 @@ def batch_cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int)
 
 
 class DeviceLoader:
-    """Device-resident CIFAR loader. Yields (inputs NCHW in channels_last memory, int64 labels).
-
-    Args:
-        images, labels: uint8 (N, H, W, 3) and int (N,), numpy or torch.
-        mean, std: per-channel normalization in [0, 1] pixel units (training split statistics).
-        batch_size: samples per batch (per rank).
-        train: augment and shuffle; False serves the images in order, unaugmented.
-        translate, pad_mode: random-crop padding in pixels (0: no cropping), 'reflect' or 'zeros' (the mean).
-        flip: random horizontal flips, p = 0.5; alt_flip: each image every other epoch from a random phase.
-        cutout: side of the square zeroed per image (0 disables).
-        drop_last: drop the last partial batch (keeps shapes static for torch.compile).
-        pad_last: evaluation only: fill the last partial batch up to `batch_size` with the shard's first
-            images, labelled IGNORE_LABEL (every image is served, in batches of one shape for torch.compile).
-        seed: seeds this loader's generator; the same seed gives the same batches.
-        device, dtype: where and in which dtype images live; use the autocast dtype.
-        channels_last: serve channels_last tensors (free: that is the storage layout); else contiguous.
-        rank, world_size: serve only this rank's shard of each epoch's shared permutation.
-    """
+    """Device-resident CIFAR loader of uint8 (N, H, W, 3) `images` and their labels, normalized by `mean` and
+    `std` ([0, 1] pixel units) into `dtype` (the autocast one). Yields (inputs NCHW in channels_last memory, or
+    contiguous, int64 labels), `batch_size` per rank. `train` shuffles and augments (the flags of the same names);
+    otherwise images come in order. `drop_last` and, for evaluation, `pad_last` keep every batch one shape for
+    torch.compile: the last one is dropped, or filled up with the shard's first images labelled IGNORE_LABEL.
+    Under torchrun a rank serves its shard (`rank` of `world_size`) of each epoch's shared permutation. The same
+    `seed` gives the same batches."""
 
     def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, *,
                  mean: Sequence[float], std: Sequence[float], batch_size: int, train: bool = True,

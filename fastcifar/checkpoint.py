@@ -101,10 +101,10 @@ class RunState:
 
     run_index: int = 0            # which of the --runs seeds is in progress
     epoch: int = 0                # its finished epochs
-    train_seconds: float = 0.0    # its training steps so far
-    init_seconds: float = 0.0     # its fresh init + whitening
-    eval_seconds: float = 0.0     # its per-epoch evaluations (outside run_seconds)
-    wall_seconds: float = 0.0     # its wall clock up to the last checkpoint (a resumed seed adds on)
+    train_seconds: float = 0.0    # its clocks so far (runtime.SEED_CLOCKS), wall_seconds up to the checkpoint
+    init_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    wall_seconds: float = 0.0
     images: int = 0               # training samples processed (all ranks)
     lrs: list[float] = field(default_factory=list)                # lr of every step of this seed
     rows: list[dict[str, Any]] = field(default_factory=list)      # metrics of every epoch of every seed
@@ -128,7 +128,6 @@ class Training:
     origin: float = 0.0              # perf_counter() - origin = the seed's wall seconds (not saved)
 
     def save(self, path: str | os.PathLike, config: dict[str, Any], device: torch.device) -> None:
-        """Write the checkpoint atomically, in plain containers that `torch.load(weights_only=True)` reads."""
         state = {"format": CHECKPOINT_FORMAT, "config": config, "run": asdict(self.run),
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),

@@ -335,37 +335,28 @@ def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: Colle
 def validate(c: TrainConfig) -> None:
     """Check every value up front, so a run never fails an hour in because of a typo."""
     widths, residual, plain = _int_list(c.widths), _int_list(c.residual), _int_list(c.plain)
-    checks = [
-        (c.epochs > 0, "epochs", "must be > 0"),
-        (c.batch_size >= 1, "batch_size", "must be >= 1"),
-        (c.width >= 1, "width", "must be >= 1"),
-        (c.lr > 0, "lr", "must be > 0"),
+    checks = [(getattr(c, name) > 0, name, "must be > 0")
+              for name in ("epochs", "lr", "bias_lr", "logit_scale", "bn_eps", "muon_lr")]
+    checks += [(getattr(c, name) >= 1, name, "must be >= 1") for name in ("batch_size", "width", "runs", "eval_every")]
+    checks += [(getattr(c, name) >= 0, name, "must be >= 0")
+               for name in ("weight_decay", "checkpoint_every", "workers")]
+    checks += [(0 <= getattr(c, name) < 1, name, "must be in [0, 1)")
+               for name in ("momentum", "label_smoothing", "muon_momentum")]
+    checks += [
         (0 < c.pct_start < 1, "pct_start", "must be between 0 and 1 (exclusive)"),
         (c.div_factor > 0 and c.final_div_factor > 0, "div_factor", "div factors must be > 0"),
-        (0 <= c.momentum < 1, "momentum", "must be in [0, 1)"),
         (0 <= c.min_momentum <= c.momentum, "min_momentum", f"must be in [0, --momentum={c.momentum}]; "
                                                              "lower it together with --momentum"),
-        (c.weight_decay >= 0, "weight_decay", "must be >= 0"),
-        (c.bias_lr > 0, "bias_lr", "must be > 0"),
-        (0 <= c.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
         (0 <= c.translate <= 16, "translate", "must be between 0 and 16 pixels"),
         (0 <= c.cutout <= 32, "cutout", "must be between 0 and 32 pixels"),
         # a reflection pad wider than 4 pixels shows more mirror than image
         (0 <= c.tta_translate <= 4, "tta_translate", "must be between 0 and 4 pixels"),
-        (c.runs >= 1, "runs", "must be >= 1"),
-        (c.eval_every >= 1, "eval_every", "must be >= 1"),
-        (c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0"),
-        (c.workers >= 0, "workers", "must be >= 0"),
         (c.val_split >= 0, "val_split", "must be >= 0 (0: evaluate on the test set)"),
-        (c.logit_scale > 0, "logit_scale", "must be > 0"),
         (widths is not None and len(widths) in (0, 4) and all(w >= 1 for w in widths), "widths",
          "must be four channel counts >= 1, e.g. 24,64,256,256"),
         *[(layers is not None and set(layers) <= {1, 2, 3}, name, "must list layers among 1,2,3 (comma-separated), "
            "or be empty") for name, layers in (("residual", residual), ("plain", plain))],
-        (c.bn_eps > 0, "bn_eps", "must be > 0"),
         (0 < c.bn_momentum <= 1, "bn_momentum", "must be in (0, 1]"),
-        (c.muon_lr > 0, "muon_lr", "must be > 0"),
-        (0 <= c.muon_momentum < 1, "muon_momentum", "must be in [0, 1)"),
         (c.whiten_bias_epochs >= 0 and (c.whiten or not c.whiten_bias_epochs), "whiten_bias_epochs",
          "must be >= 0, and needs --whiten"),
         (bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(c.device))), "device",

@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcifar.augment import IGNORE_LABEL
+from fastcifar.augment import IGNORE_LABEL, DeviceLoader
+from fastcifar.checkpoint import load_model
 from fastcifar.config import ArgumentParser, TrainConfig, validate
+from fastcifar.data import load_cifar10
 from fastcifar.distributed import Dist, all_reduce_sum, gather_interleaved
 from fastcifar.errors import run_cli
-from fastcifar.runtime import autocast
+from fastcifar.runtime import amp_dtype, autocast, environment, select_device
 
 ACCURACY_UNIT = "fraction"  # what every test_acc in the JSON is: correct / total, not a percentage
 
@@ -98,10 +100,8 @@ def evaluation_record(result: dict[str, Any], flip: bool, translate: int) -> dic
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None,
              tta: bool = False, dist: Dist = Dist(), tta_translate: int = 0) -> dict[str, Any]:
-    """Loss, accuracy and predictions on `loader`; with `tta`, logits averaged with the mirrored images
-    (and, with `tta_translate` > 0, half weight on both views shifted by +-tta_translate pixels).
-    Images labelled IGNORE_LABEL (the filler of a padded last batch) count nowhere.
-    Under torchrun each rank evaluates its shard and the sums (and predictions) are gathered."""
+    """Loss, accuracy, predictions and labels on `loader`, plain or with `tta` (tta_logits); the filler of a
+    padded last batch (IGNORE_LABEL) counts nowhere; under torchrun the ranks' shards are summed and gathered."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     preds, labels_all = [], []
@@ -140,11 +140,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastcifar.augment import DeviceLoader
-    from fastcifar.checkpoint import load_model
-    from fastcifar.data import load_cifar10
-    from fastcifar.runtime import amp_dtype, environment, select_device
-
     args = get_args_parser().parse_args(argv)
     # the flags shared with training obey training's checks
     validate(TrainConfig(batch_size=args.batch_size, tta_translate=args.tta_translate, device=args.device))

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastcifar.config import PRESETS, TrainConfig, model_options
+from fastcifar.config import PRESETS, TrainConfig
 from fastcifar.evaluate import tta_views
 from fastcifar.model import ModelConfig, ResNet9, count_parameters, summary
-from fastcifar.recipe import frozen_parameter_names, total_steps, whiten_bias_steps
+from fastcifar.recipe import build_model, total_steps, whiten_bias_steps
 
 COUNT_BATCH = 2  # BatchNorm in training mode needs more than one value per channel
 
@@ -52,13 +52,15 @@ def train_step_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 3
     return _per_image_flops(model, image_shape, train=True)
 
 
-def meta_model(model_config: ModelConfig, frozen: tuple[str, ...] = ()) -> ResNet9:
-    """The model on the meta device (no memory), with the parameters named in `frozen` not trainable."""
+def meta_model(model_config: ModelConfig) -> ResNet9:
+    with torch.device("meta"):  # no memory, no random numbers drawn
+        return ResNet9(model_config)
+
+
+def recipe_model(config: TrainConfig, num_classes: int) -> ResNet9:
+    """The net of `config` as it trains (recipe.build_model: frozen parameters too), on the meta device."""
     with torch.device("meta"):
-        model = ResNet9(model_config)
-    for name in frozen:
-        model.get_parameter(name).requires_grad_(False)
-    return model
+        return build_model(config, num_classes, torch.device("meta"))
 
 
 def recipe_flops(config: TrainConfig, num_train: int, num_test: int, num_classes: int = 10,
@@ -66,7 +68,7 @@ def recipe_flops(config: TrainConfig, num_train: int, num_test: int, num_classes
     """The work of one run (one seed) of `config` on `num_train` training and `num_test` test images:
     {"train", "eval", "per_run"} in FLOPs, and the per-image counts they come from ("per_image_train" while
     the whitening bias trains, "per_image_train_stopped" after a --whiten-bias-stop grad)."""
-    model = meta_model(ModelConfig(num_classes=num_classes, **model_options(config)), frozen_parameter_names(config))
+    model = recipe_model(config, num_classes)
     per_image_train, per_image_forward = train_step_flops(model), forward_flops(model)
     per_image_stopped = per_image_train
     if config.whiten_bias_epochs and config.whiten_bias_stop == "grad":
@@ -95,9 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--width and --num-classes must be >= 1")
     recipe = TrainConfig(**PRESETS[args.preset])
     recipe = replace(recipe, width=args.width) if args.width else recipe
-    model = ResNet9(ModelConfig(num_classes=args.num_classes, **model_options(recipe)))
+    model = build_model(recipe, args.num_classes, torch.device("cpu"))
     print(summary(model))
-    counted = meta_model(model.config, frozen_parameter_names(recipe))  # as the recipe trains it
+    counted = recipe_model(recipe, args.num_classes)
     print(f"parameters: {count_parameters(model):,}")
     print(f"FLOPs per image: {forward_flops(counted) / 1e6:,.1f} M forward, "
           f"{train_step_flops(counted) / 1e6:,.1f} M forward + backward")

@@ -15,8 +15,7 @@ from torch import nn
 
 
 class Lookahead:
-    """Averages `model`'s state (the plain module, not a DDP wrapper) every `every` steps of the `total_steps`
-    of the run, up to the decay `final_decay` (airbench: 0.95 ** 5) at the end."""
+    """Lookahead on `model`, the plain module (not a DDP wrapper); `final_decay`: airbench's 0.95 ** 5."""
 
     def __init__(self, model: nn.Module, total_steps: int, every: int = 5, final_decay: float = 0.95 ** 5):
         self.total_steps, self.every, self.final_decay = total_steps, every, final_decay

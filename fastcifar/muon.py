@@ -28,8 +28,7 @@ def matrix_view(weight: torch.Tensor) -> torch.Tensor:
 
 class MuonWithSGD(torch.optim.Optimizer):
     """Muon (`torch.optim.Muon`) on `matrices`, SGD with Nesterov momentum on the `sgd_groups`. `param_groups`
-    is the two optimizers' groups (the same dicts), so a scheduler sets both. A GradScaler cannot unscale the
-    matrices' gradients (they reach Muon inside `step`), so training refuses fp16 with this optimizer."""
+    is the two optimizers' groups (the same dicts), so a scheduler sets both."""
 
     def __init__(self, matrices: list[nn.Parameter], sgd_groups: list[dict[str, Any]], *, lr: float, muon_lr: float,
                  momentum: float, muon_momentum: float, weight_decay: float, fused: bool = False):
@@ -38,8 +37,7 @@ class MuonWithSGD(torch.optim.Optimizer):
         self.sgd = torch.optim.SGD(sgd_groups, lr=lr, momentum=momentum, nesterov=True,
                                    weight_decay=weight_decay, **({"fused": True} if fused else {}))
         self.muon = torch.optim.Muon([dict(params=self.views, lr_scale=muon_lr / lr, fixed_momentum=muon_momentum)],
-                                     lr=muon_lr,
-                                     momentum=muon_momentum, nesterov=True, weight_decay=0.0)
+                                     lr=muon_lr, momentum=muon_momentum, nesterov=True, weight_decay=0.0)
         self.defaults = self.sgd.defaults
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
         self._share_groups()

@@ -14,10 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastcifar import augment
 from fastcifar.config import TrainConfig, model_options
 from fastcifar.distributed import Dist
 from fastcifar.errors import UserError
 from fastcifar.model import ModelConfig, ResNet9
+from fastcifar.muon import MuonWithSGD, split_for_muon
+from fastcifar.whiten import init_whitening
 
 
 def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.dtype | None, seed: int,
@@ -34,24 +37,13 @@ def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.
         return (reference_loader(data.train_images, data.train_labels, train=True, drop_last=True, seed=seed,
                                  **common, **aug),
                 reference_loader(data.test_images, data.test_labels, train=False, **common))
-    from fastcifar.augment import DeviceLoader
-
     common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size, device=device,
                   dtype=dtype or torch.float32, channels_last=config.channels_last, rank=dist.rank,
                   world_size=dist.world_size)
     # the test set in one batch shape (the short last batch padded), so evaluation never recompiles
-    return (DeviceLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip, drop_last=True,
-                         seed=seed, **common, **aug),
-            DeviceLoader(data.test_images, data.test_labels, train=False, pad_last=True, **common))
-
-
-def loader_seconds(*loaders) -> tuple[float, float]:
-    """(host-to-device upload, on-device preparation) seconds of the device-resident loaders among
-    `loaders`; (0, 0) for the albumentations one, which prepares every batch on the host while training."""
-    from fastcifar.augment import DeviceLoader
-
-    resident = [loader for loader in loaders if isinstance(loader, DeviceLoader)]
-    return sum(loader.upload_seconds for loader in resident), sum(loader.prep_seconds for loader in resident)
+    return (augment.DeviceLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip,
+                                 drop_last=True, seed=seed, **common, **aug),
+            augment.DeviceLoader(data.test_images, data.test_labels, train=False, pad_last=True, **common))
 
 
 def check_batch_size(config: TrainConfig, num_train: int, dist: Dist) -> None:
@@ -62,24 +54,16 @@ def check_batch_size(config: TrainConfig, num_train: int, dist: Dist) -> None:
 
 
 def build_model(config: TrainConfig, num_classes: int, device: torch.device) -> ResNet9:
+    """The recipe's net on `device`, the parameters it never trains frozen: with --no-bn-weight the BatchNorm
+    scales stay 1 (the next conv is free to scale, so they are redundant); with --whiten-bias-epochs the
+    whitening filters, which are data statistics, not learned."""
     layout = torch.channels_last if config.channels_last else torch.preserve_format
     model = ResNet9(ModelConfig(num_classes=num_classes, **model_options(config))).to(device, memory_format=layout)
-    for name in frozen_parameter_names(config):
-        model.get_parameter(name).requires_grad_(False)
+    frozen = [] if config.bn_weight else [module.weight for module in model.modules()
+                                          if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    for parameter in frozen + ([model.prep[0].weight] if config.whiten_bias_epochs else []):
+        parameter.requires_grad_(False)
     return model
-
-
-def frozen_parameter_names(config: TrainConfig) -> tuple[str, ...]:
-    """Parameters the recipe never trains: with --no-bn-weight the BatchNorm scales stay 1 (the next conv is
-    free to scale, so they are redundant); with --whiten-bias-epochs the whitening filters, which are data
-    statistics, not learned."""
-    with torch.device("meta"):  # the names only: no memory at any width
-        model = ResNet9(ModelConfig(**model_options(config)))
-    names = [] if config.bn_weight else [f"{name}.weight" for name, module in model.named_modules()
-                                         if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-    if config.whiten_bias_epochs:
-        names.append("prep.0.weight")
-    return tuple(names)
 
 
 def param_groups(config: TrainConfig, model: ResNet9) -> list[dict[str, Any]]:
@@ -129,8 +113,6 @@ def build_optimizer(config: TrainConfig, model: nn.Module, device: torch.device)
         if not hasattr(torch.optim, "Muon"):
             raise UserError(f"--optimizer muon needs torch.optim.Muon (torch >= 2.9; this is {torch.__version__}): "
                             "upgrade torch or use --optimizer sgd")
-        from fastcifar.muon import MuonWithSGD, split_for_muon
-
         matrices, rest = split_for_muon(params)
         return MuonWithSGD(matrices, rest, lr=config.lr, muon_lr=config.muon_lr, momentum=config.momentum,
                            muon_momentum=config.muon_momentum, weight_decay=config.weight_decay,
@@ -190,12 +172,9 @@ def init_weights(model: ResNet9, config: TrainConfig, data, seed: int, whiten_sa
     torch.manual_seed(seed)
     model.load_state_dict(ResNet9(model.config).state_dict())
     if config.whiten:
-        from fastcifar.augment import normalize_images
-        from fastcifar.whiten import init_whitening
-
         num_train = len(data.train_images)
         pick = np.linspace(0, num_train - 1, min(whiten_sample, num_train)).round().astype(np.int64)
-        images = normalize_images(data.train_images[pick], data.mean, data.std, next(model.parameters()).device)
+        images = augment.normalize_images(data.train_images[pick], data.mean, data.std, next(model.parameters()).device)
         init_whitening(model.prep[0], images.permute(0, 3, 1, 2))
 
 

@@ -16,13 +16,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from fastcifar.atomic import write_text
 from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.evaluate import ACCURACY_UNIT, describe_views, tta_views
+from fastcifar.runtime import SEED_CLOCKS, SESSION_CLOCKS
 from fastcifar.stats import describe
 
 SUMMARY_FILE = "summary.json"
@@ -102,21 +103,17 @@ def work_line(flops: dict[str, Any]) -> str:
             f"evaluation {flops['eval'] / 1e15:.4f}; {flops['per_image_forward'] / 1e6:.1f} MFLOP per image forward)")
 
 
-SEED_CLOCKS = ("run_seconds", "train_seconds", "wall_seconds", "prep_seconds", "init_seconds",
-               "final_eval_seconds", "eval_seconds")
-
-
 def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, params: int, world_size: int,
-                environment: dict[str, Any], compile_seconds: float | None, data_seconds: float,
-                upload_seconds: float = 0.0, flops: dict[str, Any] | None = None) -> dict[str, Any]:
+                environment: dict[str, Any], clocks: Mapping[str, float | None],
+                flops: dict[str, Any] | None = None) -> dict[str, Any]:
     """What summary.json holds: the last seed's numbers at the top, every seed under `runs` and the per-seed
-    results. docs/training.md says what each clock covers. `flops` (fastcifar.flops.recipe_flops) is the work
-    of one seed; its `total` covers every seed so far."""
+    results, with the invocation's SESSION_CLOCKS from `clocks` (runtime.CLOCKS). `flops` (flops.recipe_flops)
+    is the work of one seed; its `total` covers every seed so far."""
     accs = [r["test_acc"] for r in results]
     ttas = [r["test_acc_tta"] for r in results if r["test_acc_tta"] is not None]
-    clocks = {key: [r.get(key) for r in results] for key in SEED_CLOCKS}
+    seed_clocks = {key: [r.get(key) for r in results] for key in SEED_CLOCKS}
     acc_stats, tta_stats = describe(accs), describe(ttas)
-    median = {key: describe(values)["median"] for key, values in clocks.items()}
+    median = {key: describe(values)["median"] for key, values in seed_clocks.items()}
     last = results[-1]
     return {
         "accuracy_unit": ACCURACY_UNIT, "complete": len(results) == config.runs,
@@ -125,13 +122,12 @@ def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, param
         "evaluations": last.get("evaluations", []),
         "tta": {"flip": True, "translate": config.tta_translate, "views": tta_views(True, config.tta_translate)}
         if config.tta else None,
-        **{key: values[-1] for key, values in clocks.items()},
-        "compile_seconds": compile_seconds, "data_seconds": data_seconds, "upload_seconds": upload_seconds,
+        **{key: values[-1] for key, values in seed_clocks.items()}, **{key: clocks.get(key) for key in SESSION_CLOCKS},
         "images_per_second": float(last["images"] / last["train_seconds"]),
         "epochs": config.epochs, "params": params, "world_size": world_size, **environment,
         "flops": {**flops, "total": flops["per_run"] * len(results)} if flops else None,
         "runs": {"seeds": [r["seed"] for r in results], "test_acc": accs, "test_acc_tta": ttas,
-                 **clocks, "planned": config.runs,
+                 **seed_clocks, "planned": config.runs,
                  "mean": acc_stats["mean"], "std": acc_stats["std"],
                  "mean_tta": tta_stats["mean"], "std_tta": tta_stats["std"],
                  "median_train_seconds": median["train_seconds"], "median_run_seconds": median["run_seconds"],

@@ -1,7 +1,8 @@
-"""Where a run executes: device choice, precision, backends, a device-synchronized timer, out-of-memory and
-signal handling, and one description of the machine for every report.
+"""Where a run executes: device choice, precision, backends, a device-synchronized timer and the clocks a run
+reports, out-of-memory and signal handling, and one description of the machine for every report.
 
     python -c "from fastcifar.runtime import environment; print(environment())"
+    python -c "import json; from fastcifar.runtime import CLOCKS; print(json.dumps(CLOCKS, indent=1))"
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import platform
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -40,7 +41,6 @@ def select_device(name: str) -> torch.device:
 
 
 def configure_backends(device: torch.device) -> None:
-    """TF32 matmuls/convolutions and cuDNN autotuning on CUDA; nothing elsewhere."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -100,6 +100,36 @@ class Timer:
         self.seconds = time.perf_counter() - self.start_wall
 
 
+# The clocks of summary.json, timed by Timer, and what each covers: the one definition, which docs/training.md,
+# docs/gpu.md and bench/speedrun.py refer to. `run_seconds` sums RUN_SECONDS_PARTS (`run_seconds()`).
+RUN_SECONDS_PARTS = ("prep_seconds", "init_seconds", "train_seconds", "final_eval_seconds")
+SEED_CLOCKS = {  # per seed: the last seed's at the top of summary.json, a list under `runs`, each `runs.per_seed`
+    "run_seconds": f"airbench94's clock, the speedrun figure: {' + '.join(RUN_SECONDS_PARTS)}. Not in it: the "
+                   "per-epoch evaluations, reading and decoding files, the host-to-device upload, building the net, "
+                   "compilation and warm-up",
+    "train_seconds": "the training steps alone, the epoch's random draws included",
+    "wall_seconds": "the host clock of the seed, from its start (the first seed's: the setup's) to its model and "
+                    "plots written; a resumed seed adds on to the checkpoint's",
+    "prep_seconds": "the on-device preparation (normalize, pad, mirrored copy) of both loaders' uint8 images, "
+                    "measured once and counted in every seed; 0 with the albumentations pipeline",
+    "init_seconds": "the seed's fresh initialization, whitening included",
+    "final_eval_seconds": "the final evaluation whose accuracy the recipe reports: the TTA one with --tta, else "
+                          "the plain one",
+    "eval_seconds": "the per-epoch evaluations",
+}
+SESSION_CLOCKS = {  # once per invocation, at the top of summary.json; none is in run_seconds
+    "data_seconds": "reading and decoding the data set",
+    "upload_seconds": "the host-to-device copy of the uint8 images",
+    "compile_seconds": "the warm-up that holds every compilation and CUDA-graph recording; null when nothing is "
+                       "compiled or warmed up",
+}
+CLOCKS = {**SEED_CLOCKS, **SESSION_CLOCKS}  # in seconds: CUDA events on a GPU, perf_counter elsewhere
+
+
+def run_seconds(seed_clocks: Mapping[str, float]) -> float:
+    return sum(seed_clocks[name] for name in RUN_SECONDS_PARTS)
+
+
 def environment(device: torch.device | None = None) -> dict[str, Any]:
     """The machine and software a result came from: the one description summary.json and the benchmarks use.
     `device` (default: the GPU if any) is the GPU's model name, or the processor and thread count."""
@@ -130,9 +160,8 @@ class StopRequested(Exception):
 class SignalGuard:
     """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half. Under torchrun
     the ranks must stop after the same step (or the next all-reduce would hang): every `every` steps each rank
-    reads the vote it started `every` steps before (an asynchronous host-side all-reduce, long finished: no
-    device sync, no wait) and starts the next; all stop where a vote says some rank was signalled, at most
-    2 * `every` steps after the signal. Alone it costs nothing."""
+    reads the FlagVote it started `every` steps before and starts the next; all stop where a vote says some
+    rank was signalled, at most 2 * `every` steps after the signal. Alone it costs nothing."""
 
     def __init__(self, dist: Dist, device: torch.device = torch.device("cpu"), every: int = 8):
         self.signum: int | None = None

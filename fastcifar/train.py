@@ -37,12 +37,12 @@ from fastcifar.flops import recipe_flops
 from fastcifar.lookahead import Lookahead
 from fastcifar.model import ResNet9, count_parameters, summary as model_summary
 from fastcifar.recipe import build_criterion, build_loaders, build_model, build_optimizer, build_scheduler, \
-    check_batch_size, check_optimizer_dtype, epoch_steps, init_weights, loader_seconds, seed_everything, \
-    stop_whitening_bias, total_steps
+    check_batch_size, check_optimizer_dtype, epoch_steps, init_weights, seed_everything, stop_whitening_bias, \
+    total_steps
 from fastcifar.report import METRICS_FILE, SUMMARY_FILE, check_out_dir, create_out_dir, epoch_row, format_summary, \
     progress_bar, run_summary, seed_line, work_line, write_metrics
 from fastcifar.runtime import SignalGuard, StopRequested, Timer, amp_dtype, autocast, configure_backends, \
-    environment, out_of_memory_is_one_line, select_device
+    environment, out_of_memory_is_one_line, run_seconds, select_device
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
@@ -102,8 +102,7 @@ class Session:
     criterion: nn.Module
     train_loader: Any            # the device-resident one is reseeded for each seed, the albumentations one rebuilt
     test_loader: Any
-    prep_seconds: float          # the loaders' on-device preparation, once: part of every seed's run_seconds
-    clocks: dict[str, float | None]  # data_seconds, upload_seconds, compile_seconds: summary.json's, once
+    clocks: dict[str, float | None]  # measured once: runtime.SESSION_CLOCKS and the seeds' prep_seconds
     flops: dict[str, Any]            # flops.recipe_flops: the work of one seed
 
 
@@ -139,11 +138,12 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device) -
     if dist.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     train_loader, test_loader = build_loaders(config, data, device, dtype, config.seed, dist)
-    upload_seconds, prep_seconds = loader_seconds(train_loader, test_loader)
+    resident = [loader for loader in (train_loader, test_loader) if isinstance(loader, DeviceLoader)]
+    clocks = {"data_seconds": data_timer.seconds, "compile_seconds": None,  # albumentations: no upload, no prep
+              **{key: sum(getattr(loader, key) for loader in resident) for key in ("upload_seconds", "prep_seconds")}}
     flops = recipe_flops(config, len(data.train_labels), len(data.test_labels), len(data.classes), dist.world_size)
     session = Session(config, dist, device, dtype, out, data, model_without_ddp, model, build_criterion(config),
-                      train_loader, test_loader, prep_seconds, {"data_seconds": data_timer.seconds,
-                      "upload_seconds": upload_seconds, "compile_seconds": None}, flops)
+                      train_loader, test_loader, clocks, flops)
     if compile_model or device.type == "cuda":
         session.clocks["compile_seconds"] = warm_up(session)
         print(f"warm-up and compile: {session.clocks['compile_seconds']:.1f}s (not counted as training time)")
@@ -241,9 +241,9 @@ def end_epoch(session: Session, training: Training, sums: torch.Tensor, lrs: lis
 
 
 def finish_seed(session: Session, training: Training) -> dict[str, Any]:
-    """Final evaluation (plain and, with --tta, flip (+ translate) TTA), model.safetensors, the plots and
-    summary.json with every seed finished so far, which it returns. run_seconds counts the evaluation whose
-    accuracy is the recipe's own (the last: the TTA one with --tta)."""
+    """Final evaluation (plain and, with --tta, flip (+ translate) TTA: the last is the recipe's own, timed as
+    final_eval_seconds), model.safetensors, the plots and summary.json with every seed finished so far, which it
+    returns."""
     config, run, device, data = session.config, training.run, session.device, session.data
     seed = config.seed + run.run_index
     views = [(False, 0), (True, config.tta_translate)][:1 + config.tta]  # (flip, translate)
@@ -253,13 +253,13 @@ def finish_seed(session: Session, training: Training) -> dict[str, Any]:
             results.append(evaluate(session.model, session.test_loader, device, session.dtype, tta=flip,
                                     dist=session.dist, tta_translate=translate))
     final = results[0]
+    clocks = {"prep_seconds": session.clocks["prep_seconds"], "init_seconds": run.init_seconds,
+              "train_seconds": run.train_seconds, "final_eval_seconds": own_eval.seconds}
     result = {"seed": seed, "test_acc": final["acc"], "test_loss": final["loss"],
               "test_acc_tta": results[1]["acc"] if config.tta else None,
               "evaluations": [evaluation_record(r, flip, translate) for r, (flip, translate) in zip(results, views)],
-              "run_seconds": session.prep_seconds + run.init_seconds + run.train_seconds + own_eval.seconds,
-              "train_seconds": run.train_seconds, "prep_seconds": session.prep_seconds,
-              "init_seconds": run.init_seconds, "final_eval_seconds": own_eval.seconds,
-              "eval_seconds": run.eval_seconds, "images": run.images, "epochs": config.epochs}
+              "run_seconds": run_seconds(clocks), **clocks, "eval_seconds": run.eval_seconds, "images": run.images,
+              "epochs": config.epochs}
     if session.dist.is_main:
         save_model(session.out / MODEL_FILE, session.model_without_ddp,
                    ModelInfo(session.model_without_ddp.config, list(data.classes), list(data.mean), list(data.std),
@@ -275,7 +275,7 @@ def finish_seed(session: Session, training: Training) -> dict[str, Any]:
     run.finished.append(result)
     summary = run_summary(config, run.finished, params=count_parameters(session.model_without_ddp),
                           world_size=session.dist.world_size, environment=environment(device),
-                          flops=session.flops, **session.clocks)
+                          clocks=session.clocks, flops=session.flops)
     if session.dist.is_main:
         write_json(session.out / SUMMARY_FILE, summary)
     return summary

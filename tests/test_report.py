@@ -104,5 +104,17 @@ def test_images_per_second_is_the_last_seeds_images_over_its_training_seconds():
     result = {"seed": 0, "test_acc": 0.5, "test_acc_tta": None, "images": 1000, "train_seconds": 4.0,
               "run_seconds": 5.0}
     summary = run_summary(TrainConfig(tta=False), [result], params=1, world_size=1, environment={"device": "cpu"},
-                          compile_seconds=None, data_seconds=0.0)
+                          clocks={})
     assert summary["images_per_second"] == 250.0
+
+
+def test_the_summary_holds_every_clock_of_the_one_table():
+    """Sabotage: run_summary leaving out the SESSION_CLOCKS (or a seed clock) it is given."""
+    from fastcifar.report import run_summary
+    from fastcifar.runtime import CLOCKS, SEED_CLOCKS, SESSION_CLOCKS
+
+    result = {"seed": 0, "test_acc": 0.5, "test_acc_tta": None, "images": 1, **{k: 1.0 for k in SEED_CLOCKS}}
+    session = {key: 2.0 for key in SESSION_CLOCKS}
+    summary = run_summary(TrainConfig(tta=False), [result], params=1, world_size=1, environment={}, clocks=session)
+    assert {key: summary[key] for key in CLOCKS} == {**{k: 1.0 for k in SEED_CLOCKS}, **session}
+    assert all(summary["runs"][key] == [1.0] for key in SEED_CLOCKS)

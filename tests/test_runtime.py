@@ -197,3 +197,13 @@ def test_out_of_memory_during_training_is_one_line_on_any_device(monkeypatch, ca
     assert run_cli(main, ["--device", "cpu", "--batch-size", "64", "--width", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out of memory on cpu at --batch-size 64, --width 8" in err[0], err
+
+
+def test_run_seconds_sums_exactly_the_parts_its_definition_names():
+    """Sabotage: run_seconds() adding eval_seconds (or dropping a part); CLOCKS' run_seconds text naming other
+    parts than the ones summed."""
+    clocks = {name: float(2 ** i) for i, name in enumerate(runtime.CLOCKS)}  # each clock a distinct bit
+    parts = ("prep_seconds", "init_seconds", "train_seconds", "final_eval_seconds")
+    assert runtime.run_seconds(clocks) == sum(clocks[name] for name in parts)
+    assert " + ".join(parts) in runtime.CLOCKS["run_seconds"]
+    assert set(runtime.CLOCKS) == {*runtime.SEED_CLOCKS, *runtime.SESSION_CLOCKS}

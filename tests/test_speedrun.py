@@ -75,7 +75,7 @@ def trainer_summary(seed_result: dict, translate: int = 0) -> dict:
     result = {"images": 1000, "evaluations": [], **seed_result}
     return json.loads(json.dumps(run_summary(
         TrainConfig(tta=True, tta_translate=translate), [result], params=1, world_size=1,
-        environment={"device": "cpu"}, compile_seconds=None, data_seconds=0.0)))
+        environment={"device": "cpu"}, clocks={})))
 
 
 def test_split_argv_gives_everything_after_the_double_dash_to_the_trainer():
