@@ -21,8 +21,9 @@ NOT_CORE = ("albumentations", "cv2", "optuna", "sqlalchemy", "scipy", "openvino"
 
 
 def blocked(monkeypatch, *modules: str) -> None:
-    for name in modules:
-        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ModuleNotFoundError
+    for name in modules:  # submodules too: an earlier test may have imported scipy.stats, which would stay cached
+        for loaded in [key for key in sys.modules if key == name or key.startswith(name + ".")] or [name]:
+            monkeypatch.setitem(sys.modules, loaded, None)  # `import loaded` raises ModuleNotFoundError
 
 
 def tiny_onnx_model(path: Path) -> Path:
