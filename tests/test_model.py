@@ -132,10 +132,15 @@ def test_a_checkpoint_header_without_the_newer_family_fields_loads_with_their_de
     assert ModelInfo.from_json(json.dumps(header)).config == ModelConfig(width=4)
 
 
+def cuda_is_a_no_op():
+    """A context in which airbench's .cuda() calls leave its modules on the CPU."""
+    return mock.patch.object(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self)
+
+
 def airbench_net94() -> torch.nn.Module:
     """airbench 0.1.8's make_net94() built on the CPU in fp32 (it calls .half().cuda())."""
     airbench = pytest.importorskip("airbench")
-    with mock.patch.object(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self):
+    with cuda_is_a_no_op():
         return airbench.make_net94().float()
 
 
