@@ -129,14 +129,15 @@ def test_the_speedrun_presets_net_has_gelu_and_its_bn_momentum():
 
 def test_print_config_shows_every_field_its_value_source_and_meaning_without_loading_data(tmp_path, monkeypatch,
                                                                                           capsys):
-    """Sabotage caught: a source mislabelled (a flag reported as the preset's), a field left out, or the data
+    """lr is set by the preset, the config file and a flag: the flag's value and source win. Sabotage caught: a
+    source mislabelled (a flag reported as the preset's or the config file's), a field left out, or the data
     loaded before printing."""
     import fastcifar.data
     from fastcifar.config import value_sources
     from fastcifar.train import main
 
     monkeypatch.setattr(fastcifar.data, "load_cifar10", lambda *a, **k: pytest.fail("--print-config loaded data"))
-    (tmp_path / "c.toml").write_text("cutout = 4\n")
+    (tmp_path / "c.toml").write_text("cutout = 4\nlr = 3.0\n")
     argv = ["--preset", "speedrun", "--config", str(tmp_path / "c.toml"), "--lr", "2.0", "--print-config"]
     assert main(argv) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}

@@ -139,11 +139,13 @@ def test_under_torchrun_the_run_counts_the_global_batch():
 
 def test_the_airbench94_preset_counts_as_airbench94_and_its_stopped_whitening_bias_saves_layer1s_input_gradient():
     """Per image as make_net94() counts (0.359 PFLOP per run when the whitening bias trains all 476 steps, as
-    bench/speedrun.py's airbench_flops counts it); stopping the bias with requires_grad after 3 epochs of 48
-    steps spares layer1's input gradient, by hand 24 x 64 x 9 multiply-adds at 31x31, in the remaining 332
-    steps. Sabotage caught: step_rounding or whiten_bias_stop deleted from the preset; recipe_flops ignoring
-    the stop; stop_whitening_bias leaving requires_grad on."""
-    from test_model import airbench_net94
+    bench/airbench_runner.py's airbench_flops counts airbench94: 48 x 9.9 = 475.2 steps, ceiled); stopping the
+    bias with requires_grad after 3 epochs of 48 steps spares layer1's input gradient, by hand 24 x 64 x 9
+    multiply-adds at 31x31, in the remaining 332 steps.
+    Sabotage caught: step_rounding or whiten_bias_stop deleted from the preset; recipe_flops ignoring the stop;
+    stop_whitening_bias leaving requires_grad on; airbench_flops truncating 475.2 steps to 475."""
+    from bench.airbench_runner import airbench_flops
+    from test_model import airbench_net94, cuda_is_a_no_op
 
     reference = airbench_net94()
     preset = TrainConfig(**PRESETS["airbench94"])
@@ -152,6 +154,8 @@ def test_the_airbench94_preset_counts_as_airbench94_and_its_stopped_whitening_bi
     assert trained_all_run["per_image_forward"] == forward_flops(reference)
     airbench_count = train_step_flops(reference) * 476 * 1024 + forward_flops(reference) * 6 * 10_000
     assert trained_all_run["per_run"] == airbench_count and round(airbench_count / 1e15, 3) == 0.359
+    with cuda_is_a_no_op():
+        assert airbench_flops(pytest.importorskip("airbench"), 50_000, 10_000) == airbench_count
     work = recipe_flops(preset, 50_000, 10_000)
     layer1_input_gradient = 2 * 24 * 64 * 9 * 31 * 31
     assert work["per_image_train"] - work["per_image_train_stopped"] == layer1_input_gradient

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO_ROOT
 
 PACKAGES = ("fastcifar", "export")
@@ -24,13 +25,31 @@ def module_names() -> list[str]:
 def imported_modules(name: str, known: set[str]) -> set[str]:
     """The modules of `known` that module `name` imports anywhere in its file (top level or in a function)."""
     path = REPO_ROOT / (name.replace(".", "/") + ("/__init__.py" if name in PACKAGES else ".py"))
+    package = name if name in PACKAGES else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = absolute_module(node, package)
+            found |= {module} | {f"{module}.{alias.name}" for alias in node.names}
     return (found & known) - {name}
+
+
+def absolute_module(node: ast.ImportFrom, package: str) -> str:
+    """The module `from ... import` names, relative ones (`from .recipe`, `from . import recipe`) made
+    absolute against `package`, the package of the importing module."""
+    if node.level == 0:
+        return node.module or ""
+    base = package.rsplit(".", node.level - 1)[0]  # level 1: the package itself
+    return f"{base}.{node.module}" if node.module else base
+
+
+@pytest.mark.parametrize("source, package, module", [
+    ("from .recipe import x", "fastcifar", "fastcifar.recipe"), ("from . import flops", "fastcifar", "fastcifar"),
+    ("from ..export import onnx", "a.b", "a.export"), ("from os import path", "fastcifar", "os")])
+def test_a_relative_import_counts_as_its_absolute_module(source, package, module):
+    assert absolute_module(ast.parse(source).body[0], package) == module
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -56,7 +75,8 @@ def test_the_cycle_finder_finds_a_cycle_and_passes_a_tree():
 
 
 def test_imports_go_one_way_even_inside_functions():
-    """Sabotage caught: `from fastcifar.flops import forward_flops` inside a function of fastcifar/model.py."""
+    """Sabotage caught: `from fastcifar.flops import forward_flops`, or its relative form `from .flops import
+    forward_flops`, inside a function of fastcifar/model.py."""
     names = module_names()
     graph = {name: imported_modules(name, set(names)) for name in names}
     assert find_cycle(graph) is None

@@ -132,10 +132,15 @@ def test_a_checkpoint_header_without_the_newer_family_fields_loads_with_their_de
     assert ModelInfo.from_json(json.dumps(header)).config == ModelConfig(width=4)
 
 
+def cuda_is_a_no_op():
+    """A context in which airbench's .cuda() calls leave its modules on the CPU."""
+    return mock.patch.object(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self)
+
+
 def airbench_net94() -> torch.nn.Module:
     """airbench 0.1.8's make_net94() built on the CPU in fp32 (it calls .half().cuda())."""
     airbench = pytest.importorskip("airbench")
-    with mock.patch.object(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self):
+    with cuda_is_a_no_op():
         return airbench.make_net94().float()
 
 
@@ -143,7 +148,7 @@ def test_the_airbench94_preset_is_make_net94_parameter_by_parameter():
     """Shapes, which parameters train, BatchNorm eps and momentum, the identity-initialised filters, and the
     same outputs from the same weights (train and eval mode). Sabotage caught: deleting any of widths, residual,
     plain, prep_bn, bn_eps, fc_bias, dirac, prep_kernel, activation, bn_momentum, logit_scale, bn_weight or
-    whiten_bias_epochs from the preset."""
+    whiten_bias_epochs from the preset; dirac_ applied to the whole weight (the filters past in_channels zero)."""
     reference = airbench_net94()
     ours = build_model(TrainConfig(**PRESETS["airbench94"], channels_last=False), 10, torch.device("cpu"))
     pairs = list(zip(ours.parameters(), reference.parameters(), strict=True))
@@ -152,8 +157,11 @@ def test_the_airbench94_preset_is_make_net94_parameter_by_parameter():
              for net in (ours, reference)]
     assert norms[0] == norms[1] and norms[0][0] == (1e-12, pytest.approx(0.4))
     for (p, r) in pairs:
-        if p.dim() == 4:  # airbench's Conv: dirac_ on the first in_channels filters
+        if p.dim() == 4:  # airbench's Conv: dirac_ on the first in_channels filters, the rest as PyTorch draws them
             assert torch.equal(p[:p.shape[1]], r[:r.shape[1]])
+            if p.shape[0] > p.shape[1]:
+                drawn, drawn_reference = p[p.shape[1]:].detach(), r[r.shape[1]:].detach()
+                assert 0.8 < float(drawn.std() / drawn_reference.std()) < 1.25, p.shape  # >= 252 draws each
     assert torch.equal(ours.prep[0].bias, reference[0].bias)  # zero
     with torch.no_grad():
         for p, r in pairs:

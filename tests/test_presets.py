@@ -1,18 +1,20 @@
 """The presets, through `python -m fastcifar.train --preset NAME`: a short run of each (its own net and recipe,
 few steps of a small batch on synthetic images) is watched where every setting the preset names lands: the
 net built, the whitening of the first layer, the optimizer's groups and lrs over every step, the lookahead,
-the flip phases, the whitening bias stopping, the final TTA. Deleting any value from a preset fails a test
-here (values equal to the default aside: changing those to another value does).
+the flip phases, the whitening bias stopping (also in a second seed, after a resume and at a fractional
+epoch), the final TTA. Deleting any value from a preset fails a test here (values equal to the default aside:
+changing those to another value does).
 
     pytest -q tests/test_presets.py
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from fastcifar.augment import DeviceLoader, normalize_images
 from fastcifar.config import PRESETS, parse_config
 from fastcifar.flops import recipe_flops
 from fastcifar.model import count_parameters
+from fastcifar.runtime import StopRequested
 
 STEPS_PER_EPOCH = 5  # = the lookahead's period: a stopped bias is constant from the next epoch's start
 BATCH = 16
@@ -61,12 +64,10 @@ def snapshot(model, optimizer) -> dict[str, Any]:
                        for g in optimizer.param_groups]}
 
 
-@pytest.fixture(scope="module", params=sorted(EXPECTED))
-def run(request, tmp_path_factory) -> tuple[str, Watched, Path]:
-    """One short run of the preset through fastcifar.train.main, with spies on the loop's calls."""
-    name, tmp = request.param, tmp_path_factory.mktemp(request.param)
-    data_dir = write_learnable_dataset(tmp / "data", train_per_class=STEPS_PER_EPOCH * BATCH // 10,
-                                       test_per_class=1)
+@contextlib.contextmanager
+def watching(stop_before: int | None = None) -> Iterator[Watched]:
+    """Spies on fastcifar.train's calls while in the block; with `stop_before` N the run is stopped as a signal
+    stops it (StopRequested) at the start of its N-th epoch (0-based, counted over the seeds)."""
     seen, patch = Watched(), pytest.MonkeyPatch()
     load, one_epoch, plan_epoch = fastcifar.data.load_cifar10, fastcifar.train.train_one_epoch, DeviceLoader.plan_epoch
 
@@ -76,6 +77,8 @@ def run(request, tmp_path_factory) -> tuple[str, Watched, Path]:
 
     def training_one_epoch(model, criterion, optimizer, scheduler, scaler, batches, device, dtype, lookahead=None,
                            guard=None):
+        if len(seen.epochs) == stop_before:
+            raise StopRequested
         seen.model, seen.criterion, seen.lookahead = model, criterion, lookahead
         start = snapshot(model, optimizer)
         start["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
@@ -95,13 +98,32 @@ def run(request, tmp_path_factory) -> tuple[str, Watched, Path]:
     patch.setattr(fastcifar.data, "load_cifar10", loading)
     patch.setattr(fastcifar.train, "train_one_epoch", training_one_epoch)
     patch.setattr(DeviceLoader, "plan_epoch", planning)
-    out = tmp / "run"
     try:
-        assert fastcifar.train.main(["--preset", name, "--data-dir", str(data_dir), "--out-dir", str(out),
-                                     "--device", "cpu", "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
-                                     "--no-plots", "--no-compile", "--eval-every", "100"]) == 0
+        yield seen
     finally:
         patch.undo()
+
+
+def train(name: str, data_dir: Path, out: Path, *flags: str) -> int:
+    """The preset NAME through fastcifar.train.main, shrunk: batches of BATCH on the CPU, `flags` added."""
+    return fastcifar.train.main(["--preset", name, "--data-dir", str(data_dir), "--out-dir", str(out), "--device",
+                                 "cpu", "--batch-size", str(BATCH), "--no-plots", "--no-compile", "--eval-every",
+                                 "100", *flags])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """STEPS_PER_EPOCH batches of training images."""
+    return write_learnable_dataset(tmp_path_factory.mktemp("data"), train_per_class=STEPS_PER_EPOCH * BATCH // 10,
+                                   test_per_class=1)
+
+
+@pytest.fixture(scope="module", params=sorted(EXPECTED))
+def run(request, data_dir, tmp_path_factory) -> tuple[str, Watched, Path]:
+    """One short run of the preset through fastcifar.train.main, with spies on the loop's calls."""
+    name, out = request.param, tmp_path_factory.mktemp(request.param) / "run"
+    with watching() as seen:
+        assert train(name, data_dir, out, "--epochs", str(EPOCHS)) == 0
     return name, seen, out
 
 
@@ -185,23 +207,65 @@ def test_the_optimizer_steps_the_presets_lr_curve_momentum_weight_decay_and_bias
     assert whiten_bias["lr"] == pytest.approx(want["whiten_bias_lr_scale"] * rest["lr"])
 
 
+def moved(epoch: dict[str, Any]) -> bool:
+    """Whether the whitening bias changed during the epoch."""
+    return not torch.equal(epoch["start"]["bias"], epoch["end"]["bias"])
+
+
 def test_the_whitening_bias_trains_three_epochs_then_stops_as_the_preset_says(run):
     name, seen, _ = run
     stop = EXPECTED[name]["whiten_bias_stop"]
     for index, epoch in enumerate(seen.epochs):
-        moved = not torch.equal(epoch["start"]["bias"], epoch["end"]["bias"])
-        assert moved == (index < 3), index
+        assert moved(epoch) == (index < 3), index
         assert epoch["start"]["bias_requires_grad"] == (index < 3 or stop == "lr"), index
         assert (epoch["start"]["groups"][2]["lr"] == 0) == (index >= 3 and stop == "lr"), index
 
 
+def test_each_seed_trains_its_whitening_bias_for_fractional_epochs_then_stops_it(data_dir, tmp_path):
+    """airbench94's stop by requires_grad at --whiten-bias-epochs 1.5, two seeds: each trains its bias in epochs
+    0 and 1 and stops it from epoch 2 (the first at or past 1.5); the second seed trains its bias again although
+    the first seed's stop left requires_grad off. Sabotage caught: stop_whitening_bias called only at the epoch
+    equal to whiten_bias_epochs (1.5: never), or only from it on (the second seed starts stopped)."""
+    with watching() as seen:
+        assert train("airbench94", data_dir, tmp_path, "--epochs", "3", "--whiten-bias-epochs", "1.5",
+                     "--runs", "2") == 0
+    assert [moved(epoch) for epoch in seen.epochs] == [True, True, False] * 2
+    assert [epoch["start"]["bias_requires_grad"] for epoch in seen.epochs] == [True, True, False] * 2
+
+
+def test_a_run_resumed_after_the_whitening_bias_stopped_keeps_it_stopped(data_dir, tmp_path):
+    """airbench94 with the bias stopped at epoch 1, stopped by a signal at the start of epoch 2 and resumed: the
+    resumed epoch starts with the bias the checkpoint holds and leaves it there, to the model saved. Sabotage
+    caught: stop_whitening_bias called only at the epoch equal to whiten_bias_epochs (the resumed process builds
+    a fresh model, whose bias requires a gradient)."""
+    with watching(stop_before=2) as stopped, pytest.raises(SystemExit):
+        train("airbench94", data_dir, tmp_path, "--epochs", "3", "--whiten-bias-epochs", "1")
+    assert [moved(epoch) for epoch in stopped.epochs] == [True, False]
+    with watching() as resumed:
+        assert fastcifar.train.main(["--resume", str(tmp_path)]) == 0
+    bias = stopped.epochs[-1]["end"]["bias"]
+    assert len(resumed.epochs) == 1 and not resumed.epochs[0]["start"]["bias_requires_grad"]
+    assert torch.equal(resumed.epochs[0]["start"]["bias"], bias) and not moved(resumed.epochs[0])
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["prep.0.bias"], bias)
+
+
+def test_the_whitening_filters_stay_frozen_from_the_first_step_to_the_saved_model(run):
+    """whiten_bias_epochs freezes prep.0.weight (data statistics, not learned). Sabotage caught: the filters
+    left trainable (frozen_parameter_names without prep.0.weight)."""
+    _, seen, out = run
+    saved = load_file(str(out / "model.safetensors"))
+    assert not seen.model.prep[0].weight.requires_grad
+    assert torch.equal(saved["prep.0.weight"], seen.epochs[0]["start"]["weights"]["prep.0.weight"])
+
+
 def test_the_batchnorm_scales_stay_one_and_the_run_ends_on_the_lookahead_average(run):
-    """bn_weight=False and lookahead=True: every step counted, the weights saved are the slow ones."""
+    """bn_weight=False and lookahead=True: every step counted, the weights averaged every 5 steps (airbench's
+    period), the weights saved are the slow ones."""
     name, seen, out = run
     saved = load_file(str(out / "model.safetensors"))
     scales = [v for k, v in saved.items() if k.endswith(".weight") and v.dim() == 1]
     assert scales and all(torch.equal(v, torch.ones_like(v)) for v in scales)
-    assert seen.lookahead.steps == EXPECTED[name]["steps"]
+    assert seen.lookahead.steps == EXPECTED[name]["steps"] and seen.lookahead.every == 5
     assert all(torch.equal(saved[k], v) for k, v in seen.lookahead.slow.items())
 
 

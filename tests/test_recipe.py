@@ -246,10 +246,11 @@ def test_epoch_steps_end_a_fractional_last_epoch_early(epochs, expected):
 
 @pytest.mark.parametrize("epochs, rounded, ceiled", [(9.9, 475, 476), (0.1 * 3, 14, 15), (2.0, 96, 96)])
 def test_step_rounding_ceil_takes_airbench94s_476_steps(epochs, rounded, ceiled):
-    """ceil(48 x 9.9) = 476, as airbench94; float noise (0.30000000000000004 x 48) does not add a step.
-    Sabotage: step_rounding ignored in total_steps."""
+    """ceil(48 x 9.9) = 476, as airbench94; float noise (1.1 x 100 = 110.00000000000001) does not add a step.
+    Sabotage: step_rounding ignored in total_steps; ceil without the rounding to 6 places."""
     assert total_steps(TrainConfig(epochs=epochs), 48) == rounded
     assert total_steps(TrainConfig(epochs=epochs, step_rounding="ceil"), 48) == ceiled
+    assert total_steps(TrainConfig(epochs=1.1, step_rounding="ceil"), 100) == 110
     assert sum(epoch_steps(TrainConfig(epochs=9.9, step_rounding="ceil"), 48)) == 476
 
 

@@ -354,12 +354,14 @@ def small_airbench(monkeypatch):
     monkeypatch.setitem(lib94.hyp["opt"], "batch_size", 50)
 
 
+@pytest.mark.parametrize("loss", ["nan", "inf", "-inf"])
 def test_a_seed_whose_loss_is_not_finite_is_failed_in_the_json_and_the_table_never_an_accuracy(
-        tmp_path, monkeypatch, capsys):
+        loss, tmp_path, monkeypatch, capsys):
+    """Sabotage caught: the check reading math.isnan (an inf loss would pass) instead of math.isfinite."""
     class Diverging(FakeAirbench):
         def train94(self, run=0, verbose=True):
             self.calls.append(f"train{run}")
-            print(AIRBENCH_LOG.replace("2.3047", "   nan"))  # what a NaN whitening prints; accuracies still print
+            print(AIRBENCH_LOG.replace("2.3047", f"{loss:>6}"))  # what a NaN whitening prints; accuracies still print
             return object()
 
     code, report, calls = interleaved_main(tmp_path, monkeypatch, Diverging(), runs=1, airbench_runs=2)
