@@ -37,7 +37,6 @@ def denormalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
 
 
 def save_curves(path: str | Path, rows: list[dict[str, Any]], lrs: Sequence[float], steps_per_epoch: int) -> None:
-    """Loss and accuracy per epoch; the learning rate of every step (the one-cycle shape)."""
     plt = pyplot()
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -100,7 +99,6 @@ def save_misclassified(path: str | Path, images: np.ndarray, labels: np.ndarray,
 
 def save_run_plots(out: Path, rows: list[dict[str, Any]], lrs: Sequence[float], steps_per_epoch: int,
                    final: dict[str, Any], data) -> None:
-    """The figures of one finished run."""
     save_curves(out / "curves.png", rows, lrs, steps_per_epoch)
     save_confusion(out / "confusion.png", final["labels"], final["preds"], data.classes)
     save_misclassified(out / "misclassified.png", data.test_images, final["labels"], final["preds"], data.classes)
