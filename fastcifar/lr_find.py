@@ -127,8 +127,7 @@ def save_plot(path: str | Path, result: LRFindResult, title: str) -> None:
     """Loss and smoothed loss against the lr, both suggestions marked (the caller has at least 3 points)."""
     from fastcifar.plots import pyplot, save_figure
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
     ax.plot(result.lrs, result.losses, color="0.75", lw=0.8, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=1.8, label=f"smoothed (EMA {BETA})")
     steepest = result.suggestion_steepest

@@ -164,7 +164,6 @@ def write_pareto(out: Path, front: list[dict[str, Any]], goal: Goal, study_name:
 def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
     from optuna.visualization import matplotlib as vis
 
-    plt = pyplot()
     # with one objective Optuna knows the direction and draws the best value so far; with two, the first
     accuracy: dict[str, Any] = {"target_name": ACCURACY_LABEL}
     if goal.cost:
@@ -176,7 +175,7 @@ def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
         plots["pareto"] = lambda: pareto_plot(study, goal)
     for name, plot in plots.items():
         # constrained layout from the figure's creation on: colour bars get room of their own
-        with warnings.catch_warnings(), plt.rc_context({"figure.constrained_layout.use": True}):
+        with warnings.catch_warnings(), pyplot().rc_context({"figure.constrained_layout.use": True}):
             warnings.simplefilter("ignore")  # "too few trials" notes from optuna
             try:
                 axes = plot()
