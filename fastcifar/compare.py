@@ -5,9 +5,7 @@
 
 Each ARM is `[NAME=]SPEC`: a preset name, a TOML file for `fastcifar.train --config`, or a quoted flag
 string (`"--lr 0.6 --label-smoothing 0.1"`; a single flag without a value needs a name: `whiten=--whiten`).
-Flags after `--` apply to every arm, after its own. docs/tune-and-compare.md says how each later arm is
-compared with the first, what the verdicts mean and what OUT holds (results.json, row.md, strip.png and
-runs/<arm>/seed-<s>/ with each run's train.log).
+Flags after `--` apply to every arm, after its own. docs/tune-and-compare.md: the verdicts and what OUT holds.
 """
 
 from __future__ import annotations
