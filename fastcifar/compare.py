@@ -5,9 +5,7 @@
 
 Each ARM is `[NAME=]SPEC`: a preset name, a TOML file for `fastcifar.train --config`, or a quoted flag
 string (`"--lr 0.6 --label-smoothing 0.1"`; a single flag without a value needs a name: `whiten=--whiten`).
-Flags after `--` apply to every arm, after its own. docs/tune-and-compare.md says how each later arm is
-compared with the first, what the verdicts mean and what OUT holds (results.json, row.md, strip.png and
-runs/<arm>/seed-<s>/ with each run's train.log).
+Flags after `--` apply to every arm, after its own. docs/tune-and-compare.md: the verdicts and what OUT holds.
 """
 
 from __future__ import annotations
@@ -40,7 +38,6 @@ class Arm:
 
 
 def parse_arm(text: str, index: int) -> Arm:
-    """`[NAME=]SPEC` -> Arm; SPEC is a preset, a TOML file or a flag string."""
     name, spec = "", text.strip()
     head, sep, rest = spec.partition("=")
     if sep and head and not head.startswith("-") and " " not in head and "/" not in head:
@@ -136,7 +133,6 @@ def verdict(acc: dict[str, Any], secs: dict[str, Any], margin: float, lost_seeds
 
 
 def _pct(x: float | None, sign: str = "") -> str:
-    """A fraction in percent (points with sign="+"), "-" for none."""
     return "-" if x is None else f"{100 * x:{sign}.2f}"
 
 
@@ -234,7 +230,6 @@ def run_arm(arm: Arm, common: list[str], seed: int, out: Path, debug: bool = Fal
 
 
 def check_args(args: argparse.Namespace) -> list[Arm]:
-    """The ARM arguments (two or more, named apart), once --seeds, --confidence and --margin are checked."""
     for ok, flag, rule in ((args.seeds >= 1, "seeds", "must be >= 1"),
                            (0 < args.confidence < 1, "confidence", "must be between 0 and 1"),
                            (0 < args.margin < 100, "margin", "accuracy points, between 0 and 100")):  # NaN fails
@@ -265,7 +260,6 @@ def earlier_runs(path: Path, recipes: dict[str, dict[str, Any]]) -> dict[str, di
 
 def save_results(path: Path, args: argparse.Namespace, arms: list[Arm], common: list[str], seeds: list[int],
                  recipes: dict[str, dict[str, Any]], runs: dict[str, dict[str, dict]]) -> dict[str, Any]:
-    """results.json from the runs so far: each arm's recipe and runs, the analysis and the bench/RESULTS.md rows."""
     split = "val" if any(r["val_split"] for r in recipes.values()) else "test"
     analysis = analyse(arms, runs, seeds, args.confidence, args.margin)
     result = {"eval_split": split, "seeds": seeds, "common_flags": common, "confidence": args.confidence,

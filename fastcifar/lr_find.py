@@ -49,10 +49,10 @@ class LRFindResult:
 def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, criterion: nn.Module,
                   *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int = 200, diverge: float = 4.0,
                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LRFindResult:
-    """Train `model` on up to `steps` `batches` ((inputs, labels) on `device`) until the smoothed loss exceeds
-    `diverge` x its best (that step recorded) or the loss is not finite (not recorded). `dtype`: autocast's.
+    """Train `model` (train.train_one_epoch, one batch at a time) on up to `steps` `batches` until the smoothed loss
+    exceeds `diverge` x its best (that step recorded) or the loss is not finite (not recorded). `dtype`: autocast's.
     Model (weights, buffers, grads, mode) and optimizer are restored after, even on error."""
-    from fastcifar.runtime import autocast
+    from fastcifar.train import train_one_epoch
 
     device = torch.device(device)
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -63,21 +63,18 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
     lrs, losses, smoothed = [], [], []
     avg, best = 0.0, math.inf
     try:
-        model.train()
-        for i, (inputs, labels) in enumerate(itertools.islice(batches, steps)):
-            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            with autocast(device, dtype):
-                loss = criterion(model(inputs), labels)
-            value = loss.item()  # one sync per step: the divergence check needs the value anyway
+        for group in optimizer.param_groups:  # the ramp's lr times each group's multiple of the base lr
+            group["lr"] = group["initial_lr"] = group.get("lr_scale", 1.0)
+        ramp = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: start_lr * (end_lr / start_lr) ** (i / (steps - 1)))
+        for i, batch in enumerate(itertools.islice(batches, steps)):
+            lr = ramp.get_last_lr()[0] / optimizer.param_groups[0].get("lr_scale", 1.0)
+            sums, _ = train_one_epoch(model, criterion, optimizer, ramp, scaler, [batch], device, dtype)
+            loss_sum, _, seen, _ = sums.tolist()  # one sync per step: the divergence check needs the value anyway
+            value = loss_sum / seen
             if not math.isfinite(value):
                 reason = "non-finite"
                 break
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
             avg = BETA * avg + (1 - BETA) * value
             smooth = avg / (1 - BETA ** (i + 1))
             lrs.append(lr)
@@ -130,8 +127,7 @@ def save_plot(path: str | Path, result: LRFindResult, title: str) -> None:
     """Loss and smoothed loss against the lr, both suggestions marked (the caller has at least 3 points)."""
     from fastcifar.plots import pyplot, save_figure
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
     ax.plot(result.lrs, result.losses, color="0.75", lw=0.8, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", lw=1.8, label=f"smoothed (EMA {BETA})")
     steepest = result.suggestion_steepest
@@ -169,7 +165,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Same precedence as training: defaults < --preset < --config < flags. Validated."""
     args = train_config.layered_args(get_args_parser(), argv)
     config = train_config.config_from_args(args)
     # min_momentum only shapes the one-cycle schedule, which the range test ignores: --momentum 0.8 alone is fine

@@ -37,10 +37,8 @@ def denormalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
 
 
 def save_curves(path: str | Path, rows: list[dict[str, Any]], lrs: Sequence[float], steps_per_epoch: int) -> None:
-    """Loss and accuracy per epoch; the learning rate of every step (the one-cycle shape)."""
-    plt = pyplot()
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = pyplot().subplots(1, 3, figsize=(14, 3.8))
     for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
         ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", label="train")
         test = [(r["epoch"], r[f"test_{key}"]) for r in rows if not np.isnan(r[f"test_{key}"])]
@@ -57,11 +55,10 @@ def save_curves(path: str | Path, rows: list[dict[str, Any]], lrs: Sequence[floa
 
 def save_confusion(path: str | Path, labels: np.ndarray, preds: np.ndarray, classes: Sequence[str]) -> None:
     """Row-normalized confusion matrix with counts in each cell."""
-    plt = pyplot()
     k = len(classes)
     cm = np.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
     frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    fig, ax = pyplot().subplots(figsize=(7.5, 6.5))
     im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
@@ -77,9 +74,8 @@ def save_confusion(path: str | Path, labels: np.ndarray, preds: np.ndarray, clas
 
 def save_image_grid(path: str | Path, images: np.ndarray, titles: Sequence[str], title: str, cols: int = 8) -> None:
     """uint8 or [0, 1] float NHWC images in a labeled grid."""
-    plt = pyplot()
     rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.6), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(cols * 1.4, rows * 1.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, t in zip(axes.flat, images, titles):
@@ -100,7 +96,6 @@ def save_misclassified(path: str | Path, images: np.ndarray, labels: np.ndarray,
 
 def save_run_plots(out: Path, rows: list[dict[str, Any]], lrs: Sequence[float], steps_per_epoch: int,
                    final: dict[str, Any], data) -> None:
-    """The figures of one finished run."""
     save_curves(out / "curves.png", rows, lrs, steps_per_epoch)
     save_confusion(out / "confusion.png", final["labels"], final["preds"], data.classes)
     save_misclassified(out / "misclassified.png", data.test_images, final["labels"], final["preds"], data.classes)

@@ -45,8 +45,6 @@ batch_size = {choices = [128, 256, 512, 1024]}
 
 @dataclass(frozen=True)
 class Param:
-    """One searched field: a range (low, high, optional step or log scale) or a list of choices."""
-
     name: str
     kind: str                       # "int", "float" or "choice"
     low: float | int | None = None
@@ -66,7 +64,6 @@ class Param:
         return value in self.choices if self.kind == "choice" else self.low <= value <= self.high
 
     def grid_values(self, source: str) -> list[Any]:
-        """Every value, for the grid sampler: the choices, or the range walked by its step."""
         if self.kind == "choice":
             return list(self.choices)
         if self.step is None and self.kind == "float":
@@ -173,7 +170,6 @@ def _checked_value(name: str, value: Any, kind: str, source: str) -> Any:
 
 
 def _check_values(space: SearchSpace, base: TrainConfig) -> None:
-    """Validate the fixed values, then the configuration at both ends of every range and at every choice."""
     checks = [({}, "fixed values")] + [({p.name: v}, f"search space value {p.name} = {v!r}") for p in space.params
                                        for v in (p.choices if p.kind == "choice" else (p.low, p.high))]
     for values, what in checks:

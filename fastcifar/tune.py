@@ -78,7 +78,6 @@ def get_args_parser():
 
 
 def check_search_args(args: argparse.Namespace, base: TrainConfig, two_objectives: bool) -> None:
-    """The base configuration's values and the flag combinations that cannot work, before anything is opened."""
     validate(base)
     if args.resume:
         raise UserError("--resume is for fastcifar.train: run the same tune command again to continue a study")
@@ -105,9 +104,6 @@ class OverBudget(Exception):
 
 @dataclasses.dataclass
 class Objective:
-    """One trial: an in-process training run of the base configuration with the trial's values; returns the
-    accuracy, and with two objectives the cost."""
-
     space: SearchSpace
     base: TrainConfig
     out: Path
@@ -225,7 +221,6 @@ def open_tune_study(args: argparse.Namespace, base: TrainConfig, space: SearchSp
 
 
 def after_each_trial(out: Path, goal: Goal, about: dict[str, Any], budget: float | None) -> Callable[..., None]:
-    """The Optuna callback: the trial's trial.json, the study's outputs and a printed row."""
     from fastcifar.atomic import write_json
     from fastcifar.tune_report import trial_dir, trial_record, write_outputs
 

@@ -43,7 +43,6 @@ def trial_dir(out: Path, number: int) -> Path:
 
 
 def remove_outputs(out: Path) -> None:
-    """Delete what an earlier study left in `out` (its trials' directories and every output file)."""
     for name in ("trials", BUDGET_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in OUTPUT_FILES:
@@ -84,7 +83,6 @@ TRIAL_COLUMNS = ("number", "state", "value", "cost", "val_acc", "val_acc_tta", "
 
 
 def write_csv(path: Path, records: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    """`records` as CSV: `columns`, then every searched parameter."""
     names = sorted({k for r in records for k in r["params"]})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*columns, *names], lineterminator="\n", extrasaction="ignore")
@@ -144,7 +142,6 @@ def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: f
 
 
 def write_recipe(path: Path, r: dict[str, Any], goal: Goal, settings: dict[str, Any], *title: str) -> None:
-    """Trial record `r`'s configuration as a recipe for fastcifar.train, headed by `title` and its results."""
     results = [f"{ACCURACY_LABEL} {r['value']:.4f} on {settings.get('val_split')} held-out training images "
                f"(split seed {settings.get('split_seed')}), training seed {r['seed']}"]
     if goal.cost:
@@ -153,8 +150,6 @@ def write_recipe(path: Path, r: dict[str, Any], goal: Goal, settings: dict[str, 
 
 
 def write_pareto(out: Path, front: list[dict[str, Any]], goal: Goal, study_name: str, settings: dict[str, Any]) -> None:
-    """pareto.csv (with each point's TOML) and best-per-budget/trial-NNNN.toml for the current front;
-    the TOMLs of trials that have left the front are removed."""
     (out / BUDGET_DIR).mkdir(exist_ok=True)
     for r in front:
         r["toml"] = f"{BUDGET_DIR}/trial-{r['number']:04d}.toml"
@@ -167,11 +162,8 @@ def write_pareto(out: Path, front: list[dict[str, Any]], goal: Goal, study_name:
 
 
 def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
-    """(name, matplotlib figure): history, importances, slice (the accuracy against each parameter) and,
-    with two objectives, pareto; a plot that needs more trials is skipped with a note on stderr."""
     from optuna.visualization import matplotlib as vis
 
-    plt = pyplot()
     # with one objective Optuna knows the direction and draws the best value so far; with two, the first
     accuracy: dict[str, Any] = {"target_name": ACCURACY_LABEL}
     if goal.cost:
@@ -183,7 +175,7 @@ def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
         plots["pareto"] = lambda: pareto_plot(study, goal)
     for name, plot in plots.items():
         # constrained layout from the figure's creation on: colour bars get room of their own
-        with warnings.catch_warnings(), plt.rc_context({"figure.constrained_layout.use": True}):
+        with warnings.catch_warnings(), pyplot().rc_context({"figure.constrained_layout.use": True}):
             warnings.simplefilter("ignore")  # "too few trials" notes from optuna
             try:
                 axes = plot()

@@ -161,7 +161,6 @@ def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goa
 
 
 def first_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """The flag whose value differs between two study_settings(), with both values; None if none."""
     for key in {**current, **stored}:
         old, new = stored.get(key), current.get(key)
         if old == new:
