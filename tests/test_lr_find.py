@@ -57,6 +57,17 @@ def test_curve_is_recorded_with_an_exponential_ramp_and_bias_corrected_ema():
     assert r.smoothed[-1] < r.smoothed[0]  # it learns on the way up
 
 
+def test_each_group_ramps_at_its_multiple_of_the_recorded_lr():
+    """--bias-lr 4 puts the BatchNorm biases in a group at 4x the lr: the ramp keeps that ratio at every step."""
+    model = tiny_model()
+    opt = sgd(model, bias_lr=4.0)
+    stepped: list[list[float]] = []
+    opt.register_step_pre_hook(lambda optimizer, args, kwargs: stepped.append([g["lr"] for g in opt.param_groups]))
+    r = run(model, opt, steps=5)
+    assert [g["lr_scale"] for g in opt.param_groups] == [1.0, 4.0]
+    assert stepped == pytest.approx([[lr, 4 * lr] for lr in r.lrs], rel=1e-9)
+
+
 def test_huge_end_lr_stops_early_on_divergence():
     model = tiny_model()
     r = run(model, sgd(model, weight_decay=0.0), n_batches=200, end_lr=1e8, steps=200)
