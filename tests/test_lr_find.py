@@ -65,7 +65,7 @@ def test_each_group_ramps_at_its_multiple_of_the_recorded_lr():
     opt.register_step_pre_hook(lambda optimizer, args, kwargs: stepped.append([g["lr"] for g in opt.param_groups]))
     r = run(model, opt, steps=5)
     assert [g["lr_scale"] for g in opt.param_groups] == [1.0, 4.0]
-    assert stepped == pytest.approx([[lr, 4 * lr] for lr in r.lrs], rel=1e-9)
+    assert np.array(stepped) == pytest.approx(np.array([[lr, 4 * lr] for lr in r.lrs]), rel=1e-9)
 
 
 def test_huge_end_lr_stops_early_on_divergence():
