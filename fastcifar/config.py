@@ -127,11 +127,17 @@ _SPEEDRUN: dict[str, Any] = dict(
     activation="gelu",       # after every BatchNorm (airbench)
     bn_momentum=0.4,         # weight of each batch in the running stats (airbench's 0.6 is 1 - this)
     whiten=True,             # first conv = patch whitening of 5000 training images, frozen
-    whiten_bias_epochs=3,    # epochs the bias after the whitening conv trains, then stops (airbench: 3)
+    prep_bn=False,           # no BatchNorm after it: the whitening conv has a bias (1x the lr) and a GELU
+    whiten_bias_epochs=3,    # epochs that bias trains, then stops (airbench: 3) ...
+    whiten_bias_stop="grad",  # ... by requires_grad, which also skips layer 1's input gradient from then on
+    dirac=True,              # each conv starts as the identity on its first in_channels filters (airbench)
+    bn_eps=1e-12,            # BatchNorm eps: airbench's; 1e-5 lets the smallest variances shrink the signal
+    fc_bias=False,           # no bias in the final linear layer: label smoothing keeps the classes balanced
     bn_weight=False,         # BatchNorm scales frozen at 1: the next conv scales freely
     bias_lr=64.0,            # BatchNorm biases: 64x the lr per step, 1/64 the weight decay (same decay per step)
     lookahead=True,          # every 5 steps the weights jump back to their EMA; the run ends on the EMA
-    epochs=9.9,              # passes over the 50,000 training images (airbench94's budget)
+    epochs=9.9,              # passes over the 50,000 training images (airbench94's budget) ...
+    step_rounding="ceil",    # ... as ceil(48 x 9.9) = 476 steps of batch 1024
     batch_size=1024,         # images per step
     lr=1.5,                  # peak lr per step of the mean loss: airbench's 11.5 per 1024 images, decoupled
     weight_decay=1.33e-3,    # per unit lr per step (mean loss): airbench's 0.0153 per 1024 images / 11.5
@@ -161,12 +167,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "airbench94": {**_SPEEDRUN, **dict(
         residual="",             # no residual blocks ...
         plain="1,2,3",           # ... but one more conv-BN-GELU after each layer: airbench's ConvGroup
-        prep_bn=False,           # the whitening conv has a bias (1x the lr) and a GELU, no BatchNorm
-        bn_eps=1e-12,            # BatchNorm eps
-        fc_bias=False,           # no bias in the final linear layer
-        dirac=True,              # each conv starts as the identity on its first in_channels filters
-        whiten_bias_stop="grad",  # after its 3 epochs the whitening bias stops needing (and getting) gradients
-        step_rounding="ceil",    # ceil(48 x 9.9) = 476 steps
         weight_decay=0.0153 / 11.5)},  # per unit lr per step (mean loss): airbench's 0.0153 per 1024 images
 }
 
