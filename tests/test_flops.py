@@ -77,7 +77,7 @@ def test_the_run_count_is_steps_times_the_batch_and_test_images_times_the_views(
 
 def test_the_speedrun_preset_fits_airbench94s_budget():
     work = recipe_flops(TrainConfig(**PRESETS["speedrun"]), 50000, 10000)
-    assert work["per_run"] <= 0.36e15
+    assert work["per_run"] <= 0.305e15  # below airbench94's 0.359 (0.350 with its bias stop)
     assert recipe_flops(TrainConfig(), 50000, 10000)["per_run"] > 2.5e15  # the 24-epoch classic net
 
 
