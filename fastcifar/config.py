@@ -78,7 +78,8 @@ class TrainConfig:
     label_smoothing: float = option(0.2, 'cross-entropy label smoothing')
     whiten: bool = option(False, "patch-whitening init of the first conv (airbench's trick)")
     whiten_bias_epochs: float = option(
-        0.0, 'with --whiten and N > 0: the whitened conv stays frozen and the BatchNorm bias after it trains '
+        0.0, 'with --whiten and N > 0: the whitened conv stays frozen and the bias after it (its BatchNorm\'s, or '
+        'its own with --no-prep-bn) trains '
         'for the first N epochs only (airbench: 3); 0 = the first layer trains like the others')
     whiten_bias_stop: Literal["lr", "grad"] = option(
         "lr", 'how that bias stops: lr = its scheduled lr becomes 0 (compiled graphs stay valid); grad = '
