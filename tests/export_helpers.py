@@ -39,17 +39,19 @@ def learnable_data(root: Path) -> Path:
     return write_learnable_dataset(root, train_per_class=20, test_per_class=10)
 
 
-def train_tiny(run: Path, data: Path, seed: int) -> Path:
+def train_tiny(run: Path, data: Path, seed: int, tta_translate: int | None = None) -> Path:
     """model.safetensors of a width-16 model trained by fastcifar.train for 160 steps on `data`: fp32 (--no-amp)
     on every CPU, its test accuracy stored from that fp32 evaluation; the recipe values that shape its logits
     pinned, so a change of the defaults leaves it alone. Width 16, not 8: at width 8 three seeds of the first
-    five leave a pair of colours undecided; at width 16 each of the first six decides every image by 2 or more."""
+    five leave a pair of colours undecided; at width 16 each of the first six decides every image by 2 or more.
+    `tta_translate`: also evaluate (and store) flip + that translate TTA; None: no TTA."""
     from fastcifar.train import main as train_main
 
     recipe = ["--width", "16", "--batch-size", "20", "--epochs", "16", "--lr", "0.4", "--label-smoothing", "0.2",
               "--logit-scale", "0.125", "--seed", str(seed)]
+    tta = ["--no-tta"] if tta_translate is None else ["--tta-translate", str(tta_translate)]
     assert train_main(["--data-dir", str(data), "--out-dir", str(run), *recipe, "--device", "cpu", "--no-amp",
-                       "--no-plots", "--no-tta"]) == 0
+                       "--no-plots", *tta]) == 0
     return run / "model.safetensors"
 
 

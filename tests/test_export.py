@@ -250,6 +250,12 @@ def test_int8_export(exported, tiny_data):
 
 
 @pytest.mark.slow
+def test_the_shared_model_trains_with_the_sessions_seed(checkpoint, train_seed):
+    """Sabotage: export_helpers.train_tiny without --seed (FASTCIFAR_TEST_SEED=N would then check nothing new)."""
+    assert json.loads((checkpoint.parent / "config.json").read_text())["seed"] == train_seed
+
+
+@pytest.mark.slow
 def test_export_reports_accuracy(export_output, checkpoint):
     _, stdout = export_output
     _, info = load_model(checkpoint)

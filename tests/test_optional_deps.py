@@ -6,6 +6,7 @@ uninstalled."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,25 @@ def test_the_core_install_trains_exports_and_predicts_without_any_extra(tmp_path
         result = run_without(NOT_CORE, module, *argv)
         assert result.returncode == 0, (module, result.stderr[-2000:])
     assert "OpenVINO is not installed" in result.stderr  # predict fell back to onnxruntime and said why
+
+
+def pyproject() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+@pytest.mark.parametrize("package", ["torch", "torchvision"])
+def test_torch_has_a_floor_and_no_ceiling(package):
+    """A CUDA machine brings its own torch build (often newer than any we tested): pip must keep it, not
+    replace it with a pinned or capped one. Sabotage: "torch>=2.5,<2.9" or "torch==2.8" in pyproject.toml."""
+    spec = next(dep for dep in pyproject()["project"]["dependencies"] if re.match(r"[\w.-]+", dep)[0] == package)
+    assert ">=" in spec and not re.search(r"<|==|~=", spec), spec
+
+
+def test_pytest_rejects_unknown_markers():
+    """A misspelt marker (@pytest.mark.slwo) would silently leave a test out of `-m "not slow"`: --strict-markers
+    makes it an error. Sabotage: addopts without it."""
+    assert "--strict-markers" in pyproject()["tool"]["pytest"]["ini_options"]["addopts"].split()

@@ -17,9 +17,10 @@ from PIL import Image
 
 from export.backends import make_runner
 from export.onnx import int8_path
-from export.predict import read_image, run_batches, to_input
-from export_helpers import TIE_MARGIN
+from export.predict import main as predict_main, read_image, run_batches, to_input, tta_note
+from export_helpers import CLEAR_MARGIN, TIE_MARGIN, assert_same_classes_where_decided
 from fastcifar.data import CLASSES
+from fastcifar.errors import run_cli
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +82,21 @@ def test_predict_classifies_resizes_and_reports_failures(exported, tmp_path):
         assert reference[CLASSES.index(cls)] >= reference.max() - 1e-4  # the top class, or one tied with it
     assert f"note: {big}: resized 64x64 to 32x32" in result.stderr
     assert f"error: {junk}: not an image" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "inside the model" not in result.stderr  # a plain model: no TTA note
+
+
+@pytest.mark.slow
+def test_predict_names_the_classes_the_model_learned(exported, tiny_data, capsys):
+    """The test split's folder of class folders: predict's class is our session's on every image that session
+    decides by CLEAR_MARGIN, which DECIDED_SHARE of them must be (a fixture that learned nothing fails here, by
+    name), and it is the folder's class far above chance. Sabotage: the shared model trained at --lr 1e-6."""
+    assert run_cli(predict_main, [str(exported), str(tiny_data / "test"), "--backend", "onnxruntime"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    paths = [Path(name) for name, _, _ in lines]
+    ours = run_batches(make_runner(exported), np.stack([read_image(path) for path in paths]))
+    onehot = np.eye(len(CLASSES))[[CLASSES.index(cls) for _, cls, _ in lines]]
+    assert_same_classes_where_decided(onehot, ours, CLEAR_MARGIN, "predict vs our session on the test split")
+    assert np.mean([cls == path.parent.name for (_, cls, _), path in zip(lines, paths)]) >= 0.5  # chance: 0.1
 
 
 @pytest.mark.slow
@@ -107,6 +122,15 @@ def test_predict_top_k_matches_the_session(exported, tmp_path):
     best = np.argsort(-reference)[:3]
     assert [f.split()[0] for f in fields[1:]] == [CLASSES[i] for i in best]
     assert probs == pytest.approx(reference[best], abs=1e-4)
+
+
+@pytest.mark.parametrize("meta", [{}, {"tta": "plain", "tta_views": '{"identity": 1.0}'}], ids=["none", "plain"])
+def test_a_plain_model_gets_no_tta_note(meta):
+    """A file exported without TTA (or before export.onnx recorded it); sabotage: tta_note noting any views."""
+    assert tta_note(meta) is None
+    tta = {"tta": "flip TTA", "tta_views": '{"identity": 0.5, "flip": 0.5}'}
+    assert tta_note(tta) == ("note: flip TTA inside the model: each image's logits are the weighted mean of 2 views "
+                             "(identity 0.5, flip 0.5)")
 
 
 def test_documented_input_recipes_match_predict(tmp_path):
