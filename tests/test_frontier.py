@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def load_frontier():
-    spec = importlib.util.spec_from_file_location("frontier", REPO / "bench" / "frontier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.frontier")  # the repository root is on pytest's path (pyproject)
 
 
 def test_points_come_from_both_report_kinds_with_their_own_tta_and_work(tmp_path):
