@@ -15,8 +15,8 @@ from torch import nn
 class PerSampleNorm(nn.GroupNorm):
     """GroupNorm with one group: each sample normalized over its own channels and pixels, affine per channel."""
 
-    def __init__(self, channels: int, momentum: float | None = None):  # momentum: BatchNorm2d's, unused here
-        super().__init__(1, channels)
+    def __init__(self, channels: int, eps: float = 1e-5, momentum: float | None = None):  # momentum: unused here
+        super().__init__(1, channels, eps=eps)
 
 
 if __name__ == "__main__":
