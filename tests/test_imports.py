@@ -82,6 +82,7 @@ def test_imports_go_one_way_even_inside_functions():
     assert find_cycle(graph) is None
 
 
+@pytest.mark.slow  # subprocesses
 def test_each_module_imports_alone_in_a_fresh_interpreter():
     script = ("import importlib, sys\n"
               "for name in sys.argv[1:]:\n"

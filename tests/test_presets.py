@@ -145,6 +145,7 @@ def test_every_value_of_every_preset_is_watched_here():
         assert set(PRESETS[name]) <= watched, name
 
 
+@pytest.mark.slow
 def test_the_full_preset_takes_its_steps_of_its_batch(run):
     """epochs, batch_size and step_rounding, which the short run overrides: 9.9 epochs of batch 1024 on 50,000
     images are 475 steps rounded, 476 with ceil (both presets, as airbench94)."""
@@ -154,6 +155,7 @@ def test_the_full_preset_takes_its_steps_of_its_batch(run):
     assert config.batch_size == 1024 and steps == 476
 
 
+@pytest.mark.slow
 def test_the_run_builds_the_presets_net(run):
     name, seen, _ = run
     want, model = EXPECTED[name], seen.model
@@ -171,6 +173,7 @@ def test_the_run_builds_the_presets_net(run):
         torch.testing.assert_close(model.eval()(x), model.fc(features) / 9)  # logit_scale 1/9
 
 
+@pytest.mark.slow
 def test_the_first_layer_starts_as_the_whitening_of_the_training_images_and_the_others_as_the_identity(run):
     """The filters at the first step whiten the 2x2 patches (even filters; odd ones are their negatives); with
     dirac each later conv's first in_channels filters are the identity, else not."""
@@ -186,6 +189,7 @@ def test_the_first_layer_starts_as_the_whitening_of_the_training_images_and_the_
     assert all(identity) if EXPECTED[name]["dirac"] else not any(identity)
 
 
+@pytest.mark.slow
 def test_the_optimizer_steps_the_presets_lr_curve_momentum_weight_decay_and_bias_lr(run):
     """Every step's lr against the written-out curve (peak 1.5, from 0.2x up at 23% of the steps, down to 0.07x):
     lr, div_factor, final_div_factor, pct_start, anneal; Nesterov momentum 0.85 throughout; the BatchNorm
@@ -212,6 +216,7 @@ def moved(epoch: dict[str, Any]) -> bool:
     return not torch.equal(epoch["start"]["bias"], epoch["end"]["bias"])
 
 
+@pytest.mark.slow
 def test_the_whitening_bias_trains_three_epochs_then_stops_as_the_preset_says(run):
     name, seen, _ = run
     stop = EXPECTED[name]["whiten_bias_stop"]
@@ -221,6 +226,7 @@ def test_the_whitening_bias_trains_three_epochs_then_stops_as_the_preset_says(ru
         assert (epoch["start"]["groups"][2]["lr"] == 0) == (index >= 3 and stop == "lr"), index
 
 
+@pytest.mark.slow
 def test_each_seed_trains_its_whitening_bias_for_fractional_epochs_then_stops_it(data_dir, tmp_path):
     """airbench94's stop by requires_grad at --whiten-bias-epochs 1.5, two seeds: each trains its bias in epochs
     0 and 1 and stops it from epoch 2 (the first at or past 1.5); the second seed trains its bias again although
@@ -233,6 +239,7 @@ def test_each_seed_trains_its_whitening_bias_for_fractional_epochs_then_stops_it
     assert [epoch["start"]["bias_requires_grad"] for epoch in seen.epochs] == [True, True, False] * 2
 
 
+@pytest.mark.slow
 def test_a_run_resumed_after_the_whitening_bias_stopped_keeps_it_stopped(data_dir, tmp_path):
     """airbench94 with the bias stopped at epoch 1, stopped by a signal at the start of epoch 2 and resumed: the
     resumed epoch starts with the bias the checkpoint holds and leaves it there, to the model saved. Sabotage
@@ -249,6 +256,7 @@ def test_a_run_resumed_after_the_whitening_bias_stopped_keeps_it_stopped(data_di
     assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["prep.0.bias"], bias)
 
 
+@pytest.mark.slow
 def test_the_whitening_filters_stay_frozen_from_the_first_step_to_the_saved_model(run):
     """whiten_bias_epochs freezes prep.0.weight (data statistics, not learned). Sabotage caught: the filters
     left trainable (frozen_parameter_names without prep.0.weight)."""
@@ -258,6 +266,7 @@ def test_the_whitening_filters_stay_frozen_from_the_first_step_to_the_saved_mode
     assert torch.equal(saved["prep.0.weight"], seen.epochs[0]["start"]["weights"]["prep.0.weight"])
 
 
+@pytest.mark.slow
 def test_the_batchnorm_scales_stay_one_and_the_run_ends_on_the_lookahead_average(run):
     """bn_weight=False and lookahead=True: every step counted, the weights averaged every 5 steps (airbench's
     period), the weights saved are the slow ones."""
@@ -269,6 +278,7 @@ def test_the_batchnorm_scales_stay_one_and_the_run_ends_on_the_lookahead_average
     assert all(torch.equal(saved[k], v) for k, v in seen.lookahead.slow.items())
 
 
+@pytest.mark.slow
 def test_the_loader_alternates_flips_crops_by_two_without_cutout_and_the_loss_smooths(run):
     _, seen, _ = run
     flips = []
@@ -285,6 +295,7 @@ def test_the_loader_alternates_flips_crops_by_two_without_cutout_and_the_loss_sm
     assert seen.criterion.label_smoothing == pytest.approx(0.2)
 
 
+@pytest.mark.slow
 def test_the_final_evaluation_is_flip_and_translate_by_one(run):
     _, _, out = run
     summary = json.loads((out / "summary.json").read_text())
