@@ -11,7 +11,6 @@ activations, pooling, the optimizer and the per-epoch evaluations (outside the r
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import replace
 from typing import Any, Sequence
@@ -20,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastcifar.config import PRESETS, TrainConfig
+from fastcifar.config import PRESETS, ArgumentParser, TrainConfig
+from fastcifar.errors import run_cli
 from fastcifar.evaluate import tta_views
 from fastcifar.model import ModelConfig, ResNet9, count_parameters, summary
 from fastcifar.recipe import build_model, total_steps, whiten_bias_steps
@@ -87,14 +87,16 @@ def recipe_flops(config: TrainConfig, num_train: int, num_test: int, num_classes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastcifar.flops",
-                                     description="Print the model summary, parameters and FLOPs per image.")
+    parser = ArgumentParser(prog="python -m fastcifar.flops",
+                            description="Print the model summary, parameters and FLOPs per image.")
     parser.add_argument("--width", type=int, default=None, help="channels of the prep layer (default: the preset's)")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="the net of this recipe")
     parser.add_argument("--num-classes", type=int, default=10)
     args = parser.parse_args(argv)
     if (args.width is not None and args.width < 1) or args.num_classes < 1:
         parser.error("--width and --num-classes must be >= 1")
+    if args.width and PRESETS[args.preset].get("widths"):
+        parser.error(f"--width with --preset {args.preset}, whose widths set every stage: use --preset default")
     recipe = TrainConfig(**PRESETS[args.preset])
     recipe = replace(recipe, width=args.width) if args.width else recipe
     model = build_model(recipe, args.num_classes, torch.device("cpu"))
@@ -107,4 +109,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, prog="fastcifar.flops"))

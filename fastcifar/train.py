@@ -111,15 +111,15 @@ def setup(config: TrainConfig, resume: bool, dist: Dist, device: torch.device) -
     configure_backends(device)
     dtype = amp_dtype(device, config.amp, config.amp_dtype)
     check_optimizer_dtype(config, dtype)
+    if dist.enabled and config.whiten_bias_epochs and config.whiten_bias_stop == "grad":  # DDP's hooks are fixed
+        raise UserError("invalid --whiten-bias-stop grad under torchrun (DDP cannot drop a parameter mid-run): "
+                        "use --whiten-bias-stop lr")
     out = check_out_dir(config, resume=resume)
     with Timer(torch.device("cpu")) as data_timer:
         data = fastcifar.data.load_cifar10(config.data_dir, download=config.download or None)
         if config.val_split:  # from here on the "test" arrays are the held-out training images
             data = fastcifar.data.validation_split(data, config.val_split, config.split_seed)
     check_batch_size(config, len(data.train_labels), dist)
-    if dist.enabled and config.whiten_bias_epochs and config.whiten_bias_stop == "grad":  # DDP's hooks are fixed
-        raise UserError("invalid --whiten-bias-stop grad under torchrun (DDP cannot drop a parameter mid-run): "
-                        "use --whiten-bias-stop lr")
     if dist.is_main:
         create_out_dir(out)
         if not resume:  # an --overwrite run: a stop before its first checkpoint must not offer the old run's

