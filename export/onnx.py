@@ -252,7 +252,7 @@ def check_accuracy(acc: float, info: ModelInfo, images: int, tta: tuple[bool, in
 
 def checkpoint_tta(info: ModelInfo, checkpoint: str | Path) -> tuple[bool, int] | None:
     """(flip, translate) of the TTA whose accuracy the checkpoint stores as test_acc_tta; None when unknown (a
-    model file from before they named it, without its run's summary.json next to it)."""
+    model file whose metadata has no `tta`, without its run's summary.json next to it)."""
     if info.extra.get("test_acc_tta") is None:
         return False, 0
     tta = info.extra.get("tta")

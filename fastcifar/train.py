@@ -340,6 +340,8 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
 def main(argv: Sequence[str] | None = None) -> int:
     config, args = parse_config(argv)
     if args.print_config:
+        if args.resume:  # the run would take the checkpoint's recipe, which this line has not read
+            raise UserError("invalid --print-config with --resume: print the run's config.json instead")
         print(format_config(config, args.sources))
         return 0
     train(config, resume_from=args.resume, explicit=args.explicit)

@@ -42,9 +42,8 @@ def learnable_data(root: Path) -> Path:
 def train_tiny(run: Path, data: Path, seed: int, tta_translate: int | None = None) -> Path:
     """model.safetensors of a width-16 model trained by fastcifar.train for 160 steps on `data`: fp32 (--no-amp)
     on every CPU, its test accuracy stored from that fp32 evaluation; the recipe values that shape its logits
-    pinned, so a change of the defaults leaves it alone. Width 16, not 8: at width 8 three seeds of the first
-    five leave a pair of colours undecided; at width 16 each of the first six decides every image by 2 or more.
-    `tta_translate`: also evaluate (and store) flip + that translate TTA; None: no TTA."""
+    pinned, so a change of the defaults leaves it alone. Width 16: a narrower net leaves some seeds with a pair of
+    colours undecided (tests/README.md: checking a fixture under several seeds). `tta_translate`: also evaluate (and store) flip + that translate TTA; None: no TTA."""
     from fastcifar.train import main as train_main
 
     recipe = ["--width", "16", "--batch-size", "20", "--epochs", "16", "--lr", "0.4", "--label-smoothing", "0.2",

@@ -173,6 +173,8 @@ CASES = [
     case("train-width-with-the-speedrun-widths", train_main, lambda b: b.train("--preset", "speedrun"),
          "--width (4) with --widths (24,64,256,256)"),
     case("train-widths-not-numbers", train_main, lambda b: b.train("--widths", "a,b,c,d"), "--widths"),
+    case("train-print-config-with-resume", train_main, lambda b: b.train("--print-config", "--resume", str(b.tmp)),
+         "--print-config with --resume"),
     case("train-residual-layer-four", train_main, lambda b: b.train("--residual", "1,4"), "--residual"),
     case("train-prep-kernel-five", train_main, lambda b: b.train("--prep-kernel", "5"), "--prep-kernel"),
     case("train-bn-momentum-zero", train_main, lambda b: b.train("--bn-momentum", "0"), "--bn-momentum"),

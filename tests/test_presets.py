@@ -259,7 +259,7 @@ def test_a_run_resumed_after_the_whitening_bias_stopped_keeps_it_stopped(data_di
 @pytest.mark.slow
 def test_the_whitening_filters_stay_frozen_from_the_first_step_to_the_saved_model(run):
     """whiten_bias_epochs freezes prep.0.weight (data statistics, not learned). Sabotage caught: the filters
-    left trainable (frozen_parameter_names without prep.0.weight)."""
+    left trainable (build_model without freezing prep.0.weight)."""
     _, seen, out = run
     saved = load_file(str(out / "model.safetensors"))
     assert not seen.model.prep[0].weight.requires_grad
