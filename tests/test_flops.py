@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 import torch
+from airbench_helpers import airbench_net94, cuda_is_a_no_op
 from torch import nn
 
 from fastcifar.config import PRESETS, TrainConfig
@@ -145,7 +146,6 @@ def test_the_airbench94_preset_counts_as_airbench94_and_its_stopped_whitening_bi
     Sabotage caught: step_rounding or whiten_bias_stop deleted from the preset; recipe_flops ignoring the stop;
     stop_whitening_bias leaving requires_grad on; airbench_flops truncating 475.2 steps to 475."""
     from bench.airbench_runner import airbench_flops
-    from test_model import airbench_net94, cuda_is_a_no_op
 
     reference = airbench_net94()
     preset = TrainConfig(**PRESETS["airbench94"])

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
+from airbench_helpers import airbench_net94
 
 from fastcifar.config import PRESETS, TrainConfig, model_options
 from fastcifar.flops import main, recipe_flops
@@ -139,18 +138,6 @@ def test_a_checkpoint_header_without_the_newer_family_fields_loads_with_their_de
     for name in ("plain", "prep_bn", "bn_eps", "fc_bias", "dirac"):
         del header["model"][name]
     assert ModelInfo.from_json(json.dumps(header)).config == ModelConfig(width=4)
-
-
-def cuda_is_a_no_op():
-    """A context in which airbench's .cuda() calls leave its modules on the CPU."""
-    return mock.patch.object(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self)
-
-
-def airbench_net94() -> torch.nn.Module:
-    """airbench 0.1.8's make_net94() built on the CPU in fp32 (it calls .half().cuda())."""
-    airbench = pytest.importorskip("airbench")
-    with cuda_is_a_no_op():
-        return airbench.make_net94().float()
 
 
 def test_the_airbench94_preset_is_make_net94_parameter_by_parameter():

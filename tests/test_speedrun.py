@@ -1,13 +1,12 @@
-"""bench/speedrun.py, bench/airbench_runner.py and bench/gpu.sh on the CPU: statistics, the table, airbench's log
-and data files (a fake airbench, and the real one under the CPU patch), tiny end-to-end runs that must learn,
-and the GPU script's smoke mode."""
+"""bench/speedrun.py and bench/gpu.sh on the CPU: statistics, the table, the interleaved runs against airbench
+(a fake one, and the real one under the CPU patch), tiny end-to-end runs that must learn, and the GPU script's
+smoke mode."""
 
 from __future__ import annotations
 
 import contextlib
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -18,47 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bench_helpers import AIRBENCH_LOG, REPO, FakeAirbench, small_airbench, speedrun, synthetic_data
 from synthetic import write_learnable_dataset
 
-from bench import airbench_runner, gpu_report
-
-REPO = Path(__file__).resolve().parent.parent
 TINY_TRAIN = ["--width", "4", "--epochs", "1", "--batch-size", "64", "--device", "cpu"]
-
-# What airbench 0.1.8's train94(verbose=True) printed for one (CPU-patched) run.
-AIRBENCH_LOG = """\
-------------------------------------------------------------------------------------------------------
-|  run     |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |
-------------------------------------------------------------------------------------------------------
-|       0  |      0  |      2.3047  |     0.0977  |   0.1980  |               |              1.3253  |
-|          |      1  |      2.3047  |     0.1367  |   0.1740  |               |              2.4674  |
-|          |   eval  |      2.3047  |     0.1367  |   0.9412  |       0.9440  |              3.4662  |
-------------------------------------------------------------------------------------------------------
-"""
-
-
-def _load_speedrun():
-    spec = importlib.util.spec_from_file_location("speedrun", REPO / "bench" / "speedrun.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-speedrun = _load_speedrun()
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     return write_learnable_dataset(tmp_path_factory.mktemp("speedrun_data"), train_per_class=20, test_per_class=5)
-
-
-def synthetic_data():
-    from fastcifar.data import CLASSES, CifarData
-
-    rng = np.random.default_rng(0)
-    return CifarData(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), np.arange(40) % 10,
-                     rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), np.arange(20) % 10,
-                     list(CLASSES), (0.5,) * 3, (0.25,) * 3, "synthetic")
 
 
 def use_synthetic_data(monkeypatch):
@@ -126,20 +93,6 @@ def test_the_schedule_interleaves_seed_by_seed_and_alternates_who_goes_first():
     assert speedrun.schedule(3, 2) == [("fastcifar", 0), ("airbench94", 0), ("airbench94", 1), ("fastcifar", 1),
                                        ("fastcifar", 2)]
     assert speedrun.schedule(2, 0) == [("fastcifar", 0), ("fastcifar", 1)]
-
-
-def test_parse_airbench_log_reads_the_final_eval_row_and_fails_loudly_without_one():
-    assert airbench_runner.parse_airbench_log(AIRBENCH_LOG) == {"val_acc": 0.9412, "tta_val_acc": 0.944,
-                                                        "total_time_seconds": 3.4662,
-                                                        "train_losses": [2.3047, 2.3047, 2.3047]}
-    for text in ("no table here", AIRBENCH_LOG.replace("3.4662", "      ")):
-        with pytest.raises(airbench_runner.AirbenchOutputError, match="does not fall back to wall time"):
-            airbench_runner.parse_airbench_log(text)
-
-
-def test_airbench_refuses_a_device_it_cannot_run_on_with_a_clear_message():
-    with pytest.raises(speedrun.UserError, match="not on mps.*--device cpu"):
-        airbench_runner.require_airbench("mps")
 
 
 def test_unknown_preset_and_bad_trainer_flags_fail_up_front(capsys):
@@ -214,62 +167,6 @@ def test_a_user_error_in_one_seed_is_recorded_and_the_other_seeds_continue(tmp_p
     assert report["table"].splitlines()[2].split()[1:4] == ["2/3", "1", "90.00"]  # runs, failed, acc % of the 2
 
 
-class FakeAirbench:
-    """Stands in for airbench 0.1.8 on a CPU: reads ./cifar10/*.pt like CifarLoader, prints its table."""
-
-    def __init__(self):
-        self.calls: list[str] = []
-
-    class CifarLoader:
-        def __init__(self, path, train=True, batch_size=500, **kwargs):
-            data = torch.load(os.path.join(path, "train.pt" if train else "test.pt"))
-            assert data["images"].dtype == torch.uint8 and data["images"].shape[1:] == (32, 32, 3)
-            assert data["labels"].dtype == torch.int64 and len(data["labels"]) == len(data["images"])
-            assert len(data["classes"]) == 10
-            self.images, self.labels = data["images"], data["labels"]
-
-    class lib_airbench94:  # noqa: N801 (airbench's module name)
-        hyp = {"opt": {"batch_size": 10, "train_epochs": 2}}
-
-    @staticmethod
-    def make_net94():
-        return torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, bias=False), torch.nn.Flatten(),
-                                   torch.nn.Linear(2 * 30 * 30, 10, bias=False))
-
-    def warmup94(self):
-        self.CifarLoader("cifar10")
-        self.calls.append("warmup")
-
-    def train94(self, run=0, verbose=True):
-        self.CifarLoader("cifar10")
-        self.calls.append(f"train{run}")
-        print(AIRBENCH_LOG.replace("3.4662", f"{3.0 + run:.4f}"))
-        return object()
-
-    def evaluate(self, model, loader, tta_level=0):
-        return (0.93, 0.94, 0.945)[tta_level]
-
-
-def test_airbench_runner_writes_its_data_files_and_reads_its_own_clock(tmp_path):
-    cwd = os.getcwd()
-    fake = FakeAirbench()
-    out: dict = {}
-    runner = airbench_runner.Airbench(fake, synthetic_data(), tmp_path, out)
-    runs = [runner.run_seed(i, 5 + i) for i in range(2)]
-    assert os.getcwd() == cwd and fake.calls == ["warmup", "train0", "train1"]
-    assert [r["seed"] for r in runs] == [5, 6] and out["warmup_seconds"] >= 0
-    # its work counted as ours: (forward + backward) x 2 epochs of 4 batches of 10 images, + 6 TTA views of 20
-    conv, linear = 30 * 30 * 2 * 27, 1800 * 10
-    per_image_train = 2 * (conv + linear) + 2 * (conv + 2 * linear)
-    assert out["flops_per_run"] == per_image_train * 2 * 4 * 10 + 2 * (conv + linear) * 6 * 20
-    assert all(r["flops"] == out["flops_per_run"] for r in runs)
-    assert [r["run_seconds"] for r in runs] == [3.0, 4.0]  # its printed total_time_seconds, not our clock
-    assert all(r["wall_seconds"] > 0 for r in runs)
-    assert runs[0]["acc_tta"] == 0.945 and runs[0]["acc_flip_tta"] == 0.94
-    stats = speedrun.method_stats(runs, 0.94, "flip+translate")
-    assert stats["run_seconds"]["median"] == 3.5 and stats["at_least_threshold"]["acc_tta"]["count"] == 2
-
-
 def interleaved_main(tmp_path, monkeypatch, airbench, runs=2, airbench_runs=2):
     """speedrun.main with --airbench: fake fastcifar seeds (a summary with run_seconds) and `airbench`."""
     calls = []
@@ -336,24 +233,6 @@ def test_unreadable_airbench_output_stops_airbench_loudly_and_never_uses_wall_ti
     assert "error: airbench94 stopped" in capsys.readouterr().out
 
 
-def learnable_data(per_class: int = 100):
-    """CifarData whose class is its colour (tests/synthetic.py): learnt to well above chance in a few steps."""
-    from fastcifar.data import CLASSES, CifarData
-    from synthetic import learnable_images
-
-    train, test = learnable_images(per_class, seed=0), learnable_images(20, seed=1)
-    return CifarData(*train, *test, list(CLASSES), (0.5,) * 3, (0.25,) * 3, "learnable")
-
-
-def small_airbench(monkeypatch):
-    """airbench94 at widths 16, batch 50: 20 steps an epoch on `learnable_data`, seconds on a CPU."""
-    import airbench.lib_airbench94 as lib94
-
-    for block in ("block1", "block2", "block3"):
-        monkeypatch.setitem(lib94.hyp["net"]["widths"], block, 16)
-    monkeypatch.setitem(lib94.hyp["opt"], "batch_size", 50)
-
-
 @pytest.mark.parametrize("loss", ["nan", "inf", "-inf"])
 def test_a_seed_whose_loss_is_not_finite_is_failed_in_the_json_and_the_table_never_an_accuracy(
         loss, tmp_path, monkeypatch, capsys):
@@ -375,32 +254,6 @@ def test_a_seed_whose_loss_is_not_finite_is_failed_in_the_json_and_the_table_nev
     assert row.split()[1:5] == ["0/2", "2", "-", "-"]  # runs, failed, acc %, flip TTA %
     assert report["time_ratio_fastcifar_over_airbench"] is None
     assert "error: airbench94 seed 1: NonFiniteLoss" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_real_airbench_94_on_the_cpu_reports_its_own_event_clock(tmp_path, monkeypatch):
-    """airbench 0.1.8's own train94/train/evaluate/print code under airbench_on_cpu, every CUDA event pair it
-    times reading 250 ms: its clock must read 0.25 s x (whitening + 10 epochs + TTA eval)."""
-    airbench = pytest.importorskip("airbench")
-
-    class Event:  # every timed span reads 250 ms
-        def __init__(self, enable_timing=False):
-            pass
-
-        def record(self, stream=None):
-            pass
-
-        def elapsed_time(self, end):
-            return 250.0
-
-    monkeypatch.setattr(airbench_runner, "HostClockEvent", Event)
-    small_airbench(monkeypatch)
-    runner = airbench_runner.Airbench(airbench, learnable_data(), tmp_path, {},
-                               context=lambda: airbench_runner.airbench_on_cpu(airbench, None))
-    result = runner.run_seed(0, 0)
-    assert result["run_seconds"] == pytest.approx(0.25 * 12)
-    assert result["logged"]["total_time_seconds"] == result["run_seconds"]
-    assert result["acc_tta"] >= 0.5 and result["wall_seconds"] > 0  # it learnt the colours (chance: 0.1)
 
 
 def record_whitening(monkeypatch, airbench) -> list[dict]:
@@ -479,47 +332,8 @@ def test_the_comparator_learns_on_both_sides_in_fp32_and_bf16(learnable_folder, 
     assert low in seen["fastcifar conv"]  # its training steps (its model summary runs in fp32)
 
 
-def test_real_airbench_loader_reads_our_files_on_the_cpu(tmp_path):
-    airbench = pytest.importorskip("airbench")
-    from fastcifar.data import CLASSES, CifarData
-
-    rng = np.random.default_rng(1)
-    data = CifarData(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 10,
-                     rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), np.arange(16) % 10,
-                     list(CLASSES), (0.5,) * 3, (0.25,) * 3, "synthetic")
-    folder = airbench_runner.write_airbench_data(data, tmp_path)
-    loader = airbench.CifarLoader(str(folder), train=True, batch_size=32, aug=dict(flip=True, translate=2),
-                                  altflip=True, gpu="cpu")
-    inputs, labels = next(iter(loader))
-    assert inputs.shape == (32, 3, 32, 32) and len(loader) == 2
-    assert set(labels.tolist()) <= set(range(10))
-    test = airbench.CifarLoader(str(folder), train=False, batch_size=16, gpu="cpu")
-    assert test.labels.tolist() == data.test_labels.tolist() and test.classes == list(CLASSES)
-
-
 def test_the_cuda_marker_is_registered_for_gpu_sh(pytestconfig):
     assert any(m.startswith("cuda:") for m in pytestconfig.getini("markers"))
-
-
-def test_gpu_report_rewrites_parts_and_summary_from_each_parts_json(tmp_path):
-    report = {"device": "cpu", "torch": "2.x", "data_source": "tiny", "table": "THE TABLE", "errors": ["seed 1: boom"],
-              "fastcifar": {"runs": [{"seed": 0, "error": "UserError: boom"}]}}
-    (tmp_path / "speedrun.json").write_text(json.dumps(report))
-    parts = [gpu_report.parse_part("speedrun|1|12|failed"), gpu_report.parse_part("cuda-tests|||skipped (5s left)")]
-    text = gpu_report.write_summary(tmp_path, "data.tar.gz", ["airbench skipped"], parts)
-    written = json.loads((tmp_path / "parts.json").read_text())
-    assert written["notes"] == ["airbench skipped"] and written["data"] == "data.tar.gz"
-    assert written["parts"] == [{"name": "speedrun", "exit_code": 1, "seconds": 12, "status": "failed"},
-                                {"name": "cuda-tests", "exit_code": None, "seconds": None, "status": "skipped (5s left)"}]
-    assert (tmp_path / "summary.txt").read_text() == text
-    lines = text.splitlines()
-    assert "note: airbench skipped" in lines and "speedrun: failed, exit 1, 12 s wall" in lines
-    assert "cuda-tests: skipped (5s left)" in lines and "THE TABLE" in lines and "error: seed 1: boom" in lines
-    assert not gpu_report.fastcifar_finished(tmp_path / "speedrun.json")  # its only seed failed
-    assert not gpu_report.fastcifar_finished(tmp_path / "absent.json")
-    report["fastcifar"]["runs"].append({"seed": 1, "acc": 0.9})
-    (tmp_path / "speedrun.json").write_text(json.dumps(report))
-    assert gpu_report.main(["finished", str(tmp_path / "speedrun.json")]) == 0
 
 
 def run_gpu_script(tmp_path: Path, data: Path, **env_vars: str) -> subprocess.CompletedProcess:
@@ -609,46 +423,3 @@ def test_a_failing_part_is_recorded_and_makes_the_script_exit_non_zero(tmp_path)
     assert failed and all(p["status"] == "failed" and p["exit_code"] not in (0, None) for p in failed), parts
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "speedrun: failed" in (out / "summary.txt").read_text()
-
-
-def _originals(airbench):
-    return {"Module.cuda": torch.nn.Module.cuda, "Module.half": torch.nn.Module.half,
-            "Tensor.half": torch.Tensor.half, "cuda.Event": torch.cuda.Event,
-            "cuda.synchronize": torch.cuda.synchronize,
-            "loader defaults": airbench.utils.CifarLoader.__init__.__defaults__,
-            "LookaheadState.update": airbench.utils.LookaheadState.update}
-
-
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-@pytest.mark.parametrize("fail", [False, True])
-def test_airbench_on_cpu_undoes_every_patch(dtype, fail):
-    airbench = pytest.importorskip("airbench")
-    before = _originals(airbench)
-    try:
-        with airbench_runner.airbench_on_cpu(airbench, dtype):
-            inside = _originals(airbench)
-            assert all(inside[k] is not before[k] for k in before)  # every patch is in place inside
-            assert torch.ones(1).half().dtype == (dtype or torch.float32)  # airbench's fp16 is `dtype` here
-            assert not torch.is_autocast_enabled("cpu")  # its fp32 whitening stays fp32
-            if fail:
-                raise RuntimeError("airbench failed")
-    except RuntimeError:
-        assert fail
-    after = _originals(airbench)
-    assert all(after[k] is before[k] or after[k] == before[k] for k in before), \
-        [k for k in before if not (after[k] is before[k] or after[k] == before[k])]
-
-
-def test_airbench_lookahead_averages_bf16_weights_as_it_does_its_fp16_ones():
-    """airbench's own LookaheadState.update skips any dtype but fp16 and fp32: under the patch its bf16 weights
-    (its fp16 on a GPU) move to ema + (1 - decay) x (weights - ema) like the fp16 ones do."""
-    airbench = pytest.importorskip("airbench")
-    with airbench_runner.airbench_on_cpu(airbench, torch.bfloat16):
-        net = torch.nn.Linear(4, 2, bias=False).half()
-        state = airbench.utils.LookaheadState(net)
-        ema = net.weight.detach().float().clone()
-        with torch.no_grad():
-            net.weight.add_(1.0)
-        state.update(net, decay=0.75)
-    assert net.weight.dtype == torch.bfloat16
-    torch.testing.assert_close(net.weight.float(), ema + 0.25, atol=2e-2, rtol=0)
