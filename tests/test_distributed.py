@@ -160,3 +160,23 @@ def test_the_process_group_is_destroyed_on_the_way_out_of_a_failed_run(monkeypat
             assert (d.rank, d.world_size, d.enabled, device) == (1, 2, True, torch.device("cpu"))
             raise UserError("boom")
     assert calls == [("init", "gloo"), ("destroy",)]
+
+
+@pytest.mark.parametrize("preset", ["speedrun", "airbench94"])
+def test_the_presets_grad_stop_is_refused_under_torchrun_before_any_data_is_read(preset, tmp_path, monkeypatch):
+    """DDP cannot drop a parameter mid-run: the presets' --whiten-bias-stop grad is one line naming the flag to
+    use, before the data set is loaded (a refused run costs nothing); --whiten-bias-stop lr passes that check."""
+    import fastcifar.data
+    from fastcifar.config import PRESETS
+    from fastcifar.train import setup
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before the torchrun check")
+
+    monkeypatch.setattr(fastcifar.data, "load_cifar10", no_data)
+    config = TrainConfig(**PRESETS[preset], out_dir=str(tmp_path / "run"), device="cpu")
+    with pytest.raises(UserError, match="--whiten-bias-stop grad under torchrun.*--whiten-bias-stop lr"):
+        setup(config, resume=False, dist=Dist(world_size=2), device=torch.device("cpu"))
+    config.whiten_bias_stop = "lr"
+    with pytest.raises(AssertionError, match="data loaded before"):
+        setup(config, resume=False, dist=Dist(world_size=2), device=torch.device("cpu"))
