@@ -203,7 +203,7 @@ def open_tune_study(args: argparse.Namespace, base: TrainConfig, space: SearchSp
     from fastcifar.tune_study import make_pruner, make_sampler, open_storage, open_study, study_settings
 
     settings = study_settings(base, space, args.preset, goal, args.max_train_seconds)
-    sampler = make_sampler(args.sampler, space, base.seed, args.startup_trials)  # a grid fails here, not the storage
+    sampler = make_sampler(args.sampler, space, base.seed, args.startup_trials)
     study, status = open_study(open_storage(args.storage), args.study, goal, sampler,
                                make_pruner(about["pruner"], args.prune_after), settings, args.storage, args.new_study)
     if status == "replaced":
@@ -247,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     goal = GOALS[args.objective]
     check_search_args(args, base, goal.cost is not None)
     space = load_search_space(args.space, base)
+    if args.sampler == "grid":
+        space.grid()  # a space without a finite grid is refused before the data is loaded
     split_sizes = check_data(base)
     out = Path(base.out_dir or f"runs/tune/{args.study}")
     about = {"storage": display_url(args.storage), "sampler": args.sampler,

@@ -378,6 +378,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, data, capsys, space, extra, m
     assert not (tmp_path / "x.db").exists()  # nothing created before the inputs are checked
 
 
+def test_a_space_without_a_grid_is_refused_before_the_data_is_read(tmp_path, capsys):
+    """--sampler grid with a continuous range: the grid's message, although the data directory does not exist."""
+    path = space_file(tmp_path, "[lr]\nlow = 0.1\nhigh = 1.0\n")
+    code = run_cli(main, ["--space", str(path), "--data-dir", str(tmp_path / "no-data"), *TINY, "--sampler", "grid",
+                          "--out-dir", str(tmp_path / "out"), "--storage", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert code == 2 and "needs a finite set of values for 'lr'" in capsys.readouterr().err
+
+
 def test_without_optuna_the_error_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "optuna", None)  # what `import optuna` does where it is not installed
     assert run_cli(main, ["--val-split", "100"]) == 2
