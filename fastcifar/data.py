@@ -97,14 +97,17 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool | 
     `download=None` downloads only when no copy is found and the machine is online."""
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = _source_path(data_dir) if data_dir is not None else _find_or_download(cache, download)
-    if not use_cache:
-        return _decode_source(path)
-    key = _cache_key(path)
-    cache_file = cache / "decoded" / f"{key}.npz"
-    data = _read_cache(cache_file, key)
-    if data is None:
-        data = _decode_source(path)
-        _write_cache(cache_file, key, data)
+    try:  # a file of a tree can fail at its stat for the cache key or at its read to decode it
+        if not use_cache:
+            return _decode_source(path)
+        key = _cache_key(path)
+        cache_file = cache / "decoded" / f"{key}.npz"
+        data = _read_cache(cache_file, key)
+        if data is None:
+            data = _decode_source(path)
+            _write_cache(cache_file, key, data)
+    except OSError as e:  # the archive reader and the cache's writer handle their own
+        raise UserError(f"cannot read {e.filename} ({first_line(e)}): check that it exists and is readable") from e
     return data
 
 
@@ -146,11 +149,8 @@ def _find_or_download(cache: Path, download: bool | None) -> Path:
     official = cache / OFFICIAL_DIR
     if official.exists():
         return official.resolve()
-    why = "downloading is off"
-    if download is None:
-        download = _is_online()
-        why = "this machine is offline"
-    if not download:
+    if not (_is_online() if download is None else download):
+        why = "this machine is offline" if download is None else "downloading is off"
         raise UserError(f"no CIFAR-10 found at {official} and {why}: pass --data-dir PATH (an image-folder "
                         f"tree or archive, or the official {OFFICIAL_DIR} files) or set FASTCIFAR_HOME")
     from torchvision.datasets.utils import download_and_extract_archive
@@ -229,14 +229,8 @@ def _decode_source(path: Path) -> CifarData:
 
 
 def _list_members(path: Path) -> Members:
-    members: Members = {}
     if path.is_dir():
-        for rel, file in _scan_dir(path).items():
-            try:
-                members[rel] = file.read_bytes()
-            except OSError as e:
-                raise UserError(f"cannot read {file} ({first_line(e)}): check that it exists and is readable") from e
-        return members
+        return {rel: file.read_bytes() for rel, file in _scan_dir(path).items()}
     if not os.access(path, os.R_OK):
         raise UserError(f"cannot read {path}: permission denied; fix its permissions or copy it")
     name = path.name.lower()
@@ -247,15 +241,12 @@ def _list_members(path: Path) -> Members:
     try:
         if is_zip:
             with zipfile.ZipFile(path) as zf:
-                for info in zf.infolist():
-                    if not info.is_dir() and _wanted(parts := _parts(info.filename)):
-                        members["/".join(parts)] = zf.read(info)
-        else:
-            with _open_tar_bytes(path) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
-                for info in tar:
-                    if info.isfile() and _wanted(parts := _parts(info.name)):
-                        members["/".join(parts)] = tar.extractfile(info).read()
-                _check_tar_end(stream, tar.offset)
+                return {"/".join(parts): zf.read(info) for info in zf.infolist()
+                        if not info.is_dir() and _wanted(parts := _parts(info.filename))}
+        with _open_tar_bytes(path) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
+            members = {"/".join(parts): tar.extractfile(info).read() for info in tar
+                       if info.isfile() and _wanted(parts := _parts(info.name))}
+            _check_tar_end(stream, tar.offset)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
         raise UserError(f"truncated or corrupt archive ({path}): {first_line(e)}; re-download or re-create it") from e
     return members
@@ -395,15 +386,11 @@ def _decode_images(entries: Sequence[tuple[str, bytes]], source: Path) -> np.nda
 class _BatchUnpickler(pickle.Unpickler):
     """Unpickles only what the official batches hold (numpy arrays, lists, bytes): no arbitrary code."""
 
-    _allowed = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("numpy.core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
-        ("numpy._core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
-        ("numpy.core.multiarray", "scalar"): np.int64(0).__reduce__()[0],
-        ("numpy._core.multiarray", "scalar"): np.int64(0).__reduce__()[0],
-        ("_codecs", "encode"): codecs.encode,  # how protocol 2 spells bytes under Python 3
-    }
+    _allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                ("_codecs", "encode"): codecs.encode,  # how protocol 2 spells bytes under Python 3
+                # numpy 2 renamed numpy.core to numpy._core: pickles name either
+                **{(f"{core}.multiarray", name): obj.__reduce__()[0] for core in ("numpy.core", "numpy._core")
+                   for name, obj in (("_reconstruct", np.empty(0)), ("scalar", np.int64(0)))}}
 
     def find_class(self, module: str, name: str):
         try:
@@ -424,8 +411,7 @@ def _unpickle(data: bytes, name: str) -> dict[str, object]:
 
 def _decode_official(members: Members, source: Path) -> CifarData:
     found = {rel.rpartition("/")[2]: rel for rel in members if _is_official(_parts(rel))}
-    missing = [f for f in _OFFICIAL_FILES if f not in found]
-    if missing:
+    if missing := [f for f in _OFFICIAL_FILES if f not in found]:
         raise UserError(f"incomplete official CIFAR-10 files in {source}: missing {', '.join(missing)}; "
                         f"delete it and download {OFFICIAL_ARCHIVE} again (--download)")
     if len({found[f].rpartition("/")[0] for f in _OFFICIAL_FILES}) > 1:
@@ -447,19 +433,15 @@ def _batch(member: bytes, name: str, num_classes: int) -> tuple[np.ndarray, np.n
     batch = _unpickle(member, name)
     data, labels = batch.get("data"), batch.get("labels")
     if not isinstance(data, np.ndarray) or labels is None:
-        raise UserError(f"corrupt CIFAR-10 batch ({name}): no 'data' array or 'labels'; re-download the "
-                        f"official files")
-    labels = np.asarray(labels)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * _SIZE * _SIZE:
-        raise UserError(f"corrupt CIFAR-10 batch ({name}): data is {data.dtype} {data.shape}, expected uint8 "
-                        f"(N, 3072); re-download the official files")
-    if labels.shape != (len(data),) or labels.dtype.kind not in "iu" or (
+        problem = "no 'data' array or 'labels'"
+    elif data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * _SIZE * _SIZE:
+        problem = f"data is {data.dtype} {data.shape}, expected uint8 (N, 3072)"
+    elif (labels := np.asarray(labels)).shape != (len(data),) or labels.dtype.kind not in "iu" or (
             len(labels) and not 0 <= labels.min() <= labels.max() < num_classes):
-        raise UserError(f"corrupt CIFAR-10 batch ({name}): labels do not match the {len(data)} images or the "
-                        f"{num_classes} classes; re-download the official files")
-    # Rows are channel-planar (R plane, G plane, B plane); the rest of fastcifar uses HWC.
-    images = np.ascontiguousarray(data.reshape(-1, 3, _SIZE, _SIZE).transpose(0, 2, 3, 1))
-    return images, labels.astype(np.int64)
+        problem = f"labels do not match the {len(data)} images or the {num_classes} classes"
+    else:  # rows are channel-planar (R plane, G plane, B plane); the rest of fastcifar uses HWC
+        return np.ascontiguousarray(data.reshape(-1, 3, _SIZE, _SIZE).transpose(0, 2, 3, 1)), labels.astype(np.int64)
+    raise UserError(f"corrupt CIFAR-10 batch ({name}): {problem}; re-download the official files")
 
 
 # --- command line ----------------------------------------------------------------------------------------
@@ -479,8 +461,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def format_data_summary(data: CifarData) -> str:
-    train = np.bincount(data.train_labels, minlength=len(data.classes))
-    test = np.bincount(data.test_labels, minlength=len(data.classes))
+    train, test = (np.bincount(labels, minlength=len(data.classes)) for labels in (data.train_labels, data.test_labels))
     width = max(12, *(len(c) for c in data.classes))
     rows = [("class", "train", "test"), *zip(data.classes, train, test),
             ("total", len(data.train_labels), len(data.test_labels))]
@@ -493,8 +474,7 @@ def format_data_summary(data: CifarData) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     start = time.perf_counter()
-    data = load_cifar10(args.data_dir, download=args.download, cache_dir=args.cache_dir,
-                        use_cache=not args.no_cache)
+    data = load_cifar10(args.data_dir, download=args.download, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     print(format_data_summary(data))
     print(f"loaded in {time.perf_counter() - start:.2f} s")
     return 0

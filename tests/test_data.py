@@ -415,6 +415,12 @@ def _png_bytes() -> bytes:
     return buf.getvalue()
 
 
+def _dangling_link(tmp: Path, tiny) -> Path:
+    root = write_folders(tmp / "tree", tiny)
+    (root / "train" / "cat" / "gone.png").symlink_to(tmp / "nowhere.png")
+    return root
+
+
 def _evil_pickle(marker: Path) -> bytes:
     class Evil:
         def __reduce__(self):
@@ -437,6 +443,7 @@ BAD_INPUTS = {
     "not an image in archive": (
         lambda t, d, s: make_tar(t / "x.tar.gz", _folder_with(t, d, "test/dog/notes.txt", b"hi"), "w:gz", "root"),
         "root/test/dog/notes.txt"),
+    "unreadable file": (lambda t, d, s: _dangling_link(t, d), ("cannot read", "gone.png")),
     "truncated image": (lambda t, d, s: _folder_with(t, d, "train/cat/cut.png", _png_bytes()[:200]), "cut.png"),
     "several trees": (lambda t, d, s: _folder_with(t, d, "extra/train/cat/0.png", Image.new("RGB", (32, 32))),
                       "extra"),
@@ -466,6 +473,11 @@ BAD_INPUTS = {
     "meta without names": (lambda t, d, s: _official_with(t, d, "batches.meta", {b"x": 1}), "batches.meta"),
     "missing batch": (lambda t, d, s: _official_with(t, d, "test_batch", None), "test_batch"),
 }
+
+
+def test_a_file_that_cannot_be_read_is_named_without_the_cache_too(tiny, tmp_path):
+    with pytest.raises(UserError, match="cannot read .*gone.png"):
+        load_cifar10(_dangling_link(tmp_path, tiny), use_cache=False)
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -504,13 +516,14 @@ def test_module_entry_point_exits_2(tmp_path):
 def test_offline_without_data_says_how_to_point_at_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path))
     monkeypatch.setattr(data, "_is_online", lambda: False)
-    with pytest.raises(UserError, match="--data-dir") as info:
+    with pytest.raises(UserError, match="offline.*--data-dir") as info:
         load_cifar10()
     assert str(tmp_path) in str(info.value)
-    with pytest.raises(UserError, match="--data-dir"):
-        load_cifar10(download=False)
     assert run_cli(main, []) == 2
     assert capsys.readouterr().err.startswith("fastcifar: error: ")
+    monkeypatch.setattr(data, "_is_online", lambda: pytest.fail("probed the network with downloading off"))
+    with pytest.raises(UserError, match="downloading is off.*--data-dir"):
+        load_cifar10(download=False)
 
 
 def test_online_probe_answers_by_the_connection_and_gives_up_on_a_stall(monkeypatch):
