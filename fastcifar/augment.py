@@ -33,8 +33,7 @@ def normalize_images(images: np.ndarray | torch.Tensor, mean: Sequence[float], s
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3 or pad_mode not in ("reflect", "zeros"):
         raise ValueError(f"expected uint8 (N, H, W, 3) images and pad_mode 'reflect' or 'zeros', got {x.dtype} "
                          f"{tuple(x.shape)} and {pad_mode!r}")
-    m = torch.tensor(mean, device=device, dtype=torch.float32) * 255
-    s = torch.tensor(std, device=device, dtype=torch.float32) * 255
+    m, s = (torch.tensor(v, device=device, dtype=torch.float32) * 255 for v in (mean, std))
     n, h, w, c = x.shape
     out = torch.empty((n, h + 2 * pad, w + 2 * pad, c), device=device, dtype=dtype)
     for i in range(0, n, 8192):  # chunks keep the fp32 temporary small
@@ -149,16 +148,12 @@ class DeviceLoader:
         """The next epoch's choices, drawn for the whole data set and then sharded, so N ranks with batch B
         see exactly the samples (and augmentations) that one process with batch N*B would."""
         n, t, k = self.num_images, self.translate, self.cutout
-        if self.train:
-            order = torch.randperm(n, device=self.device, generator=self.generator)
-        else:
-            order = torch.arange(n, device=self.device)
+        order = (torch.randperm(n, device=self.device, generator=self.generator) if self.train
+                 else torch.arange(n, device=self.device))
         if self.alt_flip:
             flip = (self.flip_phase[order] + self.epoch) % 2
-        elif self.flip:
-            flip = self._randint(2, n)
         else:
-            flip = torch.zeros(n, dtype=torch.int64, device=self.device)
+            flip = self._randint(2, n) if self.flip else torch.zeros(n, dtype=torch.int64, device=self.device)
         dy, dx = (self._randint(2 * t + 1, n), self._randint(2 * t + 1, n)) if t else (flip * 0, flip * 0)
         # cutout centre uniform over the image, so squares near the border are clipped (DeVries & Taylor)
         cy, cx = ((self._randint(self.size, n) - k // 2, self._randint(self.size, n) - k // 2) if k

@@ -14,19 +14,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fastcifar.errors import UserError
+from fastcifar.errors import require
 
 
 def reference_transform(mean: Sequence[float], std: Sequence[float], *, train: bool, translate: int = 4,
                         cutout: int = 8, flip: bool = True, pad_mode: str = "reflect", seed: int | None = None):
     """The albumentations Compose for training (augmenting) or evaluation (normalize only); `seed` fixes its
     own random state (albumentations ignores the global seeds)."""
-    try:
-        import albumentations as A
-        import cv2
-    except ImportError:
-        raise UserError("the albumentations pipeline needs albumentations: pip install 'fastcifar[albumentations]'"
-                        " (or use --pipeline gpu)") from None
+    A = require("albumentations", "albumentations", "--pipeline albumentations; --pipeline gpu runs without it")
+    import cv2  # installed with albumentations, which imports it
     steps = [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)]
     if train:
         if translate:

@@ -17,10 +17,8 @@ from torch import nn
 def patch_eigens(images: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending) and eigenvectors (rows) of the covariance of the kernel x kernel patches of
     normalized NCHW float `images`."""
-    patches = F.unfold(images.float(), kernel_size=kernel)  # (N, C*k*k, L)
-    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
-    cov = torch.cov(patches.T, correction=0)
-    values, vectors = torch.linalg.eigh(cov)
+    patches = F.unfold(images.float(), kernel_size=kernel).transpose(0, 1)  # (C*k*k, N, L)
+    values, vectors = torch.linalg.eigh(torch.cov(patches.reshape(len(patches), -1).double(), correction=0))
     return values.flip(0), vectors.T.flip(0)
 
 
