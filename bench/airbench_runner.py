@@ -195,13 +195,13 @@ def airbench_flops(airbench, num_train: int, num_test: int) -> int:
     """airbench94's work per run, counted as fastcifar.flops counts ours: one image's training step (its
     whitening filters frozen) x the images its 9.9 epochs of batch-1024 steps see, plus one image's forward
     x 6 TTA views (tta_level 2) x the test images."""
-    from fastcifar.flops import forward_flops, train_step_flops
+    from fastcifar.flops import per_image_flops
 
     hyp = airbench.lib_airbench94.hyp
     batch = hyp["opt"]["batch_size"]
     steps = math.ceil((num_train // batch) * hyp["opt"]["train_epochs"])  # drop_last, as its loader does
     net = airbench.make_net94()
-    return train_step_flops(net) * steps * batch + forward_flops(net) * 6 * num_test
+    return per_image_flops(net, train=True) * steps * batch + per_image_flops(net) * 6 * num_test
 
 
 class Airbench:

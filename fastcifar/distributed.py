@@ -54,15 +54,10 @@ def process_group(device: torch.device) -> Iterator[tuple[Dist, torch.device]]:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+def all_reduce(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:
+    """`t` reduced in place over the ranks; `op` names a `dist.ReduceOp` ("sum", "max")."""
     if d.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def all_reduce_max(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()))
     return t
 
 

@@ -23,7 +23,7 @@ from fastcifar.augment import IGNORE_LABEL, DeviceLoader
 from fastcifar.checkpoint import load_model
 from fastcifar.config import ArgumentParser, TrainConfig, validate
 from fastcifar.data import load_cifar10
-from fastcifar.distributed import Dist, all_reduce_sum, gather_interleaved
+from fastcifar.distributed import Dist, all_reduce, gather_interleaved
 from fastcifar.errors import run_cli
 from fastcifar.runtime import amp_dtype, autocast, environment, select_device
 
@@ -117,7 +117,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
     preds_t, labels_t = preds_t[served], labels_t[served]
     counts = torch.stack([loss_sum, (preds_t == labels_t).sum().float(),
                           torch.tensor(len(labels_t), device=device, dtype=torch.float32)])
-    loss, correct, total = all_reduce_sum(counts, dist).tolist()
+    loss, correct, total = all_reduce(counts, dist).tolist()
     return {"loss": loss / total, "acc": correct / total,
             "preds": gather_interleaved(preds_t, dist, int(total)).cpu().numpy(),
             "labels": gather_interleaved(labels_t, dist, int(total)).cpu().numpy()}

@@ -28,7 +28,7 @@ from fastcifar.recipe import build_model, total_steps, whiten_bias_steps
 COUNT_BATCH = 2  # BatchNorm in training mode needs more than one value per channel
 
 
-def _per_image_flops(model: nn.Module, image_shape: tuple[int, int, int], train: bool) -> int:
+def per_image_flops(model: nn.Module, train: bool = False, image_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
     """FLOPs of one image through `model` (on the meta device, or any), in the dtype of its first weights:
     the forward pass in eval mode, or with `train` forward + backward in training mode (gradients for the
     parameters that require them; none for the input). The model's mode comes back, the counted gradients go."""
@@ -44,23 +44,9 @@ def _per_image_flops(model: nn.Module, image_shape: tuple[int, int, int], train:
     return int(counter.get_total_flops()) // COUNT_BATCH
 
 
-def forward_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
-    return _per_image_flops(model, image_shape, train=False)
-
-
-def train_step_flops(model: nn.Module, image_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
-    return _per_image_flops(model, image_shape, train=True)
-
-
 def meta_model(model_config: ModelConfig) -> ResNet9:
     with torch.device("meta"):  # no memory, no random numbers drawn
         return ResNet9(model_config)
-
-
-def recipe_model(config: TrainConfig, num_classes: int) -> ResNet9:
-    """The net of `config` as it trains (recipe.build_model: frozen parameters too), on the meta device."""
-    with torch.device("meta"):
-        return build_model(config, num_classes, torch.device("meta"))
 
 
 def recipe_flops(config: TrainConfig, num_train: int, num_test: int, num_classes: int = 10,
@@ -68,12 +54,13 @@ def recipe_flops(config: TrainConfig, num_train: int, num_test: int, num_classes
     """The work of one run (one seed) of `config` on `num_train` training and `num_test` test images:
     {"train", "eval", "per_run"} in FLOPs, and the per-image counts they come from ("per_image_train" while
     the whitening bias trains, "per_image_train_stopped" after a --whiten-bias-stop grad)."""
-    model = recipe_model(config, num_classes)
-    per_image_train, per_image_forward = train_step_flops(model), forward_flops(model)
+    with torch.device("meta"):  # the net as it trains (frozen parameters too), without memory
+        model = build_model(config, num_classes, torch.device("meta"))
+    per_image_train, per_image_forward = per_image_flops(model, train=True), per_image_flops(model)
     per_image_stopped = per_image_train
     if config.whiten_bias_epochs and config.whiten_bias_stop == "grad":
         model.whitening_bias().requires_grad_(False)
-        per_image_stopped = train_step_flops(model)
+        per_image_stopped = per_image_flops(model, train=True)
     global_batch = config.batch_size * world_size
     steps_per_epoch = num_train // global_batch
     steps, trained = total_steps(config, steps_per_epoch), whiten_bias_steps(config, steps_per_epoch)
@@ -101,10 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = replace(recipe, width=args.width) if args.width else recipe
     model = build_model(recipe, args.num_classes, torch.device("cpu"))
     print(summary(model))
-    counted = recipe_model(recipe, args.num_classes)
     print(f"parameters: {count_parameters(model):,}")
-    print(f"FLOPs per image: {forward_flops(counted) / 1e6:,.1f} M forward, "
-          f"{train_step_flops(counted) / 1e6:,.1f} M forward + backward")
+    print(f"FLOPs per image: {per_image_flops(model) / 1e6:,.1f} M forward, "
+          f"{per_image_flops(model, train=True) / 1e6:,.1f} M forward + backward")
     return 0
 
 

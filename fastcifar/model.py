@@ -72,8 +72,7 @@ class ResNet9(nn.Module):
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()
         self.config = config
-        w = config.width
-        c0, c1, c2, c3 = config.widths or (w, 2 * w, 4 * w, 8 * w)
+        c0, c1, c2, c3 = config.widths or [config.width * k for k in (1, 2, 4, 8)]
         self.prep = conv_bn(3, c0, config, kernel=config.prep_kernel, norm=config.prep_bn)
         self.layer1 = self._layer(c0, c1, 1)
         self.layer2 = self._layer(c1, c2, 2)

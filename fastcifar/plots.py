@@ -39,17 +39,16 @@ def denormalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
 def save_curves(path: str | Path, rows: list[dict[str, Any]], lrs: Sequence[float], steps_per_epoch: int) -> None:
     epochs = [r["epoch"] for r in rows]
     fig, axes = pyplot().subplots(1, 3, figsize=(14, 3.8))
-    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+    for ax, key in zip(axes, ("loss", "acc")):
         ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", label="train")
         test = [(r["epoch"], r[f"test_{key}"]) for r in rows if not np.isnan(r[f"test_{key}"])]
         if test:
             ax.plot(*zip(*test), "s-", label="test")
-        ax.set(title=title, xlabel="epoch")
-        ax.grid(alpha=0.3)
         ax.legend()
     axes[2].plot(np.arange(1, len(lrs) + 1) / steps_per_epoch, lrs)
-    axes[2].set(title="learning rate", xlabel="epoch")
-    axes[2].grid(alpha=0.3)
+    for ax, title in zip(axes, ("loss", "accuracy", "learning rate")):
+        ax.set(title=title, xlabel="epoch")
+        ax.grid(alpha=0.3)
     save_figure(fig, path)
 
 
@@ -60,10 +59,8 @@ def save_confusion(path: str | Path, labels: np.ndarray, preds: np.ndarray, clas
     frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = pyplot().subplots(figsize=(7.5, 6.5))
     im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
-                    color="white" if frac[i, j] > 0.5 else "black")
+    for (i, j), count in np.ndenumerate(cm):
+        ax.text(j, i, count, ha="center", va="center", fontsize=7, color="white" if frac[i, j] > 0.5 else "black")
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
     ax.set_yticks(range(k), classes)
     ax.set(xlabel="predicted", ylabel="true",

@@ -73,12 +73,9 @@ def epoch_row(row: dict[str, Any], header: bool = False) -> str:
     """One fixed-width line per epoch (airbench style); accuracies in percent."""
     if header:
         return " ".join(f"{name + (' %' if scale == 100 else ''):>{w}}" for name, w, _, scale in _EPOCH_COLUMNS)
-    out = []
-    for name, w, fmt, scale in _EPOCH_COLUMNS:
-        v = row.get(name)
-        shown = isinstance(v, (int, float)) and not math.isnan(v)
-        out.append(f"{v * scale:>{w}{fmt}}" if shown else f"{'':>{w}}")
-    return " ".join(out)
+    values = [row.get(name) for name, *_ in _EPOCH_COLUMNS]
+    return " ".join(f"{v * scale:>{w}{fmt}}" if isinstance(v, (int, float)) and not math.isnan(v) else " " * w
+                    for v, (_, w, fmt, scale) in zip(values, _EPOCH_COLUMNS))
 
 
 def progress_bar(batches: Iterable, total: int, epoch: int) -> Iterable:
@@ -113,7 +110,6 @@ def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, param
     ttas = [r["test_acc_tta"] for r in results if r["test_acc_tta"] is not None]
     seed_clocks = {key: [r.get(key) for r in results] for key in SEED_CLOCKS}
     acc_stats, tta_stats = describe(accs), describe(ttas)
-    median = {key: describe(values)["median"] for key, values in seed_clocks.items()}
     last = results[-1]
     return {
         "accuracy_unit": ACCURACY_UNIT, "complete": len(results) == config.runs,
@@ -126,12 +122,12 @@ def run_summary(config: TrainConfig, results: Sequence[dict[str, Any]], *, param
         "images_per_second": float(last["images"] / last["train_seconds"]),
         "epochs": config.epochs, "params": params, "world_size": world_size, **environment,
         "flops": {**flops, "total": flops["per_run"] * len(results)} if flops else None,
-        "runs": {"seeds": [r["seed"] for r in results], "test_acc": accs, "test_acc_tta": ttas,
-                 **seed_clocks, "planned": config.runs,
-                 "mean": acc_stats["mean"], "std": acc_stats["std"],
+        "runs": {"seeds": [r["seed"] for r in results], "test_acc": accs, "test_acc_tta": ttas, **seed_clocks,
+                 "planned": config.runs, "mean": acc_stats["mean"], "std": acc_stats["std"],
                  "mean_tta": tta_stats["mean"], "std_tta": tta_stats["std"],
-                 "median_train_seconds": median["train_seconds"], "median_run_seconds": median["run_seconds"],
-                 "median_wall_seconds": median["wall_seconds"], "per_seed": list(results)},
+                 **{f"median_{key}": describe(seed_clocks[key])["median"]
+                    for key in ("train_seconds", "run_seconds", "wall_seconds")},
+                 "per_seed": list(results)},
     }
 
 

@@ -30,7 +30,7 @@ from fastcifar.atomic import write_json
 from fastcifar.augment import DeviceLoader
 from fastcifar.checkpoint import CHECKPOINT_FILE, MODEL_FILE, ModelInfo, RunState, Training, load_resume, save_model
 from fastcifar.config import TrainConfig, format_config, parse_config, resume_config, validate
-from fastcifar.distributed import Dist, all_reduce_max, all_reduce_sum, process_group
+from fastcifar.distributed import Dist, all_reduce, process_group
 from fastcifar.errors import UserError, run_cli
 from fastcifar.evaluate import evaluate, evaluation_record, tta_inputs
 from fastcifar.flops import recipe_flops
@@ -82,8 +82,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
 
 def reduce_epoch(sums: torch.Tensor, dist: Dist) -> tuple[float, float, int, int]:
     """(mean loss, accuracy, samples, first non-finite step or -1) over all ranks: the epoch's one host sync."""
-    loss_sum, correct, seen, bad = torch.cat([all_reduce_sum(sums[:3].clone(), dist),
-                                              all_reduce_max(sums[3:].clone(), dist)]).tolist()
+    loss_sum, correct, seen, bad = torch.cat([all_reduce(sums[:3].clone(), dist),
+                                              all_reduce(sums[3:].clone(), dist, "max")]).tolist()
     return loss_sum / seen, correct / seen, int(seen), int(bad)
 
 

@@ -162,6 +162,30 @@ def test_the_process_group_is_destroyed_on_the_way_out_of_a_failed_run(monkeypat
     assert calls == [("init", "gloo"), ("destroy",)]
 
 
+def reduce_on_rank(rank: int, init_file: str) -> None:
+    """One of two gloo ranks: rank r contributes r + 1 (1 and 2)."""
+    import torch.distributed
+
+    from fastcifar.distributed import all_reduce
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        d = Dist(rank=rank, world_size=2)
+        assert all_reduce(torch.tensor([rank + 1.0]), d).item() == 3.0
+        assert all_reduce(torch.tensor([rank + 1.0]), d, "max").item() == 2.0
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes
+def test_all_reduce_sums_or_takes_the_max_over_the_ranks_and_is_a_no_op_alone(tmp_path):
+    """Sabotage: all_reduce ignoring its `op` (the epoch's first non-finite step would be summed over the ranks)."""
+    from fastcifar.distributed import all_reduce
+
+    assert all_reduce(torch.tensor([5.0]), Dist(), "max").item() == 5.0  # no process group needed
+    torch.multiprocessing.spawn(reduce_on_rank, args=(str(tmp_path / "store"),), nprocs=2)
+
+
 @pytest.mark.parametrize("preset", ["speedrun", "airbench94"])
 def test_the_presets_grad_stop_is_refused_under_torchrun_before_any_data_is_read(preset, tmp_path, monkeypatch):
     """DDP cannot drop a parameter mid-run: the presets' --whiten-bias-stop grad is one line naming the flag to

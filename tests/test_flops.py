@@ -13,7 +13,7 @@ from airbench_helpers import airbench_net94, cuda_is_a_no_op
 from torch import nn
 
 from fastcifar.config import PRESETS, TrainConfig
-from fastcifar.flops import forward_flops, main, meta_model, recipe_flops, train_step_flops
+from fastcifar.flops import main, meta_model, per_image_flops, recipe_flops
 from fastcifar.model import ModelConfig
 from fastcifar.report import run_summary
 from fastcifar.runtime import SEED_CLOCKS
@@ -24,10 +24,11 @@ def test_a_small_known_network_counts_as_by_hand():
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
     conv_macs = 8 * 8 * 4 * 3 * 3 * 3
     linear_macs = 256 * 5
-    assert forward_flops(net, (3, 8, 8)) == 2 * (conv_macs + linear_macs)
+    assert per_image_flops(net, image_shape=(3, 8, 8)) == 2 * (conv_macs + linear_macs)
     # backward: the weight gradients of both layers and the linear layer's input gradient; the conv's input
     # (the image) needs none
-    assert train_step_flops(net, (3, 8, 8)) == 2 * (conv_macs + linear_macs) + 2 * (conv_macs + 2 * linear_macs)
+    train_step = per_image_flops(net, train=True, image_shape=(3, 8, 8))
+    assert train_step == 2 * (conv_macs + linear_macs) + 2 * (conv_macs + 2 * linear_macs)
 
 
 def test_the_classic_net_is_759_mflop_per_image_forward():
@@ -35,7 +36,7 @@ def test_the_classic_net_is_759_mflop_per_image_forward():
     16x16, layer2 128->256 at 16x16, layer3 256->512 at 8x8, residual 2 x 512->512 at 4x4, linear 512->10."""
     macs = 9 * (3 * 64 * 32 * 32 + 64 * 128 * 32 * 32 + 2 * 128 * 128 * 16 * 16 + 128 * 256 * 16 * 16
                 + 256 * 512 * 8 * 8 + 2 * 512 * 512 * 4 * 4) + 512 * 10
-    assert forward_flops(meta_model(ModelConfig())) == 2 * macs
+    assert per_image_flops(meta_model(ModelConfig())) == 2 * macs
 
 
 def test_the_family_options_change_the_count_as_their_shapes_say():
@@ -43,9 +44,9 @@ def test_the_family_options_change_the_count_as_their_shapes_say():
     base = ModelConfig(widths=(24, 64, 256, 256), prep_kernel=2)
     macs = (12 * 24 * 31 * 31 + 9 * (24 * 64 * 31 * 31 + 2 * 64 * 64 * 15 * 15 + 64 * 256 * 15 * 15
                                     + 256 * 256 * 7 * 7 + 2 * 256 * 256 * 3 * 3) + 256 * 10)
-    assert forward_flops(meta_model(base)) == 2 * macs
+    assert per_image_flops(meta_model(base)) == 2 * macs
     deeper = dataclasses.replace(base, residual=(1, 2, 3))
-    assert forward_flops(meta_model(deeper)) == 2 * macs + 2 * 9 * 2 * 256 * 256 * 7 * 7
+    assert per_image_flops(meta_model(deeper)) == 2 * macs + 2 * 9 * 2 * 256 * 256 * 7 * 7
 
 
 def test_frozen_parameters_need_no_weight_gradient():
@@ -53,7 +54,7 @@ def test_frozen_parameters_need_no_weight_gradient():
     trained, frozen = meta_model(config), meta_model(config)
     frozen.prep[0].weight.requires_grad_(False)
     prep_weight_grad = 2 * 3 * 4 * 9 * 32 * 32
-    assert train_step_flops(trained) - train_step_flops(frozen) == prep_weight_grad
+    assert per_image_flops(trained, train=True) - per_image_flops(frozen, train=True) == prep_weight_grad
 
 
 @pytest.mark.slow
@@ -85,19 +86,19 @@ def test_the_speedrun_preset_fits_airbench94s_budget():
 def test_counting_leaves_no_memory_behind():
     model = meta_model(ModelConfig(width=64))
     assert all(p.device.type == "meta" for p in model.parameters())
-    train_step_flops(model)
+    per_image_flops(model, train=True)
     assert all(p.grad is None for p in model.parameters())
     assert torch.tensor(0).device.type == "cpu"  # the meta device context did not leak
 
 
 @pytest.mark.parametrize("training", [False, True])
 def test_counting_gives_the_model_its_mode_back(training):
-    """Sabotage: _per_image_flops leaving the model in the mode it counted in (eval after forward_flops, train after
-    train_step_flops)."""
+    """Sabotage: per_image_flops leaving the model in the mode it counted in (eval after a forward count, train
+    after a training count)."""
     model = meta_model(ModelConfig(width=4)).train(training)
-    forward_flops(model)
+    per_image_flops(model)
     assert model.training is training
-    train_step_flops(model)
+    per_image_flops(model, train=True)
     assert model.training is training
 
 
@@ -123,7 +124,7 @@ def test_the_flops_command_prints_the_training_count_next_to_the_forward_count(c
     assert main(["--width", "16"]) == 0
     out = capsys.readouterr().out
     counted = meta_model(ModelConfig(width=16))
-    fwd, train = forward_flops(counted), train_step_flops(counted)
+    fwd, train = per_image_flops(counted), per_image_flops(counted, train=True)
     assert train > 2 * fwd  # the backward pass adds roughly twice the forward's work
     assert f"{fwd / 1e6:,.1f} M forward, {train / 1e6:,.1f} M forward + backward" in out
 
@@ -150,9 +151,9 @@ def test_the_airbench94_preset_counts_as_airbench94_and_its_stopped_whitening_bi
     reference = airbench_net94()
     preset = TrainConfig(**PRESETS["airbench94"])
     trained_all_run = recipe_flops(dataclasses.replace(preset, whiten_bias_stop="lr"), 50_000, 10_000)
-    assert trained_all_run["per_image_train"] == train_step_flops(reference)
-    assert trained_all_run["per_image_forward"] == forward_flops(reference)
-    airbench_count = train_step_flops(reference) * 476 * 1024 + forward_flops(reference) * 6 * 10_000
+    assert trained_all_run["per_image_train"] == per_image_flops(reference, train=True)
+    assert trained_all_run["per_image_forward"] == per_image_flops(reference)
+    airbench_count = per_image_flops(reference, train=True) * 476 * 1024 + per_image_flops(reference) * 6 * 10_000
     assert trained_all_run["per_run"] == airbench_count and round(airbench_count / 1e15, 3) == 0.359
     with cuda_is_a_no_op():
         assert airbench_flops(pytest.importorskip("airbench"), 50_000, 10_000) == airbench_count

@@ -75,8 +75,8 @@ def test_the_cycle_finder_finds_a_cycle_and_passes_a_tree():
 
 
 def test_imports_go_one_way_even_inside_functions():
-    """Sabotage caught: `from fastcifar.flops import forward_flops`, or its relative form `from .flops import
-    forward_flops`, inside a function of fastcifar/model.py."""
+    """Sabotage caught: `from fastcifar.flops import per_image_flops`, or its relative form `from .flops import
+    per_image_flops`, inside a function of fastcifar/model.py."""
     names = module_names()
     graph = {name: imported_modules(name, set(names)) for name in names}
     assert find_cycle(graph) is None

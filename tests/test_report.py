@@ -100,6 +100,31 @@ def test_console_shows_accuracies_in_percent():
                                        "median train 3.0s on cpu")
 
 
+def test_an_epoch_row_keeps_its_width_when_a_value_is_missing():
+    """Sabotage: a missing or NaN value printed as an empty string instead of a blank column (every later column
+    would shift left)."""
+    full = {"seed": 0, "epoch": 1, "lr": 0.1, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.0,
+            "test_acc": 0.9375, "epoch_seconds": 1.0, "total_seconds": 1.0}
+    gaps = {**full, "test_loss": float("nan"), "test_acc": float("nan"), "total_seconds": None}
+    header = epoch_row({}, header=True)
+    assert len(epoch_row(full)) == len(epoch_row(gaps)) == len(header)
+    lone = epoch_row({"epoch_seconds": 1.0})  # right-aligned under its header, after seven blank columns
+    assert lone.strip() == "1.00" and len(lone.rstrip()) == header.index("epoch_seconds") + len("epoch_seconds")
+
+
+def test_the_summary_medians_are_the_middle_seeds_clocks():
+    """Sabotage: a median key left out of `runs`, or the mean in its place (1, 2, 9 have mean 4)."""
+    from fastcifar.report import run_summary
+    from fastcifar.runtime import SEED_CLOCKS
+
+    results = [{"seed": s, "test_acc": 0.5, "test_acc_tta": None, "images": 1, **{k: t for k in SEED_CLOCKS}}
+               for s, t in enumerate([9.0, 1.0, 2.0])]
+    runs = run_summary(TrainConfig(runs=3, tta=False), results, params=1, world_size=1, environment={},
+                       clocks={})["runs"]
+    assert {key: value for key, value in runs.items() if key.startswith("median_")} == {
+        "median_train_seconds": 2.0, "median_run_seconds": 2.0, "median_wall_seconds": 2.0}
+
+
 def test_images_per_second_is_the_last_seeds_images_over_its_training_seconds():
     """Sabotage: images_per_second not divided by train_seconds in report.run_summary."""
     from fastcifar.report import run_summary
