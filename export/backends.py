@@ -51,13 +51,6 @@ def installed_backends() -> list[str]:
     return [b for b in BACKENDS if b == "onnxruntime" or openvino_version() is not None]
 
 
-def physical_cores() -> int:
-    """Cores of this machine that we may use (one thread per core is what both runtimes default to)."""
-    if hasattr(os, "sched_getaffinity"):  # not on macOS, Windows
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 @dataclass
 class Runner:
     """`infer(x)`: logits for float32 (N, 3, 32, 32) inputs in [0, 1], all N at once, as `mode` says."""
@@ -74,7 +67,8 @@ def make_runner(path: str | os.PathLike, backend: str = "onnxruntime", mode: str
                 threads: int | None = None, precision: str = "auto") -> Runner:
     """A Runner for the model at `path`; UserError for an uninstalled backend, the runtime's own error for an
     unreadable file (`runner_for` turns it into a UserError)."""
-    threads = threads or physical_cores()
+    # one thread per core we may use is what both runtimes default to (no sched_getaffinity on macOS, Windows)
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if backend == "openvino":
         return _openvino_runner(path, mode, threads, precision)
     return _onnxruntime_runner(path, mode, threads)
@@ -113,10 +107,8 @@ def _openvino_runner(path: str | os.PathLike, mode: str, threads: int, precision
     import openvino.properties as props
     import openvino.properties.hint as hints
 
-    config: dict[Any, Any] = {
-        hints.performance_mode: hints.PerformanceMode.THROUGHPUT if mode == "throughput" else
-        hints.PerformanceMode.LATENCY,
-        props.inference_num_threads: threads}
+    config: dict[Any, Any] = {hints.performance_mode: getattr(hints.PerformanceMode, mode.upper()),
+                              props.inference_num_threads: threads}
     if precision == "f32":
         config[hints.inference_precision] = ov.Type.f32
     compiled = _openvino_core().compile_model(str(path), "CPU", config)
@@ -144,8 +136,7 @@ def _openvino_runner(path: str | os.PathLike, mode: str, threads: int, precision
 
 def record_path(model: str | os.PathLike) -> Path:
     """model.onnx -> model.onnx.verified.json, next to it."""
-    model = Path(model)
-    return model.with_name(model.name + ".verified.json")
+    return Path(f"{os.fspath(model)}.verified.json")
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -183,9 +174,7 @@ def choose_backend(model: str | os.PathLike) -> tuple[str, str]:
 def runner_for(model: str | os.PathLike, backend: str, mode: str, threads: int | None,
                precision: str = "auto") -> tuple[Runner, str]:
     """(runner, why) for a backend choice including `auto`; UserError for an unreadable model."""
-    why = "asked for"
-    if backend == "auto":
-        backend, why = choose_backend(model)
+    backend, why = choose_backend(model) if backend == "auto" else (backend, "asked for")
     try:
         return make_runner(model, backend, mode, threads, precision), why
     except UserError:

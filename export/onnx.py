@@ -307,7 +307,6 @@ def check_backends(name: str, path: Path, ort: Runner, ort_acc: float | None, ch
     """The verification record of the file `name` (still at its temporary `path`, `ort` running it) under each of
     `backends`, printed. A backend other than onnxruntime (gated already) is verified when its test accuracy is
     within `max_diff` points of `ort_acc`; one that cannot run the file is recorded as failed, never raised."""
-    print(f"{name} under {', '.join(backends)}:")
     ort_logits = run_batches(ort, check_images)
     checks = [BackendCheck("onnxruntime", ort.version, "f32", True,
                            "passed the export's gates" if ort_acc is not None else "parity only (no --data-dir)",
@@ -315,21 +314,17 @@ def check_backends(name: str, path: Path, ort: Runner, ort_acc: float | None, ch
     for backend in (b for b in backends if b != "onnxruntime"):
         try:
             runner = make_runner(path, backend, "throughput")
-            logits = run_batches(runner, check_images)
+            agreement = compare(run_batches(runner, check_images), ort_logits).agreement
             acc = accuracy(runner, data.test_images, data.test_labels)[0] if data is not None else None
         except Exception as e:  # each runtime raises its own types
             checks.append(BackendCheck(backend, "?", "?", False, f"failed: {type(e).__name__}: {first_line(e)}"))
             continue
-        check = BackendCheck(backend, runner.version, runner.precision, False, "no --data-dir: test accuracy "
-                             "not measured", acc, compare(logits, ort_logits).agreement)
-        if acc is not None:
-            diff = 100 * abs(acc - ort_acc)
-            check.verified = diff <= max_diff
-            check.reason = (f"{diff:.2f} points from onnxruntime's {_percent(ort_acc)} on this file, limit "
-                            f"{max_diff} (--max-int8-drop)")
-        checks.append(check)
-    for check in checks:
-        print(f"  {check}")
+        diff = 100 * abs(acc - ort_acc) if acc is not None else None
+        reason = ("no --data-dir: test accuracy not measured" if diff is None else f"{diff:.2f} points from "
+                  f"onnxruntime's {_percent(ort_acc)} on this file, limit {max_diff} (--max-int8-drop)")
+        checks.append(BackendCheck(backend, runner.version, runner.precision, diff is not None and diff <= max_diff,
+                                   reason, acc, agreement))
+    print(f"{name} under {', '.join(backends)}:", *checks, sep="\n  ")
     return {"file": name, "sha256": file_digest(path), "fastcifar_version": __version__,
             "test_data": data.source if data is not None else None,
             "test_images": len(data.test_labels) if data is not None else 0,
@@ -468,8 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.int8:
             path = int8_path(out)
             records[path] = _export_int8(tmp, path, data, acc, logits, args, backends, check_images)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     for path, record in records.items():  # after the models: a record names its file's SHA-256
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         write_json(record_path(path), record)
         print(f"wrote {record_path(path)}")
     return 0
@@ -499,7 +494,6 @@ def _export_int8(fp32_tmp: Path, out: Path, data: CifarData, fp32_acc: float, fp
                             "raise the limit; nothing was written")
         record = check_backends(out.name, tmp, ort, acc, check_images, data, backends, args.max_int8_drop)
         record["calibration"] = used
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return record
 
 
