@@ -4,8 +4,7 @@
 
 torch-free, like `export.predict`. Latency mode runs a batch in one call on `threads` threads; throughput mode
 splits it into slices run in parallel: onnxruntime from `threads` Python threads with one intra-op thread each
-(it releases the GIL), OpenVINO through the plugin's optimal number of infer requests. On CPUs with bf16
-(AVX512_BF16 or AMX) OpenVINO runs an fp32 model in bf16 unless `precision="f32"`.
+(it releases the GIL), OpenVINO through the plugin's optimal number of infer requests.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ def openvino_version() -> str | None:
 
 
 def require_openvino() -> str:
-    version = openvino_version()
-    if version is None:
+    if (version := openvino_version()) is None:
         raise UserError(f"--backend openvino: OpenVINO is not installed; {INSTALL_OPENVINO} or use "
                         "--backend onnxruntime")
     return version
@@ -155,11 +153,9 @@ def read_record(model: str | os.PathLike) -> dict[str, Any] | None:
 def choose_backend(model: str | os.PathLike) -> tuple[str, str]:
     """(backend, why) for `--backend auto`: OpenVINO when installed and verified for this file by the
     export with this OpenVINO version; onnxruntime otherwise."""
-    version = openvino_version()
-    if version is None:
+    if (version := openvino_version()) is None:
         return "onnxruntime", f"OpenVINO is not installed ({INSTALL_OPENVINO} for the faster runtime)"
-    record = read_record(model)
-    if record is None:
+    if (record := read_record(model)) is None:
         return "onnxruntime", (f"no verification record for this file ({record_path(model).name}): export it "
                                "with `python -m export.onnx --data-dir ...` to verify OpenVINO")
     result = record.get("backends", {}).get("openvino", {})

@@ -5,9 +5,8 @@
 The graph takes what torchvision's `to_tensor` or `cv2.dnn.blobFromImage(img, 1/255, swapRB=True)` give:
 input `input`, float32 NCHW RGB in [0, 1], any batch size; it normalizes with the training mean/std inside
 and returns `logits` (N, classes); with `--tta`, the weighted mean over the trainer's TTA views (`tta_plan`).
-Class names, mean/std, the input layout, the TTA, the run's test accuracy and the fastcifar version are in the
-model's metadata_props. A file replaces nothing until it passed every check; docs/export.md has the checks,
-their bounds, int8 and the `<file>.verified.json` record that `export.predict --backend auto` reads.
+Class names, mean/std, the TTA and the run's test accuracy are in the model's metadata_props. A file replaces
+nothing until it passed every check (docs/export.md: the checks, int8, the `<file>.verified.json` record).
 """
 
 from __future__ import annotations
@@ -189,21 +188,18 @@ class Parity:
 def compare(got: np.ndarray, expected: np.ndarray, tie: float = 0.0) -> Parity:
     """Logits `got` against `expected`: the largest difference and the top-1 agreement over the images whose
     expected top two logits lie more than `tie` apart (all of them for tie 0)."""
-    top_two = np.sort(expected, axis=1)[:, -2:]
-    decided = top_two[:, 1] - top_two[:, 0] > tie
-    same = got.argmax(1) == expected.argmax(1)
-    agreement = float(same[decided].mean()) if decided.any() else 1.0
+    decided = np.ptp(np.sort(expected, axis=1)[:, -2:], axis=1) > tie
+    agreement = float((got.argmax(1) == expected.argmax(1))[decided].mean()) if decided.any() else 1.0
     return Parity(len(got), float(np.abs(got - expected).max()), agreement, int((~decided).sum()))
 
 
 @torch.no_grad()
 def reference_logits(model: nn.Module, info: ModelInfo, images: np.ndarray, batch_size: int = 256,
                      tta: tuple[bool, int] = (False, 0)) -> np.ndarray:
-    """The independent reference for uint8 (N, 32, 32, 3) images: the unwrapped, unfolded PyTorch model on
-    images normalized right here from the checkpoint's mean/std, with `tta` (flip, translate) the trainer's own
-    TTA (`fastcifar.evaluate.tta_logits`). It shares no code with the exported graph (`InferenceGraph`,
-    `WithTTA`, `fold_batchnorm`) nor with the ONNX side's input (`to_input`, raw [0, 1] pixels), so a graph that
-    lost or changed its normalization, a view or a weight cannot agree with it."""
+    """The independent reference for uint8 (N, 32, 32, 3) images: the unwrapped, unfolded PyTorch model on images
+    normalized here from the checkpoint's mean/std, with `tta` (flip, translate) averaged by the trainer's own
+    `tta_logits`. It shares no code with the exported graph (`InferenceGraph`, `WithTTA`, `fold_batchnorm`) nor
+    its input (`to_input`), so a graph that lost or changed its normalization, a view or a weight cannot agree."""
     mean, std = np.asarray(info.mean, dtype=np.float32), np.asarray(info.std, dtype=np.float32)
     normalized = torch.from_numpy(((images.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2))
     net, (flip, translate) = unwrap(model).eval(), tta
@@ -255,8 +251,7 @@ def checkpoint_tta(info: ModelInfo, checkpoint: str | Path) -> tuple[bool, int] 
     model file whose metadata has no `tta`, without its run's summary.json next to it)."""
     if info.extra.get("test_acc_tta") is None:
         return False, 0
-    tta = info.extra.get("tta")
-    if tta is None:
+    if (tta := info.extra.get("tta")) is None:
         folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
         try:
             tta = json.loads((folder / "summary.json").read_text())["tta"]
@@ -382,19 +377,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=512, metavar="N",
                    help="training images to calibrate int8 on (default: 512)")
     p.add_argument("--max-int8-drop", type=float, default=DEFAULT_MAX_INT8_DROP, metavar="POINTS",
-                   help="fail when int8 test accuracy is this many points below fp32; also how far another "
-                        "backend may be from onnxruntime's accuracy on the same file to be verified "
-                        "(default: %(default)s)")
+                   help="fail when int8 test accuracy is this many points below fp32; also how far another backend may "
+                        "be from onnxruntime's accuracy on the same file to be verified (default: %(default)s)")
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                    help="runtimes to check besides onnxruntime (always the gate): auto = every installed one, "
                         "openvino = OpenVINO too (an error when absent), onnxruntime = none (default: auto)")
     p.add_argument("--data-dir", metavar="PATH", help="CIFAR-10 (see fastcifar.data): real test images for the "
                    "check and accuracy, training images for calibration (default: random images, no int8)")
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's)")
-    p.add_argument("--tta", choices=TTA_CHOICES, default="off",
-                   help="test-time augmentation inside the graph, as the trainer averages it: auto = the checkpoint's "
-                        "own (its accuracy with TTA is then the file's), flip, flip-translateN = flip + views "
-                        "shifted by N pixels (default: off)")
+    p.add_argument("--tta", choices=TTA_CHOICES, default="off", help="test-time augmentation inside the graph, as the "
+                   "trainer averages it: auto = the checkpoint's own (its accuracy with TTA is then the file's), "
+                   "flip, flip-translateN = flip + views shifted by N pixels (default: off)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 

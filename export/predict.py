@@ -47,8 +47,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def read_metadata(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
     """(class names, metadata_props) of a model written by export.onnx; UserError when the file is missing, not
     ONNX or without class names."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise UserError(f"model not found ({path}): pass the .onnx file written by `python -m export.onnx`")
     onnx = require("onnx", "onnx", "export.predict")
     from google.protobuf.message import DecodeError
