@@ -4,8 +4,7 @@
 
 torch-free, like `export.predict`. Latency mode runs a batch in one call on `threads` threads; throughput mode
 splits it into slices run in parallel: onnxruntime from `threads` Python threads with one intra-op thread each
-(it releases the GIL), OpenVINO through the plugin's optimal number of infer requests. On CPUs with bf16
-(AVX512_BF16 or AMX) OpenVINO runs an fp32 model in bf16 unless `precision="f32"`.
+(it releases the GIL), OpenVINO through the plugin's optimal number of infer requests.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ def openvino_version() -> str | None:
 
 
 def require_openvino() -> str:
-    version = openvino_version()
-    if version is None:
+    if (version := openvino_version()) is None:
         raise UserError(f"--backend openvino: OpenVINO is not installed; {INSTALL_OPENVINO} or use "
                         "--backend onnxruntime")
     return version
@@ -49,13 +47,6 @@ def require_openvino() -> str:
 
 def installed_backends() -> list[str]:
     return [b for b in BACKENDS if b == "onnxruntime" or openvino_version() is not None]
-
-
-def physical_cores() -> int:
-    """Cores of this machine that we may use (one thread per core is what both runtimes default to)."""
-    if hasattr(os, "sched_getaffinity"):  # not on macOS, Windows
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 @dataclass
@@ -74,7 +65,8 @@ def make_runner(path: str | os.PathLike, backend: str = "onnxruntime", mode: str
                 threads: int | None = None, precision: str = "auto") -> Runner:
     """A Runner for the model at `path`; UserError for an uninstalled backend, the runtime's own error for an
     unreadable file (`runner_for` turns it into a UserError)."""
-    threads = threads or physical_cores()
+    # one thread per core we may use is what both runtimes default to (no sched_getaffinity on macOS, Windows)
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if backend == "openvino":
         return _openvino_runner(path, mode, threads, precision)
     return _onnxruntime_runner(path, mode, threads)
@@ -113,10 +105,8 @@ def _openvino_runner(path: str | os.PathLike, mode: str, threads: int, precision
     import openvino.properties as props
     import openvino.properties.hint as hints
 
-    config: dict[Any, Any] = {
-        hints.performance_mode: hints.PerformanceMode.THROUGHPUT if mode == "throughput" else
-        hints.PerformanceMode.LATENCY,
-        props.inference_num_threads: threads}
+    config: dict[Any, Any] = {hints.performance_mode: getattr(hints.PerformanceMode, mode.upper()),
+                              props.inference_num_threads: threads}
     if precision == "f32":
         config[hints.inference_precision] = ov.Type.f32
     compiled = _openvino_core().compile_model(str(path), "CPU", config)
@@ -144,8 +134,7 @@ def _openvino_runner(path: str | os.PathLike, mode: str, threads: int, precision
 
 def record_path(model: str | os.PathLike) -> Path:
     """model.onnx -> model.onnx.verified.json, next to it."""
-    model = Path(model)
-    return model.with_name(model.name + ".verified.json")
+    return Path(f"{os.fspath(model)}.verified.json")
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -164,11 +153,9 @@ def read_record(model: str | os.PathLike) -> dict[str, Any] | None:
 def choose_backend(model: str | os.PathLike) -> tuple[str, str]:
     """(backend, why) for `--backend auto`: OpenVINO when installed and verified for this file by the
     export with this OpenVINO version; onnxruntime otherwise."""
-    version = openvino_version()
-    if version is None:
+    if (version := openvino_version()) is None:
         return "onnxruntime", f"OpenVINO is not installed ({INSTALL_OPENVINO} for the faster runtime)"
-    record = read_record(model)
-    if record is None:
+    if (record := read_record(model)) is None:
         return "onnxruntime", (f"no verification record for this file ({record_path(model).name}): export it "
                                "with `python -m export.onnx --data-dir ...` to verify OpenVINO")
     result = record.get("backends", {}).get("openvino", {})
@@ -183,9 +170,7 @@ def choose_backend(model: str | os.PathLike) -> tuple[str, str]:
 def runner_for(model: str | os.PathLike, backend: str, mode: str, threads: int | None,
                precision: str = "auto") -> tuple[Runner, str]:
     """(runner, why) for a backend choice including `auto`; UserError for an unreadable model."""
-    why = "asked for"
-    if backend == "auto":
-        backend, why = choose_backend(model)
+    backend, why = choose_backend(model) if backend == "auto" else (backend, "asked for")
     try:
         return make_runner(model, backend, mode, threads, precision), why
     except UserError:

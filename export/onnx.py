@@ -5,9 +5,8 @@
 The graph takes what torchvision's `to_tensor` or `cv2.dnn.blobFromImage(img, 1/255, swapRB=True)` give:
 input `input`, float32 NCHW RGB in [0, 1], any batch size; it normalizes with the training mean/std inside
 and returns `logits` (N, classes); with `--tta`, the weighted mean over the trainer's TTA views (`tta_plan`).
-Class names, mean/std, the input layout, the TTA, the run's test accuracy and the fastcifar version are in the
-model's metadata_props. A file replaces nothing until it passed every check; docs/export.md has the checks,
-their bounds, int8 and the `<file>.verified.json` record that `export.predict --backend auto` reads.
+Class names, mean/std, the TTA and the run's test accuracy are in the model's metadata_props. A file replaces
+nothing until it passed every check (docs/export.md: the checks, int8, the `<file>.verified.json` record).
 """
 
 from __future__ import annotations
@@ -189,21 +188,18 @@ class Parity:
 def compare(got: np.ndarray, expected: np.ndarray, tie: float = 0.0) -> Parity:
     """Logits `got` against `expected`: the largest difference and the top-1 agreement over the images whose
     expected top two logits lie more than `tie` apart (all of them for tie 0)."""
-    top_two = np.sort(expected, axis=1)[:, -2:]
-    decided = top_two[:, 1] - top_two[:, 0] > tie
-    same = got.argmax(1) == expected.argmax(1)
-    agreement = float(same[decided].mean()) if decided.any() else 1.0
+    decided = np.ptp(np.sort(expected, axis=1)[:, -2:], axis=1) > tie
+    agreement = float((got.argmax(1) == expected.argmax(1))[decided].mean()) if decided.any() else 1.0
     return Parity(len(got), float(np.abs(got - expected).max()), agreement, int((~decided).sum()))
 
 
 @torch.no_grad()
 def reference_logits(model: nn.Module, info: ModelInfo, images: np.ndarray, batch_size: int = 256,
                      tta: tuple[bool, int] = (False, 0)) -> np.ndarray:
-    """The independent reference for uint8 (N, 32, 32, 3) images: the unwrapped, unfolded PyTorch model on
-    images normalized right here from the checkpoint's mean/std, with `tta` (flip, translate) the trainer's own
-    TTA (`fastcifar.evaluate.tta_logits`). It shares no code with the exported graph (`InferenceGraph`,
-    `WithTTA`, `fold_batchnorm`) nor with the ONNX side's input (`to_input`, raw [0, 1] pixels), so a graph that
-    lost or changed its normalization, a view or a weight cannot agree with it."""
+    """The independent reference for uint8 (N, 32, 32, 3) images: the unwrapped, unfolded PyTorch model on images
+    normalized here from the checkpoint's mean/std, with `tta` (flip, translate) averaged by the trainer's own
+    `tta_logits`. It shares no code with the exported graph (`InferenceGraph`, `WithTTA`, `fold_batchnorm`) nor
+    its input (`to_input`), so a graph that lost or changed its normalization, a view or a weight cannot agree."""
     mean, std = np.asarray(info.mean, dtype=np.float32), np.asarray(info.std, dtype=np.float32)
     normalized = torch.from_numpy(((images.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2))
     net, (flip, translate) = unwrap(model).eval(), tta
@@ -255,8 +251,7 @@ def checkpoint_tta(info: ModelInfo, checkpoint: str | Path) -> tuple[bool, int] 
     model file whose metadata has no `tta`, without its run's summary.json next to it)."""
     if info.extra.get("test_acc_tta") is None:
         return False, 0
-    tta = info.extra.get("tta")
-    if tta is None:
+    if (tta := info.extra.get("tta")) is None:
         folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
         try:
             tta = json.loads((folder / "summary.json").read_text())["tta"]
@@ -307,7 +302,6 @@ def check_backends(name: str, path: Path, ort: Runner, ort_acc: float | None, ch
     """The verification record of the file `name` (still at its temporary `path`, `ort` running it) under each of
     `backends`, printed. A backend other than onnxruntime (gated already) is verified when its test accuracy is
     within `max_diff` points of `ort_acc`; one that cannot run the file is recorded as failed, never raised."""
-    print(f"{name} under {', '.join(backends)}:")
     ort_logits = run_batches(ort, check_images)
     checks = [BackendCheck("onnxruntime", ort.version, "f32", True,
                            "passed the export's gates" if ort_acc is not None else "parity only (no --data-dir)",
@@ -315,21 +309,17 @@ def check_backends(name: str, path: Path, ort: Runner, ort_acc: float | None, ch
     for backend in (b for b in backends if b != "onnxruntime"):
         try:
             runner = make_runner(path, backend, "throughput")
-            logits = run_batches(runner, check_images)
+            agreement = compare(run_batches(runner, check_images), ort_logits).agreement
             acc = accuracy(runner, data.test_images, data.test_labels)[0] if data is not None else None
         except Exception as e:  # each runtime raises its own types
             checks.append(BackendCheck(backend, "?", "?", False, f"failed: {type(e).__name__}: {first_line(e)}"))
             continue
-        check = BackendCheck(backend, runner.version, runner.precision, False, "no --data-dir: test accuracy "
-                             "not measured", acc, compare(logits, ort_logits).agreement)
-        if acc is not None:
-            diff = 100 * abs(acc - ort_acc)
-            check.verified = diff <= max_diff
-            check.reason = (f"{diff:.2f} points from onnxruntime's {_percent(ort_acc)} on this file, limit "
-                            f"{max_diff} (--max-int8-drop)")
-        checks.append(check)
-    for check in checks:
-        print(f"  {check}")
+        diff = 100 * abs(acc - ort_acc) if acc is not None else None
+        reason = ("no --data-dir: test accuracy not measured" if diff is None else f"{diff:.2f} points from "
+                  f"onnxruntime's {_percent(ort_acc)} on this file, limit {max_diff} (--max-int8-drop)")
+        checks.append(BackendCheck(backend, runner.version, runner.precision, diff is not None and diff <= max_diff,
+                                   reason, acc, agreement))
+    print(f"{name} under {', '.join(backends)}:", *checks, sep="\n  ")
     return {"file": name, "sha256": file_digest(path), "fastcifar_version": __version__,
             "test_data": data.source if data is not None else None,
             "test_images": len(data.test_labels) if data is not None else 0,
@@ -387,19 +377,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=512, metavar="N",
                    help="training images to calibrate int8 on (default: 512)")
     p.add_argument("--max-int8-drop", type=float, default=DEFAULT_MAX_INT8_DROP, metavar="POINTS",
-                   help="fail when int8 test accuracy is this many points below fp32; also how far another "
-                        "backend may be from onnxruntime's accuracy on the same file to be verified "
-                        "(default: %(default)s)")
+                   help="fail when int8 test accuracy is this many points below fp32; also how far another backend may "
+                        "be from onnxruntime's accuracy on the same file to be verified (default: %(default)s)")
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                    help="runtimes to check besides onnxruntime (always the gate): auto = every installed one, "
                         "openvino = OpenVINO too (an error when absent), onnxruntime = none (default: auto)")
     p.add_argument("--data-dir", metavar="PATH", help="CIFAR-10 (see fastcifar.data): real test images for the "
                    "check and accuracy, training images for calibration (default: random images, no int8)")
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's)")
-    p.add_argument("--tta", choices=TTA_CHOICES, default="off",
-                   help="test-time augmentation inside the graph, as the trainer averages it: auto = the checkpoint's "
-                        "own (its accuracy with TTA is then the file's), flip, flip-translateN = flip + views "
-                        "shifted by N pixels (default: off)")
+    p.add_argument("--tta", choices=TTA_CHOICES, default="off", help="test-time augmentation inside the graph, as the "
+                   "trainer averages it: auto = the checkpoint's own (its accuracy with TTA is then the file's), "
+                   "flip, flip-translateN = flip + views shifted by N pixels (default: off)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
@@ -468,8 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.int8:
             path = int8_path(out)
             records[path] = _export_int8(tmp, path, data, acc, logits, args, backends, check_images)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     for path, record in records.items():  # after the models: a record names its file's SHA-256
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         write_json(record_path(path), record)
         print(f"wrote {record_path(path)}")
     return 0
@@ -499,7 +487,6 @@ def _export_int8(fp32_tmp: Path, out: Path, data: CifarData, fp32_acc: float, fp
                             "raise the limit; nothing was written")
         record = check_backends(out.name, tmp, ort, acc, check_images, data, backends, args.max_int8_drop)
         record["calibration"] = used
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return record
 
 

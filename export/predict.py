@@ -47,8 +47,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def read_metadata(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
     """(class names, metadata_props) of a model written by export.onnx; UserError when the file is missing, not
     ONNX or without class names."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise UserError(f"model not found ({path}): pass the .onnx file written by `python -m export.onnx`")
     onnx = require("onnx", "onnx", "export.predict")
     from google.protobuf.message import DecodeError
@@ -110,16 +109,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(rgb)
 
 
-def format_prediction(name: str, probs: np.ndarray, classes: Sequence[str], top: int) -> str:
-    order = np.argsort(-probs)[:top]
-    if top == 1:
-        return f"{name}\t{classes[order[0]]}\t{probs[order[0]]:.4f}"
-    return name + "\t" + "\t".join(f"{classes[i]} {probs[i]:.4f}" for i in order)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export.predict",
-                                description="Classify image files with an ONNX model exported by export.onnx.")
+    p = argparse.ArgumentParser(prog="python -m export.predict", description=__doc__.splitlines()[0])
     p.add_argument("model", help="the .onnx file (fp32 or int8)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of them (any size; resized "
                    "to 32x32)")
@@ -160,8 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"export.predict: error: {name}: {e}", file=sys.stderr)
     if loaded:
         probs = softmax(run_batches(runner, np.stack([image for _, image in loaded]), args.batch_size))
+        pair = "\t" if args.top == 1 else " "  # `class<TAB>probability`, or K `class probability` columns
         for (name, _), p in zip(loaded, probs):
-            print(format_prediction(name, p, classes, args.top))
+            print(name, *(f"{classes[i]}{pair}{p[i]:.4f}" for i in np.argsort(-p)[:args.top]), sep="\t")
     return EXIT_SOME_FAILED if len(loaded) < len(names) else 0
 
 

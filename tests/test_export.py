@@ -180,6 +180,30 @@ def test_a_backend_that_cannot_run_the_file_is_recorded_not_raised(tmp_path, mon
     assert record["backends"]["onnxruntime"]["verified"] and record["file"] == "model.onnx"
 
 
+@pytest.mark.parametrize("other_acc, verified", [(None, False), (0.5, True), (0.4, False)])
+def test_another_backend_is_verified_only_within_the_limit_of_onnxruntimes_accuracy(tmp_path, monkeypatch,
+                                                                                  other_acc, verified):
+    """onnxruntime at 50%; the other backend's test accuracy measured (or not: no --data-dir) and held to 1 point
+    of it. Sabotage: verified when no accuracy was measured, or the limit ignored."""
+    from types import SimpleNamespace
+
+    from export.backends import Runner
+
+    images, labels = np.zeros((10, 32, 32, 3), np.uint8), np.zeros(10, np.int64)
+    right = round(10 * (other_acc or 0))  # images the other backend classifies as their label, class 0
+    logits = np.eye(10, dtype=np.float32)[(np.arange(10) >= right).astype(int)]
+    monkeypatch.setattr(export_onnx_cli, "make_runner", lambda path, backend, mode: Runner(
+        backend, mode, 1, "bf16", "2.0", lambda x: logits[:len(x)]))
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"graph")
+    data = None if other_acc is None else SimpleNamespace(test_images=images, test_labels=labels, source="test")
+    ort = Runner("onnxruntime", "latency", 1, "f32", "1.0", lambda x: logits[:len(x)])
+    record = export_onnx_cli.check_backends("model.onnx", model, ort, 0.5, images, data, ["onnxruntime", "x"], 1.0)
+    other = record["backends"]["x"]
+    assert other["verified"] is verified and other["precision"] == "bf16" and other["accuracy"] == other_acc
+    assert other["reason"].startswith("no --data-dir" if other_acc is None else "0.00" if verified else "10.00")
+
+
 class Bf16Model(nn.Module):
     """The model under CPU bf16 autocast, as AMP evaluates it on a CPU with bf16 (emulated elsewhere: the same
     rounding, slower)."""
