@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from fastcifar.config import TrainConfig, config_from_args, get_args_parser as train_args_parser, layered_args, \
     validate
-from fastcifar.errors import UserError, run_cli
+from fastcifar.errors import UserError, require, run_cli
 from fastcifar.report import reported_accuracy
 from fastcifar.search_space import SearchSpace, load_search_space
 
@@ -185,17 +185,6 @@ def check_data(base: TrainConfig) -> tuple[int, int]:
     return len(split.train_labels), len(split.test_labels)
 
 
-def quiet_optuna() -> Any:
-    """The optuna module (a one-line error without it), its per-trial log and experimental notes off."""
-    try:
-        import optuna
-    except ImportError:
-        raise UserError("optuna is not installed: pip install -e \".[tune]\" (or pip install optuna)") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return optuna
-
-
 def open_tune_study(args: argparse.Namespace, base: TrainConfig, space: SearchSpace, goal: Goal,
                     about: dict[str, Any], out: Path) -> Any:
     """--study in --storage, created, continued or replaced (its outputs deleted); a new one runs the base first."""
@@ -237,7 +226,9 @@ def after_each_trial(out: Path, goal: Goal, about: dict[str, Any], budget: float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    optuna = quiet_optuna()
+    optuna = require("optuna", "tune")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no per-trial log lines, nor experimental notes
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     from fastcifar.plots import save_figure
     from fastcifar.tune_report import draw_plots, write_outputs
     from fastcifar.tune_study import FINISHED, GOALS, display_url
