@@ -161,17 +161,16 @@ def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goa
 
 
 def first_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
-    for key in {**current, **stored}:
-        old, new = stored.get(key), current.get(key)
-        if old == new:
-            continue
-        if key == "space":  # the first field whose range, choices or fixed value differs
-            old, new = ({**space["fixed"], **space["params"]} for space in (old, new))
-            name = next(n for n in {**new, **old} if old.get(n) != new.get(n))
-            return (f"--space: '{name}' is {json.dumps(new.get(name, 'not searched'))} here, "
-                    f"{json.dumps(old.get(name, 'not searched'))} in the study")
-        return f"--{key.replace('_', '-')} {_shown(new)} (the study's: {_shown(old)})"
-    return None
+    key = next((k for k in {**current, **stored} if stored.get(k) != current.get(k)), None)
+    if key is None:
+        return None
+    old, new = stored.get(key), current.get(key)
+    if key == "space":  # the first field whose range, choices or fixed value differs
+        old, new = ({**space["fixed"], **space["params"]} for space in (old, new))
+        name = next(n for n in {**new, **old} if old.get(n) != new.get(n))
+        return (f"--space: '{name}' is {json.dumps(new.get(name, 'not searched'))} here, "
+                f"{json.dumps(old.get(name, 'not searched'))} in the study")
+    return f"--{key.replace('_', '-')} {_shown(new)} (the study's: {_shown(old)})"
 
 
 def _shown(value: Any) -> str:
