@@ -141,9 +141,8 @@ def save_plot(path: str | Path, result: LRFindResult, title: str) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    base = train_config.get_args_parser()
     parser = train_config.ArgumentParser(
-        prog="python -m fastcifar.lr_find", parents=[base], add_help=False,  # base brings -h
+        prog="python -m fastcifar.lr_find", parents=[train_config.get_args_parser()], add_help=False,  # it has -h
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="LR range test: exponential lr ramp, smoothed loss, suggested peak --lr. "
                     "Training flags apply; schedule flags are ignored.")

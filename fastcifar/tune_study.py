@@ -128,24 +128,17 @@ def make_sampler(name: str, space: SearchSpace, seed: int, startup_trials: int):
     samplers = optuna.samplers
     if name == "grid":
         return samplers.GridSampler(space.grid(), seed=seed)
-
-    def make(trial_seed: int):
-        if name == "random":
-            return samplers.RandomSampler(seed=trial_seed)
-        if name == "nsga2":
-            return samplers.NSGAIISampler(population_size=startup_trials, seed=trial_seed)
-        return samplers.TPESampler(seed=trial_seed, n_startup_trials=startup_trials, multivariate=True,
-                                   constant_liar=True)
-
-    return TrialSeededSampler(make, seed)
+    make = {"random": lambda s: samplers.RandomSampler(seed=s),
+            "nsga2": lambda s: samplers.NSGAIISampler(population_size=startup_trials, seed=s),
+            "tpe": lambda s: samplers.TPESampler(seed=s, n_startup_trials=startup_trials, multivariate=True,
+                                                 constant_liar=True)}
+    return TrialSeededSampler(make[name], seed)
 
 
 def make_pruner(name: str, prune_after: int):
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=prune_after)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
-    return optuna.pruners.NopPruner()
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=prune_after),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
+            "none": optuna.pruners.NopPruner}[name]()
 
 
 def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goal,
