@@ -111,8 +111,7 @@ def best_trial(study, goal: Goal, front: list[dict[str, Any]], budget: float | N
 
 
 def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: float | None) -> dict[str, Any]:
-    """trials.csv, study.json, best.toml and with two objectives pareto.csv and best-per-budget/, from every
-    process's trials in the storage; `about` (storage, sampler, ...) describes the invocation for study.json."""
+    """trials.csv, study.json, best.toml (with two objectives the front's files) from every process's trials."""
     trials = study.get_trials(deepcopy=False)
     records = [trial_record(t, goal) for t in trials]
     write_csv(out / "trials.csv", records, TRIAL_COLUMNS)
@@ -160,9 +159,7 @@ def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
     from optuna.visualization import matplotlib as vis
 
     # with one objective Optuna knows the direction and draws the best value so far; with two, the first
-    accuracy: dict[str, Any] = {"target_name": ACCURACY_LABEL}
-    if goal.cost:
-        accuracy["target"] = lambda t: t.values[0]
+    accuracy = {"target_name": ACCURACY_LABEL, "target": (lambda t: t.values[0]) if goal.cost else None}
     plots = {"history": lambda: vis.plot_optimization_history(study, **accuracy),
              "importances": lambda: vis.plot_param_importances(study, **accuracy),
              "slice": lambda: readable_slice(vis.plot_slice(study, **accuracy))}

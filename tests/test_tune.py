@@ -313,7 +313,7 @@ def test_two_objectives_write_the_pareto_front_and_the_best_recipe_per_budget(tm
         Path(r["toml"]).name for r in front)
     best = json.loads((out / "study.json").read_text())["best"]
     assert best["value"] == max(float(r["value"]) for r in front)
-    assert (out / "pareto.png").stat().st_size > 0
+    assert all((out / f"{name}.png").stat().st_size > 0 for name in ("pareto", "history", "importances", "slice"))
     # under a budget: the most accurate trial that costs no more
     budget = float(front[0]["cost"])
     tune(tmp_path, data, space_file(tmp_path), "--trials", "8", "--objective", "accuracy-seconds",
