@@ -178,8 +178,7 @@ def markdown_rows(result: dict[str, Any], arms: list[Arm], common: list[str], sp
 
 def save_strip_plot(path: Path, arms: list[Arm], runs: dict[str, dict[str, dict]], seeds: list[int],
                     analysis: dict[str, Any]) -> None:
-    """Per-seed accuracy and training seconds, one column per arm, the runs of one seed joined by a line.
-    The bars are the analysis's means over the paired seeds; hollow markers are runs outside them."""
+    """Per-seed accuracy and training seconds per arm, a seed's runs joined; bars: means over the paired seeds."""
     paired = set(analysis["paired_seeds"])
     fig, axes = pyplot().subplots(1, 2, figsize=(4 + 1.6 * len(arms), 4), layout="tight")
     for ax, key, label in zip(axes, MEASURES, ("accuracy (%)", "training seconds")):

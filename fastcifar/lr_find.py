@@ -61,7 +61,7 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
     was_training = model.training
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     lrs, losses, smoothed = [], [], []
-    avg, best = 0.0, math.inf
+    avg = 0.0
     try:
         for group in optimizer.param_groups:  # the ramp's lr times each group's multiple of the base lr
             group["lr"] = group["initial_lr"] = group.get("lr_scale", 1.0)
@@ -80,8 +80,7 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
             lrs.append(lr)
             losses.append(value)
             smoothed.append(smooth)
-            best = min(best, smooth)
-            if smooth > diverge * best:
+            if smooth > diverge * min(smoothed):
                 reason = "diverged"
                 break
         else:
@@ -92,8 +91,7 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, batches: I
             p.grad = g
         optimizer.load_state_dict(saved_opt)
         model.train(was_training)
-    steepest, min_over_10 = suggest(lrs, smoothed)
-    return LRFindResult(lrs, losses, smoothed, steepest, min_over_10, reason)
+    return LRFindResult(lrs, losses, smoothed, *suggest(lrs, smoothed), reason)
 
 
 def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[float, float]:
@@ -111,10 +109,6 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[float, flo
         lo, hi = 0, n
     grad = np.gradient(np.asarray(smoothed[lo:hi], dtype=np.float64), np.log(np.asarray(lrs[lo:hi], dtype=np.float64)))
     return float(lrs[lo + int(np.argmin(grad))]), min_over_10
-
-
-def csv_path(out: str | Path) -> Path:
-    return Path(out).with_suffix(".csv")
 
 
 def write_csv(path: str | Path, result: LRFindResult) -> None:
@@ -139,18 +133,16 @@ def save_plot(path: str | Path, result: LRFindResult, title: str) -> None:
     # the y range ends above the best point's curve, so the diverging tail does not squash the interesting part
     lo, hi = min(min(result.losses), min(result.smoothed)), max(result.smoothed[:result.best_index() + 1])
     span = max(hi - lo, 1e-3)
-    ax.set_ylim(lo - 0.05 * span, hi + 0.35 * span)
-    ax.set_xscale("log")
-    ax.set(xlabel="learning rate (log scale)", ylabel="training loss", title=title)
+    ax.set(xscale="log", ylim=(lo - 0.05 * span, hi + 0.35 * span), xlabel="learning rate (log scale)",
+           ylabel="training loss", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     save_figure(fig, path)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    base = train_config.get_args_parser()
     parser = train_config.ArgumentParser(
-        prog="python -m fastcifar.lr_find", parents=[base], add_help=False,  # base brings -h
+        prog="python -m fastcifar.lr_find", parents=[train_config.get_args_parser()], add_help=False,  # it has -h
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="LR range test: exponential lr ramp, smoothed loss, suggested peak --lr. "
                     "Training flags apply; schedule flags are ignored.")
@@ -221,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     if len(result.lrs) < 3:
         raise UserError(f"the loss diverged after {len(result.lrs)} step(s) (lr {args.start_lr:g}): lower --start-lr")
-    write_csv(csv_path(out), result)
+    write_csv(out.with_suffix(".csv"), result)
     save_plot(out, result, title=f"LR range test: width {config.width}, batch {config.batch_size}, "
                                  f"{config.optimizer}, wd {config.weight_decay:g} ({result.stop_reason})")
     stop = {"completed": "ran all steps", "diverged": f"stopped: smoothed loss > {args.diverge:g} x best",
@@ -231,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"min smoothed loss {result.smoothed[best]:.4f} at lr {result.lrs[best]:.3g}")
     print(f"suggested peak lr (steepest descent of the smoothed loss): {result.suggestion_steepest:.3g}")
     print(f"suggested peak lr (lr at the minimum smoothed loss / 10):  {result.suggestion_min_over_10:.3g}")
-    print(f"wrote {out} and {csv_path(out)}")
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
     return 0
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from fastcifar.config import TrainConfig, config_from_args, get_args_parser as train_args_parser, layered_args, \
     validate
-from fastcifar.errors import UserError, run_cli
+from fastcifar.errors import UserError, require, run_cli
 from fastcifar.report import reported_accuracy
 from fastcifar.search_space import SearchSpace, load_search_space
 
@@ -185,25 +185,13 @@ def check_data(base: TrainConfig) -> tuple[int, int]:
     return len(split.train_labels), len(split.test_labels)
 
 
-def quiet_optuna() -> Any:
-    """The optuna module (a one-line error without it), its per-trial log and experimental notes off."""
-    try:
-        import optuna
-    except ImportError:
-        raise UserError("optuna is not installed: pip install -e \".[tune]\" (or pip install optuna)") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return optuna
-
-
 def open_tune_study(args: argparse.Namespace, base: TrainConfig, space: SearchSpace, goal: Goal,
-                    about: dict[str, Any], out: Path) -> Any:
+                    about: dict[str, Any], out: Path, sampler: Any) -> Any:
     """--study in --storage, created, continued or replaced (its outputs deleted); a new one runs the base first."""
     from fastcifar.tune_report import remove_outputs
-    from fastcifar.tune_study import make_pruner, make_sampler, open_storage, open_study, study_settings
+    from fastcifar.tune_study import make_pruner, open_storage, open_study, study_settings
 
     settings = study_settings(base, space, args.preset, goal, args.max_train_seconds)
-    sampler = make_sampler(args.sampler, space, base.seed, args.startup_trials)
     study, status = open_study(open_storage(args.storage), args.study, goal, sampler,
                                make_pruner(about["pruner"], args.prune_after), settings, args.storage, args.new_study)
     if status == "replaced":
@@ -237,24 +225,26 @@ def after_each_trial(out: Path, goal: Goal, about: dict[str, Any], budget: float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    optuna = quiet_optuna()
+    optuna = require("optuna", "tune")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no per-trial log lines, nor experimental notes
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     from fastcifar.plots import save_figure
     from fastcifar.tune_report import draw_plots, write_outputs
-    from fastcifar.tune_study import FINISHED, GOALS, display_url
+    from fastcifar.tune_study import FINISHED, GOALS, display_url, make_sampler
 
     args = layered_args(get_args_parser(), argv)
     base = config_from_args(args)
     goal = GOALS[args.objective]
     check_search_args(args, base, goal.cost is not None)
     space = load_search_space(args.space, base)
-    if args.sampler == "grid":
-        space.grid()  # a space without a finite grid is refused before the data is loaded
+    # before the data is loaded: --sampler grid refuses a space without a finite grid
+    sampler = make_sampler(args.sampler, space, base.seed, args.startup_trials)
     split_sizes = check_data(base)
     out = Path(base.out_dir or f"runs/tune/{args.study}")
     about = {"storage": display_url(args.storage), "sampler": args.sampler,
              "pruner": args.pruner or ("none" if goal.cost else "median"), "space": space.source,
              "max_train_seconds": args.max_train_seconds}  # the invocation, for study.json
-    study = open_tune_study(args, base, space, goal, about, out)
+    study = open_tune_study(args, base, space, goal, about, out, sampler)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     print(f"study '{args.study}' in {about['storage']}: {done} finished trial(s), running until {args.trials}; "
           f"objective {goal.name}, sampler {args.sampler}, pruner {about['pruner']}, outputs in {out}", flush=True)

@@ -1,8 +1,5 @@
-"""What a study leaves in its output directory, rewritten from the storage after every trial: OUT/trials/NNNN/
-(each trial's run directory, train.log and trial.json), trials.csv (every trial), study.json (its settings,
-counts, best and base trials and Pareto front), best.toml (for `python -m fastcifar.train --config`); with two
-objectives pareto.csv (the front, cheapest first) and best-per-budget/trial-NNNN.toml (the most accurate trial
-at each cost of the front); plots at the end: history.png, importances.png, slice.png, pareto.png.
+"""What a study leaves in its output directory (OUTPUT_FILES, trials/, best-per-budget/; docs/tune-and-compare.md
+says what each holds), rewritten from the storage after every trial; the plots at the end.
 
     python -c "from fastcifar.tune_report import recipe_toml; from fastcifar.config import TrainConfig; \\
 print(recipe_toml(TrainConfig()))"
@@ -11,7 +8,6 @@ print(recipe_toml(TrainConfig()))"
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import shutil
@@ -25,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import optuna
 
-from fastcifar.atomic import write_json, write_text
+from fastcifar.atomic import atomic_path, write_json, write_text
 from fastcifar.config import TrainConfig
 from fastcifar.errors import first_line
 from fastcifar.plots import pyplot
@@ -84,11 +80,10 @@ TRIAL_COLUMNS = ("number", "state", "value", "cost", "val_acc", "val_acc_tta", "
 
 def write_csv(path: Path, records: list[dict[str, Any]], columns: Sequence[str]) -> None:
     names = sorted({k for r in records for k in r["params"]})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[*columns, *names], lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({**r, **r["params"]} for r in records)  # no parameter shares a name with a column
-    write_text(path, buf.getvalue())
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*columns, *names], lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**r, **r["params"]} for r in records)  # no parameter shares a name with a column
 
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
@@ -116,8 +111,7 @@ def best_trial(study, goal: Goal, front: list[dict[str, Any]], budget: float | N
 
 
 def write_outputs(study, out: Path, goal: Goal, about: dict[str, Any], budget: float | None) -> dict[str, Any]:
-    """trials.csv, study.json, best.toml and with two objectives pareto.csv and best-per-budget/, from every
-    process's trials in the storage; `about` (storage, sampler, ...) describes the invocation for study.json."""
+    """trials.csv, study.json, best.toml (with two objectives the front's files) from every process's trials."""
     trials = study.get_trials(deepcopy=False)
     records = [trial_record(t, goal) for t in trials]
     write_csv(out / "trials.csv", records, TRIAL_COLUMNS)
@@ -165,9 +159,7 @@ def draw_plots(study, goal: Goal) -> Iterator[tuple[str, Any]]:
     from optuna.visualization import matplotlib as vis
 
     # with one objective Optuna knows the direction and draws the best value so far; with two, the first
-    accuracy: dict[str, Any] = {"target_name": ACCURACY_LABEL}
-    if goal.cost:
-        accuracy["target"] = lambda t: t.values[0]
+    accuracy = {"target_name": ACCURACY_LABEL, "target": (lambda t: t.values[0]) if goal.cost else None}
     plots = {"history": lambda: vis.plot_optimization_history(study, **accuracy),
              "importances": lambda: vis.plot_param_importances(study, **accuracy),
              "slice": lambda: readable_slice(vis.plot_slice(study, **accuracy))}

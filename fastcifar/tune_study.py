@@ -88,11 +88,10 @@ def open_storage(url: str):
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """An Optuna sampler made afresh for each trial, seeded by a SeedSequence of (seed, trial number). One
-    seeded sampler per process would draw the same values in every process given the same --seed, and again
-    in a resumed invocation. Trial numbers are unique within a study, so no two trials share a draw, and a
-    study run from scratch is reproducible from its seed. Samplers keep their state in the storage (TPE's
-    history, NSGA-II's generations), so a fresh one per trial loses nothing."""
+    """An Optuna sampler made afresh for each trial, seeded by a SeedSequence of (seed, trial number): one seeded
+    sampler per process would draw the same values in every process given the same --seed, and again in a resumed
+    invocation. Trial numbers are unique within a study, so no two trials share a draw, and a study run from scratch
+    is reproducible from its seed. Samplers keep their state in the storage, so a fresh one per trial loses nothing."""
 
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
         self._make, self._seed = make, seed
@@ -128,31 +127,23 @@ def make_sampler(name: str, space: SearchSpace, seed: int, startup_trials: int):
     samplers = optuna.samplers
     if name == "grid":
         return samplers.GridSampler(space.grid(), seed=seed)
-
-    def make(trial_seed: int):
-        if name == "random":
-            return samplers.RandomSampler(seed=trial_seed)
-        if name == "nsga2":
-            return samplers.NSGAIISampler(population_size=startup_trials, seed=trial_seed)
-        return samplers.TPESampler(seed=trial_seed, n_startup_trials=startup_trials, multivariate=True,
-                                   constant_liar=True)
-
-    return TrialSeededSampler(make, seed)
+    make = {"random": lambda s: samplers.RandomSampler(seed=s),
+            "nsga2": lambda s: samplers.NSGAIISampler(population_size=startup_trials, seed=s),
+            "tpe": lambda s: samplers.TPESampler(seed=s, n_startup_trials=startup_trials, multivariate=True,
+                                                 constant_liar=True)}
+    return TrialSeededSampler(make[name], seed)
 
 
 def make_pruner(name: str, prune_after: int):
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=prune_after)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
-    return optuna.pruners.NopPruner()
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=prune_after),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
+            "none": optuna.pruners.NopPruner}[name]()
 
 
 def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goal,
                    max_train_seconds: float | None) -> dict[str, Any]:
-    """Everything the trials of one study must share, as JSON data: preset, objective, budget, space and every
-    base recipe field no trial varies. Not --seed (recorded per trial), nor where and how trials run (device,
-    data path, torch.compile), so machines of several kinds can share one study."""
+    """Everything the trials of one study must share, as JSON data. Not --seed (recorded per trial), nor where
+    and how trials run (device, data path, torch.compile), so machines of several kinds can share one study."""
     searched = {p.name for p in space.params}
     recipe = {name: value for name, value in recipe_values(space.apply(base, {})).items() if name not in searched}
     settings = {"preset": preset, "objective": goal.name, "max_train_seconds": max_train_seconds,
@@ -161,21 +152,17 @@ def study_settings(base: TrainConfig, space: SearchSpace, preset: str, goal: Goa
 
 
 def first_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
-    for key in {**current, **stored}:
-        old, new = stored.get(key), current.get(key)
-        if old == new:
-            continue
-        if key == "space":  # the first field whose range, choices or fixed value differs
-            old, new = ({**space["fixed"], **space["params"]} for space in (old, new))
-            name = next(n for n in {**new, **old} if old.get(n) != new.get(n))
-            return (f"--space: '{name}' is {json.dumps(new.get(name, 'not searched'))} here, "
-                    f"{json.dumps(old.get(name, 'not searched'))} in the study")
-        return f"--{key.replace('_', '-')} {_shown(new)} (the study's: {_shown(old)})"
-    return None
-
-
-def _shown(value: Any) -> str:
-    return "not given" if value is None else json.dumps(value)
+    key = next((k for k in {**current, **stored} if stored.get(k) != current.get(k)), None)
+    if key is None:
+        return None
+    old, new = stored.get(key), current.get(key)
+    if key == "space":  # the first field whose range, choices or fixed value differs
+        old, new = ({**space["fixed"], **space["params"]} for space in (old, new))
+        name = next(n for n in {**new, **old} if old.get(n) != new.get(n))
+        return (f"--space: '{name}' is {json.dumps(new.get(name, 'not searched'))} here, "
+                f"{json.dumps(old.get(name, 'not searched'))} in the study")
+    old, new = ("not given" if value is None else json.dumps(value) for value in (old, new))
+    return f"--{key.replace('_', '-')} {new} (the study's: {old})"
 
 
 def open_study(storage, name: str, goal: Goal, sampler, pruner, settings: dict[str, Any], url: str,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastcifar.config import TrainConfig
-from fastcifar.lr_find import BETA, csv_path, get_args_parser, lr_range_test, main, parse_args, suggest
+from fastcifar.lr_find import BETA, get_args_parser, lr_range_test, main, parse_args, suggest
 from fastcifar.recipe import build_optimizer
 from synthetic import learnable_images, write_learnable_dataset
 
@@ -163,8 +163,8 @@ def test_cli_writes_plot_and_csv_and_prints_both_suggestions(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "steepest descent" in text and "minimum smoothed loss / 10" in text
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = list(csv.DictReader(csv_path(out).open()))
-    assert csv_path(out) == tmp_path / "plots" / "lr.csv" and len(rows) == 12
+    rows = list(csv.DictReader((tmp_path / "plots" / "lr.csv").open()))
+    assert len(rows) == 12 and f"wrote {out} and {tmp_path / 'plots' / 'lr.csv'}" in text
     assert list(rows[0]) == ["step", "lr", "loss", "smoothed"]
     assert float(rows[0]["lr"]) == pytest.approx(1e-3) and float(rows[-1]["lr"]) == pytest.approx(1.0)
     assert not list(out.parent.glob(".*tmp"))
