@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from fastcifar import __version__
@@ -75,8 +75,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise UserError(f"checkpoint not found ({path}): pass a run directory or its {MODEL_FILE}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
+            meta, state = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"corrupt checkpoint ({path}): {first_line(e)}; retrain or re-copy the file") from None
     if _META_KEY not in meta:
@@ -113,10 +112,9 @@ class RunState:
 
 @dataclass
 class Training:
-    """One seed in training: everything a checkpoint holds, with `save` and `restore` side by side. A run
-    resumed from the checkpoint of an epoch goes on as if never stopped: the weights, the optimizer, the
-    schedule, the loss scaler, the lookahead, the loader's random generator and the global ones are those
-    the uninterrupted run had."""
+    """One seed in training: everything a checkpoint holds, with `save` and `restore` side by side. A run resumed
+    from an epoch's checkpoint goes on as if never stopped: weights, optimizer, schedule, loss scaler, lookahead,
+    the loader's random generator and the global ones are those the uninterrupted run had."""
 
     model: nn.Module                 # the plain module: not DDP, compiled in place or not
     optimizer: torch.optim.Optimizer

@@ -1,10 +1,9 @@
 """Training configuration: one dataclass, the presets, TOML files and the argparse parser built from them.
 
 Precedence, lowest first: dataclass defaults < `--preset` < `--config FILE` < flags on the command line.
-Every field is a flag (`batch_size` -> `--batch-size`; booleans get `--x/--no-x`) whose help text, short
-aliases and allowed values (`Literal[...]`) live with the field, so `--help` lists them all with their
-defaults, and `config.json` in a run directory is `dataclasses.asdict(config)`. Fields marked
-`environment=True` describe where a run executes and may change on `--resume`; all others are the recipe.
+Every field is a flag (`batch_size` -> `--batch-size`; booleans get `--x/--no-x`) whose help text, aliases and
+allowed values (`Literal[...]`) live with the field. Fields marked `environment=True` describe where a run
+executes and may change on `--resume`; all others are the recipe.
 
     python -m fastcifar.train --help
 """
@@ -171,6 +170,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight_decay=0.0153 / 11.5)},  # per unit lr per step (mean loss): airbench's 0.0153 per 1024 images
 }
 
+# Fields that say where a run executes, not what it trains: --resume honours new values for them.
+ENVIRONMENT_FIELDS = frozenset(f.name for f in fields(TrainConfig) if f.metadata["environment"])
+
 
 def field_choices(name: str) -> tuple[Any, ...] | None:
     """The allowed values of a `Literal[...]` field, or None for a free one."""
@@ -178,14 +180,9 @@ def field_choices(name: str) -> tuple[Any, ...] | None:
     return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 
-def environment_fields() -> frozenset[str]:
-    """Fields that say where a run executes, not what it trains: --resume honours new values for them."""
-    return frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("environment"))
-
-
 def non_recipe_fields() -> frozenset[str]:
     """Fields that are not the recipe: the environment plus where results go and which seeds run."""
-    return environment_fields() | {"out_dir", "overwrite", "seed", "runs"}
+    return ENVIRONMENT_FIELDS | {"out_dir", "overwrite", "seed", "runs"}
 
 
 def recipe_values(config: TrainConfig) -> dict[str, Any]:
@@ -260,8 +257,7 @@ def read_toml(path: str | Path, what: str, flag: str) -> dict[str, Any]:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     data = read_toml(path, "config file", "--config")
-    unknown = sorted(set(data) - {f.name for f in fields(TrainConfig)})
-    if unknown:
+    if unknown := sorted(set(data) - {f.name for f in fields(TrainConfig)}):
         raise UserError(f"unknown key '{unknown[0]}' in config file ({path}): "
                         f"keys are the flag names with underscores, see --help")
     return data
@@ -316,10 +312,9 @@ def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: Colle
         config = TrainConfig(**saved)
     except TypeError as e:
         raise UserError(f"checkpoint has no valid config ({run_dir}): {e}; start a new run") from None
-    environment = environment_fields()
     for name in sorted(explicit if explicit is not None else (f.name for f in fields(TrainConfig))):
         new, old = getattr(requested, name), getattr(config, name)
-        if name in environment:
+        if name in ENVIRONMENT_FIELDS:
             setattr(config, name, new)
         elif name == "out_dir":
             if new is not None and Path(new).resolve() != Path(run_dir).resolve():
@@ -336,13 +331,11 @@ def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: Colle
 def validate(c: TrainConfig) -> None:
     """Check every value up front, so a run never fails an hour in because of a typo."""
     widths, residual, plain = _int_list(c.widths), _int_list(c.residual), _int_list(c.plain)
-    checks = [(getattr(c, name) > 0, name, "must be > 0")
-              for name in ("epochs", "lr", "bias_lr", "logit_scale", "bn_eps", "muon_lr")]
-    checks += [(getattr(c, name) >= 1, name, "must be >= 1") for name in ("batch_size", "width", "runs", "eval_every")]
-    checks += [(getattr(c, name) >= 0, name, "must be >= 0")
-               for name in ("weight_decay", "checkpoint_every", "workers")]
-    checks += [(0 <= getattr(c, name) < 1, name, "must be in [0, 1)")
-               for name in ("momentum", "label_smoothing", "muon_momentum")]
+    bounds = [(lambda v: v > 0, "must be > 0", ("epochs", "lr", "bias_lr", "logit_scale", "bn_eps", "muon_lr")),
+              (lambda v: v >= 1, "must be >= 1", ("batch_size", "width", "runs", "eval_every")),
+              (lambda v: v >= 0, "must be >= 0", ("weight_decay", "checkpoint_every", "workers")),
+              (lambda v: 0 <= v < 1, "must be in [0, 1)", ("momentum", "label_smoothing", "muon_momentum"))]
+    checks = [(ok(getattr(c, name)), name, what) for ok, what, names in bounds for name in names]
     checks += [
         (0 < c.pct_start < 1, "pct_start", "must be between 0 and 1 (exclusive)"),
         (c.div_factor > 0 and c.final_div_factor > 0, "div_factor", "div factors must be > 0"),

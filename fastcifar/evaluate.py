@@ -48,10 +48,9 @@ class View:
 
 
 def tta_plan(flip: bool, translate: int = 0) -> list[View]:
-    """The TTA views and their weights, the one definition that evaluation, the trainer's warm-up and export.onnx's
-    graph all use. Without `flip`, the image alone; with it, the image and its mirror 1:1 and, with `translate`,
-    that pair at half weight and the other half spread over both shifted by +translate and by -translate
-    (airbench's TTA level 2)."""
+    """The TTA views and weights that evaluation, the trainer's warm-up and export.onnx's graph all use. Without
+    `flip`, the image alone; with it, the image and its mirror 1:1 and, with `translate`, that pair at half weight
+    and the other half spread over both shifted by +translate and by -translate (airbench's TTA level 2)."""
     if not flip:
         return [View("identity", False, 0, 1.0)]
     pair = 0.5 if translate else 1.0
@@ -151,9 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     loader = DeviceLoader(data.test_images, data.test_labels, mean=info.mean, std=info.std,
                           batch_size=args.batch_size, train=False, pad_last=True, device=device,
                           dtype=dtype or torch.float32)
-    records = [evaluation_record(evaluate(model, loader, device, dtype, tta=flip, tta_translate=translate),
-                                 flip, translate)
-               for flip, translate in ((False, 0), (True, 0), (True, args.tta_translate))]
+    records = [evaluation_record(evaluate(model, loader, device, dtype, tta=flip, tta_translate=pixels), flip, pixels)
+               for flip, pixels in ((False, 0), (True, 0), (True, args.tta_translate))]
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "test_images": len(data.test_labels),
                           "accuracy_unit": ACCURACY_UNIT, "evaluations": records, "environment": environment(device)},

@@ -67,10 +67,9 @@ def build_model(config: TrainConfig, num_classes: int, device: torch.device) -> 
 
 
 def param_groups(config: TrainConfig, model: ResNet9) -> list[dict[str, Any]]:
-    """Trainable parameters in groups whose `lr_scale` is their multiple of the base lr. With --bias-lr the
-    BatchNorm biases form a second group, lr scaled up and weight decay down (the same decay per step); with
-    --whiten-bias-epochs the bias after the whitening conv is a group of its own, "whiten_bias", with the
-    settings of the group it would join (stop_whitening_bias)."""
+    """Trainable parameters in groups whose `lr_scale` is their multiple of the base lr. With --bias-lr the BatchNorm
+    biases form a second group, lr scaled up and weight decay down (the same decay per step); with --whiten-bias-epochs
+    the bias after the whitening conv is a group of its own, "whiten_bias", set as the one it would join."""
     scale = config.bias_lr
     prep_bias = model.whitening_bias() if config.whiten_bias_epochs else None
     biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}

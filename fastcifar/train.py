@@ -49,10 +49,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     scaler: torch.amp.GradScaler, batches: Iterable, device: torch.device,
                     dtype: torch.dtype | None, lookahead: Lookahead | None = None,
                     guard: SignalGuard | None = None) -> tuple[torch.Tensor, list[float]]:
-    """One pass over `batches`, stepping the scheduler per batch. Returns the epoch's sums, still on the
-    device (loss x samples, correct, samples, the first step whose loss was not finite or -1: `reduce_epoch`
-    reads them in one sync), and the lr of each step. Raises StopRequested after the step during which
-    SIGINT/SIGTERM arrived."""
+    """One pass over `batches`, stepping the scheduler per batch. Returns the epoch's sums, still on the device
+    (loss x samples, correct, samples, the first step whose loss was not finite or -1: `reduce_epoch` reads them
+    in one sync), and the lr of each step. Raises StopRequested after the step during which SIGINT/SIGTERM arrived."""
     model.train()
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     first_bad = torch.full((), -1.0, device=device)
@@ -241,9 +240,8 @@ def end_epoch(session: Session, training: Training, sums: torch.Tensor, lrs: lis
 
 
 def finish_seed(session: Session, training: Training) -> dict[str, Any]:
-    """Final evaluation (plain and, with --tta, flip (+ translate) TTA: the last is the recipe's own, timed as
-    final_eval_seconds), model.safetensors, the plots and summary.json with every seed finished so far, which it
-    returns."""
+    """Final evaluation (plain and, with --tta, the recipe's TTA, timed as final_eval_seconds), model.safetensors,
+    the plots and summary.json with every seed finished so far, which it returns."""
     config, run, device, data = session.config, training.run, session.device, session.data
     seed = config.seed + run.run_index
     views = [(False, 0), (True, config.tta_translate)][:1 + config.tta]  # (flip, translate)
