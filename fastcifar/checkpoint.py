@@ -1,8 +1,7 @@
 """Model artifacts and resumable training checkpoints, both written atomically (see `fastcifar.atomic`):
 
-* `model.safetensors` — the trained weights plus, in the safetensors header metadata, everything needed to
-  rebuild and use the model without the run directory: the `ModelConfig`, class names, the normalization
-  mean/std (in [0, 1] pixel units) and the run's test accuracy. `export.onnx` needs nothing else.
+* `model.safetensors` — the trained weights and, in the header metadata, all that rebuilds and uses the model
+  without the run directory (`export.onnx` needs nothing else): `ModelInfo`.
 * `checkpoint.pt` — the full training state for `--resume` (`Training`): plain containers of tensors, numbers
   and strings loaded with `weights_only=True`, so loading never unpickles arbitrary objects.
 """

@@ -90,12 +90,8 @@ def stop_whitening_bias(optimizer: torch.optim.Optimizer, config: TrainConfig, e
     """From epoch `config.whiten_bias_epochs` on (0-based `epoch`), the "whiten_bias" group stops: its
     scheduled lr is zero (keeps the compiled graphs valid), or with --whiten-bias-stop grad its bias stops
     requiring a gradient, which also spares the backward pass through the first layer."""
-    if not config.whiten_bias_epochs:
-        return
     stopped = epoch >= config.whiten_bias_epochs
-    for group in optimizer.param_groups:
-        if group.get("name") != "whiten_bias":
-            continue
+    for group in [g for g in optimizer.param_groups if g.get("name") == "whiten_bias"]:  # none without the flag
         if config.whiten_bias_stop == "grad":  # set every epoch: a model shared by several seeds starts trained
             group["params"][0].requires_grad_(not stopped)
         elif stopped:

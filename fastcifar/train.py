@@ -213,8 +213,8 @@ def start_seed(session: Session, run: RunState, ckpt: dict[str, Any] | None, sta
 
 
 def end_epoch(session: Session, training: Training, sums: torch.Tensor, lrs: list[float], seconds: float,
-              evaluation: dict[str, Any] | None, last: bool) -> dict[str, Any]:
-    """After an epoch's steps and evaluation (None: not due): the one host sync, which refuses a non-finite
+              evaluation: dict[str, Any], last: bool) -> dict[str, Any]:
+    """After an epoch's steps and evaluation (NaNs when not due): the one host sync, which refuses a non-finite
     loss, then the metrics row (console and metrics.csv) and the checkpoint. Returns the row."""
     config, run = session.config, training.run
     loss, acc, seen, bad = reduce_epoch(sums, session.dist)
@@ -225,8 +225,7 @@ def end_epoch(session: Session, training: Training, sums: torch.Tensor, lrs: lis
     run.epoch, run.train_seconds, run.images = epoch, run.train_seconds + seconds, run.images + seen
     run.lrs.extend(lrs)
     row = {"seed": config.seed + run.run_index, "epoch": epoch, "lr": lrs[-1], "train_loss": loss, "train_acc": acc,
-           "test_loss": evaluation["loss"] if evaluation else math.nan,
-           "test_acc": evaluation["acc"] if evaluation else math.nan, "epoch_seconds": seconds,
+           "test_loss": evaluation["loss"], "test_acc": evaluation["acc"], "epoch_seconds": seconds,
            "total_seconds": run.train_seconds}
     print(epoch_row(row), flush=True)
     run.rows.append(row)
@@ -321,7 +320,7 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
                         sums, lrs = train_one_epoch(session.model, session.criterion, training.optimizer,
                                                     training.scheduler, training.scaler, batches, device,
                                                     session.dtype, training.lookahead, guard)
-                    last, evaluation = epoch + 1 == len(steps), None
+                    last, evaluation = epoch + 1 == len(steps), {"loss": math.nan, "acc": math.nan}
                     if last or (epoch + 1) % config.eval_every == 0:
                         with Timer(device) as eval_timer:
                             evaluation = evaluate(session.model, session.test_loader, device, session.dtype, dist=dist)
