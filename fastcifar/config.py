@@ -115,11 +115,10 @@ class TrainConfig:
     plots: bool = option(True, 'curves.png, confusion.png, misclassified.png', environment=True)
 
 
-# The speedrun recipe: 94% at airbench94's budget of work (0.36 PFLOP per run): a smaller net of the family
-# with airbench94's optimizer settings in this trainer's units. airbench's lr and weight decay are
-# "decoupled": per 1024 images of a summed loss, divided by Nesterov's step gain 1 + 1 / (1 - momentum). For
-# our mean loss, lr = 11.5 / (1 + 1 / 0.15) = 1.5 and weight_decay = its per-step decay / lr = 0.0153 / 11.5.
-# bench/RESULTS.md has the measurements.
+# The speedrun recipe, measured in bench/RESULTS.md: 94% at airbench94's budget of work (0.36 PFLOP per run), a
+# smaller net of the family with airbench94's optimizer settings in this trainer's units. airbench's lr and weight
+# decay are "decoupled": per 1024 images of a summed loss, divided by Nesterov's step gain 1 + 1 / (1 - momentum).
+# For our mean loss, lr = 11.5 / (1 + 1 / 0.15) = 1.5 and weight_decay = its per-step decay / lr = 0.0153 / 11.5.
 _SPEEDRUN: dict[str, Any] = dict(
     widths="24,64,256,256",  # channels of prep, layer1..3: airbench94's; a quarter of the classic net's FLOPs
     residual="1,3",          # a residual block (two convs) after layers 1 and 3: where airbench has one conv
@@ -233,10 +232,9 @@ def get_args_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         kw: dict[str, Any] = dict(default=none or f.default, help=f.metadata["help"].replace("%", "%%"))
         if bool in types:
             kw["action"] = argparse.BooleanOptionalAction
-        elif choices is not None:
-            kw.update(type=type(choices[0]), choices=choices)
         else:
-            kw["type"] = next((t for t in (int, float) if t in types), str)
+            scalar = type(choices[0]) if choices else next(t for t in (int, float, str) if t in types)
+            kw.update(type=scalar, choices=choices)
         names = sorted([_flag(f.name), *f.metadata["aliases"]], key=lambda name: name.startswith("--"))
         parser.add_argument(*names, dest=f.name, **kw)  # a short name first: usage shows the first name
     return parser
