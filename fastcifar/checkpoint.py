@@ -22,6 +22,7 @@ from torch import nn
 
 from fastcifar import __version__
 from fastcifar.atomic import atomic_path
+from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError, first_line
 from fastcifar.model import ModelConfig, ResNet9
 
@@ -178,8 +179,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_resume(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """(run directory, checkpoint) for `--resume` (the run directory or its checkpoint.pt), with the
-    checkpoint's config and run state checked."""
+    """(run directory, checkpoint) for `--resume` RUN_DIR or RUN_DIR/checkpoint.pt, its config and run state checked."""
     run_dir = Path(path)
     if run_dir.is_file() and run_dir.name == CHECKPOINT_FILE:
         run_dir = run_dir.parent
@@ -191,8 +191,7 @@ def load_resume(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         raise UserError(f"checkpoint of format {ckpt['format']} ({run_dir / CHECKPOINT_FILE}): this version "
                         f"resumes format {CHECKPOINT_FORMAT}; finish the run with the version that wrote it")
     try:
-        if not isinstance(ckpt["config"], dict):
-            raise TypeError("config is not a mapping")
+        TrainConfig(**ckpt["config"])
         RunState(**ckpt["run"])
     except (KeyError, TypeError) as e:
         raise UserError(f"checkpoint has no valid config ({run_dir / CHECKPOINT_FILE}): {e}; start a new run")

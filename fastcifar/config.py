@@ -208,8 +208,7 @@ def split_at_double_dash(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def get_args_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """The parser; with `suppress_defaults`, flags not given are absent from the namespace (which ones
-    the user typed is what --resume checks)."""
+    """The parser; with `suppress_defaults`, flags not given are absent from the namespace (value_sources)."""
     parser = ArgumentParser(
         prog="python -m fastcifar.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train the custom ResNet-9 on CIFAR-10 with One Cycle. Defaults are the 'default' preset.")
@@ -273,9 +272,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Parse the command line into a validated TrainConfig (plus the namespace for --resume/--debug).
-    `args.sources` says where each field's value came from (value_sources); `args.explicit` names the fields
-    set on the command line, by --config or by an explicit --preset."""
+    """The command line as a validated TrainConfig and its namespace, plus `args.sources` (value_sources) and
+    `args.explicit`: the fields set on the command line, by --config or by an explicit --preset."""
     args = layered_args(get_args_parser(), argv)
     config = config_from_args(args)
     validate(config)
@@ -304,12 +302,9 @@ def format_config(config: TrainConfig, sources: dict[str, str]) -> str:
 
 def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: Collection[str] | None,
                   run_dir: str) -> TrainConfig:
-    """The config of a resumed run: the checkpoint's recipe, with the environment fields the user set (those
-    in `explicit`; None: all). A recipe field set to another value than the checkpoint's is a UserError."""
-    try:
-        config = TrainConfig(**saved)
-    except TypeError as e:
-        raise UserError(f"checkpoint has no valid config ({run_dir}): {e}; start a new run") from None
+    """The config of a resumed run: the checkpoint's recipe (load_resume checked it) with the environment fields the
+    user set (those in `explicit`; None: all). A recipe field set otherwise than in the checkpoint is a UserError."""
+    config = TrainConfig(**saved)
     for name in sorted(explicit if explicit is not None else (f.name for f in fields(TrainConfig))):
         new, old = getattr(requested, name), getattr(config, name)
         if name in ENVIRONMENT_FIELDS:

@@ -3,8 +3,6 @@ evaluates a saved model on the test split plain, with flip TTA and with flip + t
 
     python -m fastcifar.evaluate --checkpoint runs/default --data-dir ../shared/data/cifar10-png.tar.gz
     python -m fastcifar.evaluate --checkpoint runs/default --json      # the same numbers as data
-
-Accuracies are fractions in [0, 1] in every dict and in the JSON (the console shows percentages).
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from fastcifar.distributed import Dist, all_reduce_sum, gather_interleaved
 from fastcifar.errors import run_cli
 from fastcifar.runtime import amp_dtype, autocast, environment, select_device
 
-ACCURACY_UNIT = "fraction"  # what every test_acc in the JSON is: correct / total, not a percentage
+ACCURACY_UNIT = "fraction"  # every accuracy in a dict or the JSON: correct / total (the console shows percentages)
 
 
 def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -39,8 +37,7 @@ def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class View:
-    """One TTA view: the image, mirrored when `flip`, then translated by `shift` pixels down and right (negative:
-    up and left; the border reflected, see `shift`); its logits count with `weight` in the average."""
+    """One TTA view: the image, mirrored when `flip`, then shifted `shift` pixels down and right, logits x `weight`."""
     name: str
     flip: bool
     shift: int
