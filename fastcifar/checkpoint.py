@@ -1,8 +1,7 @@
 """Model artifacts and resumable training checkpoints, both written atomically (see `fastcifar.atomic`):
 
-* `model.safetensors` — the trained weights plus, in the safetensors header metadata, everything needed to
-  rebuild and use the model without the run directory: the `ModelConfig`, class names, the normalization
-  mean/std (in [0, 1] pixel units) and the run's test accuracy. `export.onnx` needs nothing else.
+* `model.safetensors` — the trained weights and, in the header metadata, all that rebuilds and uses the model
+  without the run directory (`export.onnx` needs nothing else): `ModelInfo`.
 * `checkpoint.pt` — the full training state for `--resume` (`Training`): plain containers of tensors, numbers
   and strings loaded with `weights_only=True`, so loading never unpickles arbitrary objects.
 """
@@ -18,11 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from fastcifar import __version__
 from fastcifar.atomic import atomic_path
+from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError, first_line
 from fastcifar.model import ModelConfig, ResNet9
 
@@ -75,8 +75,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise UserError(f"checkpoint not found ({path}): pass a run directory or its {MODEL_FILE}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
+            meta, state = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"corrupt checkpoint ({path}): {first_line(e)}; retrain or re-copy the file") from None
     if _META_KEY not in meta:
@@ -113,10 +112,9 @@ class RunState:
 
 @dataclass
 class Training:
-    """One seed in training: everything a checkpoint holds, with `save` and `restore` side by side. A run
-    resumed from the checkpoint of an epoch goes on as if never stopped: the weights, the optimizer, the
-    schedule, the loss scaler, the lookahead, the loader's random generator and the global ones are those
-    the uninterrupted run had."""
+    """One seed in training: everything a checkpoint holds, with `save` and `restore` side by side. A run resumed
+    from an epoch's checkpoint goes on as if never stopped: weights, optimizer, schedule, loss scaler, lookahead,
+    the loader's random generator and the global ones are those the uninterrupted run had."""
 
     model: nn.Module                 # the plain module: not DDP, compiled in place or not
     optimizer: torch.optim.Optimizer
@@ -181,8 +179,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_resume(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """(run directory, checkpoint) for `--resume` (the run directory or its checkpoint.pt), with the
-    checkpoint's config and run state checked."""
+    """(run directory, checkpoint) for `--resume` RUN_DIR or RUN_DIR/checkpoint.pt, its config and run state checked."""
     run_dir = Path(path)
     if run_dir.is_file() and run_dir.name == CHECKPOINT_FILE:
         run_dir = run_dir.parent
@@ -194,8 +191,7 @@ def load_resume(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         raise UserError(f"checkpoint of format {ckpt['format']} ({run_dir / CHECKPOINT_FILE}): this version "
                         f"resumes format {CHECKPOINT_FORMAT}; finish the run with the version that wrote it")
     try:
-        if not isinstance(ckpt["config"], dict):
-            raise TypeError("config is not a mapping")
+        TrainConfig(**ckpt["config"])
         RunState(**ckpt["run"])
     except (KeyError, TypeError) as e:
         raise UserError(f"checkpoint has no valid config ({run_dir / CHECKPOINT_FILE}): {e}; start a new run")

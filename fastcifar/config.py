@@ -1,10 +1,9 @@
 """Training configuration: one dataclass, the presets, TOML files and the argparse parser built from them.
 
 Precedence, lowest first: dataclass defaults < `--preset` < `--config FILE` < flags on the command line.
-Every field is a flag (`batch_size` -> `--batch-size`; booleans get `--x/--no-x`) whose help text, short
-aliases and allowed values (`Literal[...]`) live with the field, so `--help` lists them all with their
-defaults, and `config.json` in a run directory is `dataclasses.asdict(config)`. Fields marked
-`environment=True` describe where a run executes and may change on `--resume`; all others are the recipe.
+Every field is a flag (`batch_size` -> `--batch-size`; booleans get `--x/--no-x`) whose help text, aliases and
+allowed values (`Literal[...]`) live with the field. Fields marked `environment=True` describe where a run
+executes and may change on `--resume`; all others are the recipe.
 
     python -m fastcifar.train --help
 """
@@ -116,11 +115,10 @@ class TrainConfig:
     plots: bool = option(True, 'curves.png, confusion.png, misclassified.png', environment=True)
 
 
-# The speedrun recipe: 94% at airbench94's budget of work (0.36 PFLOP per run): a smaller net of the family
-# with airbench94's optimizer settings in this trainer's units. airbench's lr and weight decay are
-# "decoupled": per 1024 images of a summed loss, divided by Nesterov's step gain 1 + 1 / (1 - momentum). For
-# our mean loss, lr = 11.5 / (1 + 1 / 0.15) = 1.5 and weight_decay = its per-step decay / lr = 0.0153 / 11.5.
-# bench/RESULTS.md has the measurements.
+# The speedrun recipe, measured in bench/RESULTS.md: 94% at airbench94's budget of work (0.36 PFLOP per run), a
+# smaller net of the family with airbench94's optimizer settings in this trainer's units. airbench's lr and weight
+# decay are "decoupled": per 1024 images of a summed loss, divided by Nesterov's step gain 1 + 1 / (1 - momentum).
+# For our mean loss, lr = 11.5 / (1 + 1 / 0.15) = 1.5 and weight_decay = its per-step decay / lr = 0.0153 / 11.5.
 _SPEEDRUN: dict[str, Any] = dict(
     widths="24,64,256,256",  # channels of prep, layer1..3: airbench94's; a quarter of the classic net's FLOPs
     residual="1,3",          # a residual block (two convs) after layers 1 and 3: where airbench has one conv
@@ -171,6 +169,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight_decay=0.0153 / 11.5)},  # per unit lr per step (mean loss): airbench's 0.0153 per 1024 images
 }
 
+# Fields that say where a run executes, not what it trains: --resume honours new values for them.
+ENVIRONMENT_FIELDS = frozenset(f.name for f in fields(TrainConfig) if f.metadata["environment"])
+
 
 def field_choices(name: str) -> tuple[Any, ...] | None:
     """The allowed values of a `Literal[...]` field, or None for a free one."""
@@ -178,14 +179,9 @@ def field_choices(name: str) -> tuple[Any, ...] | None:
     return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 
-def environment_fields() -> frozenset[str]:
-    """Fields that say where a run executes, not what it trains: --resume honours new values for them."""
-    return frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("environment"))
-
-
 def non_recipe_fields() -> frozenset[str]:
     """Fields that are not the recipe: the environment plus where results go and which seeds run."""
-    return environment_fields() | {"out_dir", "overwrite", "seed", "runs"}
+    return ENVIRONMENT_FIELDS | {"out_dir", "overwrite", "seed", "runs"}
 
 
 def recipe_values(config: TrainConfig) -> dict[str, Any]:
@@ -212,8 +208,7 @@ def split_at_double_dash(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def get_args_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """The parser; with `suppress_defaults`, flags not given are absent from the namespace (which ones
-    the user typed is what --resume checks)."""
+    """The parser; with `suppress_defaults`, flags not given are absent from the namespace (value_sources)."""
     parser = ArgumentParser(
         prog="python -m fastcifar.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train the custom ResNet-9 on CIFAR-10 with One Cycle. Defaults are the 'default' preset.")
@@ -236,10 +231,9 @@ def get_args_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         kw: dict[str, Any] = dict(default=none or f.default, help=f.metadata["help"].replace("%", "%%"))
         if bool in types:
             kw["action"] = argparse.BooleanOptionalAction
-        elif choices is not None:
-            kw.update(type=type(choices[0]), choices=choices)
         else:
-            kw["type"] = next((t for t in (int, float) if t in types), str)
+            scalar = type(choices[0]) if choices else next(t for t in (int, float, str) if t in types)
+            kw.update(type=scalar, choices=choices)
         names = sorted([_flag(f.name), *f.metadata["aliases"]], key=lambda name: name.startswith("--"))
         parser.add_argument(*names, dest=f.name, **kw)  # a short name first: usage shows the first name
     return parser
@@ -260,8 +254,7 @@ def read_toml(path: str | Path, what: str, flag: str) -> dict[str, Any]:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     data = read_toml(path, "config file", "--config")
-    unknown = sorted(set(data) - {f.name for f in fields(TrainConfig)})
-    if unknown:
+    if unknown := sorted(set(data) - {f.name for f in fields(TrainConfig)}):
         raise UserError(f"unknown key '{unknown[0]}' in config file ({path}): "
                         f"keys are the flag names with underscores, see --help")
     return data
@@ -279,9 +272,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Parse the command line into a validated TrainConfig (plus the namespace for --resume/--debug).
-    `args.sources` says where each field's value came from (value_sources); `args.explicit` names the fields
-    set on the command line, by --config or by an explicit --preset."""
+    """The command line as a validated TrainConfig and its namespace, plus `args.sources` (value_sources) and
+    `args.explicit`: the fields set on the command line, by --config or by an explicit --preset."""
     args = layered_args(get_args_parser(), argv)
     config = config_from_args(args)
     validate(config)
@@ -310,16 +302,12 @@ def format_config(config: TrainConfig, sources: dict[str, str]) -> str:
 
 def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: Collection[str] | None,
                   run_dir: str) -> TrainConfig:
-    """The config of a resumed run: the checkpoint's recipe, with the environment fields the user set (those
-    in `explicit`; None: all). A recipe field set to another value than the checkpoint's is a UserError."""
-    try:
-        config = TrainConfig(**saved)
-    except TypeError as e:
-        raise UserError(f"checkpoint has no valid config ({run_dir}): {e}; start a new run") from None
-    environment = environment_fields()
+    """The config of a resumed run: the checkpoint's recipe (load_resume checked it) with the environment fields the
+    user set (those in `explicit`; None: all). A recipe field set otherwise than in the checkpoint is a UserError."""
+    config = TrainConfig(**saved)
     for name in sorted(explicit if explicit is not None else (f.name for f in fields(TrainConfig))):
         new, old = getattr(requested, name), getattr(config, name)
-        if name in environment:
+        if name in ENVIRONMENT_FIELDS:
             setattr(config, name, new)
         elif name == "out_dir":
             if new is not None and Path(new).resolve() != Path(run_dir).resolve():
@@ -336,13 +324,11 @@ def resume_config(saved: dict[str, Any], requested: TrainConfig, explicit: Colle
 def validate(c: TrainConfig) -> None:
     """Check every value up front, so a run never fails an hour in because of a typo."""
     widths, residual, plain = _int_list(c.widths), _int_list(c.residual), _int_list(c.plain)
-    checks = [(getattr(c, name) > 0, name, "must be > 0")
-              for name in ("epochs", "lr", "bias_lr", "logit_scale", "bn_eps", "muon_lr")]
-    checks += [(getattr(c, name) >= 1, name, "must be >= 1") for name in ("batch_size", "width", "runs", "eval_every")]
-    checks += [(getattr(c, name) >= 0, name, "must be >= 0")
-               for name in ("weight_decay", "checkpoint_every", "workers")]
-    checks += [(0 <= getattr(c, name) < 1, name, "must be in [0, 1)")
-               for name in ("momentum", "label_smoothing", "muon_momentum")]
+    bounds = [(lambda v: v > 0, "must be > 0", ("epochs", "lr", "bias_lr", "logit_scale", "bn_eps", "muon_lr")),
+              (lambda v: v >= 1, "must be >= 1", ("batch_size", "width", "runs", "eval_every")),
+              (lambda v: v >= 0, "must be >= 0", ("weight_decay", "checkpoint_every", "workers")),
+              (lambda v: 0 <= v < 1, "must be in [0, 1)", ("momentum", "label_smoothing", "muon_momentum"))]
+    checks = [(ok(getattr(c, name)), name, what) for ok, what, names in bounds for name in names]
     checks += [
         (0 < c.pct_start < 1, "pct_start", "must be between 0 and 1 (exclusive)"),
         (c.div_factor > 0 and c.final_div_factor > 0, "div_factor", "div factors must be > 0"),

@@ -3,8 +3,6 @@ evaluates a saved model on the test split plain, with flip TTA and with flip + t
 
     python -m fastcifar.evaluate --checkpoint runs/default --data-dir ../shared/data/cifar10-png.tar.gz
     python -m fastcifar.evaluate --checkpoint runs/default --json      # the same numbers as data
-
-Accuracies are fractions in [0, 1] in every dict and in the JSON (the console shows percentages).
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from fastcifar.distributed import Dist, all_reduce, gather_interleaved
 from fastcifar.errors import run_cli
 from fastcifar.runtime import amp_dtype, autocast, environment, select_device
 
-ACCURACY_UNIT = "fraction"  # what every test_acc in the JSON is: correct / total, not a percentage
+ACCURACY_UNIT = "fraction"  # every accuracy in a dict or the JSON: correct / total (the console shows percentages)
 
 
 def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -39,8 +37,7 @@ def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class View:
-    """One TTA view: the image, mirrored when `flip`, then translated by `shift` pixels down and right (negative:
-    up and left; the border reflected, see `shift`); its logits count with `weight` in the average."""
+    """One TTA view: the image, mirrored when `flip`, then shifted `shift` pixels down and right, logits x `weight`."""
     name: str
     flip: bool
     shift: int
@@ -48,10 +45,9 @@ class View:
 
 
 def tta_plan(flip: bool, translate: int = 0) -> list[View]:
-    """The TTA views and their weights, the one definition that evaluation, the trainer's warm-up and export.onnx's
-    graph all use. Without `flip`, the image alone; with it, the image and its mirror 1:1 and, with `translate`,
-    that pair at half weight and the other half spread over both shifted by +translate and by -translate
-    (airbench's TTA level 2)."""
+    """The TTA views and weights that evaluation, the trainer's warm-up and export.onnx's graph all use. Without
+    `flip`, the image alone; with it, the image and its mirror 1:1 and, with `translate`, that pair at half weight
+    and the other half spread over both shifted by +translate and by -translate (airbench's TTA level 2)."""
     if not flip:
         return [View("identity", False, 0, 1.0)]
     pair = 0.5 if translate else 1.0
@@ -151,9 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     loader = DeviceLoader(data.test_images, data.test_labels, mean=info.mean, std=info.std,
                           batch_size=args.batch_size, train=False, pad_last=True, device=device,
                           dtype=dtype or torch.float32)
-    records = [evaluation_record(evaluate(model, loader, device, dtype, tta=flip, tta_translate=translate),
-                                 flip, translate)
-               for flip, translate in ((False, 0), (True, 0), (True, args.tta_translate))]
+    records = [evaluation_record(evaluate(model, loader, device, dtype, tta=flip, tta_translate=pixels), flip, pixels)
+               for flip, pixels in ((False, 0), (True, 0), (True, args.tta_translate))]
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "test_images": len(data.test_labels),
                           "accuracy_unit": ACCURACY_UNIT, "evaluations": records, "environment": environment(device)},

@@ -27,18 +27,17 @@ def build_loaders(config: TrainConfig, data, device: torch.device, dtype: torch.
                   dist: Dist = Dist()):
     """(train, test) loaders for the chosen pipeline. The device pipeline lives on `device` in the AMP dtype;
     under torchrun each rank gets its shard of one shared permutation (same seed on every rank)."""
+    common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size)
     aug = dict(translate=config.translate, cutout=config.cutout, flip=config.flip, pad_mode=config.pad_mode)
     if config.pipeline == "albumentations":
         if dist.enabled:
             raise UserError("--pipeline albumentations runs in one process only: use --pipeline gpu with torchrun")
         from fastcifar.reference import reference_loader
 
-        common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size, num_workers=config.workers)
         return (reference_loader(data.train_images, data.train_labels, train=True, drop_last=True, seed=seed,
-                                 **common, **aug),
-                reference_loader(data.test_images, data.test_labels, train=False, **common))
-    common = dict(mean=data.mean, std=data.std, batch_size=config.batch_size, device=device,
-                  dtype=dtype or torch.float32, channels_last=config.channels_last, rank=dist.rank,
+                                 num_workers=config.workers, **common, **aug),
+                reference_loader(data.test_images, data.test_labels, train=False, num_workers=config.workers, **common))
+    common.update(device=device, dtype=dtype or torch.float32, channels_last=config.channels_last, rank=dist.rank,
                   world_size=dist.world_size)
     # the test set in one batch shape (the short last batch padded), so evaluation never recompiles
     return (augment.DeviceLoader(data.train_images, data.train_labels, train=True, alt_flip=config.alt_flip,
@@ -67,10 +66,9 @@ def build_model(config: TrainConfig, num_classes: int, device: torch.device) -> 
 
 
 def param_groups(config: TrainConfig, model: ResNet9) -> list[dict[str, Any]]:
-    """Trainable parameters in groups whose `lr_scale` is their multiple of the base lr. With --bias-lr the
-    BatchNorm biases form a second group, lr scaled up and weight decay down (the same decay per step); with
-    --whiten-bias-epochs the bias after the whitening conv is a group of its own, "whiten_bias", with the
-    settings of the group it would join (stop_whitening_bias)."""
+    """Trainable parameters in groups whose `lr_scale` is their multiple of the base lr. With --bias-lr the BatchNorm
+    biases form a second group, lr scaled up and weight decay down (the same decay per step); with --whiten-bias-epochs
+    the bias after the whitening conv is a group of its own, "whiten_bias", set as the one it would join."""
     scale = config.bias_lr
     prep_bias = model.whitening_bias() if config.whiten_bias_epochs else None
     biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
@@ -88,15 +86,10 @@ def param_groups(config: TrainConfig, model: ResNet9) -> list[dict[str, Any]]:
 
 
 def stop_whitening_bias(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> None:
-    """From epoch `config.whiten_bias_epochs` on (0-based `epoch`), the "whiten_bias" group stops: its
-    scheduled lr is zero (keeps the compiled graphs valid), or with --whiten-bias-stop grad its bias stops
-    requiring a gradient, which also spares the backward pass through the first layer."""
-    if not config.whiten_bias_epochs:
-        return
+    """From epoch `config.whiten_bias_epochs` on (0-based `epoch`), the "whiten_bias" group stops as
+    --whiten-bias-stop says: its scheduled lr becomes 0 (lr), or its bias stops requiring a gradient (grad)."""
     stopped = epoch >= config.whiten_bias_epochs
-    for group in optimizer.param_groups:
-        if group.get("name") != "whiten_bias":
-            continue
+    for group in [g for g in optimizer.param_groups if g.get("name") == "whiten_bias"]:  # none without the flag
         if config.whiten_bias_stop == "grad":  # set every epoch: a model shared by several seeds starts trained
             group["params"][0].requires_grad_(not stopped)
         elif stopped:
@@ -152,9 +145,8 @@ def epoch_steps(config: TrainConfig, steps_per_epoch: int) -> list[int]:
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.OneCycleLR:
-    """One Cycle over all steps: lr from lr/div up to lr at pct_start, then down to lr/(div*final_div);
-    momentum (or Adam's beta1) cycles the opposite way between momentum and min_momentum, except in groups
-    with a `fixed_momentum` (Muon's)."""
+    """One Cycle (torch's OneCycleLR) over all steps, each group at its `lr_scale`; momentum (Adam: beta1) cycles
+    between --momentum and --min-momentum except in groups with a `fixed_momentum` (Muon's)."""
     groups = optimizer.param_groups
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[config.lr * g.get("lr_scale", 1.0) for g in groups],

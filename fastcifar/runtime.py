@@ -100,8 +100,7 @@ class Timer:
         self.seconds = time.perf_counter() - self.start_wall
 
 
-# The clocks of summary.json, timed by Timer, and what each covers: the one definition, which docs/training.md,
-# docs/gpu.md and bench/speedrun.py refer to. `run_seconds` sums RUN_SECONDS_PARTS (`run_seconds()`).
+# The clocks of summary.json, timed by Timer, and what each covers: the one definition docs/ and bench/ refer to.
 RUN_SECONDS_PARTS = ("prep_seconds", "init_seconds", "train_seconds", "final_eval_seconds")
 SEED_CLOCKS = {  # per seed: the last seed's at the top of summary.json, a list under `runs`, each `runs.per_seed`
     "run_seconds": f"airbench94's clock, the speedrun figure: {' + '.join(RUN_SECONDS_PARTS)}. Not in it: the "
@@ -113,15 +112,13 @@ SEED_CLOCKS = {  # per seed: the last seed's at the top of summary.json, a list 
     "prep_seconds": "the on-device preparation (normalize, pad, mirrored copy) of both loaders' uint8 images, "
                     "measured once and counted in every seed; 0 with the albumentations pipeline",
     "init_seconds": "the seed's fresh initialization, whitening included",
-    "final_eval_seconds": "the final evaluation whose accuracy the recipe reports: the TTA one with --tta, else "
-                          "the plain one",
+    "final_eval_seconds": "the final evaluation whose accuracy is reported: the TTA one with --tta, else the plain one",
     "eval_seconds": "the per-epoch evaluations",
 }
 SESSION_CLOCKS = {  # once per invocation, at the top of summary.json; none is in run_seconds
     "data_seconds": "reading and decoding the data set",
     "upload_seconds": "the host-to-device copy of the uint8 images",
-    "compile_seconds": "the warm-up that holds every compilation and CUDA-graph recording; null when nothing is "
-                       "compiled or warmed up",
+    "compile_seconds": "the warm-up that holds every compilation and CUDA-graph recording; null without one",
 }
 CLOCKS = {**SEED_CLOCKS, **SESSION_CLOCKS}  # in seconds: CUDA events on a GPU, perf_counter elsewhere
 
@@ -166,10 +163,10 @@ class SignalGuard:
     def __init__(self, dist: Dist, device: torch.device = torch.device("cpu"), every: int = 8):
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
-        self.dist, self.device, self.every = dist, device, every
+        self.dist, self.every = dist, every
         self.steps = 0                      # steps checked so far: the same count on every rank
         self._vote: FlagVote | None = None  # the vote in flight
-        self._group: Any = None
+        self._group = host_group(device) if dist.enabled else None
 
     def stop_requested(self) -> bool:
         """Called once after every step, on every rank."""
@@ -185,11 +182,8 @@ class SignalGuard:
         return agreed
 
     def __enter__(self) -> "SignalGuard":
-        if self.dist.enabled:
-            self._group = host_group(self.device)
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: signals keep their handlers
-                self._old[s] = signal.signal(s, self._handle)
+        with contextlib.suppress(ValueError):  # not the main thread: signals keep their handlers
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame) -> None:

@@ -49,10 +49,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     scaler: torch.amp.GradScaler, batches: Iterable, device: torch.device,
                     dtype: torch.dtype | None, lookahead: Lookahead | None = None,
                     guard: SignalGuard | None = None) -> tuple[torch.Tensor, list[float]]:
-    """One pass over `batches`, stepping the scheduler per batch. Returns the epoch's sums, still on the
-    device (loss x samples, correct, samples, the first step whose loss was not finite or -1: `reduce_epoch`
-    reads them in one sync), and the lr of each step. Raises StopRequested after the step during which
-    SIGINT/SIGTERM arrived."""
+    """One pass over `batches`, stepping the scheduler per batch. Returns the epoch's sums, still on the device
+    (loss x samples, correct, samples, the first step whose loss was not finite or -1: `reduce_epoch` reads them
+    in one sync), and the lr of each step. Raises StopRequested after the step during which SIGINT/SIGTERM arrived."""
     model.train()
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     first_bad = torch.full((), -1.0, device=device)
@@ -214,8 +213,8 @@ def start_seed(session: Session, run: RunState, ckpt: dict[str, Any] | None, sta
 
 
 def end_epoch(session: Session, training: Training, sums: torch.Tensor, lrs: list[float], seconds: float,
-              evaluation: dict[str, Any] | None, last: bool) -> dict[str, Any]:
-    """After an epoch's steps and evaluation (None: not due): the one host sync, which refuses a non-finite
+              evaluation: dict[str, Any], last: bool) -> dict[str, Any]:
+    """After an epoch's steps and evaluation (NaNs when not due): the one host sync, which refuses a non-finite
     loss, then the metrics row (console and metrics.csv) and the checkpoint. Returns the row."""
     config, run = session.config, training.run
     loss, acc, seen, bad = reduce_epoch(sums, session.dist)
@@ -226,8 +225,7 @@ def end_epoch(session: Session, training: Training, sums: torch.Tensor, lrs: lis
     run.epoch, run.train_seconds, run.images = epoch, run.train_seconds + seconds, run.images + seen
     run.lrs.extend(lrs)
     row = {"seed": config.seed + run.run_index, "epoch": epoch, "lr": lrs[-1], "train_loss": loss, "train_acc": acc,
-           "test_loss": evaluation["loss"] if evaluation else math.nan,
-           "test_acc": evaluation["acc"] if evaluation else math.nan, "epoch_seconds": seconds,
+           "test_loss": evaluation["loss"], "test_acc": evaluation["acc"], "epoch_seconds": seconds,
            "total_seconds": run.train_seconds}
     print(epoch_row(row), flush=True)
     run.rows.append(row)
@@ -241,9 +239,8 @@ def end_epoch(session: Session, training: Training, sums: torch.Tensor, lrs: lis
 
 
 def finish_seed(session: Session, training: Training) -> dict[str, Any]:
-    """Final evaluation (plain and, with --tta, flip (+ translate) TTA: the last is the recipe's own, timed as
-    final_eval_seconds), model.safetensors, the plots and summary.json with every seed finished so far, which it
-    returns."""
+    """Final evaluation (plain and, with --tta, the recipe's TTA, timed as final_eval_seconds), model.safetensors,
+    the plots and summary.json with every seed finished so far, which it returns."""
     config, run, device, data = session.config, training.run, session.device, session.data
     seed = config.seed + run.run_index
     views = [(False, 0), (True, config.tta_translate)][:1 + config.tta]  # (flip, translate)
@@ -323,7 +320,7 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
                         sums, lrs = train_one_epoch(session.model, session.criterion, training.optimizer,
                                                     training.scheduler, training.scaler, batches, device,
                                                     session.dtype, training.lookahead, guard)
-                    last, evaluation = epoch + 1 == len(steps), None
+                    last, evaluation = epoch + 1 == len(steps), {"loss": math.nan, "acc": math.nan}
                     if last or (epoch + 1) % config.eval_every == 0:
                         with Timer(device) as eval_timer:
                             evaluation = evaluate(session.model, session.test_loader, device, session.dtype, dist=dist)

@@ -5,17 +5,18 @@
 
 from __future__ import annotations
 
+import io
+from dataclasses import asdict
+
+import numpy as np
 import pytest
 import torch
 
-from fastcifar.checkpoint import RunState, Training, load_checkpoint
+from fastcifar.checkpoint import RunState, Training, load_checkpoint, load_resume, rng_state, set_rng_state
 from fastcifar.config import TrainConfig
 from fastcifar.errors import UserError
 from fastcifar.train import train
 from synthetic import write_learnable_dataset
-import io
-import numpy as np
-from fastcifar.checkpoint import rng_state, set_rng_state
 
 
 def checkpoint_epochs_seen_after_each_epoch(tmp_path, **settings) -> list[int | None]:
@@ -132,3 +133,17 @@ def test_weights_that_do_not_match_the_stated_model_are_refused_naming_the_tenso
     with pytest.raises(UserError, match="weights do not match") as caught:
         load_model(path)
     assert named in str(caught.value) and "fc." in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("spoil", [lambda ckpt: ckpt.pop("config"), lambda ckpt: ckpt.update(config=[1, 2]),
+                                   lambda ckpt: ckpt["config"].update(no_such_field=1),
+                                   lambda ckpt: ckpt["run"].update(no_such_field=1)],
+                         ids=["no config", "config not a mapping", "unknown config key", "unknown run key"])
+def test_a_checkpoint_without_a_valid_config_or_run_state_is_refused_in_one_line(tmp_path, spoil):
+    """Sabotage: load_resume not building the TrainConfig (nor the RunState) of what it read: resume_config,
+    which trusts it, would end in a TypeError traceback."""
+    ckpt = {"format": 2, "config": asdict(TrainConfig()), "run": asdict(RunState())}
+    spoil(ckpt)
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(UserError, match=r"checkpoint has no valid config \(.*checkpoint.pt\)"):
+        load_resume(tmp_path)

@@ -13,7 +13,7 @@ from dataclasses import fields
 import pytest
 from torch import nn
 
-from fastcifar.config import (PRESETS, TrainConfig, environment_fields, get_args_parser, model_options, parse_config,
+from fastcifar.config import (ENVIRONMENT_FIELDS, PRESETS, TrainConfig, get_args_parser, model_options, parse_config,
                               resume_config)
 from fastcifar.errors import UserError
 from fastcifar.model import ModelConfig, ResNet9
@@ -85,7 +85,7 @@ def test_out_dir_help_names_the_default_it_uses(tmp_path, monkeypatch):
 def test_resume_honours_every_environment_flag(name, saved, requested):
     """Sabotage: environment=True dropped from --compile or --checkpoint-every (or any listed flag): --resume
     would then refuse it as a recipe conflict."""
-    assert name in environment_fields()
+    assert name in ENVIRONMENT_FIELDS
     config = resume_config(vars(TrainConfig(**{name: saved})), TrainConfig(**{name: requested}), {name}, "runs/x")
     assert getattr(config, name) == requested
 
