@@ -52,7 +52,8 @@ class TrainConfig:
     activation: Literal["relu", "gelu"] = option("relu", 'activation after every BatchNorm')
     bn_momentum: float = option(0.1, "BatchNorm running-stats momentum, PyTorch's convention (airbench: 0.4)")
     logit_scale: float = option(0.125, 'logits multiplier (Page); 1.0 = plain net')
-    plain: str = option('', 'layers (of 1,2,3) followed by one more conv-BN-activation, no skip (airbench); empty = none')
+    plain: str = option('', 'layers (of 1,2,3) followed by one more conv-BN-activation, no skip (airbench); '
+                        'empty = none')
     prep_bn: bool = option(True, 'BatchNorm after the first conv; --no-prep-bn: a conv bias instead (airbench)')
     bn_eps: float = option(1e-5, "BatchNorm eps (PyTorch's default; airbench: 1e-12)")
     fc_bias: bool = option(True, 'bias of the final linear layer (airbench: none)')
