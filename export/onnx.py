@@ -187,7 +187,7 @@ class Parity:
 
 def compare(got: np.ndarray, expected: np.ndarray, tie: float = 0.0) -> Parity:
     """Logits `got` against `expected`: the largest difference and the top-1 agreement over the images whose
-    expected top two logits lie more than `tie` apart (all of them for tie 0)."""
+    expected top two logits lie more than `tie` apart (an exact tie never counts)."""
     decided = np.ptp(np.sort(expected, axis=1)[:, -2:], axis=1) > tie
     agreement = float((got.argmax(1) == expected.argmax(1))[decided].mean()) if decided.any() else 1.0
     return Parity(len(got), float(np.abs(got - expected).max()), agreement, int((~decided).sum()))

@@ -107,7 +107,7 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool | 
             data = _decode_source(path)
             _write_cache(cache_file, key, data)
     except OSError as e:  # the archive reader and the cache's writer handle their own
-        raise UserError(f"cannot read {e.filename} ({first_line(e)}): check that it exists and is readable") from e
+        raise UserError(f"cannot read {e.filename or path} ({first_line(e)}): check that it exists and is readable") from e
     return data
 
 

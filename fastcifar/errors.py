@@ -32,6 +32,9 @@ def require(module: str, extra: str, purpose: str = "") -> ModuleType:
     except ModuleNotFoundError as e:
         raise UserError(f"{(e.name or module).split('.')[0]} is not installed{f' ({purpose})' if purpose else ''}: "
                         f"pip install 'fastcifar[{extra}]'") from None
+    except ImportError as e:  # installed but broken, e.g. a shared library missing on this machine
+        raise UserError(f"{module} is installed but fails to import ({first_line(e)}): reinstall it with "
+                        f"pip install --force-reinstall 'fastcifar[{extra}]'") from None
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,

@@ -80,7 +80,7 @@ TRIAL_COLUMNS = ("number", "state", "value", "cost", "val_acc", "val_acc_tta", "
 
 def write_csv(path: Path, records: list[dict[str, Any]], columns: Sequence[str]) -> None:
     names = sorted({k for r in records for k in r["params"]})
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=[*columns, *names], lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows({**r, **r["params"]} for r in records)  # no parameter shares a name with a column

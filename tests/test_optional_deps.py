@@ -176,3 +176,20 @@ def test_pytest_rejects_unknown_markers():
     """A misspelt marker (@pytest.mark.slwo) would silently leave a test out of `-m "not slow"`: --strict-markers
     makes it an error. Sabotage: addopts without it."""
     assert "--strict-markers" in pyproject()["tool"]["pytest"]["ini_options"]["addopts"].split()
+
+
+def test_an_installed_package_that_fails_to_import_is_one_line_naming_its_extra(tmp_path, monkeypatch):
+    """albumentations present but its cv2 unloadable (a headless box without libGL): a one-line UserError that says
+    so, not a traceback nor "not installed". Sabotage: `require` catching only ModuleNotFoundError."""
+    real = importlib.import_module
+
+    def broken(name: str, *args):
+        if name == "albumentations":
+            raise ImportError("libGL.so.1: cannot open shared object file: No such file or directory")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    expected = (r"^albumentations is installed but fails to import \(libGL\.so\.1: .*\): reinstall it with "
+                r"pip install --force-reinstall 'fastcifar\[albumentations\]'$")
+    with pytest.raises(UserError, match=expected):
+        call_albumentations(tmp_path)
