@@ -65,9 +65,10 @@ def test_short_flags_output_dir_alias_and_cuda_index():
 
 
 def int_fields() -> list[str]:
+    """The fields a flag reads as an int (`int` or `int | None`; not a Literal of choices)."""
     hints = typing.get_type_hints(TrainConfig)
-    return [f.name for f in fields(TrainConfig)
-            if int in (hints[f.name], *typing.get_args(hints[f.name])) and typing.get_origin(hints[f.name]) is not Literal]
+    return [f.name for f in fields(TrainConfig) if typing.get_origin(hints[f.name]) is not Literal
+            and int in (hints[f.name], *typing.get_args(hints[f.name]))]
 
 
 def test_int_flags_parse_to_int_and_refuse_a_fraction(capsys):
