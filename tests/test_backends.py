@@ -253,3 +253,31 @@ def test_auto_picks_openvino_only_for_the_verified_bytes_and_the_version_that_ve
     monkeypatch.setattr(backends, "openvino_version", lambda: None)
     record(True, "2025.1")
     assert choose_backend(model)[0] == "onnxruntime"
+
+
+# --- runners, without an export ---------------------------------------------------------------------------
+
+def identity_onnx(path: Path) -> Path:
+    """A one-node graph (logits = the input, flattened): enough for a runner to load and run."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3072])
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["y"])], "identity", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["latency", "throughput"])
+def test_a_runner_defaults_to_one_thread_per_usable_core_and_says_why_it_runs(tmp_path, monkeypatch, mode):
+    """Three usable cores of many: three threads. Sabotage: make_runner's default off by one; runner_for's
+    reason for an explicit --backend ("asked for") lost."""
+    monkeypatch.setattr(backends.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    model = identity_onnx(tmp_path / "identity.onnx")
+    runner, why = backends.runner_for(model, "onnxruntime", mode, None)
+    assert why == "asked for"
+    assert (runner.backend, runner.mode, runner.threads, runner.precision) == ("onnxruntime", mode, 3, "f32")
+    x = np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)
+    np.testing.assert_array_equal(runner.infer(x), x.reshape(5, -1))
+    assert make_runner(model, "onnxruntime", mode, threads=2).threads == 2

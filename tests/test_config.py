@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import re
 import time
+import typing
 from dataclasses import fields
+from typing import Literal
 
 import pytest
 from torch import nn
 
 from fastcifar.config import (ENVIRONMENT_FIELDS, PRESETS, TrainConfig, get_args_parser, model_options, parse_config,
                               resume_config)
-from fastcifar.errors import UserError
+from fastcifar.errors import UserError, run_cli
 from fastcifar.model import ModelConfig, ResNet9
 from fastcifar.report import check_out_dir
 from fastcifar.runtime import select_device
+from fastcifar.train import main as train_main
 
 
 def test_help_lists_every_field_with_its_default():
@@ -59,6 +62,28 @@ def test_short_flags_output_dir_alias_and_cuda_index():
     assert select_device("cpu").type == "cpu"
     with pytest.raises(UserError, match=r"--device \(cuda:99\)"):
         select_device("cuda:99")  # no machine has 100 GPUs; without CUDA: not available
+
+
+def int_fields() -> list[str]:
+    """The fields a flag reads as an int (`int` or `int | None`; not a Literal of choices)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return [f.name for f in fields(TrainConfig) if typing.get_origin(hints[f.name]) is not Literal
+            and int in (hints[f.name], *typing.get_args(hints[f.name]))]
+
+
+def test_int_flags_parse_to_int_and_refuse_a_fraction(capsys):
+    """Sabotage: the parser's scalar type picked float before int (8 == 8.0 would pass an equality check)."""
+    assert {"batch_size", "width", "seed", "workers"} <= set(int_fields())
+    config, _ = parse_config(["--batch-size", "8"])
+    assert config.batch_size == 8 and type(config.batch_size) is int
+    for name in int_fields():
+        flag = "--" + name.replace("_", "-")
+        value = getattr(get_args_parser().parse_args([flag, "8"]), name)
+        assert value == 8 and type(value) is int, flag
+        with pytest.raises(UserError, match=f"{flag}: invalid int value: '2.5'"):
+            get_args_parser().parse_args([flag, "2.5"])
+    assert run_cli(train_main, ["--batch-size", "2.5"]) == 2
+    assert "argument -b/--batch-size: invalid int value: '2.5'" in capsys.readouterr().err
 
 
 def test_help_comes_from_the_fields_not_the_source_file(monkeypatch):

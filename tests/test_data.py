@@ -375,6 +375,13 @@ def _official_with(tmp: Path, tiny, name: str, content: object) -> Path:
     return folder
 
 
+def _official_without(tmp: Path, tiny, *names: str) -> Path:
+    folder = write_official(tmp / "cifar-10-batches-py", tiny)
+    for name in names:
+        (folder / name).unlink()
+    return folder
+
+
 def _file(path: Path, content: bytes) -> Path:
     path.write_bytes(content)
     return path
@@ -464,7 +471,17 @@ BAD_INPUTS = {
     "garbage batch": (lambda t, d, s: _official_with(t, d, "data_batch_3", b"\x80\x02garbage"), "data_batch_3"),
     "batch without data": (lambda t, d, s: _official_with(t, d, "data_batch_2", {b"labels": [1]}), "data_batch_2"),
     "batch wrong shape": (lambda t, d, s: _official_with(
-        t, d, "test_batch", {b"data": np.zeros((20, 3000), np.uint8), b"labels": [0] * 20}), "test_batch"),
+        t, d, "test_batch", {b"data": np.zeros((20, 3000), np.uint8), b"labels": [0] * 20}),
+        ("test_batch): data is uint8 (20, 3000), expected uint8 (N, 3072); re-download", "corrupt CIFAR-10 batch (")),
+    "batch of floats": (lambda t, d, s: _official_with(
+        t, d, "data_batch_4", {b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}),
+        "data_batch_4): data is float32 (2, 3072), expected uint8 (N, 3072); re-download"),
+    "batch of twice the columns": (lambda t, d, s: _official_with(  # reshapes into 4 images: only the check stops it
+        t, d, "test_batch", {b"data": np.zeros((2, 6144), np.uint8), b"labels": [0, 1]}),
+        "test_batch): data is uint8 (2, 6144), expected uint8 (N, 3072); re-download"),
+    "batch of one row": (lambda t, d, s: _official_with(
+        t, d, "test_batch", {b"data": np.zeros(3072, np.uint8), b"labels": [0]}),
+        "test_batch): data is uint8 (3072,), expected uint8 (N, 3072); re-download"),
     "batch bad labels": (lambda t, d, s: _official_with(
         t, d, "test_batch", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}), "test_batch"),
     "batch not a dict": (lambda t, d, s: _official_with(t, d, "data_batch_5", [1, 2]), "data_batch_5"),
@@ -472,6 +489,8 @@ BAD_INPUTS = {
                         "data_batch_1"),
     "meta without names": (lambda t, d, s: _official_with(t, d, "batches.meta", {b"x": 1}), "batches.meta"),
     "missing batch": (lambda t, d, s: _official_with(t, d, "test_batch", None), "test_batch"),
+    "missing files": (lambda t, d, s: _official_without(t, d, "data_batch_2", "test_batch", "batches.meta"),
+                      "missing data_batch_2, test_batch, batches.meta; delete it"),
 }
 
 
@@ -516,13 +535,13 @@ def test_module_entry_point_exits_2(tmp_path):
 def test_offline_without_data_says_how_to_point_at_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTCIFAR_HOME", str(tmp_path))
     monkeypatch.setattr(data, "_is_online", lambda: False)
-    with pytest.raises(UserError, match="offline.*--data-dir") as info:
+    with pytest.raises(UserError, match="and this machine is offline: pass --data-dir") as info:
         load_cifar10()
     assert str(tmp_path) in str(info.value)
     assert run_cli(main, []) == 2
     assert capsys.readouterr().err.startswith("fastcifar: error: ")
     monkeypatch.setattr(data, "_is_online", lambda: pytest.fail("probed the network with downloading off"))
-    with pytest.raises(UserError, match="downloading is off.*--data-dir"):
+    with pytest.raises(UserError, match="and downloading is off: pass --data-dir"):
         load_cifar10(download=False)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from export import onnx as export_onnx_cli
-from export.backends import make_runner
+from export.backends import make_runner, record_path
 from export.onnx import MAX_LOGIT_DIFF, compare, fold_batchnorm, int8_path, main, reference_logits
 from export.predict import run_batches
 from export_helpers import CLEAR_MARGIN, DECIDED_SHARE, TIE_MARGIN, decided, label_images, lead, run_export
@@ -287,6 +287,18 @@ def test_export_reports_accuracy(export_output, checkpoint):
     assert "on 100 images" in stdout  # parity on the (whole, tiny) test split
     assert "accuracy on the 100 test images: onnx fp32" in stdout
     assert f"of the checkpoint's {100 * info.test_acc:.2f}% (limit 0.3, no TTA)" in stdout
+
+
+@pytest.mark.slow
+def test_export_names_every_file_it_wrote_with_the_models_sizes(export_output):
+    """Sabotage: a "wrote FILE (N MiB)" or "wrote RECORD" line dropped from main."""
+    onnx_file, stdout = export_output
+    wrote = [line for line in stdout.splitlines() if line.startswith("wrote ")]
+    expected = []
+    for model in (onnx_file, int8_path(onnx_file)):
+        expected += [f"wrote {model} ({model.stat().st_size / 2**20:.1f} MiB)", f"wrote {record_path(model)}"]
+    assert wrote == expected
+    assert all(Path(line.split()[1]).is_file() for line in wrote)
 
 
 @pytest.mark.slow

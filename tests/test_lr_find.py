@@ -77,6 +77,31 @@ def test_huge_end_lr_stops_early_on_divergence():
     assert all(math.isfinite(v) for v in r.losses)
 
 
+def test_divergence_is_measured_from_the_best_smoothed_loss_so_far(monkeypatch):
+    """The smoothed loss falls from 10 to 1, then climbs: it stops at the first value above 4 x 1, long before
+    4 x the first value. Sabotage: the base being the first smoothed value, or the latest."""
+    import fastcifar.train
+
+    wanted = [10.0, 5.0, 2.0, 1.0, 1.5, 3.0, 4.5, 8.0, 20.0, 50.0]
+    raw, avg = [], 0.0
+    for i, smooth in enumerate(wanted):  # the raw losses whose bias-corrected EMA is `wanted`
+        target = smooth * (1 - BETA ** (i + 1))
+        raw.append((target - BETA * avg) / (1 - BETA))
+        avg = target
+    losses = iter(raw)
+
+    def one_step(model, criterion, optimizer, scheduler, *rest):  # no gradients: the step changes nothing
+        optimizer.step()
+        scheduler.step()  # the ramp still rises, as the suggestions need
+        return torch.tensor([next(losses), 0.0, 1.0, 0.0], dtype=torch.float64), None
+
+    monkeypatch.setattr(fastcifar.train, "train_one_epoch", one_step)
+    model = tiny_model()
+    r = run(model, sgd(model), steps=len(wanted))
+    assert r.stop_reason == "diverged"
+    assert r.smoothed == pytest.approx(wanted[:7]) and r.losses == pytest.approx(raw[:7])
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_model_and_optimizer_are_left_bit_identical(optimizer):
     model = tiny_model()

@@ -122,27 +122,31 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
 
 
 def test_each_vote_is_read_one_period_after_it_started(monkeypatch):
-    """Under torchrun the flag is voted on asynchronously: started at one check, read at the next."""
+    """Under torchrun the flag is voted on asynchronously: started at one check, read at the next, over the host
+    group of the guard's device (a gloo group beside NCCL, so the vote's CPU tensor never touches the GPU).
+    Sabotage: the guard's group dropped (None: the default group, NCCL under CUDA)."""
     from fastcifar import distributed
 
-    started = []
+    started, groups, host = [], [], object()
 
     class RecordingVote:
         def __init__(self, flag, group=None):
             self.flag = flag
             started.append(flag)
+            groups.append(group)
 
         def result(self):
             return self.flag
 
     monkeypatch.setattr(runtime, "FlagVote", RecordingVote)
-    monkeypatch.setattr(runtime, "host_group", lambda device: None)
-    guard = runtime.SignalGuard(distributed.Dist(rank=0, world_size=2), every=3)
+    monkeypatch.setattr(runtime, "host_group", lambda device: host if device == torch.device("cuda:1") else None)
+    guard = runtime.SignalGuard(distributed.Dist(rank=0, world_size=2), torch.device("cuda:1"), every=3)
     with guard:
         results = [guard.stop_requested() for _ in range(6)]
         guard.signum = 15  # signalled after step 6
         results += [guard.stop_requested() for _ in range(6)]
     assert started == [False, False, True]  # votes started at steps 3, 6, 9
+    assert groups == [host] * 3
     assert results.index(True) == 11 and results.count(True) == 1  # the step-9 vote, read at step 12
 
 

@@ -1,13 +1,15 @@
-"""fastcifar.tune_report: best.toml's recipe round-trips through TrainConfig; the slice plot stays readable."""
+"""fastcifar.tune_report: best.toml's recipe round-trips through TrainConfig; the slice plot stays readable and
+every plot draws the accuracy; trials.csv's exact bytes."""
 
 from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("optuna")
+optuna = pytest.importorskip("optuna")
 
+from fastcifar import tune_report  # noqa: E402
 from fastcifar.config import PRESETS, load_toml, parse_config  # noqa: E402
-from fastcifar.tune_report import draw_plots, recipe_toml  # noqa: E402
+from fastcifar.tune_report import draw_plots, recipe_toml, write_csv  # noqa: E402
 from fastcifar.tune_study import GOALS  # noqa: E402
 
 
@@ -51,3 +53,50 @@ def test_slice_plot_panels_colour_bar_and_tick_labels_do_not_overlap():
         labels = [t.get_window_extent(renderer) for t in ax.get_xticklabels(which="both")
                   if t.get_visible() and t.get_text()]
         assert overlapping(labels) == [], (ax.get_xlabel(), [t.get_text() for t in ax.get_xticklabels(which="both")])
+
+
+@pytest.mark.parametrize("goal", ["accuracy", "accuracy-seconds"])
+def test_every_plot_draws_the_accuracy(monkeypatch, goal):
+    """With two objectives Optuna must be told which to draw: the first, the accuracy. Sabotage: the target
+    picking the cost (values[1]), or the label lost."""
+    from optuna.visualization import matplotlib as vis
+
+    from fastcifar.plots import pyplot
+
+    seen = {}
+
+    def spy(name):
+        def plot(study, target=None, target_name=None):
+            seen[name] = (target, target_name)
+            return pyplot().subplots()[1]
+        return plot
+
+    for name in ("plot_optimization_history", "plot_param_importances", "plot_slice"):
+        monkeypatch.setattr(vis, name, spy(name))
+    monkeypatch.setattr(tune_report, "pareto_plot", lambda study, goal: pyplot().subplots()[1])
+    two = GOALS[goal].cost is not None
+    study = optuna.create_study(directions=GOALS[goal].directions)
+    for acc, cost in [(0.5, 30.0), (0.7, 10.0)]:
+        trial = study.ask()
+        trial.suggest_float("lr", 0.1, 1.0)
+        study.tell(trial, [acc, cost] if two else acc)
+    figures = dict(draw_plots(study, GOALS[goal]))
+    assert list(figures) == ["history", "importances", "slice", *(["pareto"] if two else [])]
+    assert len(seen) == 3
+    for name, (target, label) in seen.items():
+        assert label == "validation accuracy", name
+        if two:
+            assert [target(t) for t in study.trials] == [0.5, 0.7], name
+        else:  # Optuna draws the one objective, and knows its direction
+            assert target is None, name
+    pyplot().close("all")
+
+
+def test_trials_csv_is_the_columns_then_the_sorted_parameters_with_newline_line_ends(tmp_path):
+    records = [{"number": 0, "value": 0.5, "state": "COMPLETE", "params": {"lr": 0.1, "cutout": 8}},
+               {"number": 1, "value": None, "state": "PRUNED", "params": {"lr": 0.25}}]
+    write_csv(tmp_path / "trials.csv", records, ("number", "state", "value"))
+    assert (tmp_path / "trials.csv").read_bytes() == (b"number,state,value,cutout,lr\n"
+                                                      b"0,COMPLETE,0.5,8,0.1\n"
+                                                      b"1,PRUNED,,,0.25\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["trials.csv"]  # no temporary file left
